@@ -1,0 +1,49 @@
+"""Declaring broker objects: idempotent, safe to repeat after every reconnect, clear when refused."""
+
+from __future__ import annotations
+
+import re
+
+from amqp.exceptions import PreconditionFailed
+from kombu import Queue
+
+from .exceptions import TopologyError
+from .topology import DELAY_EXCHANGE
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<what>queue|exchange) '(?P<name>[^']+)' "
+    r"in vhost '(?P<vhost>[^']*)': received (?P<wanted>.+?) but current is (?P<current>.+)$"
+)
+
+
+def explain(exc: Exception) -> str:
+    """RabbitMQ's PRECONDITION_FAILED text as one line that names the fix."""
+    text = str(exc)
+    m = _INEQUIVALENT.search(text)
+    if not m:
+        return f"rare_celery: the broker refused a declaration: {text}"
+    what, name, vhost = m["what"], m["name"], m["vhost"]
+    return (
+        f"rare_celery: {what} {name!r} in vhost {vhost!r} exists with {m['arg']}={m['current']}, "
+        f"but this app declares it with {m['arg']}={m['wanted']}. Make every declaration of it use "
+        f"the same arguments, or drain and delete it (rabbitmqctl delete_{what} {name} -p {vhost}) "
+        f"and start again."
+    )
+
+
+def declare_queue(channel, queue: Queue) -> None:
+    """Declare ``queue`` (and bind it to its exchange); a mismatch becomes a :class:`TopologyError`."""
+    try:
+        queue.bind(channel).declare()
+    except PreconditionFailed as exc:
+        raise TopologyError(explain(exc)) from None
+
+
+def declare_worker_topology(channel, bug_queues: list[Queue]) -> None:
+    """What a worker needs before it consumes: the delay exchange and its bug queues.
+
+    Delay queues are declared by whoever first publishes to one (see :mod:`rare_celery.publish`).
+    """
+    DELAY_EXCHANGE.declare(channel=channel)
+    for queue in bug_queues:
+        declare_queue(channel, queue)

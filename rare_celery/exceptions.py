@@ -1,0 +1,29 @@
+"""Exceptions a task raises to steer rare_celery, and the ones rare_celery raises."""
+
+from __future__ import annotations
+
+from celery.exceptions import ImproperlyConfigured
+
+
+class Bug(Exception):
+    """Raise from a task: no retries, the message goes straight to the bug queue (reason ``bug``)."""
+
+
+class Expired(Exception):
+    """The task's shelf life ended before it could succeed (reason ``expired``)."""
+
+
+class Exhausted(Exception):
+    """``retry()`` was called without an exception and the task has no attempts left."""
+
+
+class PublishRefused(Exception):
+    """The broker did not confirm a delay or bug-queue publish; the original message is kept."""
+
+
+class TopologyError(ImproperlyConfigured):
+    """A broker object exists with other arguments than rare_celery needs (the text says how to fix it)."""
+
+
+class ConfigurationError(ImproperlyConfigured):
+    """The app is configured in a way rare_celery cannot work with (the text says what to change)."""

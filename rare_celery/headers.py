@@ -1,0 +1,127 @@
+"""The ``x-rare-*`` message headers: what a message carries about its attempts, read and written.
+
+rare_celery never relies on RabbitMQ's ``x-death``; every value here is written by rare_celery,
+bounded in size (however many attempts a task makes) and validated when read, never evaluated.
+
+=====================  ==========================================================================
+header                 meaning
+=====================  ==========================================================================
+``x-rare-attempt``     number of the attempt this delivery is (1 = first run)
+``x-rare-first-at``    first publish, seconds since the epoch (UTC)
+``x-rare-deadline``    end of the shelf life, seconds since the epoch; absent: none
+``x-rare-due``         earliest time the message may run (the worker re-delays it if early)
+``x-rare-queue``       work queue the message belongs to
+``x-rare-exception``   last error: exception type (``module.Name``)
+``x-rare-error``       last error: message, at most 1,000 characters
+``x-rare-traceback``   last error: traceback, its last 4,000 characters
+``x-rare-reason``      bug queue only: why it is there (exhausted, expired, bug, ...)
+``x-rare-attempts``    bug queue only: attempts made
+``x-rare-failed-at``   bug queue only: when it was routed there
+``x-rare-task``        bug queue only: task name
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback as tb
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PREFIX = "x-rare-"
+MAX_ERROR = 1000
+MAX_TRACEBACK = 4000
+MAX_ATTEMPT = 1_000_000
+_EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
+ERROR = (PREFIX + "exception", PREFIX + "error", PREFIX + "traceback")
+DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+         "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
+
+
+class HeaderError(ValueError):
+    """A message carries an ``x-rare-*`` header rare_celery did not write (names it and its value)."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What a message says about itself. ``first_at`` is ``now`` for a message without headers."""
+
+    number: int
+    first_at: float
+    deadline: float | None = None
+    due: float | None = None
+    queue: str | None = None
+
+
+def _number(headers: Mapping, key: str, lo: float, hi: float, integer: bool = False):
+    value = headers.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    elif ok:
+        ok = isinstance(value, int)
+    if not ok or not lo <= value <= hi:
+        raise HeaderError(f"header {key} has an invalid value {_clip(repr(value), 80)}")
+    return value
+
+
+def read(headers: Mapping | None, now: float | None = None) -> Attempt:
+    """Read the attempt state from a message's headers; raise :class:`HeaderError` on nonsense."""
+    headers = headers or {}
+    now = time.time() if now is None else now
+    queue = headers.get(PREFIX + "queue")
+    if queue is not None and (not isinstance(queue, str) or not 0 < len(queue) <= 255):
+        raise HeaderError(f"header {PREFIX}queue has an invalid value {_clip(repr(queue), 80)}")
+    first_at = _number(headers, PREFIX + "first-at", 0, _EPOCH_MAX)
+    return Attempt(
+        number=_number(headers, PREFIX + "attempt", 1, MAX_ATTEMPT, integer=True) or 1,
+        first_at=now if first_at is None else float(first_at),
+        deadline=_number(headers, PREFIX + "deadline", 0, _EPOCH_MAX),
+        due=_number(headers, PREFIX + "due", 0, _EPOCH_MAX),
+        queue=queue,
+    )
+
+
+def write(attempt: Attempt) -> dict:
+    """Headers that carry ``attempt`` on the next publish."""
+    out = {PREFIX + "attempt": attempt.number, PREFIX + "first-at": attempt.first_at}
+    for key, value in (("deadline", attempt.deadline), ("due", attempt.due), ("queue", attempt.queue)):
+        if value is not None:
+            out[PREFIX + key] = value
+    return out
+
+
+def error(exc: BaseException | None) -> dict:
+    """The last error as bounded headers: type, message and the tail of the traceback."""
+    if exc is None:
+        return {}
+    kind = type(exc)
+    trace = "".join(tb.format_exception(kind, exc, exc.__traceback__))
+    return {
+        PREFIX + "exception": _clip(f"{kind.__module__}.{kind.__qualname__}", 200),
+        PREFIX + "error": _clip(str(exc), MAX_ERROR),
+        PREFIX + "traceback": trace[-MAX_TRACEBACK:],
+    }
+
+
+def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict:
+    """The headers a message gets when it is routed to the bug queue."""
+    return {
+        PREFIX + "reason": reason,
+        PREFIX + "attempts": attempts,
+        PREFIX + "failed-at": time.time() if now is None else now,
+        PREFIX + "task": _clip(task or "", 255),
+    }
+
+
+def carried(headers: Mapping | None) -> dict:
+    """A message's own headers minus rare_celery's and RabbitMQ's dead-letter bookkeeping."""
+    return {k: v for k, v in (headers or {}).items()
+            if not k.startswith(PREFIX) and k not in DEATH and k != "BCC"}
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,103 @@
+"""What happens next to a task whose attempt failed: pure decisions, no broker.
+
+A :class:`Policy` is built (and validated) when a RareTask class is defined; :meth:`Policy.decide`
+turns (attempt state, exception, clock) into a :class:`RetryIn` or a :class:`GiveUp`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+from . import backoff as _backoff
+from .exceptions import Bug
+
+EXHAUSTED, EXPIRED, BUG, UNREGISTERED, REJECTED = "exhausted", "expired", "bug", "unregistered", "rejected"
+MIN_DELAY = 0.001  # below 1 ms a retry is published straight back to the work queue
+
+
+@dataclass(frozen=True)
+class RetryIn:
+    """Run again after ``delay`` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Stop: route the message to the bug queue with ``reason``."""
+
+    reason: str
+
+
+def _duration(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        secs = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        secs = float(value)
+    else:
+        raise ValueError(f"{name} must be a number of seconds or a timedelta, got {value!r}")  # noqa: TRY004
+    if not math.isfinite(secs) or secs <= 0 or secs > _backoff.MAX_DELAY:
+        raise ValueError(f"{name} must be more than 0 and at most 10 years, got {value!r}")
+    return secs
+
+
+def _retry_on(value: object) -> tuple[type[BaseException], ...]:
+    kinds = value if isinstance(value, (tuple, list)) else (value,)
+    if not kinds or not all(isinstance(k, type) and issubclass(k, BaseException) for k in kinds):
+        raise ValueError(f"retry_on must be an exception class or a tuple of them, got {value!r}")
+    return tuple(kinds)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A task's retry policy: attempt limit, backoff schedule, shelf life, retryable exceptions."""
+
+    max_attempts: int | None
+    backoff: _backoff.Backoff
+    expires_in: float | None
+    retry_on: tuple[type[BaseException], ...]
+
+    @classmethod
+    def build(cls, owner: str, max_attempts: object, backoff: object, expires_in: object,
+              retry_on: object) -> Policy:
+        """Validate a task's settings; ``ValueError`` names the task and the parameter."""
+        try:
+            if max_attempts is not None and (
+                    not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1):
+                raise ValueError(f"max_attempts must be a whole number >= 1 or None, got {max_attempts!r}")
+            expires = _duration("expires_in", expires_in)
+            if max_attempts is None and expires is None:
+                raise ValueError("max_attempts=None needs an expires_in (a shelf life), "
+                                 "or the task could retry for ever")
+            try:
+                schedule = _backoff.as_backoff(backoff)
+            except TypeError as exc:
+                raise ValueError(f"backoff: {exc}") from None
+            return cls(max_attempts, schedule, expires, _retry_on(retry_on))
+        except ValueError as exc:
+            raise ValueError(f"{owner}: {exc}") from None
+
+    def deadline(self, first_at: float) -> float | None:
+        return None if self.expires_in is None else first_at + self.expires_in
+
+    def decide(self, attempt: int, exc: BaseException | None, now: float, deadline: float | None,
+               countdown: float | None = None, max_attempts: int | None = None) -> RetryIn | GiveUp:
+        """After failed ``attempt`` (1-based): retry, or give up and say why.
+
+        ``exc=None`` means the task asked for a retry itself. ``countdown`` overrides the backoff
+        schedule, ``max_attempts`` the policy's limit, for this one decision.
+        A retry that would start after the deadline is not scheduled (not clamped to it).
+        """
+        if isinstance(exc, Bug) or (exc is not None and not isinstance(exc, self.retry_on)):
+            return GiveUp(BUG)
+        limit = self.max_attempts if max_attempts is None else max_attempts
+        if limit is not None and attempt >= limit:
+            return GiveUp(EXHAUSTED)
+        delay = self.backoff(attempt) if countdown is None else max(0.0, float(countdown))
+        if deadline is not None and now + delay > deadline:
+            return GiveUp(EXPIRED)
+        return RetryIn(delay)

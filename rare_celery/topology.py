@@ -1,0 +1,74 @@
+"""The broker objects rare_celery uses, as kombu entities, and which delay queue a delay goes to.
+
+* ``rare.delay`` (direct exchange): every delay queue is bound to it by its own name. A delayed
+  message is published to it with the *work queue* as routing key and the delay queue in ``BCC``,
+  so it lands in the delay queue only (RabbitMQ strips ``BCC`` on delivery).
+* ``rare.delay.<duration>`` (for example ``rare.delay.5s``): a durable queue with
+  ``x-message-ttl = <duration>`` and the default exchange as dead-letter exchange. When a message's
+  time is up RabbitMQ dead-letters it with its original routing key, the work queue's name: it
+  is back where it came from, whichever work queue that was. Delay queues are shared by all work
+  queues of a vhost. Quorum work queues use ``rare.delay.quorum.<duration>`` (quorum,
+  ``x-overflow=reject-publish``, at-least-once dead-lettering).
+* ``<work queue>.bugs`` (or the task's ``bug_queue``): where messages end that will never succeed.
+
+Each delay queue holds one TTL, so no message waits behind a later one. A delay goes to the
+queue of the largest *grid value* not above it: values with two significant digits in ms
+(1 ms .. 99 ms, then 100, 110, .. 990 ms, 1.0, 1.1, .. 9.9 s, 10 s, 11 s, ...). A delay that is not
+on the grid (jitter, an explicit countdown) comes back early and the worker sends the remainder
+round again, so a message is never run early and at most ``GRID_SIZE`` delay queues per queue kind
+ever exist in a vhost, however many messages, delays or jitter there are.
+"""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+MAX_DELAY_MS = 315_360_000_000  # RabbitMQ's largest TTL: 10 years
+CLASSIC, QUORUM = "classic", "quorum"
+DELAY_EXCHANGE = Exchange("rare.delay", type="direct", durable=True)
+# 1..99 ms, then 90 values a decade for 10**2 .. 10**11 ms, then 100..315 * 10**9 ms.
+GRID_SIZE = 99 + 90 * 9 + 22
+
+_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
+
+
+def grid_floor(delay_ms: int) -> int:
+    """The largest grid value (two significant digits) not above ``delay_ms`` (>= 1)."""
+    if delay_ms < 100:
+        return delay_ms
+    step = 10 ** (len(str(delay_ms)) - 2)
+    return delay_ms // step * step
+
+
+def duration_label(ms: int) -> str:
+    """``5000`` -> ``5s``; ``5400000`` -> ``90m``; ``1500`` -> ``1500ms``: the largest exact unit."""
+    for unit, size in _UNITS:
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    raise AssertionError("unreachable: every whole number of ms has a unit")
+
+
+def delay_queue(delay_ms: int, kind: str = CLASSIC) -> Queue:
+    """The TTL queue for one grid value; ``delay_ms`` must already be on the grid."""
+    prefix = "rare.delay" if kind == CLASSIC else "rare.delay.quorum"
+    name = f"{prefix}.{duration_label(delay_ms)}"
+    args = {"x-message-ttl": delay_ms, "x-dead-letter-exchange": ""}
+    if kind == QUORUM:
+        args.update({
+            "x-queue-type": "quorum",
+            "x-overflow": "reject-publish",
+            "x-dead-letter-strategy": "at-least-once",
+        })
+    return Queue(name, exchange=DELAY_EXCHANGE, routing_key=name, durable=True, queue_arguments=args)
+
+
+def bug_queue(name: str, kind: str = CLASSIC) -> Queue:
+    """A bug queue: durable, of the work queue's kind, reached through the default exchange."""
+    args = {"x-queue-type": "quorum"} if kind == QUORUM else None
+    return Queue(name, exchange=Exchange(""), routing_key=name, durable=True, queue_arguments=args)
+
+
+def queue_kind(queue: Queue | None) -> str:
+    """``quorum`` when the work queue is declared as one (``x-queue-type``), else ``classic``."""
+    args = (queue.queue_arguments or {}) if queue is not None else {}
+    return QUORUM if args.get("x-queue-type") == QUORUM else CLASSIC

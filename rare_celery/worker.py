@@ -1,0 +1,99 @@
+"""The worker side: a consumer bootstep that declares what the rare queues need (at start and after
+every reconnect) and copies messages Celery would reject or drop on a rare queue to its bug queue."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import bootsteps
+
+from . import headers as hdr
+from .app import check
+from .declare import declare_worker_topology
+from .policy import REJECTED, UNREGISTERED
+from .publish import send_to_bugs
+from .topology import bug_queue, queue_kind
+
+log = logging.getLogger(__name__)
+
+
+def rare_queues(app) -> dict[str, set[str]]:
+    """Work queue -> bug queues, for every RareTask registered in ``app`` (task_routes respected)."""
+    from .task import RareTask
+
+    out: dict[str, set[str]] = {}
+    for task in app.tasks.values():
+        if not isinstance(task, RareTask):
+            continue
+        try:
+            options = {"queue": task.queue} if getattr(task, "queue", None) else {}
+            queue = app.amqp.router.route(options, task.name, task_type=task)["queue"].name
+        except Exception:  # noqa: BLE001 - a route Celery cannot resolve fails at publish, not here
+            queue = getattr(task, "queue", None) or app.conf.task_default_queue
+        out.setdefault(queue, {f"{queue}.bugs"}).add(task.bug_queue or f"{queue}.bugs")
+    return out
+
+
+class RareConsumerStep(bootsteps.StartStopStep):
+    """Declares the delay exchange and bug queues; catches bad messages on rare queues."""
+
+    name = "rare_celery"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        check(c.app)
+        self.queues: dict[str, str] = {}  # rare work queue consumed -> its kind
+        c.on_unknown_task = self._guard(c, c.on_unknown_task, UNREGISTERED, 1, "task {name!r} is not registered")
+        c.on_invalid_task = self._guard(c, c.on_invalid_task, REJECTED, 1, "invalid task message: {exc}")
+        c.on_unknown_message = self._guard(c, c.on_unknown_message, REJECTED, 1, "not a Celery task message")
+        c.on_decode_error = self._guard(c, c.on_decode_error, REJECTED, 0, "body could not be decoded: {exc}")
+
+    def start(self, c):
+        wanted = rare_queues(c.app)
+        consumed = {q.name: q for q in c.task_consumer.queues}
+        self.queues = {name: queue_kind(consumed[name]) for name in wanted if name in consumed}
+        bugs = [bug_queue(b, self.queues[q]) for q in sorted(self.queues) for b in sorted(wanted[q])]
+        declare_worker_topology(c.connection.default_channel, bugs)
+        log.info("rare_celery: managing %s", ", ".join(sorted(self.queues)) or "no queue")
+
+    def _guard(self, c, original, reason: str, at: int, why: str):
+        """Wrap one of Celery's bad-message handlers: copy to the bug queue first, then let it run."""
+
+        def handler(*args):
+            message = args[at]
+            queue = _queue_of(c, message)
+            if queue not in self.queues:
+                return original(*args)
+            exc = args[-1] if len(args) > at + 1 else None
+            name = (message.headers or {}).get("task") if isinstance(message.headers, dict) else None
+            text = why.format(exc=exc, name=name)
+            try:
+                _copy_to_bugs(c.app, message, queue, self.queues[queue], reason, text)
+            except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
+                log.error("rare_celery: could not copy a bad message from %s to its bug queue (%s); "
+                          "it stays unacked", queue, err)
+                return None
+            return original(*args)
+
+        return handler
+
+
+def _queue_of(c, message) -> str | None:
+    tag = (message.delivery_info or {}).get("consumer_tag")
+    tags = getattr(c.task_consumer, "_active_tags", {}) if c.task_consumer else {}
+    return next((queue for queue, t in tags.items() if t == tag), None)
+
+
+def _copy_to_bugs(app, message, queue: str, kind: str, reason: str, text: str) -> None:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task = headers.get("task") if isinstance(headers.get("task"), str) else ""
+    extra = {**hdr.bug(reason, 0, task), hdr.PREFIX + "queue": queue, hdr.PREFIX + "error": text[: hdr.MAX_ERROR]}
+    props = {k: v for k, v in (message.properties or {}).items()
+             if k in ("correlation_id", "reply_to", "priority", "message_id", "timestamp", "type", "app_id")}
+    kept = {k: v for k, v in hdr.carried(headers).items() if k != "compression"}
+    with app.producer_pool.acquire(block=True) as producer:
+        send_to_bugs(producer, message.body, queue=f"{queue}.bugs", kind=kind, headers={**kept, **extra},
+                     content_type=message.content_type or "application/octet-stream",
+                     content_encoding=message.content_encoding or "binary", **props)
+    log.warning("rare_celery: a message on %s went to %s.bugs: %s (%s)", queue, queue, reason, text)

@@ -1,0 +1,54 @@
+"""Fixtures for tests against the real RabbitMQ: one vhost per run, real worker subprocesses."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+from tests.support import Events, Vhost, Worker
+
+
+@pytest.fixture(scope="session")
+def vhost():
+    v = Vhost()
+    yield v
+    v.delete()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("rare")
+
+
+@pytest.fixture(scope="session")
+def env(vhost, workdir):
+    values = {"RARE_TEST_BROKER": vhost.url, "RARE_TEST_DIR": str(workdir)}
+    os.environ.update(values)
+    return values
+
+
+@pytest.fixture(scope="session")
+def core(env):
+    """The test process's copy of tests.apps.core (to publish and read results)."""
+    return importlib.import_module("tests.apps.core")
+
+
+@pytest.fixture(scope="session")
+def core_worker(core, env, workdir):
+    worker = Worker("tests.apps.core", ["core", "core.wait"], env, workdir, name="core").wait_ready()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def events(workdir):
+    return Events(workdir / "events.jsonl")
+
+
+@pytest.fixture(scope="session")
+def bugs(vhost):
+    from tests.support import BugQueues
+
+    return BugQueues(vhost.url)
