@@ -99,11 +99,14 @@ def error(exc: BaseException | None) -> dict:
     if exc is None:
         return {}
     kind = type(exc)
-    trace = "".join(tb.format_exception(kind, exc, exc.__traceback__))
+    name = _clip(f"{kind.__module__}.{kind.__qualname__}", 200)
+    message = _clip(str(exc), MAX_ERROR)
+    last = f"{name}: {message}\n"
+    frames = "".join(tb.format_tb(exc.__traceback__))[-(MAX_TRACEBACK - min(len(last), MAX_TRACEBACK // 2)):]
     return {
-        PREFIX + "exception": _clip(f"{kind.__module__}.{kind.__qualname__}", 200),
-        PREFIX + "error": _clip(str(exc), MAX_ERROR),
-        PREFIX + "traceback": trace[-MAX_TRACEBACK:],
+        PREFIX + "exception": name,
+        PREFIX + "error": message,
+        PREFIX + "traceback": (frames + last)[-MAX_TRACEBACK:],
     }
 
 

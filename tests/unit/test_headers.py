@@ -1,0 +1,56 @@
+"""The x-rare-* header codec: bounded, validated, never evaluated."""
+
+from __future__ import annotations
+
+import pytest
+
+from rare_celery import headers as hdr
+
+
+def test_round_trip():
+    a = hdr.Attempt(3, 1000.5, deadline=2000.0, due=1500.25, queue="sms")
+    assert hdr.read(hdr.write(a)) == a
+
+
+def test_message_without_headers_is_a_first_attempt_starting_now():
+    assert hdr.read({}, now=42.0) == hdr.Attempt(1, 42.0)
+    assert hdr.read(None, now=42.0) == hdr.Attempt(1, 42.0)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("x-rare-attempt", -5), ("x-rare-attempt", 0), ("x-rare-attempt", "2"), ("x-rare-attempt", 2.5),
+    ("x-rare-attempt", 10**9), ("x-rare-attempt", True),
+    ("x-rare-deadline", "tomorrow"), ("x-rare-deadline", float("nan")), ("x-rare-deadline", 1e300),
+    ("x-rare-first-at", -1), ("x-rare-due", [1]), ("x-rare-queue", 7), ("x-rare-queue", "q" * 300),
+])
+def test_nonsense_values_are_refused_with_the_header_named(key, value):
+    with pytest.raises(hdr.HeaderError, match=key):
+        hdr.read({key: value})
+
+
+def test_huge_values_are_not_echoed_whole():
+    with pytest.raises(hdr.HeaderError) as info:
+        hdr.read({"x-rare-queue": ["x" * 100_000]})
+    assert len(str(info.value)) < 200
+
+
+def test_error_headers_are_bounded_however_big_the_exception():
+    def deep(n):
+        if n == 0:
+            raise RuntimeError("boom " * 10_000)
+        deep(n - 1)
+    try:
+        deep(200)
+    except RuntimeError as exc:
+        out = hdr.error(exc)
+    assert out["x-rare-exception"] == "builtins.RuntimeError"
+    assert len(out["x-rare-error"]) == hdr.MAX_ERROR
+    assert len(out["x-rare-traceback"]) <= hdr.MAX_TRACEBACK
+    assert "in deep" in out["x-rare-traceback"]  # the innermost frames are kept
+    assert out["x-rare-traceback"].rstrip().endswith("bo...")  # ends with the clipped message
+
+
+def test_carried_headers_drop_bookkeeping_but_keep_the_users():
+    kept = hdr.carried({"x-death": [{}], "x-first-death-queue": "q", "x-rare-attempt": 2, "BCC": ["x"],
+                        "tenant": "acme", "task": "t"})
+    assert kept == {"tenant": "acme", "task": "t"}

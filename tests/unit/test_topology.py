@@ -1,0 +1,57 @@
+"""Delay routing: the grid of delay values, queue names and arguments, the declare error text."""
+
+from __future__ import annotations
+
+import pytest
+from amqp.exceptions import PreconditionFailed
+
+from rare_celery import topology as t
+from rare_celery.declare import explain
+
+
+@pytest.mark.parametrize("ms, floor", [
+    (1, 1), (99, 99), (100, 100), (1234, 1200), (5000, 5000), (59_999, 59_000),
+    (3_600_000, 3_600_000), (259_200_000, 250_000_000), (t.MAX_DELAY_MS, 310_000_000_000),
+])
+def test_grid_floor_is_the_largest_grid_value_not_above(ms, floor):
+    assert t.grid_floor(ms) == floor
+    assert t.grid_floor(floor) == floor  # grid values are fixed points
+
+
+def test_the_grid_is_bounded_and_never_above_the_delay():
+    values = {t.grid_floor(ms) for ms in range(1, 2_000_000, 7)}
+    assert all(v <= 2_000_000 for v in values)
+    assert len(values) <= 99 + 90 * 4 + 1  # 1..99 ms, then 90 a decade up to 10**6
+
+
+def test_the_whole_grid_has_grid_size_values():
+    grid = set(range(1, 100))
+    for exponent in range(0, 11):
+        grid |= {m * 10**exponent for m in range(10, 100)}
+    grid = {g for g in grid if g <= t.MAX_DELAY_MS}
+    assert len(grid) == t.GRID_SIZE
+
+
+@pytest.mark.parametrize("ms, label", [(250, "250ms"), (1000, "1s"), (1500, "1500ms"), (60_000, "1m"),
+                                       (5_400_000, "90m"), (86_400_000, "1d"), (259_200_000, "3d")])
+def test_delay_queue_names_read_as_durations(ms, label):
+    assert t.delay_queue(ms).name == f"rare.delay.{label}"
+    assert t.delay_queue(ms, t.QUORUM).name == f"rare.delay.quorum.{label}"
+
+
+def test_delay_queue_arguments():
+    classic = t.delay_queue(5000)
+    assert classic.queue_arguments == {"x-message-ttl": 5000, "x-dead-letter-exchange": ""}
+    assert classic.exchange.name == "rare.delay" and classic.routing_key == classic.name and classic.durable
+    quorum = t.delay_queue(5000, t.QUORUM).queue_arguments
+    assert quorum["x-queue-type"] == "quorum" and quorum["x-overflow"] == "reject-publish"
+    assert quorum["x-dead-letter-strategy"] == "at-least-once"
+
+
+def test_explain_names_queue_argument_both_values_and_the_fix():
+    exc = PreconditionFailed("Queue.declare: (406) PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for "
+                             "queue 'rare.delay.5s' in vhost 'prod': received '5000' but current is '4000'")
+    text = explain(exc)
+    assert "'rare.delay.5s'" in text and "x-message-ttl='4000'" in text and "x-message-ttl='5000'" in text
+    assert "rabbitmqctl delete_queue rare.delay.5s -p prod" in text
+    assert "\n" not in text
