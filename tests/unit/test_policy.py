@@ -80,7 +80,7 @@ def test_the_decorator_form_is_validated_at_registration():
         @app.task(base=RareTask, max_attempts=None, shared=False)
         def forever():
             pass
-        forever.name  # the app registers tasks lazily: force it
+        assert forever.name  # the app registers tasks lazily: force it
 
     @app.task(base=RareTask, max_attempts=5, backoff=[1, 5, 30], shared=False)
     def fine():

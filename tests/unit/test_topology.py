@@ -26,7 +26,7 @@ def test_the_grid_is_bounded_and_never_above_the_delay():
 
 def test_the_whole_grid_has_grid_size_values():
     grid = set(range(1, 100))
-    for exponent in range(0, 11):
+    for exponent in range(11):
         grid |= {m * 10**exponent for m in range(10, 100)}
     grid = {g for g in grid if g <= t.MAX_DELAY_MS}
     assert len(grid) == t.GRID_SIZE
