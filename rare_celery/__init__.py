@@ -3,18 +3,22 @@
 >>> from rare_celery import RareTask, Bug, backoff
 """
 
-from . import backoff
-from .exceptions import Bug, ConfigurationError, Exhausted, Expired, PublishRefused, TopologyError
-from .task import RareTask
+from . import backoff, signals
+from .exceptions import (
+    Bug,
+    ConfigurationError,
+    Exhausted,
+    Expired,
+    Hop,
+    HopLimit,
+    NoHandler,
+    PublishRefused,
+    TopologyError,
+)
+from .task import HOPPED, RareTask
 
 __all__ = [
-           "Bug",
-           "ConfigurationError",
-           "Exhausted",
-           "Expired",
-           "PublishRefused",
-           "RareTask",
-           "TopologyError",
-           "backoff",
+    "HOPPED", "Bug", "ConfigurationError", "Exhausted", "Expired", "Hop", "HopLimit", "NoHandler",
+    "PublishRefused", "RareTask", "TopologyError", "backoff", "signals",
 ]
 __version__ = "0.1.0"

@@ -1,14 +1,640 @@
-"""The ``rare-celery`` command line (inspect, requeue and purge bug queues: coming next)."""
+"""The ``rare-celery`` command line: read and repair bug queues, look at delay queues, print schedules.
+
+Also reachable as ``celery -A APP rare <command>`` (the ``celery.commands`` entry point).
+Exit codes: 0 success, 1 nothing matched where something was asked for, 2 usage or broker errors.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
 import click
 
+from . import bugs, durations, records
+from . import timeline as tl
+from .topology import CLASSIC, DELAY_EXCHANGE, bug_queue, delay_queue, queue_kind
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+ENV = "rare_celery.env"
+SCHEDULE_ROWS = 50  # attempts shown by `schedule` unless --attempts says otherwise
+
+
+class Failure(click.ClickException):
+    """A usage, broker or connection problem: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"rare-celery: {self.format_message()}", err=True)
+
+
+class Group(click.Group):
+    """A click group whose usage errors are one line too (what is wrong and where to look)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else ctx.command_path
+            raise Failure(f"{exc.format_message()} (see '{where} -h')") from None
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return durations.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@dataclass(frozen=True)
+class RareTaskInfo:
+    name: str
+    queue: str
+    kind: str
+    bug_queue: str
+    policy: object
+
+
+class Env:
+    """What a command works on: a Celery app (``-A``), a broker URL (``--broker``), or both."""
+
+    def __init__(self, app_name: str | None = None, broker: str | None = None, app=None) -> None:
+        self.app_name, self.broker, self._app = app_name, broker, app
+
+    @cached_property
+    def app(self):
+        if self._app is not None:
+            return _prepare(self._app, self.app_name or self._app.main or "app")
+        return load_app(self.app_name) if self.app_name else None
+
+    def need_app(self, what: str):
+        if self.app is None:
+            raise Failure(f"{what} needs the app: pass -A/--app APP (what you give celery -A)")
+        return self.app
+
+    @cached_property
+    def tasks(self) -> list[RareTaskInfo]:
+        return rare_tasks(self.app) if self.app is not None else []
+
+    def bug_queues(self) -> list[str]:
+        return sorted({t.bug_queue for t in self.tasks} | {f"{t.queue}.bugs" for t in self.tasks})
+
+    def task(self, name: str | None) -> RareTaskInfo | None:
+        return next((t for t in self.tasks if t.name == name), None)
+
+    def check_bug_queue(self, queue: str) -> None:
+        """With an app, requeue and purge act only on its bug queues."""
+        if self.app is not None and queue not in self.bug_queues():
+            known = ", ".join(self.bug_queues()) or "none"
+            raise Failure(f"{queue!r} is not a bug queue of the app (its bug queues: {known}); "
+                          f"to act on any queue, pass --broker URL without -A")
+
+    def _connection(self):
+        if self.app is not None:
+            return self.app.connection_for_write(self.broker)
+        if self.broker:
+            from kombu import Connection
+
+            return Connection(self.broker, connect_timeout=5)
+        raise Failure("say where the broker is: pass -A/--app APP (a Celery app) or --broker URL")
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator:
+        """A connected kombu Connection; broker problems become one-line :class:`Failure` s."""
+        from amqp.exceptions import AMQPError
+        from kombu.exceptions import KombuError
+
+        conn = self._connection()
+        where = conn.as_uri()  # password masked
+        try:
+            try:
+                conn.connect()
+            except Exception as exc:  # noqa: BLE001 - every way of not connecting is reported the same way
+                raise Failure(f"cannot connect to {where}: {_why(exc)} (check the URL and that RabbitMQ runs)") from None
+            yield conn
+        except bugs.QueueMissing as exc:
+            raise Failure(f"queue {exc.args[0]!r} does not exist at {where}") from None
+        except bugs.MoveFailed as exc:
+            raise Failure(f"{exc}; stopped, the rest stays in the bug queue ({where})") from None
+        except (OSError, AMQPError, KombuError) as exc:
+            raise Failure(f"broker {where}: {_why(exc)}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                conn.release()
+
+
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_app(name: str):
+    """The Celery app ``name`` names, found as ``celery -A`` finds it, with its task modules imported."""
+    from celery.app.utils import find_app
+
+    try:
+        app = find_app(name)
+    except Exception as exc:  # noqa: BLE001 - import errors of all kinds
+        raise Failure(f"cannot load the app {name!r}: {_why(exc)} (give what you give celery -A)") from None
+    return _prepare(app, name)
+
+
+def _prepare(app, name: str):
+    from celery import Celery
+
+    if not isinstance(app, Celery):
+        raise Failure(f"{name!r} is not a Celery app but a {type(app).__name__}")
+    try:
+        app.loader.import_default_modules()
+        app.finalize(auto=True)
+    except Exception as exc:  # noqa: BLE001
+        raise Failure(f"cannot load the tasks of the app {name!r}: {_why(exc)}") from None
+    return app
+
+
+def rare_tasks(app) -> list[RareTaskInfo]:
+    """Every RareTask of ``app`` with its work queue, queue kind and bug queue (as worker.rare_queues)."""
+    from .task import RareTask
+
+    out = []
+    for task in sorted(app.tasks.values(), key=lambda t: t.name):
+        if not isinstance(task, RareTask):
+            continue
+        try:
+            options = {"queue": task.queue} if getattr(task, "queue", None) else {}
+            queue = app.amqp.router.route(options, task.name, task_type=task)["queue"].name
+        except Exception:  # noqa: BLE001 - as worker.rare_queues
+            queue = getattr(task, "queue", None) or app.conf.task_default_queue
+        kind = queue_kind(app.amqp.queues.get(queue))
+        out.append(RareTaskInfo(task.name, queue, kind, task.bug_queue or f"{queue}.bugs", task.rare_policy))
+    return out
+
+
+def env() -> Env:
+    return click.get_current_context().meta[ENV]
+
+
+# -- the groups ------------------------------------------------------------------------------------
+
+SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.group(cls=Group, context_settings=SETTINGS)
+@click.option("-A", "--app", "app_name", metavar="APP", help="The Celery app, as celery -A takes it.")
+@click.option("--broker", metavar="URL", help="Broker URL (without -A: commands take explicit queue names).")
 @click.version_option(package_name="rare-celery")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, app_name: str | None, broker: str | None) -> None:
     """Operate rare_celery queues: bug queues, delay queues and the topology."""
+    ctx.meta[ENV] = Env(app_name, broker)
+
+
+@click.group("rare", cls=Group, context_settings=SETTINGS)
+@click.pass_context
+def celery_command(ctx: click.Context) -> None:
+    """rare_celery: bug queues, delay queues and the topology of this app."""
+    ctx.meta[ENV] = Env(app=ctx.obj.app)
+
+
+def command(fn):
+    """Register ``fn`` in both groups."""
+    cmd = click.command(context_settings=SETTINGS)(fn)
+    main.add_command(cmd)
+    celery_command.add_command(cmd)
+    return cmd
+
+
+def select_options(*names: str):
+    options = {
+        "id": click.option("--id", "ids", multiple=True, metavar="ID", help="A task id (repeatable)."),
+        "task": click.option("--task", "tasks", multiple=True, metavar="NAME",
+                             help="Task name or pattern like 'billing.*' (repeatable)."),
+        "reason": click.option("--reason", "reasons", multiple=True, metavar="R",
+                               help="exhausted, expired, bug, rejected, unregistered (repeatable)."),
+        "since": click.option("--since", type=Duration(), help="Failed within this long (90s, 15m, 1h, 7d, 1d12h)."),
+        "older": click.option("--older-than", "older_than", type=Duration(), help="Failed at least this long ago."),
+    }
+
+    def decorate(fn):
+        for name in reversed(names):
+            fn = options[name](fn)
+        return fn
+
+    return decorate
+
+
+def selector(ids=(), tasks=(), reasons=(), since=None, older_than=None, now: float | None = None) -> records.Selector:
+    now = time.time() if now is None else now
+    return records.Selector(frozenset(ids), tuple(tasks), frozenset(reasons),
+                            None if since is None else now - since, None if older_than is None else now - older_than)
+
+
+# -- inspect-bugs ----------------------------------------------------------------------------------
+
+ROW = "{failed:<19}  {task:<28}  {id:<36}  {reason:<12}  {attempts:>4}  {error}"
+
+
+def row(r: records.Record) -> str:
+    failed = records.iso(r.failed_at)
+    return ROW.format(failed=failed[:19].replace("T", " ") if failed else "-", task=_clip(r.task or "-", 28),
+                      id=_clip(r.id or "-", 36), reason=r.reason or "-",
+                      attempts="-" if r.attempts is None else r.attempts, error=r.one_line_error())
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def summary(reasons: Counter, tasks: Counter) -> str:
+    def top(counter: Counter, most: int = 8) -> str:
+        items = sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
+        text = ", ".join(f"{k or '-'} {v}" for k, v in items[:most])
+        return text + (f", {len(items) - most} more" if len(items) > most else "")
+
+    return f"by reason: {top(reasons) or '-'}; by task: {top(tasks) or '-'}"
+
+
+@command
+@click.argument("queues", nargs=-1, metavar="[QUEUE]...")
+@click.option("--limit", type=click.IntRange(min=1), help="Show at most N matching messages.")
+@select_options("task", "reason", "since")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per message.")
+def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
+    """List bug-queue messages without taking them: they stay, in order.
+
+    Without QUEUE, every bug queue of the app's rare tasks.
+    """
+    e = env()
+    explicit = bool(queues)
+    queues = list(queues) or e.bug_queues()
+    if not queues:
+        raise Failure("name a QUEUE, or pass -A/--app APP to read every bug queue of its rare tasks")
+    select = selector(tasks=tasks, reasons=reasons, since=since)
+    shown, total, by_reason, by_task = 0, 0, Counter(), Counter()
+    with e.connection() as conn:
+        if not as_json:
+            click.echo(ROW.format(failed="FAILED (UTC)", task="TASK", id="ID", reason="REASON", attempts="ATT",
+                                  error="ERROR"))
+        for queue in queues:
+            if not explicit and bugs.depth(conn, queue) is None:
+                click.echo(f"({queue} does not exist yet)", err=True)
+                continue
+            with bugs.browse(conn, queue) as messages:
+                for held in messages:
+                    total += 1
+                    r = held.record
+                    if not select.matches(r):
+                        continue
+                    shown += 1
+                    by_reason[r.reason] += 1
+                    by_task[r.task] += 1
+                    click.echo(json.dumps(r.as_json(), default=str) if as_json else row(r))
+                    if limit is not None and shown >= limit:
+                        break
+            if limit is not None and shown >= limit:
+                break
+    where = ", ".join(queues)
+    line = f"{shown} shown of {total} read in {where}; {summary(by_reason, by_task)}"
+    click.echo(line, err=as_json)
+    if select and not shown:
+        click.echo("nothing matched", err=True)
+        sys.exit(1)
+
+
+# -- requeue-bugs and purge-bugs -------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a first read found: the chosen messages by content, and where each goes."""
+
+    chosen: Counter
+    targets: Counter
+    without_target: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.chosen.values())
+
+    def take(self, held: bugs.Held) -> bool:
+        if self.chosen[held.fingerprint] <= 0:
+            return False
+        self.chosen[held.fingerprint] -= 1
+        return True
+
+
+def plan(conn, queue: str, select: records.Selector, to: str | None, rows: bool) -> Plan:
+    found = Plan(Counter(), Counter())
+    with bugs.browse(conn, queue) as messages:
+        for held in messages:
+            if not select.matches(held.record):
+                continue
+            target = to or held.record.queue
+            if target is None:
+                found.without_target += 1
+                continue
+            found.chosen[held.fingerprint] += 1
+            found.targets[target] += 1
+            if rows:
+                click.echo(row(held.record))
+    return found
+
+
+@contextlib.contextmanager
+def progress(count: int, label: str) -> Iterator:
+    """A progress bar on stderr when the messages would not fit on one screen."""
+    if count <= shutil.get_terminal_size().lines:
+        yield lambda held: None
+        return
+    with click.progressbar(length=count, label=label, file=sys.stderr) as bar:
+        yield lambda held: bar.update(1)
+
+
+def _need_selection(select: records.Selector, everything: bool, what: str) -> None:
+    if not select and not everything:
+        raise Failure(f"say which messages to {what}: --id, --task, --reason" +
+                      (", --older-than" if what == "purge" else "") + ", or --all for every message")
+
+
+def _targets(targets: Counter) -> str:
+    return ", ".join(f"{q} ({n})" for q, n in sorted(targets.items()))
+
+
+@command
+@click.argument("queue")
+@select_options("id", "task", "reason")
+@click.option("--all", "everything", is_flag=True, help="Every message of the queue.")
+@click.option("--to", metavar="QUEUE", help="Send them here instead of their origin queue (x-rare-queue).")
+@click.option("--reset-attempts/--keep-attempts", "reset", default=True, show_default=True,
+              help="Start over at attempt 1 with a fresh shelf life, or keep count and deadline.")
+@click.option("--dry-run", is_flag=True, help="Show what would be moved; move nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def requeue_bugs(queue, ids, tasks, reasons, everything, to, reset, dry_run, yes) -> None:
+    """Move matching messages from bug queue QUEUE back to their work queue.
+
+    Each is republished with publisher confirms before it is removed from QUEUE; the others stay,
+    in order. Safe while workers run and add new bugs.
+    """
+    e = env()
+    select = selector(ids, tasks, reasons)
+    _need_selection(select, everything, "requeue")
+    e.check_bug_queue(queue)
+    with e.connection() as conn:
+        found = plan(conn, queue, select, to, rows=dry_run)
+        if found.without_target:
+            click.echo(f"{found.without_target} matching messages have no origin queue (x-rare-queue): "
+                       f"they stay; send them with --to QUEUE", err=True)
+        if not found.count:
+            click.echo(f"nothing to requeue in {queue}", err=True)
+            sys.exit(1)
+        for target in found.targets:
+            if bugs.depth(conn, target) is None:
+                raise Failure(f"queue {target!r} ({found.targets[target]} messages go there) does not exist: "
+                              f"declare it (rare-celery declare) or choose another with --to")
+        if dry_run:
+            click.echo(f"would requeue {found.count} messages from {queue} to {_targets(found.targets)}")
+            return
+        if not yes:
+            click.confirm(f"Requeue {found.count} messages from {queue} to {_targets(found.targets)}?", abort=True)
+        now = time.time()
+
+        def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
+            r = held.record
+            target = to or r.queue
+            info = e.task(r.task)
+            shelf_life = info.policy.expires_in if info is not None else None
+            headers = records.requeue_headers(bugs.headers_of(held), reset=reset, now=now,
+                                              queue=target if to else None, shelf_life=shelf_life)
+            publisher.send(held.message, target, headers)
+
+        with progress(found.count, "requeueing") as step:
+            moved = bugs.take(conn, queue, found.take, send, step)
+    gone = found.count - moved
+    click.echo(f"requeued {moved} messages from {queue} to {_targets(found.targets)}"
+               + (f"; {gone} of those counted were no longer there" if gone else ""))
+
+
+@command
+@click.argument("queue")
+@select_options("task", "reason", "older")
+@click.option("--all", "everything", is_flag=True, help="Every message of the queue.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def purge_bugs(queue, tasks, reasons, older_than, everything, yes) -> None:
+    """Delete the matching messages from bug queue QUEUE; the others stay, in order."""
+    e = env()
+    select = selector(tasks=tasks, reasons=reasons, older_than=older_than)
+    _need_selection(select, everything, "purge")
+    e.check_bug_queue(queue)
+    with e.connection() as conn:
+        found = plan(conn, queue, select, to=queue, rows=False)
+        if not found.count:
+            click.echo(f"nothing to purge in {queue}", err=True)
+            sys.exit(1)
+        if not yes:
+            click.confirm(f"Delete {found.count} messages from {queue} for good?", abort=True)
+        with progress(found.count, "purging") as step:
+            deleted = bugs.take(conn, queue, found.take, None, step)
+    click.echo(f"deleted {deleted} messages from {queue}")
+
+
+# -- status ----------------------------------------------------------------------------------------
+
+@command
+@click.argument("queues", nargs=-1, metavar="[QUEUE]...")
+@click.option("--scan", is_flag=True, help="Look for every possible delay queue, not only those of the schedules.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status(queues, scan, as_json) -> None:
+    """Ready messages and consumers of rare work queues, their bug queues, and the delay queues.
+
+    Without QUEUE, the work queues of the app's rare tasks. Delay queues are shared by every work
+    queue of a vhost; they are found from the tasks' schedules (or all of them with --scan).
+    """
+    e = env()
+    works: dict[str, tuple[str, set[str]]] = {}  # work queue -> (kind, bug queues)
+    if queues:
+        for q in queues:
+            mine = [t for t in e.tasks if t.queue == q]
+            works[q] = (mine[0].kind if mine else CLASSIC, {f"{q}.bugs"} | {t.bug_queue for t in mine})
+    else:
+        for t in e.tasks:
+            works.setdefault(t.queue, (t.kind, {f"{t.queue}.bugs"}))[1].add(t.bug_queue)
+    if not works:
+        raise Failure("name the work QUEUEs, or pass -A/--app APP with rare tasks")
+    delays: dict[tuple[str, int], set[str]] = {}
+    for t in e.tasks:
+        if not queues or t.queue in queues:
+            for ms in tl.delay_values(t.policy):
+                delays.setdefault((t.kind, ms), set()).add(t.queue)
+    with e.connection() as conn:
+        report = {"work_queues": [], "delay_queues": []}
+        for q, (kind, bug_names) in sorted(works.items()):
+            probe = bugs.depth(conn, q)
+            report["work_queues"].append({
+                "queue": q, "kind": kind, "exists": probe is not None, "ready": probe and probe[0],
+                "consumers": probe and probe[1],
+                "bug_queues": [_bug_depth(conn, b) for b in sorted(bug_names)]})
+        candidates = dict(delays)
+        if scan:
+            for kind in (CLASSIC, "quorum"):
+                for ms in tl.grid_values():
+                    candidates.setdefault((kind, ms), set())
+        for (kind, ms), users in sorted(candidates.items(), key=lambda kv: (kv[0][0] != CLASSIC, kv[0])):
+            name = delay_queue(ms, kind).name
+            probe = bugs.depth(conn, name)
+            if probe is None and (kind, ms) not in delays:
+                continue  # --scan reports the ones that exist
+            report["delay_queues"].append({
+                "queue": name, "delay_ms": ms, "delay": durations.short(ms / 1000), "exists": probe is not None,
+                "messages": probe and probe[0], "work_queues": sorted(users)})
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'WORK QUEUE':<32} {'READY':>8} {'CONSUMERS':>9}  {'BUG QUEUE':<32} {'BUGS':>8}")
+    for w in report["work_queues"]:
+        for i, b in enumerate(w["bug_queues"]):
+            left = (f"{w['queue']:<32} {_n(w['ready'], w['exists']):>8} {_n(w['consumers'], w['exists']):>9}"
+                    if i == 0 else " " * 51)
+            click.echo(f"{left}  {b['queue']:<32} {_n(b['messages'], b['exists']):>8}")
+    click.echo("")
+    if not report["delay_queues"]:
+        click.echo("no delay queues known" + ("" if scan else " (--scan looks for every possible one)"))
+        return
+    click.echo(f"{'DELAY QUEUE':<32} {'DELAY':>10} {'WAITING':>8}  FOR WORK QUEUES (from their schedules)")
+    for d in report["delay_queues"]:
+        click.echo(f"{d['queue']:<32} {d['delay']:>10} {_n(d['messages'], d['exists']):>8}  "
+                   f"{', '.join(d['work_queues']) or '-'}")
+
+
+def _bug_depth(conn, name: str) -> dict:
+    probe = bugs.depth(conn, name)
+    return {"queue": name, "exists": probe is not None, "messages": probe and probe[0]}
+
+
+def _n(value, exists: bool) -> str:
+    return str(value) if exists else "missing"
+
+
+# -- schedule --------------------------------------------------------------------------------------
+
+@command
+@click.argument("task_name", metavar="TASK")
+@click.option("--attempts", type=click.IntRange(min=1), help=f"Show at most N attempts (default {SCHEDULE_ROWS}).")
+def schedule(task_name, attempts) -> None:
+    """When each attempt of TASK runs, where its shelf life ends, and what happens then. No broker needed."""
+    e = env()
+    e.need_app("schedule")
+    info = e.task(task_name)
+    if info is None:
+        names = ", ".join(t.name for t in e.tasks) or "none"
+        raise Failure(f"{task_name!r} is not a RareTask of the app (its rare tasks: {names})")
+    for line in schedule_lines(info, attempts or SCHEDULE_ROWS):
+        click.echo(line)
+
+
+def schedule_lines(info: RareTaskInfo, rows: int) -> Iterable[str]:
+    """The timeline of one task as text (pure)."""
+    policy = info.policy
+    t = tl.timeline(policy)
+    life = "none" if policy.expires_in is None else durations.short(policy.expires_in)
+    yield (f"{info.name}: backoff {policy.backoff!r}, max_attempts={policy.max_attempts}, shelf life {life}")
+    yield f"work queue {info.queue} ({info.kind}), bug queue {info.bug_queue}"
+    if t.random:
+        yield "the backoff is random (jitter): the times below are one sample"
+    yield ""
+    width = len(str(t.steps[-1].attempt))
+    shown = t.steps if len(t.steps) <= rows else t.steps[: rows - 1]
+    for s in shown:
+        yield _step_line(s, width, info.kind)
+    if len(shown) < len(t.steps):
+        hidden = len(t.steps) - len(shown) - 1
+        if hidden:
+            yield f"  ... {hidden} more attempt{'s' if hidden > 1 else ''} ..."
+        yield _step_line(t.steps[-1], width, info.kind)
+    last = t.steps[-1]
+    if t.shelf_life is not None:
+        yield f"  shelf life ends at {durations.offset(t.shelf_life)}"
+    if t.end == tl.EXPIRED:
+        yield (f"then: attempt {last.attempt + 1} would start at {durations.offset(t.refused_at)}, after the shelf "
+               f"life, so when attempt {last.attempt} fails the message goes to {info.bug_queue} (reason: expired)")
+    elif t.end == tl.EXHAUSTED:
+        yield (f"then: attempt {last.attempt} is the last; when it fails the message goes to {info.bug_queue} "
+               f"(reason: exhausted)")
+    else:
+        yield f"then: more than {tl.MAX_STEPS} attempts (not computed further)"
+    kinds = ", ".join(k.__name__ for k in policy.retry_on)
+    yield (f"at any attempt: a Bug, or an exception that is not retried (retry_on: {kinds}), goes to "
+           f"{info.bug_queue} at once (reason: bug)")
+
+
+def _step_line(s: tl.Step, width: int, kind: str) -> str:
+    head = f"  attempt {s.attempt:>{width}}  {durations.offset(s.at):<14}"
+    if s.attempt == 1:
+        return f"{head}  first run"
+    if s.delay_ms is None:
+        via = "straight back"
+    else:
+        rest = s.wait - s.delay_ms / 1000
+        via = f"in {delay_queue(s.delay_ms, kind).name}" + (f", then {durations.short(rest)} more" if rest >= 0.001 else "")
+    return f"{head}  {durations.short(s.wait)} after attempt {s.attempt - 1} ({via})"
+
+
+# -- declare ---------------------------------------------------------------------------------------
+
+@command
+@click.option("--dry-run", is_flag=True, help="Print what would be declared.")
+def declare(dry_run) -> None:
+    """Declare the app's rare topology: the delay exchange, work, bug and delay queues.
+
+    Delay queues are those of the tasks' schedules; others (explicit countdowns, jitter) are
+    declared by the first publish that needs one.
+    """
+    from .declare import declare_queue
+
+    e = env()
+    app = e.need_app("declare")
+    wanted: dict[str, tuple[object, str]] = {}
+    for t in e.tasks:
+        wanted.setdefault(t.queue, (app.amqp.queues[t.queue], f"work queue ({t.kind})"))
+        for name in (f"{t.queue}.bugs", t.bug_queue):
+            wanted.setdefault(name, (bug_queue(name, t.kind), f"bug queue ({t.kind})"))
+    for kind, ms in sorted({(t.kind, ms) for t in e.tasks for ms in tl.delay_values(t.policy)}):
+        q = delay_queue(ms, kind)
+        wanted[q.name] = (q, f"delay queue ({kind}, {durations.short(ms / 1000)})")
+    if not e.tasks:
+        raise Failure("the app has no RareTask: nothing to declare")
+    verb = "would declare" if dry_run else "declared"
+    lines = [f"exchange {DELAY_EXCHANGE.name:<32} direct, durable"]
+    lines += [f"queue    {name:<32} {what}" for name, (_, what) in wanted.items()]
+    if dry_run:
+        for line in lines:
+            click.echo(f"{verb} {line}")
+        return
+    from .exceptions import TopologyError
+
+    with e.connection() as conn:
+        channel = conn.channel()
+        try:
+            DELAY_EXCHANGE.declare(channel=channel)
+            click.echo(f"{verb} {lines[0]}")
+            for line, (queue, _) in zip(lines[1:], wanted.values()):
+                declare_queue(channel, queue)
+                click.echo(f"{verb} {line}")
+        except TopologyError as exc:
+            raise Failure(str(exc)) from None
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
 
 
 if __name__ == "__main__":

@@ -27,3 +27,25 @@ class TopologyError(ImproperlyConfigured):
 
 class ConfigurationError(ImproperlyConfigured):
     """The app is configured in a way rare_celery cannot work with (the text says what to change)."""
+
+
+class Hop(Exception):
+    """Raise from a task to move the work to another task now: ``raise Hop("billing.notify", sub_id,
+    reason="card expired")``. Without arguments the current ones go along. The target runs on its own
+    queue with its own policy and a fresh attempt count; the task id stays the same."""
+
+    def __init__(self, target, *args, reason: str = "", **kwargs) -> None:
+        super().__init__(target, reason)
+        self.target, self.args, self.kwargs, self.reason = target, args, kwargs, reason
+
+
+class NoHandler(Bug):
+    """A payload with no handler for its kind (reason ``no_handler``)."""
+
+    rare_reason = "no_handler"
+
+
+class HopLimit(Bug):
+    """A hop that would loop (a -> b -> a) or pass ``max_hops`` (reason ``hop_limit``)."""
+
+    rare_reason = "hop_limit"

@@ -34,6 +34,7 @@ MAX_ERROR = 1000
 MAX_TRACEBACK = 4000
 MAX_ATTEMPT = 1_000_000
 _EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
+TRAVELS = PREFIX + "hops"  # see rare_celery.hops
 ERROR = (PREFIX + "exception", PREFIX + "error", PREFIX + "traceback")
 DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
          "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
@@ -121,9 +122,10 @@ def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict
 
 
 def carried(headers: Mapping | None) -> dict:
-    """A message's own headers minus rare_celery's and RabbitMQ's dead-letter bookkeeping."""
+    """A message's headers that travel unchanged: its own and the hop history (``x-rare-hops``),
+    without rare_celery's per-attempt headers and RabbitMQ's dead-letter bookkeeping."""
     return {k: v for k, v in (headers or {}).items()
-            if not k.startswith(PREFIX) and k not in DEATH and k != "BCC"}
+            if (k == TRAVELS or not k.startswith(PREFIX)) and k not in DEATH and k != "BCC"}
 
 
 def _clip(text: str, limit: int) -> str:

@@ -14,7 +14,9 @@ from . import backoff as _backoff
 from .exceptions import Bug
 
 EXHAUSTED, EXPIRED, BUG, UNREGISTERED, REJECTED = "exhausted", "expired", "bug", "unregistered", "rejected"
-MIN_DELAY = 0.001  # below 1 ms a retry is published straight back to the work queue
+# The shortest wait before a retry: Celery stores RETRY just after the retry is published, and the
+# next attempt must not finish (and store SUCCESS) before that.
+MIN_DELAY = 0.05
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ class RetryIn:
 class GiveUp:
     """Stop: route the message to the bug queue with ``reason``."""
 
+    reason: str
+
+
+@dataclass(frozen=True)
+class HopTo:
+    """Stop here: move the work to the fallback task ``target`` (a task name or class) for ``reason``."""
+
+    target: object
     reason: str
 
 
@@ -54,16 +64,18 @@ def _retry_on(value: object) -> tuple[type[BaseException], ...]:
 
 @dataclass(frozen=True)
 class Policy:
-    """A task's retry policy: attempt limit, backoff schedule, shelf life, retryable exceptions."""
+    """A task's retry policy: attempt limit, backoff schedule, shelf life, retryable exceptions,
+    and the fallback task that takes over when attempts or shelf life run out."""
 
     max_attempts: int | None
     backoff: _backoff.Backoff
     expires_in: float | None
     retry_on: tuple[type[BaseException], ...]
+    fallback: object = None
 
     @classmethod
     def build(cls, owner: str, max_attempts: object, backoff: object, expires_in: object,
-              retry_on: object) -> Policy:
+              retry_on: object, fallback: object = None) -> Policy:
         """Validate a task's settings; ``ValueError`` names the task and the parameter."""
         try:
             if max_attempts is not None and (
@@ -77,7 +89,9 @@ class Policy:
                 schedule = _backoff.as_backoff(backoff)
             except TypeError as exc:
                 raise ValueError(f"backoff: {exc}") from None
-            return cls(max_attempts, schedule, expires, _retry_on(retry_on))
+            if fallback is not None and not isinstance(fallback, str) and not hasattr(fallback, "name"):
+                raise ValueError(f"fallback must be a task name or a task (class), got {fallback!r}")
+            return cls(max_attempts, schedule, expires, _retry_on(retry_on), fallback)
         except ValueError as exc:
             raise ValueError(f"{owner}: {exc}") from None
 
@@ -85,19 +99,26 @@ class Policy:
         return None if self.expires_in is None else first_at + self.expires_in
 
     def decide(self, attempt: int, exc: BaseException | None, now: float, deadline: float | None,
-               countdown: float | None = None, max_attempts: int | None = None) -> RetryIn | GiveUp:
+               countdown: float | None = None, max_attempts: int | None = None) -> RetryIn | GiveUp | HopTo:
         """After failed ``attempt`` (1-based): retry, or give up and say why.
 
         ``exc=None`` means the task asked for a retry itself. ``countdown`` overrides the backoff
         schedule, ``max_attempts`` the policy's limit, for this one decision.
         A retry that would start after the deadline is not scheduled (not clamped to it).
+        With a ``fallback``, running out of attempts or time hops there instead of giving up.
         """
-        if isinstance(exc, Bug) or (exc is not None and not isinstance(exc, self.retry_on)):
+        if isinstance(exc, Bug):
+            return GiveUp(getattr(exc, "rare_reason", BUG))
+        if exc is not None and not isinstance(exc, self.retry_on):
             return GiveUp(BUG)
         limit = self.max_attempts if max_attempts is None else max_attempts
         if limit is not None and attempt >= limit:
-            return GiveUp(EXHAUSTED)
-        delay = self.backoff(attempt) if countdown is None else max(0.0, float(countdown))
+            return self.out_of(EXHAUSTED)
+        delay = max(MIN_DELAY, self.backoff(attempt) if countdown is None else float(countdown))
         if deadline is not None and now + delay > deadline:
-            return GiveUp(EXPIRED)
+            return self.out_of(EXPIRED)
         return RetryIn(delay)
+
+    def out_of(self, reason: str) -> GiveUp | HopTo:
+        """Attempts or shelf life ran out: the fallback if there is one, else the bug queue."""
+        return GiveUp(reason) if self.fallback is None else HopTo(self.fallback, reason)

@@ -144,3 +144,22 @@ class BugQueues:
         found = wait_for(look, timeout, 0.2, f"task {task_id} in {queue}")
         assert len(found) == 1, f"{task_id} is in {queue} {len(found)} times"
         return found[0]
+
+
+def atomic_filesystem_backend():
+    """Celery's file-system result backend, writing each result atomically (temp file + rename), so a
+    test reading a result never sees half a file. Use as ``tests.support:AtomicFS+file:///dir``."""
+    from celery.backends.filesystem import FilesystemBackend
+
+    class AtomicFS(FilesystemBackend):
+        def set(self, key, value):
+            path = self._filename(key)
+            tmp = path + b".tmp-%d" % os.getpid()
+            with self.open(tmp, "wb") as f:
+                f.write(value if isinstance(value, bytes) else value.encode())
+            os.replace(tmp, path)
+
+    return AtomicFS
+
+
+AtomicFS = atomic_filesystem_backend()

@@ -21,7 +21,7 @@ EVENTS = os.path.join(DIR, "events.jsonl")
 QUORUM = os.environ.get("RARE_TEST_QUORUM") == "1"
 QUEUE = "core.quorum" if QUORUM else "core"
 
-app = Celery("core", broker=os.environ["RARE_TEST_BROKER"], backend=f"file://{DIR}/results")
+app = Celery("core", broker=os.environ["RARE_TEST_BROKER"], backend=f"tests.support:AtomicFS+file://{DIR}/results")
 app.conf.update(
     task_default_queue=QUEUE,
     task_queues=[Queue(QUEUE, queue_arguments={"x-queue-type": "quorum"} if QUORUM else None),

@@ -26,7 +26,7 @@ def quorum_worker(core, env, workdir):
 @pytest.fixture(scope="module")
 def publisher(env, workdir, quorum_worker):
     """A client app that knows core.quorum as a quorum queue (as the worker's app does)."""
-    app = Celery("client", broker=env["RARE_TEST_BROKER"], backend=f"file://{workdir}/results",
+    app = Celery("client", broker=env["RARE_TEST_BROKER"], backend=f"tests.support:AtomicFS+file://{workdir}/results",
                  set_as_current=False)
     app.conf.task_queues = [Queue("core.quorum", queue_arguments={"x-queue-type": "quorum"})]
     return app

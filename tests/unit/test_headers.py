@@ -52,5 +52,5 @@ def test_error_headers_are_bounded_however_big_the_exception():
 
 def test_carried_headers_drop_bookkeeping_but_keep_the_users():
     kept = hdr.carried({"x-death": [{}], "x-first-death-queue": "q", "x-rare-attempt": 2, "BCC": ["x"],
-                        "tenant": "acme", "task": "t"})
-    assert kept == {"tenant": "acme", "task": "t"}
+                        "tenant": "acme", "task": "t", "x-rare-hops": [{"task": "a"}]})
+    assert kept == {"tenant": "acme", "task": "t", "x-rare-hops": [{"task": "a"}]}

@@ -38,7 +38,7 @@ def test_explicit_countdown_and_limit_override_the_policy_once():
     p = policy()
     assert p.decide(1, None, 0, None, countdown=7.5) == RetryIn(7.5)
     assert p.decide(2, None, 0, None, max_attempts=2) == GiveUp(EXHAUSTED)
-    assert p.decide(1, None, 0, None, countdown=-3) == RetryIn(0.0)
+    assert p.decide(1, None, 0, None, countdown=-3) == RetryIn(0.05)  # never sooner than MIN_DELAY
 
 
 def test_deadline_counts_from_the_first_publish():

@@ -1,0 +1,152 @@
+"""Bug queues on a live broker: read messages without taking them, move or delete chosen ones.
+
+How a queue is read without consuming it: messages are fetched with ``basic.get`` (manual ack) on a
+channel of their own, at most as many as the queue held when reading began, and never acked. When
+the read ends (or the process dies) that channel is closed and RabbitMQ puts every unacked message
+back. On a classic queue they go back where they were: same order, same bytes, only the delivery's
+``redelivered`` flag is set. A quorum queue (RabbitMQ 3.10) keeps every message but not their order,
+and adds or increments an ``x-delivery-count`` header (with an ``x-delivery-limit`` set by a policy,
+repeated reading counts against it).
+
+Moving is the same read: a chosen message is published with publisher confirms (mandatory) and only
+then acked from the bug queue; the others are put back in order. New messages that workers publish
+while this runs are behind the ones read and are not touched. If the command dies between the confirm
+and the ack, that one message exists in both queues: at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import amqp
+from amqp.exceptions import ChannelError, MessageNacked, NotFound
+
+from . import records
+
+
+class QueueMissing(LookupError):
+    """The queue does not exist in the broker's vhost."""
+
+
+class MoveFailed(RuntimeError):
+    """The broker did not take a message where it was sent; it stays in the bug queue."""
+
+
+@dataclass
+class Held:
+    """A message fetched and not acked: it goes back to its queue unless :meth:`ack` is called."""
+
+    message: amqp.Message
+    record: records.Record
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return records.fingerprint(self.message.body, self.message.properties, self.message.headers)
+
+    def ack(self) -> None:
+        self.message.channel.basic_ack(self.message.delivery_tag)
+
+
+def depth(conn, queue: str) -> tuple[int, int] | None:
+    """``(messages ready, consumers)`` of ``queue``, or ``None`` if it does not exist (passive declare)."""
+    channel = conn.channel()
+    try:
+        ok = channel.queue_declare(queue, passive=True)
+        return ok.message_count, ok.consumer_count
+    except NotFound:
+        return None
+    finally:
+        _close(channel)
+
+
+@contextlib.contextmanager
+def browse(conn, queue: str) -> Iterator[Iterator[Held]]:
+    """The messages of ``queue`` from its head, held (not acked) until the ``with`` block ends.
+
+    At most as many as the queue held at the start: messages published meanwhile, behind them, are
+    not read. Raises :class:`QueueMissing`.
+    """
+    channel = conn.channel()
+    channel.auto_decode = False  # py-amqp would turn bodies with a content_encoding into str: keep the bytes
+    try:
+        try:
+            count = channel.queue_declare(queue, passive=True).message_count
+        except NotFound:
+            raise QueueMissing(queue) from None
+        yield _fetch(channel, queue, count)
+    finally:
+        _close(channel)  # RabbitMQ puts back every message not acked
+
+
+def _fetch(channel, queue: str, count: int) -> Iterator[Held]:
+    for position in range(count):
+        message = channel.basic_get(queue, no_ack=False)
+        if message is None:  # another client holds the rest
+            return
+        yield Held(message, records.read(queue, position, message.body, message.properties, message.headers))
+
+
+class Publisher:
+    """Publishes on a confirm channel of its own; :meth:`send` returns once the broker has the message."""
+
+    def __init__(self, conn) -> None:
+        self.channel = conn.channel()
+        self.channel.confirm_select()
+        self._returned: list[str] = []
+        self.channel.events["basic_return"].add(lambda exc, *rest: self._returned.append(str(exc)))
+
+    def send(self, message: amqp.Message, queue: str, headers: dict) -> None:
+        """``message`` (same body and properties, ``headers`` instead of its own) to ``queue``."""
+        props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "expiration")}
+        self._returned.clear()
+        try:
+            self.channel.basic_publish_confirm(amqp.Message(message.body, application_headers=headers, **props),
+                                               exchange="", routing_key=queue, mandatory=True, confirm_timeout=30)
+        except MessageNacked:
+            raise MoveFailed(f"the broker refused (nacked) a message for queue {queue!r}") from None
+        except ChannelError as exc:
+            raise MoveFailed(f"the broker refused a message for queue {queue!r}: {exc}") from None
+        if self._returned:
+            raise MoveFailed(f"no queue {queue!r} took the message ({self._returned[0]})")
+
+    def close(self) -> None:
+        _close(self.channel)
+
+
+def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held, Publisher], None] | None = None,
+         progress: Callable[[Held], None] | None = None) -> int:
+    """Remove the ``wanted`` messages of ``queue``, each after ``send`` (if given) had it confirmed.
+
+    Returns how many were removed; the others stay where they were. A :class:`MoveFailed` stops it:
+    the message it concerns and every later one stay in the bug queue.
+    """
+    publisher = Publisher(conn) if send is not None else None
+    done = 0
+    try:
+        with browse(conn, queue) as messages:
+            for held in messages:
+                if not wanted(held):
+                    continue
+                if send is not None:
+                    send(held, publisher)
+                held.ack()
+                done += 1
+                if progress is not None:
+                    progress(held)
+    finally:
+        if publisher is not None:
+            publisher.close()
+    return done
+
+
+def headers_of(held: Held) -> Mapping:
+    headers = held.message.headers
+    return headers if isinstance(headers, Mapping) else {}
+
+
+def _close(channel) -> None:
+    with contextlib.suppress(Exception):  # a channel the broker closed, a connection gone: all put back anyway
+        channel.close()

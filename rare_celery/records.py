@@ -1,0 +1,193 @@
+"""Bug-queue messages as records an operator reads, filters and requeues: pure, no broker.
+
+A message in a bug queue may be anything: a Celery protocol-2 task with the ``x-rare-*`` headers
+(:mod:`rare_celery.headers`), bad JSON, pickle bytes, a foreign message without headers. Reading one
+never fails and never evaluates it (no unpickling).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from . import headers as hdr
+
+BUG_ONLY = tuple(hdr.PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))
+RESET = tuple(hdr.PREFIX + k for k in ("deadline", "due"))
+HOPS = hdr.PREFIX + "hops"  # added by a later issue: where a message has been routed before
+UNSTABLE = ("x-delivery-count",)  # quorum queues count redeliveries: not part of a message's identity
+PREVIEW = 300
+
+
+@dataclass(frozen=True)
+class Record:
+    """What an operator needs to know about one bug-queue message."""
+
+    bug_queue: str
+    position: int  # 0 = head of the queue when it was read
+    id: str | None
+    task: str | None
+    queue: str | None  # origin work queue
+    reason: str | None
+    attempts: int | None
+    exception: str | None
+    error: str | None
+    traceback: str | None
+    first_attempt_at: float | None
+    failed_at: float | None
+    args: object = None
+    kwargs: object = None
+    hops: list = field(default_factory=list)
+    body_error: str | None = None  # why args/kwargs could not be read
+    body_preview: str | None = None  # the start of an unreadable body, as text
+
+    def as_json(self) -> dict:
+        out = {k: getattr(self, k) for k in ("id", "task", "queue", "bug_queue", "position", "reason", "attempts",
+                                             "exception", "error", "traceback")}
+        out["first_attempt_at"], out["failed_at"] = iso(self.first_attempt_at), iso(self.failed_at)
+        out.update(args=self.args, kwargs=self.kwargs, hops=self.hops)
+        if self.body_error:
+            out.update(body_error=self.body_error, body_preview=self.body_preview)
+        return out
+
+    def one_line_error(self, width: int = 80) -> str:
+        kind = (self.exception or "").rsplit(".", 1)[-1]
+        text = ": ".join(x for x in (kind, self.error) if x) or self.body_error or ""
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def read(bug_queue: str, position: int, body: bytes, properties: Mapping, headers: Mapping | None) -> Record:
+    """A :class:`Record` for one message; every field is ``None`` where the message says nothing sensible."""
+    h = headers if isinstance(headers, Mapping) else {}
+    args, kwargs, problem = decode_body(body, properties, h)
+    hops = h.get(HOPS)
+    return Record(
+        bug_queue=bug_queue, position=position,
+        id=_text(h.get("id")) or _text(properties.get("correlation_id")) or _text(properties.get("message_id")),
+        task=_text(h.get(hdr.PREFIX + "task")) or _text(h.get("task")),
+        queue=_text(h.get(hdr.PREFIX + "queue")),
+        reason=_text(h.get(hdr.PREFIX + "reason")),
+        attempts=_int(h.get(hdr.PREFIX + "attempts")),
+        exception=_text(h.get(hdr.PREFIX + "exception")),
+        error=_text(h.get(hdr.PREFIX + "error")),
+        traceback=_text(h.get(hdr.PREFIX + "traceback")),
+        first_attempt_at=_epoch(h.get(hdr.PREFIX + "first-at")),
+        failed_at=_epoch(h.get(hdr.PREFIX + "failed-at")),
+        args=args, kwargs=kwargs,
+        hops=list(hops) if isinstance(hops, (list, tuple)) else [],
+        body_error=problem,
+        body_preview=_preview(body) if problem else None,
+    )
+
+
+def decode_body(body: bytes, properties: Mapping, headers: Mapping) -> tuple[object, object, str | None]:
+    """``(args, kwargs, None)`` for a JSON Celery task body, else ``(None, None, why not)``."""
+    content_type = properties.get("content_type") or ""
+    if headers.get("compression"):
+        try:
+            from kombu.compression import decompress
+
+            body = decompress(body, headers["compression"])
+        except Exception as exc:  # noqa: BLE001 - shown, not raised
+            return None, None, f"compressed body ({headers['compression']}) could not be read: {exc}"
+    if "json" not in content_type:
+        return None, None, f"body is {content_type or 'without a content type'}, not JSON: not decoded"
+    try:
+        data = json.loads(body)
+    except (ValueError, TypeError) as exc:
+        return None, None, f"body is not valid JSON: {exc}"
+    if isinstance(data, list) and len(data) == 3 and isinstance(data[0], list) and isinstance(data[1], dict):
+        return data[0], data[1], None
+    if isinstance(data, dict) and "args" in data:  # Celery protocol 1
+        return data.get("args"), data.get("kwargs"), None
+    return None, None, "body is JSON but not a Celery task ([args, kwargs, embed])"
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which messages a command acts on; an empty selector matches every message."""
+
+    ids: frozenset[str] = frozenset()
+    tasks: tuple[str, ...] = ()  # names or shell patterns (``billing.*``)
+    reasons: frozenset[str] = frozenset()
+    failed_after: float | None = None  # --since
+    failed_before: float | None = None  # --older-than
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.tasks or self.reasons) or (self.failed_after, self.failed_before) != (None, None)
+
+    def matches(self, r: Record) -> bool:
+        if self.ids and r.id not in self.ids:
+            return False
+        if self.tasks and not any(fnmatch.fnmatchcase(r.task or "", pattern) for pattern in self.tasks):
+            return False
+        if self.reasons and r.reason not in self.reasons:
+            return False
+        if self.failed_after is not None and (r.failed_at is None or r.failed_at < self.failed_after):
+            return False
+        return self.failed_before is None or (r.failed_at is not None and r.failed_at <= self.failed_before)
+
+
+def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: str | None = None,
+                    shelf_life: float | None = None) -> dict:
+    """The headers of a message sent back from a bug queue to a work queue.
+
+    The bug-queue headers and RabbitMQ's dead-letter bookkeeping go. With ``reset`` it starts over:
+    attempt 1, first-at ``now``, and a deadline of ``now + shelf_life`` when the task's shelf life is
+    known (else none); without, it keeps its attempt count, first-at and deadline. ``queue`` becomes
+    its ``x-rare-queue`` (a message moved elsewhere with ``--to`` retries there).
+    """
+    out = {k: v for k, v in (headers or {}).items()
+           if k not in BUG_ONLY and k not in hdr.DEATH and k not in UNSTABLE and k != "BCC"}
+    if reset:
+        for key in RESET:
+            out.pop(key, None)
+        out[hdr.PREFIX + "attempt"] = 1
+        out[hdr.PREFIX + "first-at"] = now
+        if shelf_life is not None:
+            out[hdr.PREFIX + "deadline"] = now + shelf_life
+        if "retries" in out:
+            out["retries"] = 0
+    if queue is not None:
+        out[hdr.PREFIX + "queue"] = queue
+    return out
+
+
+def fingerprint(body: bytes, properties: Mapping, headers: Mapping | None) -> str:
+    """The identity of a message's content, the same each time it is read (quorum's delivery count aside)."""
+    h = {k: v for k, v in (headers or {}).items() if k not in UNSTABLE} if isinstance(headers, Mapping) else headers
+    props = {k: v for k, v in properties.items() if k != "application_headers"}
+    text = json.dumps([h, props], sort_keys=True, default=repr)
+    return hashlib.sha256(bytes(body) + b"\0" + text.encode()).hexdigest()
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _epoch(value: object) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok and 0 <= value < 32_503_680_000 else None
+
+
+def _preview(body: bytes | str) -> str:
+    text = body if isinstance(body, str) else bytes(body).decode("utf-8", "backslashreplace")
+    return text if len(text) <= PREVIEW else text[:PREVIEW] + "…"

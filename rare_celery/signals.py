@@ -1,0 +1,29 @@
+"""rare_celery's own signals (Celery ``Signal`` objects; Celery's own signals keep firing too).
+
+Each is sent from the worker's pool process after the broker confirmed the publish it reports, so a
+receiver cannot lose the message; a receiver that raises is logged and ignored. ``sender`` is the
+task, ``request`` its Celery request (``request.id`` is the task id).
+
+* ``retry_scheduled(sender, request, attempt, delay, exception)`` - attempt ``attempt`` failed with
+  ``exception`` (``None`` for a bare ``self.retry()``); the next runs in ``delay`` seconds.
+* ``routed_to_bugs(sender, request, reason, attempts, exception, queue)`` - the message is in the bug
+  queue ``queue`` for ``reason`` after ``attempts`` attempts.
+* ``expired(sender, request, deadline, attempts)`` - its shelf life ended (sent before
+  ``routed_to_bugs`` or ``hopped``).
+* ``hopped(sender, request, source, target, reason, queue)`` - the work moved from task ``source`` to
+  task ``target`` on ``queue`` (a fallback, or an explicit ``Hop``).
+
+>>> from rare_celery import signals
+>>> @signals.routed_to_bugs.connect
+... def page_someone(sender, request, reason, attempts, exception, queue, **kw):
+...     print(f"{sender.name}[{request.id}] -> {queue}: {reason}")
+"""
+
+from celery.utils.dispatch import Signal
+
+retry_scheduled = Signal(name="rare_retry_scheduled")
+routed_to_bugs = Signal(name="rare_routed_to_bugs")
+expired = Signal(name="rare_expired")
+hopped = Signal(name="rare_hopped")
+
+__all__ = ["expired", "hopped", "retry_scheduled", "routed_to_bugs"]
