@@ -259,8 +259,8 @@ def _clip(text: str, width: int) -> str:
 
 def summary(reasons: Counter, tasks: Counter) -> str:
     def top(counter: Counter, most: int = 8) -> str:
-        items = sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
-        text = ", ".join(f"{k or '-'} {v}" for k, v in items[:most])
+        items = sorted(((k or "-", v) for k, v in counter.items()), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{k} {v}" for k, v in items[:most])
         return text + (f", {len(items) - most} more" if len(items) > most else "")
 
     return f"by reason: {top(reasons) or '-'}; by task: {top(tasks) or '-'}"
@@ -418,9 +418,10 @@ def requeue_bugs(queue, ids, tasks, reasons, everything, to, reset, dry_run, yes
                                               queue=target if to else None, shelf_life=shelf_life)
             publisher.send(held.message, target, headers)
 
-        with progress(found.count, "requeueing") as step:
+        planned = found.count
+        with progress(planned, "requeueing") as step:
             moved = bugs.take(conn, queue, found.take, send, step)
-    gone = found.count - moved
+    gone = planned - moved
     click.echo(f"requeued {moved} messages from {queue} to {_targets(found.targets)}"
                + (f"; {gone} of those counted were no longer there" if gone else ""))
 

@@ -13,6 +13,10 @@ class Expired(Exception):
     """The task's shelf life ended before it could succeed (reason ``expired``)."""
 
 
+class WorkerLost(Exception):
+    """The message came back unacked (its worker died or lost its connection): a failed attempt."""
+
+
 class Exhausted(Exception):
     """``retry()`` was called without an exception and the task has no attempts left."""
 

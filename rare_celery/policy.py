@@ -14,6 +14,7 @@ from . import backoff as _backoff
 from .exceptions import Bug
 
 EXHAUSTED, EXPIRED, BUG, UNREGISTERED, REJECTED = "exhausted", "expired", "bug", "unregistered", "rejected"
+WORKER_LOST = "worker_lost"
 # The shortest wait before a retry: Celery stores RETRY just after the retry is published, and the
 # next attempt must not finish (and store SUCCESS) before that.
 MIN_DELAY = 0.05
@@ -118,6 +119,14 @@ class Policy:
         if deadline is not None and now + delay > deadline:
             return self.out_of(EXPIRED)
         return RetryIn(delay)
+
+    def after_loss(self, attempt: int, now: float, deadline: float | None) -> RetryIn | GiveUp | HopTo:
+        """Attempt ``attempt`` was delivered before and never acked (the worker running it died):
+        it counts as failed whatever ``retry_on`` says; its last one ends with reason ``worker_lost``."""
+        decision = self.decide(attempt, None, now, deadline)
+        if not isinstance(decision, RetryIn) and decision.reason == EXHAUSTED:
+            return self.out_of(WORKER_LOST)
+        return decision
 
     def out_of(self, reason: str) -> GiveUp | HopTo:
         """Attempts or shelf life ran out: the fallback if there is one, else the bug queue."""

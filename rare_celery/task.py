@@ -27,7 +27,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from . import backoff as _backoff
 from . import headers as hdr
 from . import hops, signals
-from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, PublishRefused
+from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, PublishRefused, WorkerLost
 from .message import rebuild
 from .policy import EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
 from .publish import send, send_delayed, send_to_bugs
@@ -76,8 +76,11 @@ class RareTask(Task):
     dispatch_on: str | None = None
 
     acks_late = True
-    acks_on_failure_or_timeout = True
-    reject_on_worker_lost = True
+    acks_on_failure_or_timeout = True  # Celery 5.4; 5.5+ reads the two below
+    acks_on_failure = True  # a final failure is acked once its bug-queue copy is confirmed
+    acks_on_timeout = False  # a hard time limit requeues: it counts as a lost attempt
+    reject_on_worker_lost = True  # a killed pool process requeues: it counts as a lost attempt
+    retry_on_worker_lost = False  # Celery 5.7's own ETA retry on worker loss: not for RareTask
     serializer = "json"
     max_retries = None  # attempts are counted by rare_celery, not by Celery's retries
     rare_policy: Policy = Policy.build("RareTask", 5, backoff, None, (Exception,))
@@ -179,6 +182,8 @@ class RareTask(Task):
         if state.deadline is not None and time.time() > state.deadline:
             exc = Expired(f"shelf life ended at {_iso(state.deadline)} before attempt {state.number}")
             self._conclude(policy.out_of(EXPIRED), exc, state, policy, keep_error=True)
+        if (req.delivery_info or {}).get("redelivered"):
+            self._lost(state, policy)
         try:
             return fn(*args, **kwargs)
         except (Retry, Ignore, Reject):
@@ -192,6 +197,15 @@ class RareTask(Task):
             if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):
                 exc = Bug(f"wrong arguments for {self.name}: {exc}")
             self.retry(exc=exc)
+
+    def _lost(self, state: hdr.Attempt, policy: Policy):
+        """A redelivered message: its attempt was lost with its worker. Count it, never loop."""
+        exc = WorkerLost(f"attempt {state.number} was delivered before and never acked: "
+                         f"the worker running it died or lost its connection")
+        decision = policy.after_loss(state.number, time.time(), state.deadline)
+        if not isinstance(decision, RetryIn):
+            self._conclude(decision, exc, state, policy)
+        raise self._schedule(decision.delay, state, exc)
 
     def _dispatch(self, args, kwargs) -> tuple[Policy, Callable]:
         """The policy and function for this message: the task's own, or its payload handler's."""
@@ -232,14 +246,18 @@ class RareTask(Task):
                 exc = (Expired if decision.reason == EXPIRED else Exhausted)(
                     f"{self.name}[{req.id}]: {decision.reason} after {state.number} attempts")
             self._conclude(decision, exc, state, policy, args=args, kwargs=kwargs)
-        nxt = hdr.Attempt(state.number + 1, state.first_at, state.deadline, now + decision.delay, state.queue)
-        self._publish_delayed(decision.delay, nxt, exc, args=args, kwargs=kwargs)
-        signals.retry_scheduled.send(sender=self, request=req, attempt=state.number, delay=decision.delay,
-                                     exception=exc)
-        ret = Retry(exc=exc, when=decision.delay)
+        ret = self._schedule(decision.delay, state, exc, args, kwargs)
         if throw:
             raise ret
         return ret
+
+    def _schedule(self, delay: float, state: hdr.Attempt, exc, args=None, kwargs=None) -> Retry:
+        """Publish the next attempt to come back in ``delay`` seconds; the ``Retry`` to raise."""
+        nxt = hdr.Attempt(state.number + 1, state.first_at, state.deadline, time.time() + delay, state.queue)
+        self._publish_delayed(delay, nxt, exc, args=args, kwargs=kwargs)
+        signals.retry_scheduled.send(sender=self, request=self.request, attempt=state.number, delay=delay,
+                                     exception=exc)
+        return Retry(exc=exc, when=delay)
 
     # -- where the message goes next -------------------------------------------------------------
 

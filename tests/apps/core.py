@@ -149,3 +149,12 @@ def _on_retry(sender=None, request=None, reason=None, **kw):
 @signals.task_failure.connect
 def _on_failure(sender=None, task_id=None, exception=None, **kw):
     record("task_failure", task_id, exception=type(exception).__name__)
+
+
+@app.task(base=RareTask, bind=True, name="core.poison", max_attempts=3, backoff=0.2)
+@recorded
+def poison(self, deaths: int):
+    """Kills the pool process running it ``deaths`` times (a poison message when it always does)."""
+    if runs(self.request.id) <= deaths:
+        os._exit(1)
+    return "survived"

@@ -184,3 +184,20 @@ def test_nonsense_rare_headers_are_rejected_not_run(core, events, bugs):
         result.get(timeout=10)
     assert runs_of(events, result.id) == []
     assert bugs.find("core.bugs", result.id).headers["x-rare-reason"] == "rejected"
+
+
+def test_a_killed_pool_process_loses_nothing_the_task_runs_again(core, events):
+    result = core.poison.delay(1)
+    assert result.get(timeout=20) == "survived"
+    assert [r["attempt"] for r in runs_of(events, result.id)] == [1, 2]
+
+
+def test_a_poison_message_ends_in_the_bug_queue_as_worker_lost(core, events, bugs):
+    result = core.poison.delay(99)
+    message = bugs.find("core.bugs", result.id, timeout=30)
+    assert message.headers["x-rare-reason"] == "worker_lost"
+    assert message.headers["x-rare-attempts"] == 3
+    assert message.headers["x-rare-exception"] == "rare_celery.exceptions.WorkerLost"
+    assert len(runs_of(events, result.id)) == 3  # each attempt ran once, then no more
+    with pytest.raises(Exception, match="never acked"):
+        result.get(timeout=10)
