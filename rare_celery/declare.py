@@ -26,8 +26,8 @@ def explain(exc: Exception) -> str:
     return (
         f"rare_celery: {what} {name!r} in vhost {vhost!r} exists with {m['arg']}={m['current']}, "
         f"but this app declares it with {m['arg']}={m['wanted']}. Make every declaration of it use "
-        f"the same arguments, or drain and delete it (rabbitmqctl delete_{what} {name} -p {vhost}) "
-        f"and start again."
+        f"the same arguments (for a work queue: its queue_arguments in task_queues), or drain and "
+        f"delete it (rabbitmqctl delete_{what} {name} -p {vhost}) and start again."
     )
 
 

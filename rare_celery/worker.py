@@ -9,7 +9,8 @@ from celery import bootsteps
 
 from . import headers as hdr
 from .app import check
-from .declare import declare_worker_topology
+from .declare import declare_queue, declare_worker_topology
+from .exceptions import ConfigurationError, TopologyError
 from .policy import REJECTED, UNREGISTERED
 from .publish import send_to_bugs
 from .topology import bug_queue, queue_kind
@@ -42,7 +43,11 @@ class RareConsumerStep(bootsteps.StartStopStep):
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
-        check(c.app)
+        try:
+            check(c.app)
+            preflight(c.app)
+        except (ConfigurationError, TopologyError) as exc:  # one line, no traceback: a setting to change
+            raise SystemExit(f"{exc}") from None
         self.queues: dict[str, str] = {}  # rare work queue consumed -> its kind
         c.on_unknown_task = self._guard(c, c.on_unknown_task, UNREGISTERED, 1, "task {name!r} is not registered")
         c.on_invalid_task = self._guard(c, c.on_invalid_task, REJECTED, 1, "invalid task message: {exc}")
@@ -77,6 +82,25 @@ class RareConsumerStep(bootsteps.StartStopStep):
             return original(*args)
 
         return handler
+
+
+def preflight(app) -> None:
+    """Before the worker consumes: declare its rare work queues as the app defines them, so a queue
+    that exists with other arguments is one clear error now instead of a traceback in a restart loop.
+    A broker that cannot be reached yet is left to Celery's own connection retries."""
+    queues = [q for name, q in app.amqp.queues.consume_from.items() if name in rare_queues(app)]
+    if not queues:
+        return
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+            channel = conn.channel()
+            for queue in queues:
+                declare_queue(channel, queue)
+    except TopologyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Celery reports and retries connection problems itself
+        log.warning("rare_celery: could not check the work queues before starting (%s)", exc)
 
 
 def _queue_of(c, message) -> str | None:
