@@ -4,6 +4,8 @@ Each is sent from the worker's pool process after the broker confirmed the publi
 receiver cannot lose the message; a receiver that raises is logged and ignored. ``sender`` is the
 task, ``request`` its Celery request (``request.id`` is the task id).
 
+* ``attempt_started(sender, request, attempt)`` - attempt ``attempt`` is about to run (not sent for
+  a message that arrived early and was sent round again, nor for one routed away unrun).
 * ``retry_scheduled(sender, request, attempt, delay, exception)`` - attempt ``attempt`` failed with
   ``exception`` (``None`` for a bare ``self.retry()``); the next runs in ``delay`` seconds.
 * ``routed_to_bugs(sender, request, reason, attempts, exception, queue)`` - the message is in the bug
@@ -21,9 +23,10 @@ task, ``request`` its Celery request (``request.id`` is the task id).
 
 from celery.utils.dispatch import Signal
 
+attempt_started = Signal(name="rare_attempt_started")
 retry_scheduled = Signal(name="rare_retry_scheduled")
 routed_to_bugs = Signal(name="rare_routed_to_bugs")
 expired = Signal(name="rare_expired")
 hopped = Signal(name="rare_hopped")
 
-__all__ = ["expired", "hopped", "retry_scheduled", "routed_to_bugs"]
+__all__ = ["attempt_started", "expired", "hopped", "retry_scheduled", "routed_to_bugs"]

@@ -184,6 +184,7 @@ class RareTask(Task):
             self._conclude(policy.out_of(EXPIRED), exc, state, policy, keep_error=True)
         if (req.delivery_info or {}).get("redelivered"):
             self._lost(state, policy)
+        signals.attempt_started.send(sender=self, request=req, attempt=state.number)
         try:
             return fn(*args, **kwargs)
         except (Retry, Ignore, Reject):
@@ -218,6 +219,12 @@ class RareTask(Task):
             raise NoHandler(f"{self.name}: no handler for {self.dispatch_on}={_short(kind)} "
                             f"(payload {_short(payload)}); handlers: {sorted(self.handlers)}")
         return handler.policy, handler.fn
+
+    @property
+    def attempt(self) -> int:
+        """The number of the attempt running now (1 = the first run; a hop starts again at 1)."""
+        state = getattr(self.request, "_rare", None)
+        return state[0].number if state else hdr.read(self.request.headers).number
 
     def hop(self, target, *args, reason: str = "", **kwargs):
         """Move the work to ``target`` now (see :class:`~rare_celery.Hop`); does not return."""
