@@ -12,8 +12,8 @@
 * ``<work queue>.bugs`` (or the task's ``bug_queue``): where messages end that will never succeed.
 
 Each delay queue holds one TTL, so no message waits behind a later one. A delay goes to the
-queue of the largest *grid value* not above it: values with two significant digits in ms
-(1 ms .. 99 ms, then 100, 110, .. 990 ms, 1.0, 1.1, .. 9.9 s, 10 s, 11 s, ...). A delay that is not
+queue of the largest *grid value* not above it: whole numbers of ms, seconds, minutes, hours or
+days with two significant digits (250 ms, 1200 ms, 5 s, 90 s, 15 m, 4 h, 72 h, 3 d, ...). A delay that is not
 on the grid (jitter, an explicit countdown) comes back early and the worker sends the remainder
 round again, so a message is never run early and at most ``GRID_SIZE`` delay queues per queue kind
 ever exist in a vhost, however many messages, delays or jitter there are.
@@ -26,18 +26,27 @@ from kombu import Exchange, Queue
 MAX_DELAY_MS = 315_360_000_000  # RabbitMQ's largest TTL: 10 years
 CLASSIC, QUORUM = "classic", "quorum"
 DELAY_EXCHANGE = Exchange("rare.delay", type="direct", durable=True)
-# 1..99 ms, then 90 values a decade for 10**2 .. 10**11 ms, then 100..315 * 10**9 ms.
-GRID_SIZE = 99 + 90 * 9 + 22
-
 _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
+# Grid values: whole numbers of ms, s, minutes, hours or days with two significant digits
+# (1..99, 100, 110, ... 990, 1000, 1100, ...), up to 10 years. Counted in tests/unit/test_topology.py.
+GRID_SIZE = 1740
 
 
 def grid_floor(delay_ms: int) -> int:
-    """The largest grid value (two significant digits) not above ``delay_ms`` (>= 1)."""
-    if delay_ms < 100:
-        return delay_ms
-    step = 10 ** (len(str(delay_ms)) - 2)
-    return delay_ms // step * step
+    """The largest grid value not above ``delay_ms`` (>= 1): 4 h stays 4 h, 1234 ms becomes 1200 ms."""
+    best = 0
+    for _, unit in _UNITS:
+        count = delay_ms // unit
+        if count:
+            step = 10 ** max(len(str(count)) - 2, 0)
+            best = max(best, count // step * step * unit)
+    return best
+
+
+def grid_values() -> list[int]:
+    """Every grid value (ms), ascending: the TTLs a delay queue can have (``GRID_SIZE`` of them)."""
+    return sorted({m * 10**e * unit for _, unit in _UNITS for e in range(12) for m in range(1, 100)
+                   if (m >= 10 or e == 0) and m * 10**e * unit <= MAX_DELAY_MS})
 
 
 def duration_label(ms: int) -> str:
