@@ -1,7 +1,9 @@
 """The Celery app the benchmark runs, one variant per worker, configured by environment variables.
 
 ``BENCH_BROKER``   broker URL (the run's own vhost)
-``BENCH_VARIANT``  success-only | celery-countdown | celery-native-delay | rare | rare-quorum
+``BENCH_VARIANT``  success-only | celery-countdown | celery-native-delay | rare | rare-quorum, or one of the
+                   diagnostic variants plain-acks-late | plain-quorum-acks-late (a plain Task with
+                   ``acks_late=True`` like RareTask, on rare's classic / quorum queue)
 ``BENCH_DIR``      where every process appends its records (``rec-<pid>.txt``)
 ``BENCH_DELAYS``   comma-separated retry delays in seconds (default ``1``): one fail-once task per delay
 
@@ -29,6 +31,7 @@ from kombu import Exchange, Queue
 from rare_celery import RareTask
 
 VARIANTS = ("success-only", "celery-countdown", "celery-native-delay", "rare", "rare-quorum")
+DIAGNOSTIC = ("plain-acks-late", "plain-quorum-acks-late")
 QUEUE = "bench"
 QUORUM = {"x-queue-type": "quorum"}
 
@@ -77,22 +80,24 @@ def configure(app: Celery, variant: str) -> None:
             broker_transport_options={"confirm_publish": True},
             worker_detect_quorum_queues=True,
         )
-    elif variant == "rare-quorum":
+    elif variant in ("rare-quorum", "plain-quorum-acks-late"):
         app.conf.task_queues = [Queue(QUEUE, queue_arguments=QUORUM)]
     else:
         app.conf.task_queues = [Queue(QUEUE)]
 
 
 def make_app(variant: str, broker: str, directory: str, delays=(1.0,)) -> Celery:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + DIAGNOSTIC:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS + DIAGNOSTIC)}")
     app = Celery(f"bench-{variant}", broker=broker, set_as_current=False)
     configure(app, variant)
     recorder = Recorder(directory)
     rare = variant.startswith("rare")
     base = RareTask if rare else Task
+    if variant in DIAGNOSTIC:
+        app.conf.task_acks_late = True
 
-    @app.task(base=base, bind=True, name="bench.succeed", **({"max_attempts": 1} if rare else {}))
+    @app.task(base=base, bind=True, shared=False, name="bench.succeed", **({"max_attempts": 1} if rare else {}))
     def succeed(self, i):
         start = time.time()
         recorder.write(f"ok {self.request.id} {self.request.retries} {start:.6f} {time.time():.6f} -")
@@ -112,7 +117,7 @@ def make_app(variant: str, broker: str, directory: str, delays=(1.0,)) -> Celery
             return i
 
         options = {"max_attempts": 2, "backoff": [delay]} if rare else {"max_retries": 3}
-        return app.task(base=base, bind=True, name=fail_once_name(delay), **options)(fail_once)
+        return app.task(base=base, bind=True, shared=False, name=fail_once_name(delay), **options)(fail_once)
 
     for delay in delays:
         fail_once_task(delay)

@@ -76,12 +76,12 @@ def summarise(raw: str, top: int = 45) -> str:
             inclusive[role][frame] += n
         own[role][frames[-1]] += n
     out = []
-    for role in inclusive:
+    for role, counts in inclusive.items():
         if not total[role]:
             continue
         out.append(f"== {role}: {total[role]} samples, inclusive (frames common to all samples left out)")
         shown = 0
-        for frame, n in inclusive[role].most_common():
+        for frame, n in counts.most_common():
             if any(noise in frame for noise in _NOISE):
                 continue
             out.append(f"{100 * n / total[role]:5.1f}%  {frame}")

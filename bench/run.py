@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -28,10 +27,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make ``bench`` and ``rare_celery`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import report  # noqa: E402
-from bench.harness import ROOT, BenchError, cleanup, machine  # noqa: E402
-from bench.profile import Profiler, py_spy  # noqa: E402
-from bench.scenarios import FULL, QUICK, RUNNERS, SCENARIOS, TimeoutScenario  # noqa: E402
+from bench import report
+from bench.apps import DIAGNOSTIC, VARIANTS
+from bench.harness import ROOT, BenchError, cleanup, machine
+from bench.profile import Profiler, py_spy
+from bench.scenarios import FULL, QUICK, RUNNERS, SCENARIOS, TimeoutScenario
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"scenarios to run (default: all of {', '.join(SCENARIOS)})")
     parser.add_argument("--variants", nargs="+", metavar="VARIANT",
-                        choices=["success-only", "celery-countdown", "celery-native-delay", "rare", "rare-quorum"],
+                        choices=[*VARIANTS, *DIAGNOSTIC],
                         help="variants to run (default: each scenario's own list)")
     parser.add_argument("--pools", nargs="+", choices=["prefork", "solo"], default=["prefork", "solo"],
                         help="worker pools (solo runs only where a scenario lists it, bounded by a timeout)")

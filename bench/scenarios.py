@@ -16,8 +16,17 @@ from dataclasses import dataclass, field
 import psutil
 
 from .apps import QUEUE, fail_once_name, make_app
-from .harness import (BenchError, Records, Vhost, Worker, max_gap, new_workdir, percentile,
-                      restore_rabbit_env, set_rabbit_env)
+from .harness import (
+    BenchError,
+    Records,
+    Vhost,
+    Worker,
+    max_gap,
+    new_workdir,
+    percentile,
+    restore_rabbit_env,
+    set_rabbit_env,
+)
 
 ALL = ("success-only", "celery-countdown", "celery-native-delay", "rare", "rare-quorum")
 RETRYING = ("celery-countdown", "celery-native-delay", "rare", "rare-quorum")
@@ -37,8 +46,9 @@ SCENARIOS = {s.key: s for s in (
     Scenario("throughput", 1, "Retry throughput", ALL, solo=("success-only", "celery-countdown", "rare")),
     Scenario("accuracy", 2, "Delay accuracy", RETRYING),
     Scenario("memory", 3, "Pending memory", RETRYING, repeat=False),
-    Scenario("success", 4, "Success-path overhead", ("success-only", "celery-native-delay", "rare", "rare-quorum"),
-             solo=("success-only", "rare")),
+    Scenario("success", 4, "Success-path overhead",
+             ("success-only", "plain-acks-late", "rare", "celery-native-delay", "plain-quorum-acks-late",
+              "rare-quorum"), solo=("success-only", "rare")),
     Scenario("timeout", 5, "Long delay under consumer_timeout", ("celery-countdown", "celery-native-delay", "rare"),
              repeat=False),
 )}

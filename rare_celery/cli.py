@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,7 +20,8 @@ import click
 
 from . import bugs, durations, records
 from . import timeline as tl
-from .topology import CLASSIC, DELAY_EXCHANGE, bug_queue, delay_queue, queue_kind
+from .inventory import RareTaskInfo, rare_tasks, task_name
+from .topology import CLASSIC, DELAY_EXCHANGE, bug_queue, delay_queue
 
 ENV = "rare_celery.env"
 SCHEDULE_ROWS = 50  # attempts shown by `schedule` unless --attempts says otherwise
@@ -56,15 +57,6 @@ class Duration(click.ParamType):
             return durations.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-
-
-@dataclass(frozen=True)
-class RareTaskInfo:
-    name: str
-    queue: str
-    kind: str
-    bug_queue: str
-    policy: object
 
 
 class Env:
@@ -162,24 +154,6 @@ def _prepare(app, name: str):
     except Exception as exc:  # noqa: BLE001
         raise Failure(f"cannot load the tasks of the app {name!r}: {_why(exc)}") from None
     return app
-
-
-def rare_tasks(app) -> list[RareTaskInfo]:
-    """Every RareTask of ``app`` with its work queue, queue kind and bug queue (as worker.rare_queues)."""
-    from .task import RareTask
-
-    out = []
-    for task in sorted(app.tasks.values(), key=lambda t: t.name):
-        if not isinstance(task, RareTask):
-            continue
-        try:
-            options = {"queue": task.queue} if getattr(task, "queue", None) else {}
-            queue = app.amqp.router.route(options, task.name, task_type=task)["queue"].name
-        except Exception:  # noqa: BLE001 - as worker.rare_queues
-            queue = getattr(task, "queue", None) or app.conf.task_default_queue
-        kind = queue_kind(app.amqp.queues.get(queue))
-        out.append(RareTaskInfo(task.name, queue, kind, task.bug_queue or f"{queue}.bugs", task.rare_policy))
-    return out
 
 
 def env() -> Env:
@@ -412,10 +386,8 @@ def requeue_bugs(queue, ids, tasks, reasons, everything, to, reset, dry_run, yes
         def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
             r = held.record
             target = to or r.queue
-            info = e.task(r.task)
-            shelf_life = info.policy.expires_in if info is not None else None
             headers = records.requeue_headers(bugs.headers_of(held), reset=reset, now=now,
-                                              queue=target if to else None, shelf_life=shelf_life)
+                                              queue=target if to else None)
             publisher.send(held.message, target, headers)
 
         planned = found.count
@@ -475,8 +447,9 @@ def status(queues, scan, as_json) -> None:
     delays: dict[tuple[str, int], set[str]] = {}
     for t in e.tasks:
         if not queues or t.queue in queues:
-            for ms in tl.delay_values(t.policy):
-                delays.setdefault((t.kind, ms), set()).add(t.queue)
+            for _, policy in t.policies():
+                for ms in tl.delay_values(policy):
+                    delays.setdefault((t.kind, ms), set()).add(t.queue)
     with e.connection() as conn:
         report = {"work_queues": [], "delay_queues": []}
         for q, (kind, bug_names) in sorted(works.items()):
@@ -529,65 +502,24 @@ def _n(value, exists: bool) -> str:
 # -- schedule --------------------------------------------------------------------------------------
 
 @command
-@click.argument("task_name", metavar="TASK")
+@click.argument("name", metavar="TASK")
 @click.option("--attempts", type=click.IntRange(min=1), help=f"Show at most N attempts (default {SCHEDULE_ROWS}).")
-def schedule(task_name, attempts) -> None:
+def schedule(name, attempts) -> None:
     """When each attempt of TASK runs, where its shelf life ends, and what happens then. No broker needed."""
     e = env()
     e.need_app("schedule")
-    info = e.task(task_name)
+    info = e.task(name)
     if info is None:
         names = ", ".join(t.name for t in e.tasks) or "none"
-        raise Failure(f"{task_name!r} is not a RareTask of the app (its rare tasks: {names})")
-    for line in schedule_lines(info, attempts or SCHEDULE_ROWS):
+        raise Failure(f"{name!r} is not a RareTask of the app (its rare tasks: {names})")
+    app = e.app
+
+    def find(fallback: object):
+        target = task_name(app, fallback)
+        return target, e.task(target)
+
+    for line in tl.describe(info, find, attempts or SCHEDULE_ROWS):
         click.echo(line)
-
-
-def schedule_lines(info: RareTaskInfo, rows: int) -> Iterable[str]:
-    """The timeline of one task as text (pure)."""
-    policy = info.policy
-    t = tl.timeline(policy)
-    life = "none" if policy.expires_in is None else durations.short(policy.expires_in)
-    yield (f"{info.name}: backoff {policy.backoff!r}, max_attempts={policy.max_attempts}, shelf life {life}")
-    yield f"work queue {info.queue} ({info.kind}), bug queue {info.bug_queue}"
-    if t.random:
-        yield "the backoff is random (jitter): the times below are one sample"
-    yield ""
-    width = len(str(t.steps[-1].attempt))
-    shown = t.steps if len(t.steps) <= rows else t.steps[: rows - 1]
-    for s in shown:
-        yield _step_line(s, width, info.kind)
-    if len(shown) < len(t.steps):
-        hidden = len(t.steps) - len(shown) - 1
-        if hidden:
-            yield f"  ... {hidden} more attempt{'s' if hidden > 1 else ''} ..."
-        yield _step_line(t.steps[-1], width, info.kind)
-    last = t.steps[-1]
-    if t.shelf_life is not None:
-        yield f"  shelf life ends at {durations.offset(t.shelf_life)}"
-    if t.end == tl.EXPIRED:
-        yield (f"then: attempt {last.attempt + 1} would start at {durations.offset(t.refused_at)}, after the shelf "
-               f"life, so when attempt {last.attempt} fails the message goes to {info.bug_queue} (reason: expired)")
-    elif t.end == tl.EXHAUSTED:
-        yield (f"then: attempt {last.attempt} is the last; when it fails the message goes to {info.bug_queue} "
-               f"(reason: exhausted)")
-    else:
-        yield f"then: more than {tl.MAX_STEPS} attempts (not computed further)"
-    kinds = ", ".join(k.__name__ for k in policy.retry_on)
-    yield (f"at any attempt: a Bug, or an exception that is not retried (retry_on: {kinds}), goes to "
-           f"{info.bug_queue} at once (reason: bug)")
-
-
-def _step_line(s: tl.Step, width: int, kind: str) -> str:
-    head = f"  attempt {s.attempt:>{width}}  {durations.offset(s.at):<14}"
-    if s.attempt == 1:
-        return f"{head}  first run"
-    if s.delay_ms is None:
-        via = "straight back"
-    else:
-        rest = s.wait - s.delay_ms / 1000
-        via = f"in {delay_queue(s.delay_ms, kind).name}" + (f", then {durations.short(rest)} more" if rest >= 0.001 else "")
-    return f"{head}  {durations.short(s.wait)} after attempt {s.attempt - 1} ({via})"
 
 
 # -- declare ---------------------------------------------------------------------------------------
@@ -609,7 +541,7 @@ def declare(dry_run) -> None:
         wanted.setdefault(t.queue, (app.amqp.queues[t.queue], f"work queue ({t.kind})"))
         for name in (f"{t.queue}.bugs", t.bug_queue):
             wanted.setdefault(name, (bug_queue(name, t.kind), f"bug queue ({t.kind})"))
-    for kind, ms in sorted({(t.kind, ms) for t in e.tasks for ms in tl.delay_values(t.policy)}):
+    for kind, ms in sorted({(t.kind, ms) for t in e.tasks for _, p in t.policies() for ms in tl.delay_values(p)}):
         q = delay_queue(ms, kind)
         wanted[q.name] = (q, f"delay queue ({kind}, {durations.short(ms / 1000)})")
     if not e.tasks:

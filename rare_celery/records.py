@@ -134,14 +134,13 @@ class Selector:
         return self.failed_before is None or (r.failed_at is not None and r.failed_at <= self.failed_before)
 
 
-def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: str | None = None,
-                    shelf_life: float | None = None) -> dict:
+def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: str | None = None) -> dict:
     """The headers of a message sent back from a bug queue to a work queue.
 
     The bug-queue headers and RabbitMQ's dead-letter bookkeeping go. With ``reset`` it starts over:
-    attempt 1, first-at ``now``, and a deadline of ``now + shelf_life`` when the task's shelf life is
-    known (else none); without, it keeps its attempt count, first-at and deadline. ``queue`` becomes
-    its ``x-rare-queue`` (a message moved elsewhere with ``--to`` retries there).
+    attempt 1, first-at ``now``, no deadline or due time (the worker applies the task's shelf life
+    from the new first-at); without, it keeps its attempt count, first-at and deadline. ``queue``
+    becomes its ``x-rare-queue`` (a message moved elsewhere with ``--to`` retries there).
     """
     out = {k: v for k, v in (headers or {}).items()
            if k not in BUG_ONLY and k not in hdr.DEATH and k not in UNSTABLE and k != "BCC"}
@@ -150,8 +149,6 @@ def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: 
             out.pop(key, None)
         out[hdr.PREFIX + "attempt"] = 1
         out[hdr.PREFIX + "first-at"] = now
-        if shelf_life is not None:
-            out[hdr.PREFIX + "deadline"] = now + shelf_life
         if "retries" in out:
             out["retries"] = 0
     if queue is not None:

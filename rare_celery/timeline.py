@@ -1,7 +1,8 @@
 """A task's retry timeline, computed from its policy alone (no broker, no clock).
 
 Attempt 1 runs at 0; each failed attempt is followed by the policy's decision, exactly as the worker
-takes it (:meth:`rare_celery.policy.Policy.decide`), assuming every run takes no time.
+takes it (:meth:`rare_celery.policy.Policy.decide`), assuming every run takes no time. The timeline
+ends in the bug queue, or with a hop to the policy's ``fallback`` task.
 
 >>> from rare_celery.policy import Policy
 >>> t = timeline(Policy.build("t", 3, [1, 5], None, Exception))
@@ -11,10 +12,16 @@ takes it (:meth:`rare_celery.policy.Policy.decide`), assuming every run takes no
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .policy import EXHAUSTED, EXPIRED, GiveUp, Policy
-from .topology import MAX_DELAY_MS, grid_floor
+from . import durations
+from .policy import EXHAUSTED, EXPIRED, MIN_DELAY, Policy, RetryIn
+from .topology import MAX_DELAY_MS, delay_queue, grid_floor
+
+if TYPE_CHECKING:
+    from .inventory import RareTaskInfo
 
 MAX_STEPS = 100_000  # a timeline longer than this is reported as "at least" that long
 UNBOUNDED = "unbounded"
@@ -37,6 +44,7 @@ class Timeline:
     refused_at: float | None  # EXPIRED: when the retry that was not scheduled would have started
     shelf_life: float | None
     random: bool  # the backoff has jitter: the waits shown are one sample
+    fallback: object = None  # the task (name or class) the work hops to at the end; None: the bug queue
 
 
 def first_hop(delay: float) -> int | None:
@@ -51,9 +59,10 @@ def timeline(policy: Policy) -> Timeline:
     while len(steps) < MAX_STEPS:
         attempt = steps[-1].attempt
         decision = policy.decide(attempt, None, at, policy.expires_in)
-        if isinstance(decision, GiveUp):
-            refused = at + policy.backoff(attempt) if decision.reason == EXPIRED else None
-            return Timeline(tuple(steps), decision.reason, refused, policy.expires_in, is_random(policy))
+        if not isinstance(decision, RetryIn):  # GiveUp, or HopTo the fallback
+            refused = at + max(MIN_DELAY, policy.backoff(attempt)) if decision.reason == EXPIRED else None
+            return Timeline(tuple(steps), decision.reason, refused, policy.expires_in, is_random(policy),
+                            getattr(decision, "target", None))
         at += decision.delay
         steps.append(Step(attempt + 1, at, decision.delay, first_hop(decision.delay)))
     return Timeline(tuple(steps), UNBOUNDED, None, policy.expires_in, is_random(policy))
@@ -79,4 +88,83 @@ def grid_values() -> list[int]:
     return values
 
 
-__all__ = ["EXHAUSTED", "EXPIRED", "UNBOUNDED", "Step", "Timeline", "delay_values", "first_hop", "grid_values", "timeline"]
+# -- as text: `rare-celery schedule` ----------------------------------------------------------------
+
+def describe(info: RareTaskInfo, find: Callable[[object], tuple[str, RareTaskInfo | None]], rows: int = 50
+             ) -> Iterator[str]:
+    """The timeline of a task (one per payload handler) as lines, following its fallback chain.
+
+    ``find(fallback)`` gives the fallback's task name and its :class:`RareTaskInfo` (``None``: not a
+    RareTask of the app). Offsets are from the first attempt of the first task; at most ``rows``
+    attempts are shown per task.
+    """
+    for n, (label, policy) in enumerate(info.policies()):
+        if n:
+            yield ""
+        yield from _segment(info, label, policy, find, rows, [info.name], 0.0)
+
+
+def _segment(info, label: str, policy: Policy, find, rows: int, chain: list[str], start: float) -> Iterator[str]:
+    t = timeline(policy)
+    life = "none" if policy.expires_in is None else durations.short(policy.expires_in)
+    to = "" if policy.fallback is None else f", fallback {find(policy.fallback)[0]}"
+    yield f"{label}: backoff {policy.backoff!r}, max_attempts={policy.max_attempts}, shelf life {life}{to}"
+    yield f"work queue {info.queue} ({info.kind}), bug queue {info.bug_queue}"
+    if t.random:
+        yield "the backoff is random (jitter): the times below are one sample"
+    yield ""
+    width = len(str(t.steps[-1].attempt))
+    shown = t.steps if len(t.steps) <= rows else (*t.steps[: rows - 1], None, t.steps[-1])
+    for s in shown:
+        if s is None:
+            hidden = len(t.steps) - rows  # >= 1
+            yield f"  ... {hidden} more attempt{'s' if hidden > 1 else ''} ..."
+        else:
+            yield _step_line(s, width, info.kind, start)
+    last = t.steps[-1].attempt
+    if t.shelf_life is not None:
+        yield f"  shelf life ends at {durations.offset(start + t.shelf_life)}"
+    where = f"the message goes to {info.bug_queue}"
+    if t.fallback is not None:
+        name, target = find(t.fallback)
+        where = f"the work hops to {name}"
+    if t.end == EXPIRED:
+        yield (f"then: attempt {last + 1} would start at {durations.offset(start + t.refused_at)}, after the shelf "
+               f"life, so when attempt {last} fails {where} (reason: expired)")
+    elif t.end == EXHAUSTED:
+        yield f"then: attempt {last} is the last; when it fails {where} (reason: exhausted)"
+    else:
+        yield f"then: more than {MAX_STEPS} attempts (not computed further)"
+    kinds = ", ".join(k.__name__ for k in policy.retry_on)
+    yield (f"at any attempt: a Bug, or an exception that is not retried (retry_on: {kinds}), goes to "
+           f"{info.bug_queue} at once (reason: bug)")
+    if t.fallback is None or t.end not in (EXHAUSTED, EXPIRED):
+        return
+    if name in chain or len(chain) > info.max_hops:
+        why = "a loop: " if name in chain else f"more than {info.max_hops} hops: "
+        yield (f"  that hop is refused ({why}{' -> '.join([*chain, name])}): the message goes to {info.bug_queue} "
+               f"(reason: hop_limit)")
+        return
+    if target is None:
+        yield f"  {name} is not a RareTask of this app: the timeline ends here"
+        return
+    at = start + t.steps[-1].at
+    for next_label, next_policy in target.policies():
+        yield ""
+        yield f"-- hop {len(chain)}: {next_label} takes over at {durations.offset(at)} (fresh attempts, shelf life)"
+        yield from _segment(target, next_label, next_policy, find, rows, [*chain, name], at)
+
+
+def _step_line(s: Step, width: int, kind: str, start: float) -> str:
+    head = f"  attempt {s.attempt:>{width}}  {durations.offset(start + s.at):<14}"
+    if s.attempt == 1:
+        return f"{head}  first run"
+    if s.delay_ms is None:
+        via = "straight back"
+    else:
+        rest = s.wait - s.delay_ms / 1000
+        via = f"in {delay_queue(s.delay_ms, kind).name}" + (f", then {durations.short(rest)} more" if rest >= 0.001 else "")
+    return f"{head}  {durations.short(s.wait)} after attempt {s.attempt - 1} ({via})"
+
+
+__all__ = ["EXHAUSTED", "EXPIRED", "UNBOUNDED", "Step", "Timeline", "delay_values", "describe", "first_hop", "grid_values", "timeline"]

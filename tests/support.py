@@ -163,3 +163,217 @@ def atomic_filesystem_backend():
 
 
 AtomicFS = atomic_filesystem_backend()
+
+
+# -- fault tests and bench/load.py: records of tests/apps/faults.py, broker connections, conservation ----
+
+
+class Records:
+    """The JSON lines tests/apps/faults.py writes, one file per process, in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def all(self) -> list[dict]:
+        out = []
+        for path in sorted(self.directory.glob("rec-*.jsonl")):
+            for line in path.read_text().splitlines():
+                if line.endswith("}"):  # a line being written is skipped until it is whole
+                    out.append(json.loads(line))
+        return out
+
+    def of(self, task_id: str, kind: str | None = None) -> list[dict]:
+        return [r for r in self.all() if r["id"] == task_id and (kind is None or r["k"] == kind)]
+
+
+def local_ports(pid: int) -> set[int]:
+    """TCP ports of the sockets process ``pid`` has open (Linux /proc): to find its broker connections."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def connections_of(vhost: str, pid: int) -> list[str]:
+    """The broker's connection pids (``<rabbit@host.1.2.3>``) of the connections process ``pid`` opened."""
+    ports = local_ports(pid)
+    out = rabbitmqctl("list_connections", "--no-table-headers", "vhost", "pid", "peer_port")
+    found = []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] == vhost and parts[2].isdigit() and int(parts[2]) in ports:
+            found.append(parts[1])
+    return found
+
+
+def close_connections(vhost: str, pid: int, reason: str = "closed by a fault test") -> int:
+    """Close, from the broker side, every connection process ``pid`` has to ``vhost``; how many."""
+    closed = 0
+    for conn in connections_of(vhost, pid):
+        try:
+            rabbitmqctl("close_connection", conn, reason)
+            closed += 1
+        except RuntimeError:  # gone already
+            pass
+    return closed
+
+
+def restart_broker_app(timeout: float = 120) -> float:
+    """``rabbitmqctl stop_app`` then ``start_app`` and ``await_startup``: the broker restarts for
+    everyone on this machine, so the outage is as short as RabbitMQ allows. Returns its length (s)."""
+    start = time.monotonic()
+    rabbitmqctl("stop_app")
+    try:
+        rabbitmqctl("start_app")
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", str(int(timeout))],
+                       capture_output=True, timeout=timeout + 10, check=False)
+    return time.monotonic() - start
+
+
+# A random workload through tests/apps/faults.py and its conservation check (fault tests, bench/load.py).
+
+from dataclasses import dataclass, field
+
+PLANS = (("ok", 40), ("flaky", 25), ("always", 10), ("bug", 10), ("fallback", 15))  # plan, weight in %
+EXPECTED = {  # plan -> (success expected?, bug-queue reasons it may end with)
+    "ok": (True, {"worker_lost"}),
+    "flaky": (True, {"worker_lost"}),
+    "fallback": (True, {"worker_lost"}),
+    "always": (False, {"exhausted", "worker_lost"}),
+    "bug": (False, {"bug", "worker_lost"}),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    plan: str
+    fails: int = 0
+
+
+def publish_jobs(faults, kind: str, n: int, rng) -> dict[str, Job]:
+    """Publish ``n`` tasks with random plans (see :data:`PLANS`) to ``kind``'s work queue."""
+    tasks = faults.TASKS[kind]
+    plans = rng.choices([p for p, _ in PLANS], weights=[w for _, w in PLANS], k=n)
+    jobs = {}
+    with faults.app.producer_or_acquire() as producer:
+        for plan in plans:
+            fails = rng.randint(1, 2) if plan == "flaky" else 0
+            if plan == "fallback":
+                result = tasks["doomed"].apply_async((plan,), producer=producer)
+            else:
+                result = tasks["work"].apply_async((plan, fails), producer=producer)
+            jobs[result.id] = Job(result.id, kind, plan, fails)
+    return jobs
+
+
+@dataclass
+class Tally:
+    """What became of the jobs of one queue kind."""
+
+    kind: str
+    published: int = 0
+    succeeded: int = 0
+    bugs: dict = field(default_factory=dict)  # reason -> ids
+    duplicated: int = 0  # ids that ran an attempt, or reached an end, more than once (at least once)
+    lost: int = 0  # ids in no end and in no queue
+    stuck: int = 0  # ids still waiting in a queue when the run ended
+    over_limit: int = 0  # ids that ran more distinct attempts of a task than its max_attempts
+    wrong: int = 0  # ids that ended where their plan cannot end (e.g. an "ok" job with reason "bug")
+    runs: int = 0
+    problems: list = field(default_factory=list)
+
+    @property
+    def bugged(self) -> int:
+        return sum(self.bugs.values())
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.stuck or self.over_limit or self.wrong)
+
+
+def bug_reasons(messages) -> dict[str, list[str]]:
+    """Task id -> reasons of its copies among ``messages`` (taken from bug queues)."""
+    out: dict[str, list[str]] = {}
+    for message in messages:
+        headers = message.headers or {}
+        out.setdefault(headers.get("id") or "", []).append(headers.get("x-rare-reason"))
+    return out
+
+
+def tally(jobs: dict[str, Job], records: list[dict], bugs: dict[str, list[str]], max_attempts: dict[str, int],
+          waiting: set[str] = frozenset()) -> dict[str, Tally]:
+    """Conservation: each job is in exactly one end (its own success record or the bug queue) or
+    still ``waiting`` (seen in a work or delay queue); none ran more attempts than its policy allows.
+    Repeats explained by at-least-once delivery are counted as ``duplicated``, not as errors."""
+    oks: dict[str, int] = {}
+    runs: dict[tuple, int] = {}
+    for r in records:
+        if r["k"] == "ok":
+            oks[r["id"]] = oks.get(r["id"], 0) + 1
+        elif r["k"] == "run":
+            key = (r["id"], r["task"].rsplit(".", 1)[-1], r["att"])
+            runs[key] = runs.get(key, 0) + 1
+    attempts: dict[str, dict[str, set]] = {}
+    repeated: set[str] = set()
+    for (task_id, task, att), count in runs.items():
+        attempts.setdefault(task_id, {}).setdefault(task, set()).add(att)
+        if count > 1:
+            repeated.add(task_id)
+    out = {kind: Tally(kind) for kind in sorted({j.kind for j in jobs.values()})}
+    for job in jobs.values():
+        t = out[job.kind]
+        t.published += 1
+        t.runs += sum(len(a) for a in attempts.get(job.id, {}).values())
+        succeeded, reasons = oks.get(job.id, 0), bugs.get(job.id, [])
+        success_expected, allowed = EXPECTED[job.plan]
+        if succeeded:
+            t.succeeded += 1
+        elif reasons:
+            t.bugs[reasons[0]] = t.bugs.get(reasons[0], 0) + 1
+        elif job.id in waiting:
+            t.stuck += 1
+            t.problems.append(f"{job.id} ({job.plan}) is still waiting in a queue")
+        else:
+            t.lost += 1
+            t.problems.append(f"{job.id} ({job.plan}) is lost: no success, not in a bug queue, in no queue")
+        if succeeded + len(reasons) > 1 or job.id in repeated:
+            t.duplicated += 1
+        bad = [r for r in reasons if r not in allowed] + (["success"] if succeeded and not success_expected else [])
+        if bad:
+            t.wrong += 1
+            t.problems.append(f"{job.id} ({job.plan}) ended as {bad}")
+        for task, seen in attempts.get(job.id, {}).items():
+            if len(seen) > max_attempts[task] or max(seen) > max_attempts[task]:
+                t.over_limit += 1
+                t.problems.append(f"{job.id} ({job.plan}) ran attempts {sorted(seen)} of {task}")
+    return out
+
+
+def tally_table(tallies, title: str = "") -> str:
+    """A Markdown table of :func:`tally`'s result."""
+    lines = ([f"{title}", ""] if title else []) + [
+        "| queue type | published | succeeded | bug queue (reasons) | lost | duplicated | stuck | over limit | wrong end |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for t in tallies:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(t.bugs.items())) or "-"
+        lines.append(f"| {t.kind} | {t.published:,} | {t.succeeded:,} | {t.bugged:,} ({reasons}) | {t.lost} | "
+                     f"{t.duplicated} | {t.stuck} | {t.over_limit} | {t.wrong} |")
+    return "\n".join(lines)
