@@ -34,6 +34,8 @@ class QueueMissing(LookupError):
 class MoveFailed(RuntimeError):
     """The broker did not take a message where it was sent; it stays in the bug queue."""
 
+    done = 0  # messages moved before this one
+
 
 @dataclass
 class Held:
@@ -120,8 +122,8 @@ def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held,
          progress: Callable[[Held], None] | None = None) -> int:
     """Remove the ``wanted`` messages of ``queue``, each after ``send`` (if given) had it confirmed.
 
-    Returns how many were removed; the others stay where they were. A :class:`MoveFailed` stops it:
-    the message it concerns and every later one stay in the bug queue.
+    Returns how many were removed; the others stay where they were. A :class:`MoveFailed` stops it
+    (its ``done`` says how many were moved before): that message and every later one stay.
     """
     publisher = Publisher(conn) if send is not None else None
     done = 0
@@ -131,7 +133,11 @@ def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held,
                 if not wanted(held):
                     continue
                 if send is not None:
-                    send(held, publisher)
+                    try:
+                        send(held, publisher)
+                    except MoveFailed as exc:
+                        exc.done = done
+                        raise
                 held.ack()
                 done += 1
                 if progress is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ import click
 from . import bugs, durations, records
 from . import timeline as tl
 from .inventory import RareTaskInfo, rare_tasks, task_name
-from .topology import CLASSIC, DELAY_EXCHANGE, bug_queue, delay_queue
+from .topology import CLASSIC, DELAY_EXCHANGE, bug_queue, delay_queue, grid_values
 
 ENV = "rare_celery.env"
 SCHEDULE_ROWS = 50  # attempts shown by `schedule` unless --attempts says otherwise
@@ -116,10 +117,13 @@ class Env:
             except Exception as exc:  # noqa: BLE001 - every way of not connecting is reported the same way
                 raise Failure(f"cannot connect to {where}: {_why(exc)} (check the URL and that RabbitMQ runs)") from None
             yield conn
+        except BrokenPipeError:  # `inspect-bugs | head`: the reader left; the messages go back anyway
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more to write at exit
+            sys.exit(0)
         except bugs.QueueMissing as exc:
             raise Failure(f"queue {exc.args[0]!r} does not exist at {where}") from None
         except bugs.MoveFailed as exc:
-            raise Failure(f"{exc}; stopped, the rest stays in the bug queue ({where})") from None
+            raise Failure(f"{exc}; stopped after moving {exc.done}, the rest stays in the bug queue ({where})") from None
         except (OSError, AMQPError, KombuError) as exc:
             raise Failure(f"broker {where}: {_why(exc)}") from None
         finally:
@@ -308,13 +312,15 @@ class Plan:
         return True
 
 
-def plan(conn, queue: str, select: records.Selector, to: str | None, rows: bool) -> Plan:
+def plan(conn, queue: str, select: records.Selector, to: str | None = None, rows: bool = False,
+         moving: bool = True) -> Plan:
+    """First read of ``queue``: which messages match, and (``moving``) where each would go."""
     found = Plan(Counter(), Counter())
     with bugs.browse(conn, queue) as messages:
         for held in messages:
             if not select.matches(held.record):
                 continue
-            target = to or held.record.queue
+            target = (to or held.record.queue) if moving else queue
             if target is None:
                 found.without_target += 1
                 continue
@@ -410,7 +416,7 @@ def purge_bugs(queue, tasks, reasons, older_than, everything, yes) -> None:
     _need_selection(select, everything, "purge")
     e.check_bug_queue(queue)
     with e.connection() as conn:
-        found = plan(conn, queue, select, to=queue, rows=False)
+        found = plan(conn, queue, select, moving=False)
         if not found.count:
             click.echo(f"nothing to purge in {queue}", err=True)
             sys.exit(1)
@@ -461,7 +467,7 @@ def status(queues, scan, as_json) -> None:
         candidates = dict(delays)
         if scan:
             for kind in (CLASSIC, "quorum"):
-                for ms in tl.grid_values():
+                for ms in grid_values():
                     candidates.setdefault((kind, ms), set())
         for (kind, ms), users in sorted(candidates.items(), key=lambda kv: (kv[0][0] != CLASSIC, kv[0])):
             name = delay_queue(ms, kind).name

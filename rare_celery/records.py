@@ -19,7 +19,7 @@ from . import headers as hdr
 
 BUG_ONLY = tuple(hdr.PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))
 RESET = tuple(hdr.PREFIX + k for k in ("deadline", "due"))
-HOPS = hdr.PREFIX + "hops"  # added by a later issue: where a message has been routed before
+HOPS = hdr.TRAVELS  # x-rare-hops: where the work has been before (see rare_celery.hops)
 UNSTABLE = ("x-delivery-count",)  # quorum queues count redeliveries: not part of a message's identity
 PREVIEW = 300
 

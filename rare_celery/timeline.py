@@ -80,14 +80,6 @@ def delay_values(policy: Policy) -> set[int]:
     return {s.delay_ms for s in timeline(policy).steps if s.delay_ms is not None}
 
 
-def grid_values() -> list[int]:
-    """Every grid value (ms) a delay queue can have: 1..99 ms, then two significant digits up to 10 years."""
-    values = list(range(1, 100))
-    for power in range(1, 11):
-        values += [m * 10**power for m in range(10, 100) if m * 10**power <= MAX_DELAY_MS]
-    return values
-
-
 # -- as text: `rare-celery schedule` ----------------------------------------------------------------
 
 def describe(info: RareTaskInfo, find: Callable[[object], tuple[str, RareTaskInfo | None]], rows: int = 50
@@ -167,4 +159,4 @@ def _step_line(s: Step, width: int, kind: str, start: float) -> str:
     return f"{head}  {durations.short(s.wait)} after attempt {s.attempt - 1} ({via})"
 
 
-__all__ = ["EXHAUSTED", "EXPIRED", "UNBOUNDED", "Step", "Timeline", "delay_values", "describe", "first_hop", "grid_values", "timeline"]
+__all__ = ["EXHAUSTED", "EXPIRED", "UNBOUNDED", "Step", "Timeline", "delay_values", "describe", "first_hop", "timeline"]

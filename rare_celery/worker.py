@@ -11,6 +11,7 @@ from . import headers as hdr
 from .app import check
 from .declare import declare_queue, declare_worker_topology
 from .exceptions import ConfigurationError, TopologyError
+from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
 from .publish import send_to_bugs
 from .topology import bug_queue, queue_kind
@@ -20,18 +21,9 @@ log = logging.getLogger(__name__)
 
 def rare_queues(app) -> dict[str, set[str]]:
     """Work queue -> bug queues, for every RareTask registered in ``app`` (task_routes respected)."""
-    from .task import RareTask
-
     out: dict[str, set[str]] = {}
-    for task in app.tasks.values():
-        if not isinstance(task, RareTask):
-            continue
-        try:
-            options = {"queue": task.queue} if getattr(task, "queue", None) else {}
-            queue = app.amqp.router.route(options, task.name, task_type=task)["queue"].name
-        except Exception:  # noqa: BLE001 - a route Celery cannot resolve fails at publish, not here
-            queue = getattr(task, "queue", None) or app.conf.task_default_queue
-        out.setdefault(queue, {f"{queue}.bugs"}).add(task.bug_queue or f"{queue}.bugs")
+    for info in rare_tasks(app):
+        out.setdefault(info.queue, {f"{info.queue}.bugs"}).add(info.bug_queue)
     return out
 
 

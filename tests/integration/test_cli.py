@@ -193,7 +193,8 @@ def mixed(n: int) -> list[Msg]:
 def inspect_queue(vhost, env):
     messages = mixed(1000)
     publish(vhost.url, "cli.inspect.bugs", messages)
-    return messages
+    yield messages
+    drain(vhost.url, "cli.inspect.bugs")
 
 
 def test_inspect_table_summary_and_filters(vhost, inspect_queue):
@@ -394,6 +395,11 @@ def test_requeue_options_and_errors(vhost, env, queue_name):
     assert "not a bug queue of the app" in one_line_error(cli("-A", APP, "requeue-bugs", queue_name, "--all"))
     assert "does not exist" in one_line_error(script("--broker", url, "requeue-bugs", queue_name, "--all",
                                                      "--to", "no.such.queue", "-y"))
+    full = f"{queue_name}.full"  # a queue that refuses more: nothing is lost, the move stops
+    publish(url, full, [bug_message()], arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    text = one_line_error(cli("--broker", url, "requeue-bugs", queue_name, "--all", "--to", full, "-y"))
+    assert f"refused (nacked) a message for queue '{full}'; stopped after moving 0" in text
+    settled(vhost, queue_name, 4)
     ran = cli("--broker", url, "requeue-bugs", queue_name, "--id", "no-such-id", "-y")
     assert ran.code == 1 and "nothing to requeue" in ran.err
     ran = cli("--broker", url, "requeue-bugs", queue_name, "--id", messages[4].headers["id"], "-y")
@@ -445,6 +451,14 @@ def test_status_numbers_match_what_is_there(vhost, env):
         waiting.bind(conn.default_channel).declare()
     delayed = [bug_message("cli.watched", [i], extra={"BCC": [waiting.name]}) for i in range(3)]
     publish(vhost.url, "cli.status", delayed, declare=False, exchange=DELAY_EXCHANGE.name)  # as send_delayed does
+    try:
+        check_status(vhost)
+    finally:  # the delay queue is shared by the session: leave nothing waiting in it
+        for queue in (waiting.name, "cli.status", "cli.status.bugs"):
+            drain(vhost.url, queue)
+
+
+def check_status(vhost: Vhost) -> None:
 
     with Connection(vhost.url) as conn:  # a consumer on the work queue, holding one message
         channel = conn.channel()
@@ -461,7 +475,7 @@ def test_status_numbers_match_what_is_there(vhost, env):
         delays = {d["queue"]: d for d in report["delay_queues"]}
         assert delays["rare.delay.770s"] == {"queue": "rare.delay.770s", "delay_ms": 770_000, "delay": "12m50s",
                                              "exists": True, "messages": 3, "work_queues": ["cli.status"]}
-        assert delays["rare.delay.4000m"]["work_queues"] == ["cli.billing"]
+        assert delays["rare.delay.68h"]["work_queues"] == ["cli.billing"]
 
         ran = script("-A", APP, "status")
         assert ran.code == 0, ran.err
@@ -496,14 +510,14 @@ work queue cli.billing (classic), bug queue cli.billing.bugs
   attempt  4  +00:07:00       4m after attempt 3 (in rare.delay.4m)
   attempt  5  +00:15:00       8m after attempt 4 (in rare.delay.8m)
   attempt  6  +00:31:00       16m after attempt 5 (in rare.delay.16m)
-  attempt  7  +01:03:00       32m after attempt 6 (in rare.delay.1900s, then 20s more)
-  attempt  8  +02:07:00       1h4m after attempt 7 (in rare.delay.3800s, then 40s more)
+  attempt  7  +01:03:00       32m after attempt 6 (in rare.delay.32m)
+  attempt  8  +02:07:00       1h4m after attempt 7 (in rare.delay.64m)
   attempt  9  +04:15:00       2h8m after attempt 8 (in rare.delay.7600s, then 1m20s more)
   attempt 10  +08:31:00       4h16m after attempt 9 (in rare.delay.250m, then 6m more)
-  attempt 11  +17:03:00       8h32m after attempt 10 (in rare.delay.500m, then 12m more)
-  attempt 12  +1d 10:07:00    17h4m after attempt 11 (in rare.delay.61000s, then 7m20s more)
-  attempt 13  +2d 20:15:00    1d10h8m after attempt 12 (in rare.delay.2000m, then 48m more)
-  attempt 14  +5d 16:31:00    2d20h16m after attempt 13 (in rare.delay.4000m, then 1h36m more)
+  attempt 11  +17:03:00       8h32m after attempt 10 (in rare.delay.510m, then 2m more)
+  attempt 12  +1d 10:07:00    17h4m after attempt 11 (in rare.delay.17h, then 4m more)
+  attempt 13  +2d 20:15:00    1d10h8m after attempt 12 (in rare.delay.34h, then 8m more)
+  attempt 14  +5d 16:31:00    2d20h16m after attempt 13 (in rare.delay.68h, then 16m more)
   shelf life ends at +7d 00:00:00
 then: attempt 15 would start at +8d 16:31:00, after the shelf life, so when attempt 14 fails the work hops to \
 cli.notify_disconnect (reason: expired)
@@ -553,7 +567,7 @@ def test_declare_creates_the_topology_and_explains_a_clash(env):
         dry = script("-A", APP, "--broker", other.url, "declare", "--dry-run")
         assert dry.code == 0 and other.queue_stats() == {}
         names = [line.split()[3] for line in dry.lines() if line.startswith("would declare queue")]
-        assert {"cli.billing", "cli.billing.bugs", "cli.real.dead", "rare.delay.1m", "rare.delay.4000m",
+        assert {"cli.billing", "cli.billing.bugs", "cli.real.dead", "rare.delay.1m", "rare.delay.68h",
                 "rare.delay.770s", "rare.delay.200ms"} <= set(names)
         assert dry.lines()[0].split()[:4] == ["would", "declare", "exchange", "rare.delay"]
 
