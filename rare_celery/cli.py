@@ -546,7 +546,7 @@ def declare(dry_run) -> None:
     for t in e.tasks:
         wanted.setdefault(t.queue, (app.amqp.queues[t.queue], f"work queue ({t.kind})"))
         for name in (f"{t.queue}.bugs", t.bug_queue):
-            wanted.setdefault(name, (bug_queue(name, t.kind), f"bug queue ({t.kind})"))
+            wanted.setdefault(name, (bug_queue(name), "bug queue"))
     for kind, ms in sorted({(t.kind, ms) for t in e.tasks for _, p in t.policies() for ms in tl.delay_values(p)}):
         q = delay_queue(ms, kind)
         wanted[q.name] = (q, f"delay queue ({kind}, {durations.short(ms / 1000)})")

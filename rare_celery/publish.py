@@ -67,7 +67,7 @@ def send_delayed(producer, body, *, work_queue: str, delay: float, kind: str = C
     return queue.queue_arguments["x-message-ttl"] / 1000
 
 
-def send_to_bugs(producer, body, *, queue: str, kind: str = CLASSIC, headers: dict, **properties) -> None:
+def send_to_bugs(producer, body, *, queue: str, headers: dict, **properties) -> None:
     """Publish ``body`` to the bug queue ``queue`` (declared if it is missing)."""
-    send(producer, body, exchange="", routing_key=queue, target=bug_queue(queue, kind),
+    send(producer, body, exchange="", routing_key=queue, target=bug_queue(queue),
          headers=headers, **properties)

@@ -320,7 +320,7 @@ class RareTask(Task):
                                                        time.time())]
         body, headers, props = rebuild(self, args=args, kwargs=kwargs, retries=state.number - 1, extra=extra)
         bugs = self.bug_queue or f"{queue}.bugs"
-        self._send(lambda p: send_to_bugs(p, body, queue=bugs, kind=self._kind(queue), headers=headers, **props))
+        self._send(lambda p: send_to_bugs(p, body, queue=bugs, headers=headers, **props))
         log.warning("rare_celery: %s[%s] routed to %s: %s (%s)", self.name, req.id, bugs, reason,
                     type(exc).__name__)
         signals.routed_to_bugs.send(sender=self, request=req, reason=reason, attempts=state.number,

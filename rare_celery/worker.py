@@ -14,7 +14,7 @@ from .exceptions import ConfigurationError, TopologyError
 from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
 from .publish import send_to_bugs
-from .topology import bug_queue, queue_kind
+from .topology import bug_queue
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
             preflight(c.app)
         except (ConfigurationError, TopologyError) as exc:  # one line, no traceback: a setting to change
             raise SystemExit(f"{exc}") from None
-        self.queues: dict[str, str] = {}  # rare work queue consumed -> its kind
+        self.queues: set[str] = set()  # the rare work queues this worker consumes
         c.on_unknown_task = self._guard(c, c.on_unknown_task, UNREGISTERED, 1, "task {name!r} is not registered")
         c.on_invalid_task = self._guard(c, c.on_invalid_task, REJECTED, 1, "invalid task message: {exc}")
         c.on_unknown_message = self._guard(c, c.on_unknown_message, REJECTED, 1, "not a Celery task message")
@@ -48,9 +48,8 @@ class RareConsumerStep(bootsteps.StartStopStep):
 
     def start(self, c):
         wanted = rare_queues(c.app)
-        consumed = {q.name: q for q in c.task_consumer.queues}
-        self.queues = {name: queue_kind(consumed[name]) for name in wanted if name in consumed}
-        bugs = [bug_queue(b, self.queues[q]) for q in sorted(self.queues) for b in sorted(wanted[q])]
+        self.queues = {q.name for q in c.task_consumer.queues if q.name in wanted}
+        bugs = [bug_queue(b) for q in sorted(self.queues) for b in sorted(wanted[q])]
         declare_worker_topology(c.connection.default_channel, bugs)
         log.info("rare_celery: managing %s", ", ".join(sorted(self.queues)) or "no queue")
 
@@ -66,7 +65,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
             name = (message.headers or {}).get("task") if isinstance(message.headers, dict) else None
             text = why.format(exc=exc, name=name)
             try:
-                _copy_to_bugs(c.app, message, queue, self.queues[queue], reason, text)
+                _copy_to_bugs(c.app, message, queue, reason, text)
             except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
                 log.error("rare_celery: could not copy a bad message from %s to its bug queue (%s); "
                           "it stays unacked", queue, err)
@@ -101,7 +100,7 @@ def _queue_of(c, message) -> str | None:
     return next((queue for queue, t in tags.items() if t == tag), None)
 
 
-def _copy_to_bugs(app, message, queue: str, kind: str, reason: str, text: str) -> None:
+def _copy_to_bugs(app, message, queue: str, reason: str, text: str) -> None:
     headers = message.headers if isinstance(message.headers, dict) else {}
     task = headers.get("task") if isinstance(headers.get("task"), str) else ""
     extra = {**hdr.bug(reason, 0, task), hdr.PREFIX + "queue": queue, hdr.PREFIX + "error": text[: hdr.MAX_ERROR]}
@@ -109,7 +108,7 @@ def _copy_to_bugs(app, message, queue: str, kind: str, reason: str, text: str) -
              if k in ("correlation_id", "reply_to", "priority", "message_id", "timestamp", "type", "app_id")}
     kept = {k: v for k, v in hdr.carried(headers).items() if k != "compression"}
     with app.producer_pool.acquire(block=True) as producer:
-        send_to_bugs(producer, message.body, queue=f"{queue}.bugs", kind=kind, headers={**kept, **extra},
+        send_to_bugs(producer, message.body, queue=f"{queue}.bugs", headers={**kept, **extra},
                      content_type=message.content_type or "application/octet-stream",
                      content_encoding=message.content_encoding or "binary", **props)
     log.warning("rare_celery: a message on %s went to %s.bugs: %s (%s)", queue, queue, reason, text)
