@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import heapq
 import json
 import os
 import signal
@@ -90,24 +91,35 @@ EXPECTED = {
 
 
 class Timeline:
-    """Collects Celery events for the tasks this run published and prints one line each."""
+    """Collects Celery events for the tasks this run published and prints one line each, in the
+    order they happened (events from different worker processes can arrive a little out of order,
+    so lines wait ``HOLD`` seconds and are printed sorted by the time the worker stamped on them)."""
+
+    HOLD = 0.3
 
     def __init__(self, labels: dict[str, str], started: float, out) -> None:
         self.labels, self.started, self.out = labels, started, out
+        self.pending: list[tuple[float, int, str]] = []
         self.ended: dict[str, str] = {}   # task id -> "ok" | "fallback" | "bugs"
         self.published: dict[str, str] = {}  # task id -> the task it was published to
         self.names: dict[str, str] = {}  # task id -> the task running it now
         self.lock = threading.Lock()
 
     def line(self, task_id: str, text: str) -> None:
-        label = self.labels.get(task_id, task_id[:8])
-        self.out(f"+{time.time() - self.started:6.2f}s  {label:<19} {text}")
+        heapq.heappush(self.pending, (self.at, len(self.pending), f"{self.labels[task_id]:<19} {text}"))
+
+    def flush(self, everything: bool = False) -> None:
+        with self.lock:
+            while self.pending and (everything or self.pending[0][0] < time.time() - self.HOLD):
+                at, _, text = heapq.heappop(self.pending)
+                self.out(f"+{at - self.started:6.2f}s  {text}")
 
     def on_event(self, event: dict) -> None:
         task_id, kind = event.get("uuid"), event.get("type", "")
         if task_id not in self.labels:
             return
         with self.lock:
+            self.at = event.get("timestamp") or time.time()
             if kind == "task-received":
                 self.names[task_id] = event.get("name", "?")
             name = self.names.get(task_id, "?")
@@ -211,7 +223,9 @@ def _run(app, service, worker, started, options) -> int:
     deadline = time.time() + DEADLINE
     while not timeline.done() and time.time() < deadline and worker.poll() is None:
         time.sleep(0.1)
+        timeline.flush()
     receiver.should_stop = True
+    timeline.flush(everything=True)
     time.sleep(0.5)  # let the broker settle its last acks before reading queue depths
 
     for command in (["inspect-bugs"], ["status"]):
