@@ -27,6 +27,7 @@ app.conf.update(
     task_queues=[Queue(QUEUE, queue_arguments={"x-queue-type": "quorum"} if QUORUM else None),
                  Queue("core.wait")],
     result_extended=True,
+    worker_send_task_events=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )

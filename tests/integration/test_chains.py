@@ -100,12 +100,14 @@ def test_a_hop_loop_ends_in_the_bug_queue_with_hop_limit(chains, events, bugs):
 def test_delayed_start_waits_in_the_broker_never_early(chains, events, vhost):
     published = time.time()
     slow = chains.later.apply_async(("in 90 s",), countdown=90)
+    far = chains.later.apply_async(("in 30 days",), countdown=30 * 86400)
     soon = chains.later.apply_async(("soon",), countdown=1.5)
     at = chains.later.apply_async(("at",), eta=datetime.now(timezone.utc) + timedelta(seconds=1.25))
 
     def parked():
         stats = vhost.queue_stats()
-        return (stats.get("rare.delay.90s", {}).get("ready") == 1 and stats["chains.later"]["unacked"] == 0
+        return (stats.get("rare.delay.90s", {}).get("ready") == 1 and stats.get("rare.delay.30d", {}).get("ready") == 1
+                and stats["chains.later"]["unacked"] == 0
                 and stats["chains.later"]["ready"] == 0)
     wait_for(parked, 10, 0.2, "the 90 s start to wait in rare.delay.90s with nothing unacked")
 
@@ -116,7 +118,7 @@ def test_delayed_start_waits_in_the_broker_never_early(chains, events, vhost):
     assert 1.5 <= run_soon["t"] - published < 2.5  # not held behind the 90 s one
     assert 1.25 <= run_at["t"] - published < 2.2
     assert run_soon["attempt"] == 1 and run_at["attempt"] == 1  # a delayed start counts toward nothing
-    assert runs(events, slow.id) == []
+    assert runs(events, slow.id) == [] and runs(events, far.id) == []
 
 
 def test_short_countdown_of_100_ms(chains, events):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -201,3 +202,28 @@ def test_a_poison_message_ends_in_the_bug_queue_as_worker_lost(core, events, bug
     assert len(runs_of(events, result.id)) == 3  # each attempt ran once, then no more
     with pytest.raises(Exception, match="never acked"):
         result.get(timeout=10)
+
+
+def test_retries_send_celerys_task_retried_event_for_flower(core, vhost):
+    """Dashboards that read Celery events (Flower) see each broker-side retry as a retry."""
+    seen = []
+    conn = core.app.connection_for_read()
+    receiver = core.app.events.Receiver(conn, handlers={"*": seen.append})
+
+    def capture():
+        with conn:
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+    threading.Thread(target=capture, daemon=True).start()
+
+    def listening():
+        with core.app.events.default_dispatcher() as dispatcher:
+            dispatcher.send("rare-test-ping")
+        return any(e["type"] == "rare-test-ping" for e in seen)
+    wait_for(listening, 10, 0.2, "the event receiver to listen")
+    result = core.flaky.apply_async((1,))
+    assert result.get(timeout=15) == ["ok", 2]
+    kinds = lambda: [e["type"] for e in seen if e.get("uuid") == result.id]
+    wait_for(lambda: "task-succeeded" in kinds(), 10, what="the task's events")
+    receiver.should_stop = True
+    assert kinds().count("task-retried") == 1
+    assert kinds().count("task-received") == 2  # the first run and the retry: same task id
