@@ -22,7 +22,14 @@ class Exhausted(Exception):
 
 
 class PublishRefused(Exception):
-    """The broker did not confirm a delay or bug-queue publish; the original message is kept."""
+    """The broker did not confirm a delay, bug-queue or hop publish; the original message is kept.
+
+    ``transient``: a nack or a lost connection, worth trying again; otherwise the message itself
+    could not be published (the worker requeues it instead)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class TopologyError(ImproperlyConfigured):

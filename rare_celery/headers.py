@@ -23,6 +23,7 @@ header                 meaning
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import traceback as tb
@@ -33,6 +34,7 @@ PREFIX = "x-rare-"
 MAX_ERROR = 1000
 MAX_TRACEBACK = 4000
 MAX_ATTEMPT = 1_000_000
+HEADER_BUDGET = 64 * 1024  # the broker's frame is 128 KB; headers of a republish stay under half
 _EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
 TRAVELS = PREFIX + "hops"  # see rare_celery.hops
 ERROR = (PREFIX + "exception", PREFIX + "error", PREFIX + "traceback")
@@ -119,6 +121,31 @@ def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict
         PREFIX + "failed-at": time.time() if now is None else now,
         PREFIX + "task": _clip(task or "", 255),
     }
+
+
+def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
+    """``headers`` cut down to about ``budget`` bytes, so a republish never exceeds the broker's
+    frame size (128 KB) because of what was added to it: first the last error's traceback and
+    message, then the largest values, each replaced by a note saying how big it was."""
+    if _size(headers) <= budget:
+        return headers
+    out = dict(headers)
+    out.pop(PREFIX + "traceback", None)
+    if PREFIX + "error" in out:
+        out[PREFIX + "error"] = _clip(str(out[PREFIX + "error"]), 200)
+    for key in sorted(out, key=lambda k: _size(out[k]), reverse=True):
+        if _size(out) <= budget:
+            break
+        out[key] = f"<dropped by rare_celery: {_size(out[key])} bytes>"
+    return out
+
+
+def _size(value: object) -> int:
+    """About how many bytes ``value`` takes in an AMQP header table (nested past reason: too many)."""
+    try:
+        return len(json.dumps(value, default=str).encode())
+    except (RecursionError, ValueError):
+        return 1 << 30
 
 
 def carried(headers: Mapping | None) -> dict:

@@ -25,7 +25,7 @@ def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: i
         origin=req.origin, ignore_result=bool(req.ignore_result), stamped_headers=stamped,
         replaced_task_nesting=req.replaced_task_nesting or 0, **stamps,
     )
-    headers = {**hdr.carried(req.headers), **msg.headers, **extra}
+    headers = hdr.fit({**hdr.carried(req.headers), **msg.headers, **extra})
     props = dict(msg.properties)
     priority = (req.delivery_info or {}).get("priority")
     if priority is not None:

@@ -13,6 +13,7 @@ import logging
 from amqp import spec
 from amqp.exceptions import ChannelError, MessageNacked
 from kombu import Queue
+from kombu.exceptions import OperationalError
 
 from .exceptions import PublishRefused
 from .topology import CLASSIC, DELAY_EXCHANGE, MAX_DELAY_MS, bug_queue, delay_queue, grid_floor
@@ -32,8 +33,6 @@ def send(producer, body, *, exchange: str, routing_key: str, target: Queue | Non
                 declare=declare, mandatory=True, delivery_mode=2, retry=True,
                 retry_policy=retry_policy or {"max_retries": 3}, **properties)
             return
-        except MessageNacked:
-            raise PublishRefused(f"the broker refused (nacked) the publish to {_where(exchange, routing_key, target)}") from None
         except ChannelError as exc:
             if getattr(exc, "reply_code", None) != NO_ROUTE:
                 raise PublishRefused(f"the publish to {_where(exchange, routing_key, target)} failed: {exc}") from None
@@ -42,6 +41,16 @@ def send(producer, body, *, exchange: str, routing_key: str, target: Queue | Non
                 raise PublishRefused(f"no queue took the message for {_where(exchange, routing_key, target)}") from None
             log.warning("rare_celery: %s was missing; declaring it again", target.name)
             producer.channel.connection.client.declared_entities.discard(hash(target))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the caller must keep the original
+            # kombu retries a nack (py-amqp files MessageNacked under connection errors) and then
+            # re-raises it as OperationalError: look for the nack behind it.
+            cause = exc if isinstance(exc, MessageNacked) else (exc.__cause__ or exc.__context__)
+            if isinstance(cause, MessageNacked):
+                raise PublishRefused(f"the broker refused (nacked) the publish to "
+                                     f"{_where(exchange, routing_key, target)}", transient=True) from None
+            transient = isinstance(exc, (OperationalError, *producer.connection.connection_errors))
+            raise PublishRefused(f"the publish to {_where(exchange, routing_key, target)} failed: {exc!r}",
+                                 transient=transient) from None
 
 
 def _where(exchange: str, routing_key: str, target: Queue | None) -> str:

@@ -35,7 +35,7 @@ from .topology import DELAY_EXCHANGE, delay_queue, grid_floor, queue_kind
 
 log = logging.getLogger(__name__)
 EARLY_SLEEP = 0.02  # a message this close to its due time waits in the worker instead of going round again
-REFUSED_PAUSE = 1.0  # pause before requeueing a message whose copy the broker refused
+REFUSED_PAUSE, REFUSED_TRIES = 1.0, 12  # a refused publish is tried again for about 4 minutes
 HOPPED = "HOPPED"  # result state of a task whose work moved on (not ready: .get() waits for the target)
 _OVERRIDABLE = ("max_attempts", "backoff", "expires_in", "retry_on", "fallback")
 
@@ -335,13 +335,27 @@ class RareTask(Task):
                                           headers=headers, **props))
 
     def _send(self, publish) -> None:
-        try:
-            with self.app.producer_pool.acquire(block=True) as producer:
-                publish(producer)
-        except PublishRefused as exc:
-            log.error("rare_celery: %s[%s] kept in its queue: %s", self.name, self.request.id, exc)
-            time.sleep(REFUSED_PAUSE)  # no hot loop while the broker refuses
-            raise Reject(str(exc), requeue=True) from None
+        """Publish a copy of this message; until the broker confirms it, this message stays unacked.
+
+        A refusal the broker may get over (a nack: a full queue; a lost connection) is tried again,
+        waiting 1, 2, 4 ... 30 s, while the message stays unacked and its attempt is not counted
+        again. Anything else, or a refusal that lasts ``REFUSED_TRIES`` tries, requeues the message:
+        its next delivery counts as a failed attempt, so nothing loops for ever.
+        """
+        pause = REFUSED_PAUSE
+        for tries in range(1, REFUSED_TRIES + 1):
+            try:
+                with self.app.producer_pool.acquire(block=True) as producer:
+                    publish(producer)
+                return
+            except PublishRefused as exc:
+                again = exc.transient and tries < REFUSED_TRIES
+                log.error("rare_celery: %s[%s] kept in its queue (not acked): %s; %s", self.name, self.request.id,
+                          exc, f"trying again in {pause:g} s" if again else "requeued")
+                time.sleep(pause)  # no hot loop, whatever happens next
+                if not again:
+                    raise Reject(str(exc), requeue=True) from None
+                pause = min(pause * 2, 30.0)
 
     def _error_headers(self, exc, keep_error: bool) -> dict:
         """The new error's headers; with ``keep_error``, the message's last error where there is none."""

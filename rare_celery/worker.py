@@ -108,7 +108,7 @@ def _copy_to_bugs(app, message, queue: str, reason: str, text: str) -> None:
              if k in ("correlation_id", "reply_to", "priority", "message_id", "timestamp", "type", "app_id")}
     kept = {k: v for k, v in hdr.carried(headers).items() if k != "compression"}
     with app.producer_pool.acquire(block=True) as producer:
-        send_to_bugs(producer, message.body, queue=f"{queue}.bugs", headers={**kept, **extra},
+        send_to_bugs(producer, message.body, queue=f"{queue}.bugs", headers=hdr.fit({**kept, **extra}),
                      content_type=message.content_type or "application/octet-stream",
                      content_encoding=message.content_encoding or "binary", **props)
     log.warning("rare_celery: a message on %s went to %s.bugs: %s (%s)", queue, queue, reason, text)

@@ -183,7 +183,14 @@ class Records:
         return out
 
     def of(self, task_id: str, kind: str | None = None) -> list[dict]:
-        return [r for r in self.all() if r["id"] == task_id and (kind is None or r["k"] == kind)]
+        out = []
+        for path in sorted(self.directory.glob("rec-*.jsonl")):
+            for line in path.read_text().splitlines():
+                if task_id in line and line.endswith("}"):
+                    r = json.loads(line)
+                    if r["id"] == task_id and (kind is None or r["k"] == kind):
+                        out.append(r)
+        return sorted(out, key=lambda r: r["t"])
 
 
 def local_ports(pid: int) -> set[int]:
@@ -238,11 +245,16 @@ def restart_broker_app(timeout: float = 120) -> float:
     everyone on this machine, so the outage is as short as RabbitMQ allows. Returns its length (s)."""
     start = time.monotonic()
     rabbitmqctl("stop_app")
-    try:
-        rabbitmqctl("start_app")
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", str(int(timeout))],
-                       capture_output=True, timeout=timeout + 10, check=False)
+    for last in (False, True):  # never leave the broker stopped because one start_app failed
+        try:
+            rabbitmqctl("start_app")
+            break
+        except RuntimeError:
+            if last:
+                raise
+            time.sleep(2)
+    subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", str(int(timeout))],
+                   capture_output=True, timeout=timeout + 10, check=True)
     return time.monotonic() - start
 
 
@@ -291,7 +303,8 @@ class Tally:
     kind: str
     published: int = 0
     succeeded: int = 0
-    bugs: dict = field(default_factory=dict)  # reason -> ids
+    rescued: int = 0  # of the succeeded: by the fallback task
+    bugs: dict = field(default_factory=dict)  # reason -> how many ended in a bug queue with it
     duplicated: int = 0  # ids that ran an attempt, or reached an end, more than once (at least once)
     lost: int = 0  # ids in no end and in no queue
     stuck: int = 0  # ids still waiting in a queue when the run ended
@@ -324,10 +337,13 @@ def tally(jobs: dict[str, Job], records: list[dict], bugs: dict[str, list[str]],
     still ``waiting`` (seen in a work or delay queue); none ran more attempts than its policy allows.
     Repeats explained by at-least-once delivery are counted as ``duplicated``, not as errors."""
     oks: dict[str, int] = {}
+    rescued: set[str] = set()
     runs: dict[tuple, int] = {}
     for r in records:
         if r["k"] == "ok":
             oks[r["id"]] = oks.get(r["id"], 0) + 1
+            if r["task"].endswith(".rescue"):
+                rescued.add(r["id"])
         elif r["k"] == "run":
             key = (r["id"], r["task"].rsplit(".", 1)[-1], r["att"])
             runs[key] = runs.get(key, 0) + 1
@@ -346,6 +362,7 @@ def tally(jobs: dict[str, Job], records: list[dict], bugs: dict[str, list[str]],
         success_expected, allowed = EXPECTED[job.plan]
         if succeeded:
             t.succeeded += 1
+            t.rescued += job.id in rescued
         elif reasons:
             t.bugs[reasons[0]] = t.bugs.get(reasons[0], 0) + 1
         elif job.id in waiting:
@@ -370,10 +387,124 @@ def tally(jobs: dict[str, Job], records: list[dict], bugs: dict[str, list[str]],
 def tally_table(tallies, title: str = "") -> str:
     """A Markdown table of :func:`tally`'s result."""
     lines = ([f"{title}", ""] if title else []) + [
-        "| queue type | published | succeeded | bug queue (reasons) | lost | duplicated | stuck | over limit | wrong end |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        ("| queue type | published | attempts run | succeeded (by the fallback) | bug queue (reasons) | lost | "
+         "duplicated | stuck | over limit | wrong end |"),
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for t in tallies:
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(t.bugs.items())) or "-"
-        lines.append(f"| {t.kind} | {t.published:,} | {t.succeeded:,} | {t.bugged:,} ({reasons}) | {t.lost} | "
-                     f"{t.duplicated} | {t.stuck} | {t.over_limit} | {t.wrong} |")
+        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(t.bugs.items())) or "-"
+        lines.append(f"| {t.kind} | {t.published:,} | {t.runs:,} | {t.succeeded:,} ({t.rescued:,}) | {t.bugged:,} "
+                     f"({reasons}) | {t.lost} | {t.duplicated} | {t.stuck} | {t.over_limit} | {t.wrong} |")
     return "\n".join(lines)
+
+
+def peek_ids(url: str, queues) -> set[str]:
+    """Task ids of the messages ready in ``queues``, read without taking them (they go back when the
+    connection closes): what is still waiting when a run ends."""
+    from amqp.exceptions import NotFound
+
+    ids: set[str] = set()
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for queue in queues:
+            try:
+                count = channel.queue_declare(queue, passive=True).message_count
+            except NotFound:
+                channel = conn.channel()
+                continue
+            for _ in range(count):
+                message = channel.basic_get(queue, no_ack=False)
+                if message is None:
+                    break
+                ids.add((message.headers or {}).get("id") or "")
+    return ids
+
+
+def ready_counts(url: str, queues) -> dict[str, int]:
+    """Messages ready in each of ``queues`` as the queue itself says (passive declare: exact for quorum
+    queues too, whose ``rabbitmqctl list_queues`` numbers lag up to 5 s)."""
+    from amqp.exceptions import NotFound
+
+    out = {}
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for queue in queues:
+            try:
+                out[queue] = channel.queue_declare(queue, passive=True).message_count
+            except NotFound:
+                channel = conn.channel()
+    return out
+
+
+class Workload:
+    """Random jobs through tests/apps/faults.py: publish, collect where each one ended (its success
+    record, or a bug queue), wait until every job ended and nothing is in flight, then :func:`tally`."""
+
+    def __init__(self, faults, vhost, records_dir: Path, kinds, seed: int = 0) -> None:
+        import random
+
+        self.faults, self.vhost, self.kinds = faults, vhost, list(kinds)
+        self.records = Records(records_dir)
+        self.rng = random.Random(seed)
+        self.jobs: dict[str, Job] = {}
+        self.bug_messages: list = []
+        self.bug_queues = [q + ".bugs" for kind in self.kinds for q in faults.queues_of(kind)]
+        self._oks: set[str] = set()
+        self._offsets: dict[Path, int] = {}
+
+    def publish(self, per_kind: int) -> None:
+        for kind in self.kinds:
+            self.jobs.update(publish_jobs(self.faults, kind, per_kind, self.rng))
+
+    def _new_oks(self) -> None:
+        for path in self.records.directory.glob("rec-*.jsonl"):
+            with path.open("rb") as f:
+                f.seek(self._offsets.get(path, 0))
+                data = f.read()
+            whole = data[: data.rfind(b"\n") + 1]
+            self._offsets[path] = self._offsets.get(path, 0) + len(whole)
+            for line in whole.decode().splitlines():
+                if '"k": "ok"' in line:
+                    self._oks.add(json.loads(line)["id"])
+
+    def ended(self) -> set[str]:
+        """Ids of this workload's jobs that ended (so far)."""
+        for queue in self.bug_queues:
+            self.bug_messages.extend(drain(self.vhost.url, queue))
+        self._new_oks()
+        ended = self._oks | {(m.headers or {}).get("id") for m in self.bug_messages}
+        return ended & self.jobs.keys()
+
+    def in_flight(self) -> int:
+        """Messages ready in work and delay queues, plus unacked ones (classic queues only: exact)."""
+        stats = self.vhost.queue_stats()
+        queues = [q for q in stats if not q.endswith(".bugs") and not q.startswith(("celery", "faults.filler"))
+                  and ".pidbox" not in q and not q.startswith("celeryev")]
+        unacked = sum(stats[q]["unacked"] for q in queues)
+        return sum(ready_counts(self.vhost.url, queues).values()) + unacked
+
+    def wait(self, timeout: float, stall: float = 30, interval: float = 0.5, progress=None) -> bool:
+        """Until every job ended and nothing is in flight (True), or ``timeout`` s, or no job ended for
+        ``stall`` s (False)."""
+        start = last_change = time.monotonic()
+        done = -1
+        while time.monotonic() - start < timeout:
+            ended = len(self.ended())
+            if progress:
+                progress(ended)
+            if ended != done:
+                done, last_change = ended, time.monotonic()
+            if ended == len(self.jobs) and self.in_flight() == 0:
+                return True
+            if time.monotonic() - last_change > stall:
+                return False
+            time.sleep(interval)
+        return False
+
+    def tally(self) -> dict[str, Tally]:
+        ended = self.ended()
+        waiting: set[str] = set()
+        if len(ended) < len(self.jobs):
+            queues = [q for q in self.vhost.queue_stats() if not q.endswith(".bugs")]
+            waiting = peek_ids(self.vhost.url, queues) & (self.jobs.keys() - ended)
+        return tally(self.jobs, self.records.all(), bug_reasons(self.bug_messages), self.faults.MAX_ATTEMPTS,
+                     waiting)

@@ -54,3 +54,21 @@ def test_carried_headers_drop_bookkeeping_but_keep_the_users():
     kept = hdr.carried({"x-death": [{}], "x-first-death-queue": "q", "x-rare-attempt": 2, "BCC": ["x"],
                         "tenant": "acme", "task": "t", "x-rare-hops": [{"task": "a"}]})
     assert kept == {"tenant": "acme", "task": "t", "x-rare-hops": [{"task": "a"}]}
+
+
+def test_fit_keeps_small_headers_and_cuts_what_would_not_fit_a_frame():
+    small = {"task": "t", "x-rare-traceback": "tb", "tenant": "acme"}
+    assert hdr.fit(small) is small
+    big = {"task": "t", "x-junk": "j" * 130_000, "x-rare-traceback": "t" * 4000, "x-rare-error": "e" * 1000}
+    out = hdr.fit(big)
+    assert out["task"] == "t" and "x-rare-traceback" not in out and len(out["x-rare-error"]) == 200
+    assert out["x-junk"] == "<dropped by rare_celery: 130002 bytes>"
+    assert hdr._size(out) <= hdr.HEADER_BUDGET
+
+
+def test_fit_survives_absurdly_nested_values():
+    deep = 1
+    for _ in range(5000):
+        deep = [deep]
+    out = hdr.fit({"task": "t", "x-nested": deep})
+    assert out["x-nested"].startswith("<dropped by rare_celery")

@@ -1,0 +1,194 @@
+"""The Celery app the fault tests (tests/integration/test_faults.py) and bench/load.py run in real workers.
+
+One set of tasks per work-queue kind, each on its own queues:
+
+==========  =================  =========================  ==================================
+kind        work queue         fallback (rescue) queue    bug queues
+==========  =================  =========================  ==================================
+classic     ``faults``         ``faults.rescue``          ``faults.bugs``, ``faults.rescue.bugs``
+quorum      ``faults.q``       ``faults.q.rescue``        ``faults.q.bugs``, ``faults.q.rescue.bugs``
+==========  =================  =========================  ==================================
+
+Tasks (``<k>`` = ``classic`` or ``quorum``; outcomes depend only on the arguments and the attempt
+number, so every copy of a message decides the same way):
+
+* ``faults.<k>.work(plan, fails)`` - ``ok``: succeeds; ``flaky``: fails (ConnectionError) on attempts
+  1..``fails``, then succeeds; ``always``: always fails (bug queue, ``exhausted``); ``bug``: raises Bug;
+* ``faults.<k>.doomed(plan)`` - always fails; after 2 attempts its fallback ``faults.<k>.rescue`` takes
+  the work (same task id) and succeeds;
+* ``faults.<k>.hold(tag)`` - attempt 1 records ``hold`` and waits until the file ``release-<tag>``
+  exists in the record directory (or its worker is killed); later attempts succeed;
+* ``faults.<k>.pause(tag)`` - attempt 1 fails; the ``retry_scheduled`` receiver then records
+  ``paused`` and waits for ``release-<tag>`` (after the delay publish is confirmed, before the ack);
+* ``faults.<k>.patient(fails)`` - fails on attempts 1..``fails``, retried after 3 s (``rare.delay.3s``);
+* ``faults.<k>.poison(deaths)`` - kills its pool process (``os._exit``) on attempts 1..``deaths``.
+
+Every run appends one JSON line to ``$RARE_FAULTS_DIR/rec-<pid>.jsonl`` (one file per process):
+``{"k": "run"|"ok"|"hold"|"paused", "id", "task", "att", "q", "redelivered", "pid", "t"}``.
+
+Environment: ``RARE_FAULTS_BROKER`` (else ``RARE_TEST_BROKER``), ``RARE_FAULTS_DIR`` (else
+``RARE_TEST_DIR``), ``RARE_FAULTS_CONFIG`` = ``confirm_off`` | ``pickle`` (a deliberately broken
+configuration the worker must refuse).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from celery import Celery
+from kombu import Queue
+
+from rare_celery import Bug, RareTask, signals
+
+BROKER = os.environ.get("RARE_FAULTS_BROKER") or os.environ.get("RARE_TEST_BROKER", "amqp://guest:guest@127.0.0.1//")
+DIR = os.environ.get("RARE_FAULTS_DIR") or os.environ.get("RARE_TEST_DIR") or tempfile.gettempdir()
+os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
+QUORUM_ARGS = {"x-queue-type": "quorum"}
+KINDS = {"classic": "faults", "quorum": "faults.q"}  # kind -> work queue
+MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3, "hold": 3, "pause": 3, "patient": 3, "poison": 3}
+HOLD_LIMIT = 60.0  # a held attempt gives up waiting for its release file after this many seconds
+
+
+def queues_of(kind: str) -> list[str]:
+    """The queues a worker consumes for ``kind``: the work queue and the rescue (fallback) queue."""
+    return [KINDS[kind], KINDS[kind] + ".rescue"]
+
+
+def _queue(name: str, kind: str) -> Queue:
+    return Queue(name, queue_arguments=dict(QUORUM_ARGS) if kind == "quorum" else None)
+
+
+app = Celery("faults", broker=BROKER, backend=f"tests.support:AtomicFS+file://{DIR}/results")
+app.conf.update(
+    task_default_queue="faults",
+    task_queues=[_queue(q, kind) for kind in KINDS for q in queues_of(kind)],
+    task_routes={**{f"faults.{kind}.rescue": {"queue": queue + ".rescue"} for kind, queue in KINDS.items()},
+                 **{f"faults.{kind}.*": {"queue": queue} for kind, queue in KINDS.items()}},
+    result_extended=True,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+_CONFIG = os.environ.get("RARE_FAULTS_CONFIG")
+if _CONFIG == "confirm_off":
+    app.conf.broker_transport_options = {"confirm_publish": False}
+elif _CONFIG == "pickle":
+    app.conf.accept_content = ["json", "pickle"]
+
+
+class _Recorder:
+    """One append-only file per process (reopened after a fork): no interleaving between processes."""
+
+    def __init__(self) -> None:
+        self.pid = None
+        self.file = None
+
+    def __call__(self, kind: str, task, **extra) -> None:
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.file = open(os.path.join(DIR, f"rec-{self.pid}.jsonl"), "a", buffering=1)  # noqa: SIM115
+        req = task.request
+        self.file.write(json.dumps({
+            "k": kind, "id": req.id, "task": task.name, "att": (req.headers or {}).get("x-rare-attempt", 1),
+            "q": (req.delivery_info or {}).get("routing_key"),
+            "redelivered": bool((req.delivery_info or {}).get("redelivered")), "pid": self.pid,
+            "t": time.time(), **extra}) + "\n")
+
+
+record = _Recorder()
+
+
+def _wait_for_release(tag: str) -> None:
+    path = os.path.join(DIR, f"release-{tag}")
+    deadline = time.monotonic() + HOLD_LIMIT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _attempt(task) -> int:
+    return (task.request.headers or {}).get("x-rare-attempt", 1)
+
+
+def _tasks_for(kind: str) -> dict:
+    prefix = f"faults.{kind}"
+    common = {"base": RareTask, "bind": True}  # queues: task_routes
+
+    @app.task(**common, name=f"{prefix}.work", max_attempts=MAX_ATTEMPTS["work"], backoff=[0.5, 1.25, 2])
+    def work(self, plan: str, fails: int = 0):
+        record("run", self)
+        if plan == "bug":
+            raise Bug(f"plan {plan}: this input can never work")
+        if plan == "always" or (plan == "flaky" and _attempt(self) <= fails):
+            raise ConnectionError(f"plan {plan}: gateway down on attempt {_attempt(self)}")
+        record("ok", self)
+        return [plan, _attempt(self)]
+
+    @app.task(**common, name=f"{prefix}.rescue",
+              max_attempts=MAX_ATTEMPTS["rescue"], backoff=0.5)
+    def rescue(self, plan: str):
+        record("run", self)
+        record("ok", self)
+        return ["rescued", plan]
+
+    @app.task(**common, name=f"{prefix}.doomed", max_attempts=MAX_ATTEMPTS["doomed"], backoff=0.5,
+              fallback=rescue)
+    def doomed(self, plan: str):
+        record("run", self)
+        raise ConnectionError("the primary channel is down for good")
+
+    @app.task(**common, name=f"{prefix}.hold", max_attempts=MAX_ATTEMPTS["hold"], backoff=0.5)
+    def hold(self, tag: str):
+        record("run", self)
+        if _attempt(self) == 1:
+            record("hold", self)
+            _wait_for_release(tag)
+        record("ok", self)
+        return "held"
+
+    @app.task(**common, name=f"{prefix}.pause", max_attempts=MAX_ATTEMPTS["pause"], backoff=0.5)
+    def pause(self, tag: str):
+        record("run", self)
+        if _attempt(self) == 1:
+            raise ConnectionError("the first attempt fails")
+        record("ok", self)
+        return "paused"
+
+    @app.task(**common, name=f"{prefix}.patient", max_attempts=MAX_ATTEMPTS["patient"], backoff=3)
+    def patient(self, fails: int):
+        record("run", self)
+        if _attempt(self) <= fails:
+            raise ConnectionError(f"down on attempt {_attempt(self)}; next try in 3 s")
+        record("ok", self)
+        return ["patient", _attempt(self)]
+
+    @app.task(**common, name=f"{prefix}.poison", max_attempts=MAX_ATTEMPTS["poison"], backoff=0.2)
+    def poison(self, deaths: int):
+        record("run", self)
+        if _attempt(self) <= deaths:
+            os._exit(1)
+        record("ok", self)
+        return "survived"
+
+    return {"work": work, "rescue": rescue, "doomed": doomed, "hold": hold, "pause": pause, "patient": patient,
+            "poison": poison}
+
+
+TASKS = {kind: _tasks_for(kind) for kind in KINDS}
+
+
+@signals.retry_scheduled.connect
+def _pause_between_publish_and_ack(sender=None, request=None, attempt=None, **kw):
+    """Test hook: the first scheduled retry of ``pause`` waits here, after its delay copy is
+    confirmed and before its message is acked, until the test releases it."""
+    if not sender.name.endswith(".pause") or attempt != 1 or request.delivery_info.get("redelivered"):
+        return
+    tag = request.args[0]
+    try:
+        os.close(os.open(os.path.join(DIR, f"paused-{tag}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    record("paused", sender)
+    _wait_for_release(tag)
+
