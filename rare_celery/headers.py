@@ -35,6 +35,7 @@ MAX_ERROR = 1000
 MAX_TRACEBACK = 4000
 MAX_ATTEMPT = 1_000_000
 HEADER_BUDGET = 64 * 1024  # the broker's frame is 128 KB; headers of a republish stay under half
+MAX_DEPTH = 32  # lists and tables in headers nest at most this deep (rare_celery's own: 2)
 _EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
 TRAVELS = PREFIX + "hops"  # see rare_celery.hops
 ERROR = (PREFIX + "exception", PREFIX + "error", PREFIX + "traceback")
@@ -127,9 +128,10 @@ def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
     """``headers`` cut down to about ``budget`` bytes, so a republish never exceeds the broker's
     frame size (128 KB) because of what was added to it: first the last error's traceback and
     message, then the largest values, each replaced by a note saying how big it was."""
-    if _size(headers) <= budget:
+    if _size(headers) <= budget and not too_deep(headers):
         return headers
-    out = dict(headers)
+    out = {k: (f"<dropped by rare_celery: nested deeper than {MAX_DEPTH}>" if too_deep(v, MAX_DEPTH - 1) else v)
+           for k, v in headers.items()}
     out.pop(PREFIX + "traceback", None)
     if PREFIX + "error" in out:
         out[PREFIX + "error"] = _clip(str(out[PREFIX + "error"]), 200)
@@ -138,6 +140,21 @@ def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
             break
         out[key] = f"<dropped by rare_celery: {_size(out[key])} bytes>"
     return out
+
+
+def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests lists or tables more than ``limit`` levels (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, (list, tuple)):
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((x, depth + 1) for x in item)
+    return False
 
 
 def _size(value: object) -> int:

@@ -4,6 +4,7 @@ every reconnect) and copies messages Celery would reject or drop on a rare queue
 from __future__ import annotations
 
 import logging
+import sys
 
 from celery import bootsteps
 
@@ -14,6 +15,7 @@ from .exceptions import ConfigurationError, TopologyError
 from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
 from .publish import send_to_bugs
+from .task import RareTask
 from .topology import bug_queue
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class RareConsumerStep(bootsteps.StartStopStep):
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
+        if sys.version_info >= (3, 11):  # py-amqp decodes header tables recursively; a 128 KB frame can
+            sys.setrecursionlimit(max(sys.getrecursionlimit(), 30_000))  # nest ~26,000 deep (3.11+: no C stack)
         try:
             check(c.app)
             preflight(c.app)
@@ -47,11 +51,31 @@ class RareConsumerStep(bootsteps.StartStopStep):
         c.on_decode_error = self._guard(c, c.on_decode_error, REJECTED, 0, "body could not be decoded: {exc}")
 
     def start(self, c):
+        for name, task in c.app.tasks.items():  # Celery made new strategies for this connection
+            if isinstance(task, RareTask) and name in c.strategies:
+                c.strategies[name] = self._screen(c, c.strategies[name])
         wanted = rare_queues(c.app)
         self.queues = {q.name for q in c.task_consumer.queues if q.name in wanted}
         bugs = [bug_queue(b) for q in sorted(self.queues) for b in sorted(wanted[q])]
         declare_worker_topology(c.connection.default_channel, bugs)
         log.info("rare_celery: managing %s", ", ".join(sorted(self.queues)) or "no queue")
+
+    def _screen(self, c, strategy):
+        """Celery's strategy for a RareTask, behind a check that the headers can reach the pool process
+        (billiard pickles them: a list nested ~500 deep fails, and the worker with it)."""
+
+        def screened(message, *args, **kwargs):
+            if isinstance(message.headers, dict) and hdr.too_deep(message.headers):
+                queue = _queue_of(c, message) or getattr(c.app.tasks.get(message.headers.get("task")), "queue", "")
+                try:
+                    _copy_to_bugs(c.app, message, queue, REJECTED, f"headers nested deeper than {hdr.MAX_DEPTH} levels")
+                except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
+                    log.error("rare_celery: could not copy a message with nested headers to %s.bugs (%s); "
+                              "it stays unacked", queue, err)
+                    return None
+                return message.ack()
+            return strategy(message, *args, **kwargs)
+        return screened
 
     def _guard(self, c, original, reason: str, at: int, why: str):
         """Wrap one of Celery's bad-message handlers: copy to the bug queue first, then let it run."""

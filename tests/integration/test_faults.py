@@ -365,13 +365,6 @@ def test_malformed_hop_history_is_ignored_not_trusted(faults, fleet, records, ki
         assert result.get(timeout=15) == ["ok", 1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a header nested deeper than Python's recursion limit allows stops the worker: py-amqp decodes header "
-    "tables recursively in the worker's main process (about 1,000 levels: RecursionError in "
-    "amqp.serialization._read_item, 'Unrecoverable error', the worker exits), and billiard pickles the request "
-    "for the pool process (about 500 levels: RecursionError while pickling; the worker exits, or the task "
-    "stays 'received' and never runs); the message stays in the work queue and stops every worker that "
-    "takes it; nothing reaches the bug queue"))
 @pytest.mark.parametrize("depth", [600, 2000])
 def test_deeply_nested_header_does_not_crash_the_worker(faults, fenv, fdir, depth):
     own = Vhost()  # its own vhost and worker: this message kills the workers that take it

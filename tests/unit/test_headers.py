@@ -72,3 +72,12 @@ def test_fit_survives_absurdly_nested_values():
         deep = [deep]
     out = hdr.fit({"task": "t", "x-nested": deep})
     assert out["x-nested"].startswith("<dropped by rare_celery")
+
+
+def test_too_deep_counts_levels_without_recursion():
+    assert not hdr.too_deep({"stamps": {}, "timelimit": [None, None], "x-rare-hops": [{"task": "a"}]})
+    deep = 1
+    for _ in range(100_000):
+        deep = [deep]
+    assert hdr.too_deep({"x": deep})
+    assert hdr.fit({"task": "t", "x": deep})["x"] == "<dropped by rare_celery: nested deeper than 32>"
