@@ -358,11 +358,17 @@ def test_nonsense_rare_headers_end_in_the_bug_queue_bounded(faults, fleet, recor
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_malformed_hop_history_is_ignored_not_trusted(faults, fleet, records, kind):
-    """x-rare-hops is informative: junk there (deep lists, 5,000 entries) is dropped, the task runs."""
-    for junk in (nested(100), [{"task": "t", "n": i} for i in range(5_000)]):
-        result = faults.TASKS[kind]["work"].apply_async(("ok",), headers={"x-rare-hops": junk})
-        assert result.get(timeout=15) == ["ok", 1]
+def test_malformed_hop_history_is_ignored_not_trusted(faults, fleet, records, fbugs, kind):
+    """x-rare-hops is informative: junk entries there (5,000 of them) are dropped and the task runs;
+    a header nested deeper than 32 levels (here 100) is rejected before it reaches a pool process."""
+    result = faults.TASKS[kind]["work"].apply_async(("ok",), headers={"x-rare-hops": [
+        {"task": "t", "n": i} for i in range(5_000)]})
+    assert result.get(timeout=15) == ["ok", 1]
+    deep = faults.TASKS[kind]["work"].apply_async(("ok",), headers={"x-rare-hops": nested(100)})
+    message = fbugs.find(work_queue(kind) + ".bugs", deep.id)
+    assert message.headers["x-rare-reason"] == "rejected"
+    assert message.headers["x-rare-hops"] == "<dropped by rare_celery: nested deeper than 32>"
+    assert records.of(deep.id) == []
 
 
 @pytest.mark.parametrize("depth", [600, 2000])
