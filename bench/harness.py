@@ -138,8 +138,9 @@ class Worker:
             return []
 
     def memory(self) -> dict[str, float]:
-        """RSS and PSS in MB (10^6 bytes) of the worker with all its children (PSS counts shared pages once)."""
-        rss = pss = 0
+        """RSS and PSS in MB (10^6 bytes) of the worker with all its children (PSS counts shared pages
+        once), and the RSS of the main process alone."""
+        rss = pss = main = 0
         for proc in self.processes():
             try:
                 info = proc.memory_full_info()
@@ -147,7 +148,9 @@ class Worker:
                 continue
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
-        return {"rss_mb": rss / 1e6, "pss_mb": pss / 1e6}
+            if proc.pid == self.proc.pid:
+                main = info.rss
+        return {"rss_mb": rss / 1e6, "pss_mb": pss / 1e6, "main_rss_mb": main / 1e6}
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the worker and its children so far."""

@@ -21,6 +21,7 @@ from .harness import (
     Records,
     Vhost,
     Worker,
+    get_rabbit_env,
     max_gap,
     new_workdir,
     percentile,
@@ -59,7 +60,7 @@ class Sizes:
     throughput: int = 3000
     accuracy: int = 1000
     memory: int = 20000
-    memory_warmup: int = 200
+    memory_warmup: int = 2000  # enough retries for the pool children's RSS to reach its plateau
     success: int = 5000
     timeout_delay: float = 70.0  # > RabbitMQ 3.10's fixed 60 s consumer-timeout check + 5 s timeout
     consumer_timeout_ms: int = 5000
@@ -69,7 +70,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(throughput=300, accuracy=100, memory=2000, memory_warmup=50, success=500, solo_timeout=10.0,
+QUICK = Sizes(throughput=300, accuracy=100, memory=1000, memory_warmup=1000, success=500, solo_timeout=10.0,
               limits={"throughput": 60.0, "accuracy": 40.0, "memory": 90.0, "success": 40.0})
 
 
@@ -229,9 +230,11 @@ def run_memory(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
         worker = run.start_worker()
         time.sleep(1.0)
         idle = worker.memory()
-        # warm-up: the same code path once through (retry + success), so the baseline has it loaded
+        # warm-up: the same code path (retry, then success) for as many retries as it takes the pool
+        # children's RSS to reach its plateau (garbage of the retry path, see bench/README.md), so the
+        # delta below is what waiting tasks cost, not what running retries cost
         run.publish([fail_once_name(1.0)], warm)
-        if not run.records.wait(lambda r: len(r.ok) >= warm, 60, worker=worker):
+        if not run.records.wait(lambda r: len(r.ok) >= warm, limit / 2, stall=20, worker=worker):
             raise BenchError(f"warm-up did not finish: {len(run.records.ok)}/{warm}")
         time.sleep(1.0)
         warmed = worker.memory()
@@ -239,28 +242,41 @@ def run_memory(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
             profiler.start(worker)
         first = run.publish([fail_once_name(3600.0)], n)
         published = time.time() - first
+
+        def waiting(records: Records) -> set[str]:  # tasks whose first attempt ran and asked for 1 h
+            return {r[0] for r in records.retry if r[3] - r[2] > 60}
+
         # every first attempt has run, or nothing new for 20 s (a countdown worker stops taking more)
-        done = run.records.wait(lambda r: len(r.retry) >= warm + n, limit - published, stall=20, worker=worker)
-        ran = len(run.records.retry) - warm
+        done = run.records.wait(lambda r: len(waiting(r)) >= n, limit - published, stall=20, worker=worker)
+        ran = len(waiting(run.records))
+        duplicates = len(run.records.retry) - len({r[0] for r in run.records.retry})
         time.sleep(2.0)
         pending = worker.memory()
         queues = run.vhost.queues()
         where = {q: s for q, s in queues.items() if s["ready"] or s["unacked"]}
         return {
             "first_attempts_run": ran, "expected": n, "timed_out": not done and worker.alive(),
+            "duplicate_first_attempts": duplicates,
             "worker_died": not worker.alive(), "publish_s": published,
-            "first_attempts_s": max(r[2] for r in run.records.retry) - first if ran else None,
+            "first_attempts_s": max(r[1] for r in run.records.retry) - first if ran else None,
             "rss_idle_mb": idle["rss_mb"], "rss_warm_mb": warmed["rss_mb"],
             "rss_pending_mb": pending["rss_mb"],
             "rss_delta_mb": pending["rss_mb"] - warmed["rss_mb"],
             "rss_delta_idle_mb": pending["rss_mb"] - idle["rss_mb"],
             "pss_delta_mb": pending["pss_mb"] - warmed["pss_mb"],
+            "main_delta_mb": pending["main_rss_mb"] - warmed["main_rss_mb"],
+            "children_delta_mb": _children(pending) - _children(warmed),
+            "children_warmup_mb": _children(warmed) - _children(idle),
             "unacked": sum(s["unacked"] for s in queues.values()),
             "ready_work_queue": queues.get(QUEUE, {}).get("ready", 0),
             "in_delay_queues": sum(s["ready"] + s["unacked"] for q, s in queues.items()
                                    if q.startswith(("rare.delay", "celery_delayed"))),
             "queues": where,
         }
+
+
+def _children(memory: dict) -> float:
+    return memory["rss_mb"] - memory["main_rss_mb"]
 
 
 # -- 4. success-path overhead ---------------------------------------------------------------------
@@ -307,7 +323,7 @@ class TimeoutScenario:
         self.stack = contextlib.ExitStack()
         self.runs: dict[str, Run] = {}
         self.published: dict[str, float] = {}
-        self.errors: dict[str, str] = {}
+        self.seen_timeout = ""
 
     def start(self) -> None:
         delay = self.sizes.timeout_delay
@@ -319,6 +335,8 @@ class TimeoutScenario:
                 self.runs[variant] = run
             for run in self.runs.values():
                 run.worker.wait_ready(run.records)
+            # the setting is broker-wide: note it if something else changed it while the channels opened
+            self.seen_timeout = get_rabbit_env("consumer_timeout")
         finally:
             restore_rabbit_env()
         for variant, run in self.runs.items():
@@ -330,9 +348,12 @@ class TimeoutScenario:
         try:
             deadline = max(self.published.values(), default=time.time()) + delay + 30
             for variant, run in self.runs.items():
-                run.records.wait(lambda r: len(r.ok) >= 1, max(0.0, deadline - time.time()),
-                                 interval=0.5, worker=run.worker)
-                out[variant] = self._result(variant, run)
+                try:
+                    run.records.wait(lambda r: len(r.ok) >= 1, max(0.0, deadline - time.time()),
+                                     interval=0.5, worker=run.worker)
+                    out[variant] = self._result(run)
+                except (BenchError, OSError, ValueError) as exc:
+                    out[variant] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             self.stack.close()
         return out
@@ -340,7 +361,7 @@ class TimeoutScenario:
     def abort(self) -> None:
         self.stack.close()
 
-    def _result(self, variant: str, run: Run) -> dict:
+    def _result(self, run: Run) -> dict:
         log = run.worker.text()
         closed = [line.strip() for line in log.splitlines() if any(s in line for s in CHANNEL_CLOSED)]
         retried = run.records.retry
@@ -348,6 +369,7 @@ class TimeoutScenario:
         return {
             "retry_delay_s": self.sizes.timeout_delay,
             "consumer_timeout_ms": self.sizes.consumer_timeout_ms,
+            "consumer_timeout_seen": self.seen_timeout,
             "channel_closed": bool(closed),
             "channel_error": closed[0][:300] if closed else None,
             "worker_exited": not run.worker.alive(),
