@@ -7,6 +7,7 @@ import logging
 import sys
 
 from celery import bootsteps
+from celery.utils.objects import Bunch
 
 from . import headers as hdr
 from .app import check
@@ -65,16 +66,24 @@ class RareConsumerStep(bootsteps.StartStopStep):
         (billiard pickles them: a list nested ~500 deep fails, and the worker with it)."""
 
         def screened(message, *args, **kwargs):
-            if isinstance(message.headers, dict) and hdr.too_deep(message.headers):
-                queue = _queue_of(c, message) or getattr(c.app.tasks.get(message.headers.get("task")), "queue", "")
-                try:
-                    _copy_to_bugs(c.app, message, queue, REJECTED, f"headers nested deeper than {hdr.MAX_DEPTH} levels")
-                except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
-                    log.error("rare_celery: could not copy a message with nested headers to %s.bugs (%s); "
-                              "it stays unacked", queue, err)
-                    return None
-                return message.ack()
-            return strategy(message, *args, **kwargs)
+            headers = message.headers
+            if not (isinstance(headers, dict) and hdr.too_deep(headers)):
+                return strategy(message, *args, **kwargs)
+            key = next(k for k, v in headers.items() if hdr.too_deep(v, hdr.MAX_DEPTH - 1))
+            exc = hdr.HeaderError(f"header {key} is nested deeper than {hdr.MAX_DEPTH} levels")
+            queue = _queue_of(c, message) or getattr(c.app.tasks.get(headers.get("task")), "queue", "")
+            try:
+                _copy_to_bugs(c.app, message, queue, REJECTED, str(exc))
+            except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
+                log.error("rare_celery: could not copy a message with nested headers to %s.bugs (%s); "
+                          "it stays unacked", queue, err)
+                return None
+            message.ack()
+            request = Bunch(name=headers.get("task"), chord=None, root_id=headers.get("root_id"), errbacks=None,
+                            correlation_id=message.properties.get("correlation_id"),
+                            reply_to=message.properties.get("reply_to"))
+            c.app.backend.mark_as_failure(headers.get("id"), exc, request=request)  # .get() must not hang
+            return None
         return screened
 
     def _guard(self, c, original, reason: str, at: int, why: str):
