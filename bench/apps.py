@@ -17,7 +17,7 @@ Tasks (all on the queue ``bench``):
 Every attempt appends one line to its process's record file, written by the task itself:
 ``<kind> <task id> <retries> <start> <end> <due>`` with ``kind`` = ``ok`` or ``retry`` and ``due``
 = when the retry was asked for + D (``-`` for ``ok``). The worker's main process writes
-``ready <pid>`` when it can take tasks.
+``ready <pid> <CPU seconds so far>`` when it can take tasks.
 """
 
 from __future__ import annotations
@@ -133,7 +133,13 @@ def _from_env() -> Celery | None:
 
     @signals.worker_ready.connect(weak=False)
     def ready(sender=None, **kwargs):
-        bench.bench_recorder.write(f"ready {os.getpid()}")
+        # CPU seconds of the worker and its pool so far: scenarios that start a worker on a full
+        # queue count the worker's CPU from here, not from when the runner noticed it was ready
+        import psutil
+
+        me = psutil.Process()
+        cpu = sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)])
+        bench.bench_recorder.write(f"ready {os.getpid()} {cpu:.3f}")
 
     return bench
 

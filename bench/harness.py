@@ -42,15 +42,14 @@ class Vhost:
 
     def __init__(self, label: str) -> None:
         self.name = f"rare-bench-{label}-{uuid.uuid4().hex[:6]}"
+        _LIVE_VHOSTS.add(self.name)  # before it exists: an interrupted add_vhost may still have made it
         rabbitmqctl("add_vhost", self.name)
-        _LIVE_VHOSTS.add(self.name)
         rabbitmqctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
         self.url = f"amqp://guest:guest@{HOST}/{self.name}"
 
     def delete(self) -> None:
         if self.name in _LIVE_VHOSTS:
-            _LIVE_VHOSTS.discard(self.name)
-            rabbitmqctl("delete_vhost", self.name)
+            delete_vhost(self.name)
 
     def queues(self) -> dict[str, dict[str, int]]:
         """Queue name -> {ready, unacked} as the broker counts them."""
@@ -62,6 +61,15 @@ class Vhost:
             if len(parts) == 3 and parts[1].isdigit():
                 stats[parts[0]] = {"ready": int(parts[1]), "unacked": int(parts[2])}
         return stats
+
+
+def delete_vhost(name: str) -> None:
+    try:
+        rabbitmqctl("delete_vhost", name)
+    except BenchError as exc:
+        if "does not exist" not in str(exc) and "no_such_vhost" not in str(exc):
+            raise
+    _LIVE_VHOSTS.discard(name)
 
 
 # -- broker settings changed for a scenario ---------------------------------------------------------
@@ -163,20 +171,16 @@ class Worker:
             total += t.user + t.system
         return total
 
-    def stop(self, timeout: float = 20) -> int | None:
-        _LIVE_WORKERS.discard(self)
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:
-                pass
-        return self.proc.returncode
+    def disturbance(self) -> str | None:
+        """What in the worker's log says the broker went away during the run (other sessions restart it)."""
+        for line in self.text().splitlines():
+            if any(sign in line for sign in _BROKER_TROUBLE):
+                return line.strip()[:300]
+        return None
 
-    def kill(self) -> None:
+    def kill(self) -> int | None:
+        """SIGKILL the worker with its pool (its process group): the benchmark needs no graceful stop,
+        the vhost and every message in it are deleted next."""
         _LIVE_WORKERS.discard(self)
         if self.proc.poll() is None:
             try:
@@ -184,6 +188,17 @@ class Worker:
                 self.proc.wait(10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
+        return self.proc.returncode
+
+
+_BROKER_TROUBLE = ("Connection to broker lost", "Cannot connect to amqp", "CONNECTION_FORCED",
+                   "broker forced connection closure")
+
+
+def stale_vhosts() -> list[str]:
+    """``rare-bench-*`` vhosts this process did not create (left by a run that was killed)."""
+    names = rabbitmqctl("list_vhosts", "--no-table-headers", "name").split()
+    return [n for n in names if n.startswith("rare-bench-") and n not in _LIVE_VHOSTS]
 
 
 def cleanup() -> list[str]:
@@ -197,8 +212,7 @@ def cleanup() -> list[str]:
         problems.append(f"could not restore broker settings {_RESTORE}: {exc}")
     for name in list(_LIVE_VHOSTS):
         try:
-            rabbitmqctl("delete_vhost", name)
-            _LIVE_VHOSTS.discard(name)
+            delete_vhost(name)
         except Exception as exc:  # noqa: BLE001
             problems.append(f"could not delete vhost {name}: {exc}")
     return problems
@@ -213,6 +227,7 @@ class Records:
         self.directory = directory
         self.offsets: dict[Path, int] = {}
         self.ready = False
+        self.ready_cpu = 0.0  # the worker's CPU seconds when it became ready
         self.ok: list[tuple[str, int, float, float]] = []  # id, retries, start, end
         self.retry: list[tuple[str, float, float, float]] = []  # id, start, end, due
 
@@ -231,6 +246,7 @@ class Records:
         kind = parts[0]
         if kind == "ready":
             self.ready = True
+            self.ready_cpu = float(parts[2]) if len(parts) > 2 else 0.0
         elif kind == "ok":
             self.ok.append((parts[1], int(parts[2]), float(parts[3]), float(parts[4])))
         elif kind == "retry":
@@ -262,6 +278,40 @@ class Records:
 
 def new_workdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"rare-bench-{prefix}-"))
+
+
+# -- load from other processes --------------------------------------------------------------------
+
+def broker_process() -> psutil.Process | None:
+    """The local RabbitMQ's Erlang VM, for its CPU time."""
+    return next((p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"), None)
+
+
+class Load:
+    """CPU used by processes other than the worker, this process and the broker, while a run lasts
+    (the machine may be shared: other test suites show up here), in cores on average."""
+
+    def __init__(self, worker: Worker | None = None) -> None:
+        self.worker, self.me = worker, psutil.Process()
+        self.broker = broker_process()
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        t = psutil.cpu_times()
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        ours = sum(self.me.cpu_times()[:4])
+        if self.worker is not None:
+            ours += self.worker.cpu_seconds()
+        if self.broker is not None:
+            try:
+                ours += sum(self.broker.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return time.monotonic(), busy, ours
+
+    def other_cores(self) -> float:
+        (t0, busy0, ours0), (t1, busy1, ours1) = self.start, self._sample()
+        return max(0.0, (busy1 - busy0) - (ours1 - ours0)) / max(t1 - t0, 1e-6)
 
 
 # -- statistics -----------------------------------------------------------------------------------

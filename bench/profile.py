@@ -58,11 +58,38 @@ class Profiler:
             self.raw.unlink()
 
 
-def summarise(raw: str, top: int = 45) -> str:
+# where the time goes, by frame (inclusive share of the role's samples); buckets may overlap
+BUCKETS = {
+    "pool child": (
+        ("Celery: Retry bookkeeping (billiard ExceptionInfo, task_retry)", "TraceInfo.handle_retry "),
+        ("Celery: result back to the main process (pickle + pipe)", "_SimpleQueue.put "),
+        ("Celery: next job from the main process (read + unpickle)", "Worker._make_protected_receive"),
+        ("Celery: Task.retry (countdown: build + publish the copy)", "Task.retry (celery/app/task.py)"),
+        ("rare_celery: RareTask.__call__", "RareTask.__call__ "),
+        ("rare_celery: publish the copy (publish.send, confirm included)", "send (rare_celery/publish.py)"),
+        ("rare_celery: of which basic_publish_confirm (write, then read the confirm)", "Channel.basic_publish_confirm"),
+        ("rare_celery: rebuild the message", "rebuild (rare_celery/message.py)"),
+        ("rare_celery: error headers (traceback text)", "error (rare_celery/headers.py)"),
+        ("traceback formatting (any caller)", "format_exception (traceback.py)"),
+        ("the task body", "make_app.<locals>."),
+    ),
+    "main process": (
+        ("Celery: results from the pool (read + unpickle)", "ResultHandler._recv_message"),
+        ("Celery: jobs to the pool (pickle + write)", "_write_job"),
+        ("broker: reading deliveries", "Connection.drain_events"),
+        ("acks", "Message.ack "),
+        ("rare_celery: worker bootstep hooks", "rare_celery/worker.py"),
+        ("idle in epoll", "_epoll.poll"),
+    ),
+}
+
+
+def summarise(raw: str, top: int = 60) -> str:
     """py-spy's raw (collapsed) stacks -> per-role tables of inclusive and self sample shares."""
     inclusive = {"pool child": collections.Counter(), "main process": collections.Counter()}
     own = {role: collections.Counter() for role in inclusive}
     total = collections.Counter()
+    buckets = {role: collections.Counter() for role in inclusive}
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
@@ -74,12 +101,18 @@ def summarise(raw: str, top: int = 45) -> str:
         total[role] += n
         for frame in set(frames):
             inclusive[role][frame] += n
+        for label, needle in BUCKETS[role]:
+            if any(needle in frame + " " for frame in frames):
+                buckets[role][label] += n
         own[role][frames[-1]] += n
     out = []
     for role, counts in inclusive.items():
         if not total[role]:
             continue
-        out.append(f"== {role}: {total[role]} samples, inclusive (frames common to all samples left out)")
+        out.append(f"== {role}: {total[role]} samples, where the time goes")
+        for label, _needle in BUCKETS[role]:
+            out.append(f"{100 * buckets[role][label] / total[role]:5.1f}%  {label}")
+        out.append(f"== {role}: inclusive (frames common to all samples left out)")
         shown = 0
         for frame, n in counts.most_common():
             if any(noise in frame for noise in _NOISE):

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``rare_cele
 
 from bench import report
 from bench.apps import DIAGNOSTIC, VARIANTS
-from bench.harness import ROOT, BenchError, cleanup, machine
+from bench.harness import ROOT, cleanup, machine, stale_vhosts
 from bench.profile import Profiler, py_spy
 from bench.scenarios import FULL, QUICK, RUNNERS, SCENARIOS, TimeoutScenario
 
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="results base name in bench/results/ (default: latest, --quick: quick)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
-    args.scenarios = args.scenarios or list(SCENARIOS)
+    args.scenarios = args.scenarios or [k for k, s in SCENARIOS.items() if not (args.quick and s.full_only)]
     args.out = args.out or ("quick" if args.quick else "latest")
     if args.profile and not py_spy():
         parser.error("--profile needs py-spy (pip install py-spy)")
@@ -67,12 +67,16 @@ def plan(args) -> list[tuple[str, str, str, int]]:
         scenario = SCENARIOS[key]
         if key == "timeout":
             continue
-        variants = [v for v in scenario.variants if not args.variants or v in args.variants]
+        if args.variants:
+            variants = [v for v in (*scenario.variants, *scenario.diagnostic) if v in args.variants]
+        else:
+            variants = list(scenario.variants) + ([] if args.quick else list(scenario.diagnostic))
+        solo = scenario.quick_solo if args.quick else scenario.solo
         repeats = args.repeats if scenario.repeat else 1
         if "prefork" in args.pools:
             out += [(key, v, "prefork", r) for r in range(repeats) for v in variants]
         if "solo" in args.pools:
-            out += [(key, v, "solo", 0) for v in variants if v in scenario.solo]
+            out += [(key, v, "solo", 0) for v in variants if v in solo]
     return out
 
 
@@ -90,6 +94,24 @@ def code_version() -> dict:
             "rare_celery_uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
+def measured(key: str, variant: str, pool: str, sizes, tries: int = 3) -> dict:
+    """One run; run again (up to ``tries`` times) when the broker went away during it."""
+    for attempt in range(1, tries + 1):
+        metrics = one(key, variant, pool, sizes)
+        trouble = metrics.get("disturbed") or _broker_error(metrics.get("error", ""))
+        if not trouble:
+            break
+        say(f"    disturbed ({trouble[:160]}); " + ("running it again" if attempt < tries else "keeping it"))
+        time.sleep(5)  # a restarting broker needs a moment
+    metrics["tries"] = attempt
+    return metrics
+
+
+def _broker_error(text: str) -> str | None:
+    signs = ("Connection refused", "CONNECTION_FORCED", "Connection reset", "nodedown", "unable to connect")
+    return text if any(sign in text for sign in signs) else None
+
+
 def one(key: str, variant: str, pool: str, sizes, profile_dir: Path | None = None) -> dict:
     profiler = None
     if profile_dir is not None:
@@ -98,7 +120,7 @@ def one(key: str, variant: str, pool: str, sizes, profile_dir: Path | None = Non
     started = time.monotonic()
     try:
         metrics = RUNNERS[key](variant, pool, sizes, profiler=profiler)
-    except (BenchError, OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one failed run must not end the benchmark
         metrics = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
         traceback.print_exc()
     metrics["wall_s"] = time.monotonic() - started
@@ -108,7 +130,11 @@ def one(key: str, variant: str, pool: str, sizes, profile_dir: Path | None = Non
 def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
+        signal.signal(sig, _interrupt)
+    stale = stale_vhosts()
+    if stale:
+        say(f"note: vhosts left by an earlier, killed run: {', '.join(stale)} (rabbitmqctl delete_vhost NAME)")
     began = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
     runs: list[dict] = []
@@ -125,7 +151,7 @@ def main(argv=None) -> int:
                 runs += finish_timeout(timeout_part)
                 timeout_part = None
         for i, (key, variant, pool, repeat) in enumerate(steps, 1):
-            metrics = one(key, variant, pool, sizes)
+            metrics = measured(key, variant, pool, sizes)
             runs.append({"scenario": key, "variant": variant, "pool": pool, "repeat": repeat, **metrics})
             say(f"[{i}/{len(steps)}] {key:<10} {variant:<19} {pool:<7} #{repeat + 1}  {report.brief(key, metrics)}")
         if timeout_part is not None:

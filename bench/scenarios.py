@@ -18,9 +18,11 @@ import psutil
 from .apps import QUEUE, fail_once_name, make_app
 from .harness import (
     BenchError,
+    Load,
     Records,
     Vhost,
     Worker,
+    broker_process,
     get_rabbit_env,
     max_gap,
     new_workdir,
@@ -36,21 +38,27 @@ RETRYING = ("celery-countdown", "celery-native-delay", "rare", "rare-quorum")
 @dataclass
 class Scenario:
     key: str
-    number: int
+    number: str
     title: str
     variants: tuple[str, ...]
     solo: tuple[str, ...] = ()  # variants also run with -P solo (bounded by the solo timeout)
     repeat: bool = True  # False: one run per variant whatever --repeats says
+    diagnostic: tuple[str, ...] = ()  # extra variants for the full run (or when named with --variants)
+    quick_solo: tuple[str, ...] = ()  # the solo variants a --quick run keeps
+    full_only: bool = False  # left out of --quick runs unless named with --scenarios
 
 
 SCENARIOS = {s.key: s for s in (
-    Scenario("throughput", 1, "Retry throughput", ALL, solo=("success-only", "celery-countdown", "rare")),
-    Scenario("accuracy", 2, "Delay accuracy", RETRYING),
-    Scenario("memory", 3, "Pending memory", RETRYING, repeat=False),
-    Scenario("success", 4, "Success-path overhead",
-             ("success-only", "plain-acks-late", "rare", "celery-native-delay", "plain-quorum-acks-late",
-              "rare-quorum"), solo=("success-only", "rare")),
-    Scenario("timeout", 5, "Long delay under consumer_timeout", ("celery-countdown", "celery-native-delay", "rare"),
+    Scenario("throughput", "1", "Retry throughput", ALL, solo=("success-only", "celery-countdown", "rare"),
+             quick_solo=("rare",)),
+    Scenario("accuracy", "2", "Delay accuracy", RETRYING),
+    Scenario("paced", "2b", "Delay accuracy, paced publishing (diagnostic)", RETRYING, repeat=False,
+             full_only=True),
+    Scenario("memory", "3", "Pending memory", RETRYING, repeat=False),
+    Scenario("success", "4", "Success-path overhead", ("success-only", "rare", "celery-native-delay", "rare-quorum"),
+             solo=("success-only", "plain-acks-late", "rare"), quick_solo=("success-only", "rare"),
+             diagnostic=("plain-acks-late", "plain-quorum-acks-late")),
+    Scenario("timeout", "5", "Long delay under consumer_timeout", ("celery-countdown", "celery-native-delay", "rare"),
              repeat=False),
 )}
 
@@ -60,39 +68,41 @@ class Sizes:
     throughput: int = 3000
     accuracy: int = 1000
     memory: int = 20000
-    memory_warmup: int = 2000  # enough retries for the pool children's RSS to reach its plateau
+    memory_warmup: int = 4000  # enough retries for the pool children's RSS to reach its plateau
     success: int = 5000
     timeout_delay: float = 70.0  # > RabbitMQ 3.10's fixed 60 s consumer-timeout check + 5 s timeout
     consumer_timeout_ms: int = 5000
-    solo_timeout: float = 30.0  # a -P solo run stops here (it stalls; see the notes)
+    solo_timeout: float = 30.0  # a -P solo run stops here (Celery 5.7's solo pool can stall on deferred acks)
+    paced_rate: float = 100.0  # tasks/s for the paced accuracy run: the worker keeps up
     limits: dict = field(default_factory=lambda: {
         "throughput": 180.0, "accuracy": 90.0, "memory": 420.0, "success": 120.0})
 
 
 FULL = Sizes()
-QUICK = Sizes(throughput=300, accuracy=100, memory=1000, memory_warmup=1000, success=500, solo_timeout=10.0,
+QUICK = Sizes(throughput=300, accuracy=100, memory=500, memory_warmup=500, success=500, solo_timeout=10.0,
               limits={"throughput": 60.0, "accuracy": 40.0, "memory": 90.0, "success": 40.0})
 
 
 # -- shared plumbing ------------------------------------------------------------------------------
 
-def broker_process() -> psutil.Process | None:
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == "beam.smp":
-            return proc
-    return None
-
-
 class Cpu:
     """CPU seconds used by the worker (with children), the broker and this process between two points."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker | None) -> None:
         self.worker, self.broker, self.me = worker, broker_process(), psutil.Process()
         self.start = self._now()
 
+    def from_ready(self, worker: Worker, records: Records) -> Cpu:
+        """Count the worker's CPU from when it said it was ready (it may have started on a full queue)."""
+        self.worker = worker
+        _, broker, me = self.start
+        self.start = (records.ready_cpu, broker, me)
+        return self
+
     def _now(self) -> tuple[float, float, float]:
         broker = sum(self.broker.cpu_times()[:2]) if self.broker else 0.0
-        return self.worker.cpu_seconds(), broker, sum(self.me.cpu_times()[:2])
+        worker = self.worker.cpu_seconds() if self.worker is not None else 0.0
+        return worker, broker, sum(self.me.cpu_times()[:2])
 
     def per_task_ms(self, n: int) -> dict:
         end = self._now()
@@ -109,18 +119,32 @@ class Run:
     app: object
     worker: Worker | None = None
     delays: tuple = (1.0,)
+    load: Load | None = None
 
     def start_worker(self, timeout: float = 60) -> Worker:
         self.worker = Worker(self.variant, self.vhost, self.records.directory, pool=self.pool, delays=self.delays)
         self.worker.wait_ready(self.records, timeout)
         return self.worker
 
-    def publish(self, names: list[str], n: int) -> float:
-        """Publish ``n`` tasks, cycling through ``names``; returns the time of the first publish."""
+    def measure(self) -> None:
+        """From here on, count the CPU other processes use (see :class:`~bench.harness.Load`)."""
+        self.load = Load(self.worker)
+
+    def annotate(self, out: dict) -> dict:
+        """Add what disturbed the run, if anything: other processes' CPU, the broker going away."""
+        out["other_cores"] = self.load.other_cores() if self.load is not None else None
+        out["disturbed"] = self.worker.disturbance() if self.worker is not None else None
+        return out
+
+    def publish(self, names: list[str], n: int, rate: float | None = None) -> float:
+        """Publish ``n`` tasks, cycling through ``names`` (at most ``rate`` a second); returns the time
+        of the first publish."""
         tasks = [self.app.tasks[name] for name in names]
         with self.app.producer_or_acquire() as producer:
             first = time.time()
             for i in range(n):
+                if rate is not None:
+                    time.sleep(max(0.0, first + i / rate - time.time()))
                 tasks[i % len(tasks)].apply_async((i,), producer=producer)
         return first
 
@@ -139,8 +163,11 @@ def fresh(scenario: str, variant: str, pool: str, delays=(1.0,), profiler=None):
             profiler.stop()
         app.close()
         if run.worker is not None:
-            run.worker.stop()
-        vhost.delete()
+            run.worker.kill()
+        try:
+            vhost.delete()
+        except BenchError:  # the broker is away: harness.cleanup() tries again at the end
+            pass
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -166,6 +193,7 @@ def run_throughput(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict
         if profiler is not None:
             profiler.start(worker)
         cpu = Cpu(worker)
+        run.measure()
         first = run.publish([name], n)
         published = time.time() - first
         done = run.records.wait(lambda r: len(r.ok) >= n, limit - published, worker=worker)
@@ -180,22 +208,30 @@ def run_throughput(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict
             "publish_s": published,
             "max_pause_s": max_gap(starts),
         })
-        return out
+        return run.annotate(out)
 
 
 # -- 2. delay accuracy ----------------------------------------------------------------------------
 
-def run_accuracy(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
-    """N tasks, alternately retried after 1 s and 5 s; lateness of attempt 2 against its due time."""
-    n, limit = sizes.accuracy, _limit(sizes, "accuracy", pool)
+def run_accuracy(variant: str, pool: str, sizes: Sizes, profiler=None, rate: float | None = None) -> dict:
+    """N tasks, alternately retried after 1 s and 5 s; lateness of attempt 2 against its due time.
+
+    Published in one burst, the 1 s retries come back while the worker is still working through the
+    first attempts; with ``rate`` (tasks/s) the publishing is paced so the worker keeps up, and the
+    lateness is the delay mechanism's own."""
+    scenario = "accuracy" if rate is None else "paced"
+    n, limit = sizes.accuracy, _limit(sizes, "accuracy", pool) + (0 if rate is None else sizes.accuracy / rate)
     delays = (1.0, 5.0)
-    with fresh("accuracy", variant, pool, delays=delays, profiler=profiler) as run:
+    with fresh(scenario, variant, pool, delays=delays, profiler=profiler) as run:
         worker = run.start_worker()
         if profiler is not None:
             profiler.start(worker)
-        run.publish([fail_once_name(d) for d in delays], n)
+        run.measure()
+        first = run.publish([fail_once_name(d) for d in delays], n, rate=rate)
         done = run.records.wait(lambda r: len(r.ok) >= n, limit, worker=worker)
         out = _outcome(run.records, n, done, worker)
+        # when the worker had started every first attempt: a 1 s retry due before that waits behind them
+        out["first_attempts_done_s"] = max((r[1] for r in run.records.retry), default=first) - first
         due = {r[0]: (r[3], r[3] - r[2]) for r in run.records.retry}  # id -> (due, delay asked)
         late: dict[float, list[float]] = {d: [] for d in delays}
         for task_id, _retries, start, _end in run.records.ok:
@@ -217,7 +253,7 @@ def run_accuracy(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
                 f"{key}_over_100ms": sum(1 for v in values if v > 100),
                 f"{key}_measured": len(values),
             })
-        return out
+        return run.annotate(out)
 
 
 # -- 3. pending memory ----------------------------------------------------------------------------
@@ -240,6 +276,7 @@ def run_memory(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
         warmed = worker.memory()
         if profiler is not None:
             profiler.start(worker)
+        run.measure()
         first = run.publish([fail_once_name(3600.0)], n)
         published = time.time() - first
 
@@ -252,9 +289,9 @@ def run_memory(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
         duplicates = len(run.records.retry) - len({r[0] for r in run.records.retry})
         time.sleep(2.0)
         pending = worker.memory()
-        queues = run.vhost.queues()
+        queues = settled(run.vhost)
         where = {q: s for q, s in queues.items() if s["ready"] or s["unacked"]}
-        return {
+        return run.annotate({
             "first_attempts_run": ran, "expected": n, "timed_out": not done and worker.alive(),
             "duplicate_first_attempts": duplicates,
             "worker_died": not worker.alive(), "publish_s": published,
@@ -272,7 +309,19 @@ def run_memory(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
             "in_delay_queues": sum(s["ready"] + s["unacked"] for q, s in queues.items()
                                    if q.startswith(("rare.delay", "celery_delayed"))),
             "queues": where,
-        }
+        })
+
+
+def settled(vhost: Vhost, every: float = 3.0, tries: int = 6) -> dict:
+    """Queue counts once two readings ``every`` s apart agree (quorum queues report on a timer)."""
+    before = vhost.queues()
+    for _ in range(tries):
+        time.sleep(every)
+        now = vhost.queues()
+        if now == before:
+            break
+        before = now
+    return before
 
 
 def _children(memory: dict) -> float:
@@ -287,10 +336,12 @@ def run_success(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
     n, limit = sizes.success, _limit(sizes, "success", pool)
     with fresh("success", variant, pool, profiler=profiler) as run:
         run.publish(["bench.succeed"], n)
+        cpu = Cpu(None)
         worker = run.start_worker()
         if profiler is not None:
             profiler.start(worker)
-        cpu = Cpu(worker)
+        cpu.from_ready(worker, run.records)
+        run.measure()
         done = run.records.wait(lambda r: len(r.ok) >= n, limit, worker=worker)
         out = _outcome(run.records, n, done, worker)
         starts = run.records.starts()
@@ -301,7 +352,7 @@ def run_success(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
             "max_pause_s": max_gap(starts),
         })
         out.pop("publisher_cpu_ms", None)
-        return out
+        return run.annotate(out)
 
 
 # -- 5. long delay under consumer_timeout ---------------------------------------------------------
@@ -377,8 +428,13 @@ class TimeoutScenario:
             "attempt2_ran": bool(ok),
             "lateness_ms": 1000 * (ok[0][2] - retried[0][3]) if ok and retried else None,
             "attempts_run": len(retried) + len(ok),
+            "disturbed": run.worker.disturbance(),
         }
 
 
-RUNNERS = {"throughput": run_throughput, "accuracy": run_accuracy, "memory": run_memory,
+def run_paced(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict:
+    return run_accuracy(variant, pool, sizes, profiler, rate=sizes.paced_rate)
+
+
+RUNNERS = {"throughput": run_throughput, "accuracy": run_accuracy, "paced": run_paced, "memory": run_memory,
            "success": run_success}
