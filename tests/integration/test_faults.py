@@ -269,7 +269,7 @@ def test_refused_delay_publish_keeps_the_message_until_the_broker_takes_it(fault
         fill(broker, target)
         result = faults.TASKS[kind]["patient"].delay(1)
         wait_for(lambda: reported_twice(fleet, result), 20, 0.2, "the worker to report the refusal twice")
-        wait_for(lambda: waiting(broker, work_queue(kind)) == 1, 10, 0.5,  # quorum queue numbers lag up to 5 s
+        wait_for(lambda: waiting(broker, work_queue(kind)) == 1, 30, 0.5,  # quorum queue numbers lag up to 5 s
                  "the message to be back in its work queue")  # not acked, not lost
         assert attempts(records, result.id) == [1]  # the failed attempt is not run again while it waits
     finally:
@@ -289,7 +289,7 @@ def test_refused_bug_queue_publish_keeps_the_message_until_the_broker_takes_it(f
         fill(broker, bug_queue(bugs))
         result = faults.TASKS[kind]["work"].delay("bug")
         wait_for(lambda: reported_twice(fleet, result), 20, 0.2, "the worker to report the refusal twice")
-        wait_for(lambda: waiting(broker, work_queue(kind)) == 1, 10, 0.5, "the message to be back in its work queue")
+        wait_for(lambda: waiting(broker, work_queue(kind)) == 1, 30, 0.5, "the message to be back in its work queue")
     finally:
         policy.clear()
     message = fbugs.find(bugs, result.id, timeout=20)
