@@ -314,6 +314,18 @@ class Load:
         return max(0.0, (busy1 - busy0) - (ours1 - ours0)) / max(t1 - t0, 1e-6)
 
 
+def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 0.5) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use less than ``threshold`` cores over a
+    ``window``: the machine may be shared with test suites. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_wait:
+        load = Load()
+        time.sleep(window)
+        if load.other_cores() < threshold:
+            break
+    return time.monotonic() - started
+
+
 # -- statistics -----------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:

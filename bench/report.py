@@ -324,7 +324,8 @@ def markdown(result: dict) -> str:
         "# rare_celery benchmark",
         "",
         (f"- **Date**: {result['date']} ({result['mode']} run, {result['duration_s']:.0f} s, "
-         f"repeats: {result['repeats']}; scenarios 3 and 5 run once)"),
+         f"repeats: {result['repeats']}, scenario 4: {result.get('success_repeats', result['repeats'])}; "
+         "scenarios 2b, 3 and 5 run once)"),
         f"- **Command**: `{result['command']}`",
         f"- **Machine**: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['os']}",
         f"- **Versions**: RabbitMQ {m['rabbitmq']}, Celery {m['celery']}, kombu {m['kombu']}, "
@@ -333,7 +334,8 @@ def markdown(result: dict) -> str:
            if changed else ""),
         ("- **Workers**: `celery -A bench.apps worker -Q bench -P prefork -c 2 -l warning` (rows marked solo: "
          f"`-P solo`, stopped after {sizes['solo_timeout']:g} s), Celery defaults otherwise; broker, worker and "
-         "publisher share the machine."),
+         "publisher share the machine; before each run the runner waited (up to 30 s) for other processes "
+         "to use less than 0.25 cores."),
         "",
         "## Targets for `rare` (issue 6)",
         "",
@@ -341,6 +343,7 @@ def markdown(result: dict) -> str:
     for t in result["targets"]:
         mark = {True: "met", False: "**MISSED**", None: "not measured"}[t["met"]]
         lines.append(f"- {t['target']} - `{t['variant']}`: {mark} ({t['text']})")
+    lines += ["", "Why the misses happen, with profiles: [bench/README.md, Findings](../README.md#findings)."]
     for key, scenario in SCENARIOS.items():
         if key not in summary:
             continue

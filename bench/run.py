@@ -1,6 +1,6 @@
 """Measure rare_celery against Celery's own retries, on the local RabbitMQ, in one command.
 
-    python bench/run.py                      # every scenario, 3 repeats: bench/results/latest.{md,json}
+    python bench/run.py                      # every scenario, 3 repeats (4: 5): bench/results/latest.{md,json}
     python bench/run.py --quick              # small sizes, 1 repeat, < 3 min: bench/results/quick.{md,json}
     python bench/run.py --scenarios throughput success --variants rare celery-countdown --repeats 5
     python bench/run.py --quick --profile    # plus one uncounted py-spy run each: bench/results/profiles/
@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``rare_cele
 
 from bench import report
 from bench.apps import DIAGNOSTIC, VARIANTS
-from bench.harness import ROOT, cleanup, machine, stale_vhosts
+from bench.harness import ROOT, cleanup, machine, stale_vhosts, wait_quiet
 from bench.profile import Profiler, py_spy
 from bench.scenarios import FULL, QUICK, RUNNERS, SCENARIOS, TimeoutScenario
 
@@ -47,11 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="variants to run (default: each scenario's own list)")
     parser.add_argument("--pools", nargs="+", choices=["prefork", "solo"], default=["prefork", "solo"],
                         help="worker pools (solo runs only where a scenario lists it, bounded by a timeout)")
-    parser.add_argument("--repeats", type=int, help="repeats per variant (default 3, --quick 1)")
+    parser.add_argument("--repeats", type=int, help="repeats per variant (default 3, scenario 4: 5; --quick 1)")
     parser.add_argument("--profile", action="store_true",
                         help="one extra, uncounted run per variant under py-spy; summaries in results/profiles/")
     parser.add_argument("--out", help="results base name in bench/results/ (default: latest, --quick: quick)")
+    parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                        help="before each run, wait up to this long for other processes to use < 0.25 cores "
+                             "(default 30; 0: do not wait)")
     args = parser.parse_args(argv)
+    args.fixed_repeats = args.repeats is not None or args.quick
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.scenarios = args.scenarios or [k for k, s in SCENARIOS.items() if not (args.quick and s.full_only)]
     args.out = args.out or ("quick" if args.quick else "latest")
@@ -72,7 +76,8 @@ def plan(args) -> list[tuple[str, str, str, int]]:
         else:
             variants = list(scenario.variants) + ([] if args.quick else list(scenario.diagnostic))
         solo = scenario.quick_solo if args.quick else scenario.solo
-        repeats = args.repeats if scenario.repeat else 1
+        repeats = args.repeats if args.fixed_repeats or scenario.repeats is None else scenario.repeats
+        repeats = repeats if scenario.repeat else 1
         if "prefork" in args.pools:
             out += [(key, v, "prefork", r) for r in range(repeats) for v in variants]
         if "solo" in args.pools:
@@ -94,10 +99,12 @@ def code_version() -> dict:
             "rare_celery_uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
-def measured(key: str, variant: str, pool: str, sizes, tries: int = 3) -> dict:
-    """One run; run again (up to ``tries`` times) when the broker went away during it."""
+def measured(key: str, variant: str, pool: str, sizes, quiet_wait: float, tries: int = 3) -> dict:
+    """One run, once the machine is quiet; run again (up to ``tries`` times) when the broker went away."""
     for attempt in range(1, tries + 1):
+        waited = wait_quiet(quiet_wait) if quiet_wait > 0 else 0.0
         metrics = one(key, variant, pool, sizes)
+        metrics["quiet_wait_s"] = waited
         trouble = metrics.get("disturbed") or _broker_error(metrics.get("error", ""))
         if not trouble:
             break
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
                 runs += finish_timeout(timeout_part)
                 timeout_part = None
         for i, (key, variant, pool, repeat) in enumerate(steps, 1):
-            metrics = measured(key, variant, pool, sizes)
+            metrics = measured(key, variant, pool, sizes, args.quiet_wait)
             runs.append({"scenario": key, "variant": variant, "pool": pool, "repeat": repeat, **metrics})
             say(f"[{i}/{len(steps)}] {key:<10} {variant:<19} {pool:<7} #{repeat + 1}  {report.brief(key, metrics)}")
         if timeout_part is not None:
@@ -178,6 +185,7 @@ def main(argv=None) -> int:
         "mode": "quick" if args.quick else "full",
         "command": " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "repeats": args.repeats,
+        "success_repeats": max((r + 1 for k, _v, p, r in steps if k == "success" and p == "prefork"), default=0),
         "sizes": {k: v for k, v in vars(sizes).items()},
         "machine": machine(),
         "code": code_version(),

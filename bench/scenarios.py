@@ -43,6 +43,7 @@ class Scenario:
     variants: tuple[str, ...]
     solo: tuple[str, ...] = ()  # variants also run with -P solo (bounded by the solo timeout)
     repeat: bool = True  # False: one run per variant whatever --repeats says
+    repeats: int | None = None  # the full run's default repeats, when not the usual 3
     diagnostic: tuple[str, ...] = ()  # extra variants for the full run (or when named with --variants)
     quick_solo: tuple[str, ...] = ()  # the solo variants a --quick run keeps
     full_only: bool = False  # left out of --quick runs unless named with --scenarios
@@ -57,7 +58,7 @@ SCENARIOS = {s.key: s for s in (
     Scenario("memory", "3", "Pending memory", RETRYING, repeat=False),
     Scenario("success", "4", "Success-path overhead", ("success-only", "rare", "celery-native-delay", "rare-quorum"),
              solo=("success-only", "plain-acks-late", "rare"), quick_solo=("success-only", "rare"),
-             diagnostic=("plain-acks-late", "plain-quorum-acks-late")),
+             diagnostic=("plain-acks-late", "plain-quorum-acks-late"), repeats=5),  # short runs, noisy
     Scenario("timeout", "5", "Long delay under consumer_timeout", ("celery-countdown", "celery-native-delay", "rare"),
              repeat=False),
 )}
@@ -68,7 +69,7 @@ class Sizes:
     throughput: int = 3000
     accuracy: int = 1000
     memory: int = 20000
-    memory_warmup: int = 4000  # enough retries for the pool children's RSS to reach its plateau
+    memory_warmup: int = 3000  # enough retries for the pool children's RSS to reach its plateau
     success: int = 5000
     timeout_delay: float = 70.0  # > RabbitMQ 3.10's fixed 60 s consumer-timeout check + 5 s timeout
     consumer_timeout_ms: int = 5000
