@@ -1,16 +1,23 @@
-"""What rare_celery needs from a Celery app: publisher confirms, JSON, and its worker bootstep."""
+"""What rare_celery needs from a Celery app: publisher confirms, JSON, its worker bootstep, and
+Celery's ``expires`` folded into the deadline of every rare task message the app publishes."""
 
 from __future__ import annotations
 
 import logging
+import math
+from datetime import datetime, timezone
 
+from celery import signals
+
+from . import headers as hdr
 from .exceptions import ConfigurationError
 
 log = logging.getLogger(__name__)
 
 
 def setup_app(app) -> None:
-    """Called when a RareTask is bound to ``app``: add the worker bootstep, turn on confirms."""
+    """Called when a RareTask is bound to ``app``: add the worker bootstep, turn on confirms, and
+    fold ``expires`` into the deadline on publish."""
     if getattr(app, "_rare_setup", False):
         return
     app._rare_setup = True
@@ -22,6 +29,39 @@ def setup_app(app) -> None:
     else:
         app.on_after_configure.connect(lambda sender, **kw: enable_confirms(sender), weak=False)
 
+    def fold(sender=None, headers=None, properties=None, **kw):
+        task = app.tasks.get(sender) if isinstance(sender, str) else None
+        if task is not None and getattr(task, "rare_policy", None) is not None and isinstance(headers, dict):
+            fold_expires(headers, properties)
+
+    signals.before_task_publish.connect(fold, weak=False)
+
+
+def fold_expires(headers: dict, properties: dict | None = None) -> None:
+    """A rare task message's Celery ``expires`` (header) becomes its ``x-rare-deadline`` (the earlier
+    of the two), and the AMQP ``expiration`` goes: the broker never drops it, Celery never revokes
+    it; past the deadline it is routed as ``expired`` (fallback or bug queue) like any shelf life."""
+    if properties is not None:
+        properties.pop("expiration", None)
+    expires = headers.get("expires")
+    if expires is None:
+        return
+    headers["expires"] = None
+    try:
+        when = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
+        if isinstance(when, datetime):
+            when = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+        deadline = float(when)
+        if not math.isfinite(deadline):
+            raise ValueError(deadline)
+    except (TypeError, ValueError):
+        log.warning("rare_celery: ignored an expires that is not a time: %r", expires)
+        return
+    current = headers.get(hdr.DEADLINE)
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        deadline = min(deadline, current)
+    headers[hdr.DEADLINE] = deadline
+
 
 def enable_confirms(app) -> None:
     """Turn on publisher confirms unless the app turned them off on purpose (then :func:`check` refuses)."""
@@ -31,6 +71,22 @@ def enable_confirms(app) -> None:
         app.conf.broker_transport_options = options
 
 
+def pickles(kinds) -> list[str]:
+    """The entries of an accept list or serializer setting that mean pickle, by any of its names
+    (``pickle``, ``application/x-python-serialize``, ...) as kombu normalises them."""
+    from kombu.serialization import registry
+
+    pickle_type = registry.name_to_type.get("pickle", "application/x-python-serialize")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds or ())
+    out = []
+    for kind in kinds:
+        text = str(kind)
+        normal = registry.name_to_type.get(text, text)
+        if normal == pickle_type or "pickle" in text.lower() or "python-serialize" in text.lower():
+            out.append(text)
+    return out
+
+
 def check(app) -> None:
     """Refuse to start a worker that could lose or unpickle messages; the error says what to change."""
     enable_confirms(app)
@@ -38,10 +94,9 @@ def check(app) -> None:
         raise ConfigurationError(
             "rare_celery needs publisher confirms: remove confirm_publish=False from "
             "broker_transport_options (or set it to True)")
-    for setting in ("accept_content", "result_accept_content"):
-        value = app.conf.get(setting) or ()
-        if any("pickle" in str(kind) for kind in value):
-            raise ConfigurationError(f"rare_celery accepts JSON only: remove pickle from {setting} ({list(value)})")
-    for setting in ("task_serializer", "result_serializer"):
-        if app.conf.get(setting) == "pickle":
-            raise ConfigurationError(f"rare_celery accepts JSON only: set {setting} = 'json'")
+    for setting in ("accept_content", "result_accept_content", "task_serializer", "result_serializer",
+                    "event_serializer"):
+        found = pickles(app.conf.get(setting))
+        if found:
+            raise ConfigurationError(f"rare_celery accepts JSON only: {setting} names pickle ({', '.join(found)}); "
+                                     f"use 'json'")

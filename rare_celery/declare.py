@@ -8,7 +8,7 @@ from amqp.exceptions import PreconditionFailed
 from kombu import Queue
 
 from .exceptions import TopologyError
-from .topology import DELAY_EXCHANGE
+from .topology import DELAY_EXCHANGE, RETURN_EXCHANGE, UNROUTED_QUEUE
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<what>queue|exchange) '(?P<name>[^']+)' "
@@ -39,11 +39,19 @@ def declare_queue(channel, queue: Queue) -> None:
         raise TopologyError(explain(exc)) from None
 
 
-def declare_worker_topology(channel, bug_queues: list[Queue]) -> None:
-    """What a worker needs before it consumes: the delay exchange and its bug queues.
+def declare_worker_topology(channel, work_queues: list[str], bug_queues: list[str]) -> None:
+    """What a worker needs before it consumes: the delay exchange, the way back (``rare.return``,
+    with ``rare.unrouted`` behind it) with its work queues bound to it, and their bug queues.
 
     Delay queues are declared by whoever first publishes to one (see :mod:`rare_celery.publish`).
     """
+    from .publish import bind_return
+    from .topology import bug_queue
+
     DELAY_EXCHANGE.declare(channel=channel)
-    for queue in bug_queues:
-        declare_queue(channel, queue)
+    declare_queue(channel, UNROUTED_QUEUE)
+    RETURN_EXCHANGE.declare(channel=channel)
+    for name in work_queues:
+        bind_return(channel, name)
+    for name in bug_queues:
+        declare_queue(channel, bug_queue(name))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery.exceptions import ImproperlyConfigured
+from celery.exceptions import Ignore, ImproperlyConfigured, Reject
 
 
 class Bug(Exception):
@@ -60,3 +60,23 @@ class HopLimit(Bug):
     """A hop that would loop (a -> b -> a) or pass ``max_hops`` (reason ``hop_limit``)."""
 
     rare_reason = "hop_limit"
+
+
+class RoutingFailed(Reject):
+    """Raised in the pool process when the copy a decision needs could not be made or published.
+
+    The original message is not acked: the worker's main process puts it back in its queue with
+    one more ``x-rare-deliveries`` (or, past the limit, copies it to the bug queue as ``unroutable``).
+    A ``Reject(requeue=True)``, so even a plain Celery request class would keep the message."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why, requeue=True)
+        self.why = why
+
+    def __reduce__(self):  # crosses from the pool process to the main process
+        return type(self), (self.why,)
+
+
+class Ended(Ignore):
+    """The message already has its next place (a confirmed copy); whatever failed afterwards in
+    Celery's own bookkeeping, the worker acks it."""

@@ -10,7 +10,10 @@ header                 meaning
 ``x-rare-first-at``    first publish, seconds since the epoch (UTC)
 ``x-rare-deadline``    end of the shelf life, seconds since the epoch; absent: none
 ``x-rare-due``         earliest time the message may run (the worker re-delays it if early)
-``x-rare-queue``       work queue the message belongs to
+``x-rare-queue``       work queue the message belongs to (where it came from; routing never trusts it)
+``x-rare-deliveries``  deliveries of this attempt that ended without a next place (a crash, a lost
+                       connection, a copy that could not be published), counted by the worker
+``x-rare-returned``    why the last such delivery ended so
 ``x-rare-exception``   last error: exception type (``module.Name``)
 ``x-rare-error``       last error: message, at most 1,000 characters
 ``x-rare-traceback``   last error: traceback, its last 4,000 characters
@@ -35,8 +38,12 @@ MAX_ERROR = 1000
 MAX_TRACEBACK = 4000
 MAX_ATTEMPT = 1_000_000
 HEADER_BUDGET = 64 * 1024  # the broker's frame is 128 KB; headers of a republish stay under half
+MAX_DELAY = 315_360_000.0  # seconds: RabbitMQ's largest TTL, the longest wait anything can ask for
 MAX_DEPTH = 32  # lists and tables in headers nest at most this deep (rare_celery's own: 2)
 _EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
+MAX_SKEW = 3600.0  # a first-at this far ahead of the worker's clock is nonsense, not clock skew
+ATTEMPT, FIRST_AT, DEADLINE, DUE, QUEUE = (PREFIX + k for k in ("attempt", "first-at", "deadline", "due", "queue"))
+DELIVERIES, RETURNED = PREFIX + "deliveries", PREFIX + "returned"
 TRAVELS = PREFIX + "hops"  # see rare_celery.hops
 ERROR = (PREFIX + "exception", PREFIX + "error", PREFIX + "traceback")
 DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
@@ -79,14 +86,24 @@ def read(headers: Mapping | None, now: float | None = None) -> Attempt:
     queue = headers.get(PREFIX + "queue")
     if queue is not None and (not isinstance(queue, str) or not 0 < len(queue) <= 255):
         raise HeaderError(f"header {PREFIX}queue has an invalid value {_clip(repr(queue), 80)}")
-    first_at = _number(headers, PREFIX + "first-at", 0, _EPOCH_MAX)
+    first_at = _number(headers, FIRST_AT, 0, now + MAX_SKEW)
+    deadline = _number(headers, DEADLINE, 0, _EPOCH_MAX)
+    due = _number(headers, DUE, 0, now + MAX_DELAY + MAX_SKEW)
+    if due is not None and deadline is not None and due > deadline:
+        raise HeaderError(f"header {DUE} ({due}) is after {DEADLINE} ({deadline}): the message could never run")
     return Attempt(
-        number=_number(headers, PREFIX + "attempt", 1, MAX_ATTEMPT, integer=True) or 1,
+        number=_number(headers, ATTEMPT, 1, MAX_ATTEMPT, integer=True) or 1,
         first_at=now if first_at is None else float(first_at),
-        deadline=_number(headers, PREFIX + "deadline", 0, _EPOCH_MAX),
-        due=_number(headers, PREFIX + "due", 0, _EPOCH_MAX),
+        deadline=deadline,
+        due=due,
         queue=queue,
     )
+
+
+def deliveries(headers: Mapping | None) -> int:
+    """``x-rare-deliveries`` of a message (0 when absent or not a small whole number)."""
+    value = (headers or {}).get(DELIVERIES) if isinstance(headers, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ATTEMPT else 0
 
 
 def write(attempt: Attempt) -> dict:

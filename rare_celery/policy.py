@@ -14,7 +14,7 @@ from . import backoff as _backoff
 from .exceptions import Bug
 
 EXHAUSTED, EXPIRED, BUG, UNREGISTERED, REJECTED = "exhausted", "expired", "bug", "unregistered", "rejected"
-WORKER_LOST = "worker_lost"
+WORKER_LOST, TIME_LIMIT, UNROUTABLE = "worker_lost", "time_limit", "unroutable"
 # The shortest wait before a retry: Celery stores RETRY just after the retry is published, and the
 # next attempt must not finish (and store SUCCESS) before that.
 MIN_DELAY = 0.05
@@ -120,12 +120,14 @@ class Policy:
             return self.out_of(EXPIRED)
         return RetryIn(delay)
 
-    def after_loss(self, attempt: int, now: float, deadline: float | None) -> RetryIn | GiveUp | HopTo:
-        """Attempt ``attempt`` was delivered before and never acked (the worker running it died):
-        it counts as failed whatever ``retry_on`` says; its last one ends with reason ``worker_lost``."""
+    def after_loss(self, attempt: int, now: float, deadline: float | None,
+                   reason: str = WORKER_LOST) -> RetryIn | GiveUp | HopTo:
+        """Attempt ``attempt`` started and never finished (the process running it died, or a hard
+        time limit ended it): it counts as failed whatever ``retry_on`` says; when it was the last
+        one, the message ends with ``reason`` (``worker_lost`` or ``time_limit``)."""
         decision = self.decide(attempt, None, now, deadline)
         if not isinstance(decision, RetryIn) and decision.reason == EXHAUSTED:
-            return self.out_of(WORKER_LOST)
+            return self.out_of(reason)
         return decision
 
     def out_of(self, reason: str) -> GiveUp | HopTo:

@@ -1,14 +1,27 @@
-"""Publishing to delay, work and bug queues: confirmed, mandatory, never silently dropped.
+"""Publishing the copy a decision needs: confirmed, mandatory, never silently dropped.
 
-Every publish here waits for the broker's confirm (the app runs with ``confirm_publish``) and is
-``mandatory``: a message no queue takes comes back, the target is declared again and the publish
-tried once more. Anything else the broker refuses raises :class:`PublishRefused`, so the caller
-keeps (does not ack) the original message.
+Every message rare_celery publishes (a retry, a bug-queue entry, a hop, a delayed start, a copy of a
+bad message, a message put back after a failed ending) is a :class:`Copy` and leaves through
+:func:`send`: the target is declared first (once per connection), the publish is ``mandatory`` and
+waits for the broker's confirm. A message no queue takes comes back; the target is declared again
+and the publish tried once more. Anything the broker refuses raises :class:`PublishRefused`, so the
+caller keeps (does not ack) the original message.
+
+:func:`send_patiently` is the refusal back-off: a refusal the broker may get over (a nack from a
+full queue, a lost connection) is tried again after 1, 2, 4 ... seconds within a time budget, while
+the original stays unacked; soft time limits cannot interrupt it (see :func:`shielded`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from amqp import spec
 from amqp.exceptions import ChannelError, MessageNacked
@@ -16,67 +29,223 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from .exceptions import PublishRefused
-from .topology import CLASSIC, DELAY_EXCHANGE, MAX_DELAY_MS, bug_queue, delay_queue, grid_floor
+from .topology import (
+    DELAY_EXCHANGE,
+    MAX_DELAY_MS,
+    RETURN_EXCHANGE,
+    UNROUTED_QUEUE,
+    bug_queue,
+    delay_queue,
+    grid_floor,
+    name_problem,
+)
 
 log = logging.getLogger(__name__)
-NO_ROUTE = 312
+NO_ROUTE, NOT_FOUND = 312, 404
+CONFIRM_TIMEOUT = 30.0  # seconds a publish waits for the broker's confirm before it counts as refused
+PATIENCE = 240.0  # seconds a refused publish is tried again for, at most
+FIRST_PAUSE, MAX_PAUSE = 1.0, 30.0
+KEPT = ("correlation_id", "reply_to", "priority", "message_id", "timestamp", "type", "app_id", "user_id")
 
 
-def send(producer, body, *, exchange: str, routing_key: str, target: Queue | None,
-         headers: dict, retry_policy: dict | None = None, **properties) -> None:
-    """Publish one message with confirms; ``target`` is (re)declared as needed. Raises PublishRefused."""
-    declare = [target] if target is not None else []
+@dataclass(frozen=True)
+class Copy:
+    """One message to publish, and where: ``exchange`` + ``routing_key``, ``target`` declared first.
+
+    ``returns_to``: for a message waiting in a delay queue, the work queue it comes back to; it is
+    bound to ``rare.return`` before the publish, so the due message finds its way back.
+    """
+
+    body: bytes | str
+    headers: dict
+    properties: dict
+    exchange: str
+    routing_key: str
+    target: Queue | None
+    returns_to: str | None = None
+    waits: float = field(default=0.0, compare=False)  # seconds the delay queue holds it (<= the delay)
+
+    @property
+    def where(self) -> str:
+        if self.returns_to is not None:
+            return f"delay queue {self.target.name!r} (back to {self.returns_to!r})"
+        if self.target is not None:
+            return f"queue {self.target.name!r}"
+        return f"exchange {self.exchange!r} key {self.routing_key!r}"
+
+
+def to_queue(queue: Queue, body, headers: dict, properties: dict) -> Copy:
+    """A copy for ``queue`` itself, through the default exchange (a hop, a message put back)."""
+    return Copy(body, headers, properties, "", queue.name, queue)
+
+
+def to_bugs(name: str, body, headers: dict, properties: dict) -> Copy:
+    """A copy for the bug queue ``name`` (a durable classic queue, declared if missing)."""
+    return Copy(body, headers, properties, "", name, bug_queue(name))
+
+
+def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, properties: dict,
+             slack: float = 0.0) -> Copy:
+    """A copy that waits ``delay`` seconds (at most; see ``Copy.waits``) and comes back to ``work_queue``.
+
+    It waits in the delay queue of the largest grid value not above ``delay`` (+ ``slack``: a message
+    may come back that much late, to save a round); the rest is sent round again by the worker when
+    it arrives early (see ``x-rare-due``). Under 1 ms: straight back.
+    """
+    ms = min(int((delay + slack) * 1000), MAX_DELAY_MS)
+    if ms < 1:
+        return Copy(body, headers, properties, "", work_queue, None)
+    queue = delay_queue(grid_floor(ms), kind)
+    return Copy(body, {**headers, "BCC": [queue.name]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
+                returns_to=work_queue, waits=queue.queue_arguments["x-message-ttl"] / 1000)
+
+
+def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
+    """Publish ``copy`` with confirms, mandatory; raises :class:`PublishRefused` if the broker does not
+    take it (or does not confirm it within ``timeout`` seconds)."""
+    problem = name_problem(copy.routing_key if copy.target is None else copy.target.name)
+    if problem:
+        raise PublishRefused(f"cannot publish to {copy.where}: {problem}")
+    def publish() -> None:
+        _prepare(producer, copy)
+        producer.publish(copy.body, exchange=copy.exchange, routing_key=copy.routing_key, headers=copy.headers,
+                         mandatory=True, delivery_mode=2, retry=False, timeout=timeout, **copy.properties)
+
+    # a lost connection (also while declaring) is renewed and the whole publish tried again
+    ensured = producer.connection.ensure(producer, publish, max_retries=3, interval_start=0, interval_step=0.5,
+                                         interval_max=1)
     for last_try in (False, True):
         try:
-            producer.publish(
-                body, exchange=exchange, routing_key=routing_key, headers=headers,
-                declare=declare, mandatory=True, delivery_mode=2, retry=True,
-                retry_policy=retry_policy or {"max_retries": 3}, **properties)
+            ensured()
             return
         except ChannelError as exc:
-            if getattr(exc, "reply_code", None) != NO_ROUTE:
-                raise PublishRefused(f"the publish to {_where(exchange, routing_key, target)} failed: {exc}") from None
-            producer.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=10)  # the returned message's confirm
-            if last_try or target is None:
-                raise PublishRefused(f"no queue took the message for {_where(exchange, routing_key, target)}") from None
-            log.warning("rare_celery: %s was missing; declaring it again", target.name)
-            producer.channel.connection.client.declared_entities.discard(hash(target))
+            code = getattr(exc, "reply_code", None)
+            if code == NO_ROUTE:
+                with contextlib.suppress(Exception):  # the returned message is still confirmed: take that ack
+                    producer.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=10)
+            if code not in (NO_ROUTE, NOT_FOUND) or last_try:
+                raise PublishRefused(f"the broker did not take the message for {copy.where}: {_why(exc)}",
+                                     transient=code in (NO_ROUTE, NOT_FOUND)) from None
+            log.warning("rare_celery: %s was missing; declaring it again", copy.where)
+            _forget(producer)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the caller must keep the original
-            # kombu retries a nack (py-amqp files MessageNacked under connection errors) and then
-            # re-raises it as OperationalError: look for the nack behind it.
+            # kombu renews the connection after a nack (py-amqp files MessageNacked under connection
+            # errors) and then re-raises it as OperationalError: look for the nack behind it.
             cause = exc if isinstance(exc, MessageNacked) else (exc.__cause__ or exc.__context__)
             if isinstance(cause, MessageNacked):
-                raise PublishRefused(f"the broker refused (nacked) the publish to "
-                                     f"{_where(exchange, routing_key, target)}", transient=True) from None
-            transient = isinstance(exc, (OperationalError, *producer.connection.connection_errors))
-            raise PublishRefused(f"the publish to {_where(exchange, routing_key, target)} failed: {exc!r}",
-                                 transient=transient) from None
+                raise PublishRefused(f"the broker refused (nacked) the message for {copy.where}",
+                                     transient=True) from None
+            transient = isinstance(exc, (OperationalError, TimeoutError, *producer.connection.connection_errors))
+            raise PublishRefused(f"the publish to {copy.where} failed: {_why(exc)}", transient=transient) from None
 
 
-def _where(exchange: str, routing_key: str, target: Queue | None) -> str:
-    return f"queue {target.name!r}" if target is not None else f"exchange {exchange!r} key {routing_key!r}"
+def _prepare(producer, copy: Copy) -> None:
+    """Declare what ``copy`` needs, once per connection: its target; for a delay copy, the way back."""
+    channel = producer.channel
+    done = channel.connection.client.declared_entities  # kombu empties it when the connection is renewed
+    wanted = [copy.target] if copy.target is not None else []
+    if copy.returns_to is not None:
+        wanted[:0] = [UNROUTED_QUEUE, RETURN_EXCHANGE]
+    for entity in wanted:
+        if hash(entity) not in done:
+            entity.bind(channel).declare()
+            done.add(hash(entity))
+    if copy.returns_to is not None and ("rare.return", copy.returns_to) not in done:
+        bind_return(channel, copy.returns_to)
+        done.add(("rare.return", copy.returns_to))
 
 
-def send_delayed(producer, body, *, work_queue: str, delay: float, kind: str = CLASSIC,
-                 headers: dict, **properties) -> float:
-    """Publish ``body`` to come back to ``work_queue`` after ``delay`` seconds.
-
-    The message waits in the delay queue of the largest grid value not above ``delay`` and is
-    dead-lettered straight to ``work_queue``. Returns the seconds it will wait there (<= delay);
-    the rest is sent round again by the worker when it arrives early (see ``x-rare-due``).
-    """
-    ms = min(int(delay * 1000), MAX_DELAY_MS)
-    if ms < 1:
-        send(producer, body, exchange="", routing_key=work_queue, target=None,
-             headers=headers, **properties)
-        return 0.0
-    queue = delay_queue(grid_floor(ms), kind)
-    send(producer, body, exchange=DELAY_EXCHANGE.name, routing_key=work_queue, target=queue,
-         headers={**headers, "BCC": [queue.name]}, **properties)
-    return queue.queue_arguments["x-message-ttl"] / 1000
+def bind_return(channel, work_queue: str) -> None:
+    """Bind ``work_queue`` to ``rare.return`` by its name: due messages come back to it."""
+    channel.queue_bind(queue=work_queue, exchange=RETURN_EXCHANGE.name, routing_key=work_queue)
 
 
-def send_to_bugs(producer, body, *, queue: str, headers: dict, **properties) -> None:
-    """Publish ``body`` to the bug queue ``queue`` (declared if it is missing)."""
-    send(producer, body, exchange="", routing_key=queue, target=bug_queue(queue),
-         headers=headers, **properties)
+def _forget(producer) -> None:
+    with contextlib.suppress(Exception):
+        producer.channel.connection.client.declared_entities.clear()
+
+
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def send_patiently(app, copy: Copy, *, budget: float = PATIENCE, timeout: float = CONFIRM_TIMEOUT,
+                   on_refused: Callable[[PublishRefused, float | None], None] | None = None) -> None:
+    """:func:`send` through ``app``'s producer pool; a transient refusal is tried again (1, 2, 4 ... 30 s)
+    for at most ``budget`` seconds. Raises the last :class:`PublishRefused` when it gives up.
+
+    ``on_refused(exc, pause)`` is told about each refusal (``pause`` is ``None`` for the last)."""
+    started, pause = time.monotonic(), FIRST_PAUSE
+    while True:
+        try:
+            with producer_for(app, timeout) as producer:
+                send(producer, copy, timeout)
+            return
+        except PublishRefused as exc:
+            left = budget - (time.monotonic() - started)
+            again = exc.transient and left > pause
+            if on_refused is not None:
+                on_refused(exc, pause if again else None)
+            if not again:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, MAX_PAUSE)
+
+
+_MAIN: dict = {}  # pid -> (app, producer) of the worker's main process (see producer_for)
+
+
+def main_process(app) -> None:
+    """Say that this process is the worker's main process: its publishes use a connection of their
+    own, which the pool processes it forks never touch (the app's producer pool is reset in every
+    new pool process, and with it the connections the main process shares with it)."""
+    _MAIN[os.getpid()] = [app, None, threading.Lock()]
+
+
+@contextlib.contextmanager
+def producer_for(app, timeout: float) -> Iterator:
+    """A producer to publish with: the main process's own (see :func:`main_process`), else one of
+    the app's producer pool."""
+    mine = _MAIN.get(os.getpid())
+    if mine is None or mine[0] is not app:
+        with app.producer_pool.acquire(block=True, timeout=timeout) as producer:
+            yield producer
+        return
+    with mine[2]:  # one publish at a time (solo, threads or greenlet pools run tasks here too)
+        if mine[1] is None:
+            mine[1] = app.amqp.Producer(app.connection_for_write())
+        yield mine[1]
+
+
+def properties_of(message) -> dict:
+    """The properties of a received message that a copy of it keeps (not ``expiration``)."""
+    props = {k: v for k, v in (message.properties or {}).items() if k in KEPT and v is not None}
+    props["content_type"] = message.content_type or "application/octet-stream"
+    props["content_encoding"] = message.content_encoding or "binary"
+    return props
+
+
+# -- soft time limits ---------------------------------------------------------------------------
+
+_SOFT = getattr(signal, "SIGUSR1", None)  # billiard's soft time limit signal
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[list]:
+    """While the block runs, a soft time limit (billiard's SIGUSR1) does not raise inside it: it is
+    noted in the list this yields. Deciding and publishing where a message goes is not interrupted
+    half-way; the hard time limit still ends the process (its message is routed by the worker)."""
+    fired: list = []
+    if _SOFT is None or threading.current_thread() is not threading.main_thread():
+        yield fired
+        return
+    try:
+        previous = signal.signal(_SOFT, lambda signum, frame: fired.append(time.monotonic()))
+    except (ValueError, OSError):  # not allowed here: nothing to shield
+        yield fired
+        return
+    try:
+        yield fired
+    finally:
+        signal.signal(_SOFT, previous)

@@ -1,15 +1,19 @@
 """RareTask: a Celery Task whose retries wait in RabbitMQ delay queues, not in worker memory.
 
-One attempt, inside the pool process that runs it::
+One delivery, inside the pool process that runs it::
 
-    headers -> early? send round again | expired? -> run() -> Policy.decide()
-        RetryIn(delay)  publish the same message to a delay queue (confirmed), raise Celery's Retry
-                        (RETRY state, task_retry, task-retried, ack)
-        GiveUp(reason)  publish it to the bug queue (confirmed), re-raise
-                        (FAILURE state, task_failure, errbacks, ack)
-        HopTo(task)     publish it to the fallback task's queue (confirmed), store HOPPED, ack
+    admit   headers nonsense?        -> bug queue (rejected)
+            a copy of a success?     -> acked, not run (the worker lost its ack before)
+            early (x-rare-due)?      -> delay queue for the rest, not run, nothing counted
+            shelf life over?         -> fallback task, or bug queue (expired)
+    run()   Policy.decide()          -> RetryIn: delay queue   GiveUp: bug queue   HopTo: fallback
+            raise Hop(...)           -> the next task's queue
 
-Nothing is acked before its copy is confirmed; a refused publish requeues the original.
+Every way out of a delivery goes through :meth:`RareTask._end`: the copy of the message is
+published to its next place, confirmed and mandatory, and only then is Celery told what to do
+(``Retry``, the exception, or ``Ignore``), which makes it ack. A delivery ends once. Anything that
+fails before the broker confirmed the copy raises :class:`~rare_celery.exceptions.RoutingFailed`:
+the message is not acked, and the worker's main process puts it back (:mod:`rare_celery.request`).
 """
 
 from __future__ import annotations
@@ -17,25 +21,25 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple, NoReturn
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import backoff as _backoff
+from . import events, hops, signals
 from . import headers as hdr
-from . import hops, signals
-from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, PublishRefused, WorkerLost
+from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, RoutingFailed
 from .message import rebuild
 from .policy import EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
-from .publish import send, send_delayed, send_to_bugs
-from .topology import DELAY_EXCHANGE, delay_queue, grid_floor, queue_kind
+from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
+from .topology import RETURN_EXCHANGE, bug_queue_name, queue_kind
 
 log = logging.getLogger(__name__)
 EARLY_SLEEP = 0.02  # a message this close to its due time waits in the worker instead of going round again
-REFUSED_PAUSE, REFUSED_TRIES = 1.0, 12  # a refused publish is tried again for about 4 minutes
+ROUTING_PAUSE = 1.0  # after a failed ending, before the message is put back: never a hot loop
 HOPPED = "HOPPED"  # result state of a task whose work moved on (not ready: .get() waits for the target)
 _OVERRIDABLE = ("max_attempts", "backoff", "expires_in", "retry_on", "fallback")
 
@@ -47,6 +51,21 @@ class Handler:
     key: str
     fn: Callable
     policy: Policy
+
+
+class Current(NamedTuple):
+    """The attempt running now and the policy that decides what follows it."""
+
+    attempt: hdr.Attempt
+    policy: Policy
+
+
+class _EagerRetry(Retry):
+    """``retry()`` called in an eager run: the eager loop (not the broker) runs the next attempt."""
+
+    def __init__(self, exc, countdown, limit):
+        super().__init__(exc=exc, when=countdown)
+        self.countdown, self.limit = countdown, limit
 
 
 class RareTask(Task):
@@ -75,11 +94,12 @@ class RareTask(Task):
     max_hops: int = hops.MAX_HOPS
     dispatch_on: str | None = None
 
+    Request = "rare_celery.request:RareRequest"  # the worker's side: lost workers, time limits, put-backs
     acks_late = True
     acks_on_failure_or_timeout = True  # Celery 5.4; 5.5+ reads the two below
     acks_on_failure = True  # a final failure is acked once its bug-queue copy is confirmed
-    acks_on_timeout = False  # a hard time limit requeues: it counts as a lost attempt
-    reject_on_worker_lost = True  # a killed pool process requeues: it counts as a lost attempt
+    acks_on_timeout = False  # a hard time limit is routed by the worker (request.py), never acked unrouted
+    reject_on_worker_lost = True  # a killed pool process is routed by the worker (request.py)
     retry_on_worker_lost = False  # Celery 5.7's own ETA retry on worker loss: not for RareTask
     serializer = "json"
     max_retries = None  # attempts are counted by rare_celery, not by Celery's retries
@@ -120,93 +140,116 @@ class RareTask(Task):
         setup_app(app)
         return super().bind(app)
 
+    # -- the pool process's tracer, guarded (see rare_celery.request) -----------------------------
+
+    @property
+    def __trace__(self):
+        return self.__dict__.get("_rare_tracer")
+
+    @__trace__.setter
+    def __trace__(self, tracer):
+        from .request import guard_tracer
+
+        self.__dict__["_rare_tracer"] = None if tracer is None else guard_tracer(tracer)
+
+    @property
+    def backend(self):
+        """Celery's result backend, except that the RETRY a retry stored before its publish is not
+        stored again after it (a next attempt that already finished would lose its SUCCESS)."""
+        backend = self._backend if self._backend is not None else self.app.backend
+        req = self.request_stack.top
+        return _RetryStored(backend) if getattr(req, "rare_retry_stored", False) else backend
+
+    @backend.setter
+    def backend(self, value):
+        self._backend = value
+
     # -- publisher side ------------------------------------------------------------------------
 
     def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None,
                     link_error=None, shadow=None, **options):
         """Celery's ``apply_async``, with the first-publish time in headers.
 
-        Celery's ``expires`` becomes part of the deadline (a RareTask is never revoked silently).
-        ``countdown``/``eta`` wait in a delay queue, like retries (the worker holds nothing), and
-        count toward nothing: the first run is still attempt 1, the shelf life starts now.
+        ``countdown``/``eta`` become a due time (``x-rare-due``): the first worker to see the message
+        sends it to a delay queue (the worker holds nothing) and runs it when it is due. It counts
+        toward nothing: the first run is still attempt 1, and the shelf life starts now. Celery's
+        ``expires`` becomes part of the deadline (see :func:`rare_celery.app.fold_expires`).
         """
         now = time.time()
         headers = dict(options.pop("headers", None) or {})
-        headers.setdefault(hdr.PREFIX + "first-at", now)
-        expires = options.pop("expires", None)
-        if expires is not None:
-            headers[hdr.PREFIX + "deadline"] = _epoch(expires, now)
+        headers.setdefault(hdr.FIRST_AT, now)
         countdown, eta = options.pop("countdown", None), options.pop("eta", None)
         delay = _epoch(eta, now) - now if eta is not None else countdown
         if delay is not None and delay >= 0.001:
-            queue = self._route_for(args, kwargs, options)
-            waits_in = delay_queue(grid_floor(int(delay * 1000)), queue_kind(queue))
-            headers.update({hdr.PREFIX + "due": now + delay, hdr.PREFIX + "queue": queue.name,
-                            "BCC": [waits_in.name]})
-            options.update(queue=queue, exchange=DELAY_EXCHANGE.name, routing_key=queue.name,
-                           declare=[queue, waits_in])
+            if delay > hdr.MAX_DELAY:
+                raise ValueError(f"{self.name}: a delayed start of {delay:.0f} s is longer than 10 years "
+                                 f"(RabbitMQ's longest wait)")
+            expires = options.get("expires", self.expires)
+            if expires is not None and _epoch(expires, now) < now + delay:
+                raise ValueError(f"{self.name}: the delayed start ({delay:g} s from now) is after its expires: "
+                                 f"the task could never run")
+            headers[hdr.DUE] = now + delay
         return super().apply_async(args, kwargs, task_id=task_id, producer=producer, link=link,
                                    link_error=link_error, shadow=shadow, headers=headers, **options)
-
-    def _route_for(self, args, kwargs, options):
-        """The kombu Queue Celery's router picks for this task with these options."""
-        wanted = dict(options)
-        if not wanted.get("queue") and getattr(self, "queue", None):
-            wanted["queue"] = self.queue
-        return self.app.amqp.router.route(wanted, self.name, args, kwargs, self)["queue"]
 
     # -- worker side ---------------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):
         req = self.request
-        if req.called_directly or req.is_eager:
+        if req.called_directly:
             return self.run(*args, **kwargs)
+        if req.is_eager:
+            return self._eagerly(args, kwargs)
+        req.rare_started = time.monotonic()
+        fn = self._admit(args, kwargs)
+        signals.attempt_started.send(sender=self, request=req, attempt=req.rare_current.attempt.number)
         try:
-            state = hdr.read(req.headers)
-        except hdr.HeaderError as exc:
-            self._give_up(REJECTED, exc, hdr.Attempt(1, time.time()))
-            raise
-        now = time.time()
-        if state.due is not None and state.due > now:
-            if state.due - now > EARLY_SLEEP:
-                self._publish_delayed(state.due - now, state, None, keep_error=True)
-                raise Ignore()
-            time.sleep(state.due - now)
-        try:
-            policy, fn = self._dispatch(args, kwargs)
-        except NoHandler as exc:
-            self._conclude(GiveUp(exc.rare_reason), exc, state, self.rare_policy)
-        if state.deadline is None and policy.expires_in is not None:
-            state = hdr.Attempt(state.number, state.first_at, policy.deadline(state.first_at), None, state.queue)
-        req._rare = (state, policy)
-        if state.deadline is not None and time.time() > state.deadline:
-            exc = Expired(f"shelf life ended at {_iso(state.deadline)} before attempt {state.number}")
-            self._conclude(policy.out_of(EXPIRED), exc, state, policy, keep_error=True)
-        if (req.delivery_info or {}).get("redelivered"):
-            self._lost(state, policy)
-        signals.attempt_started.send(sender=self, request=req, attempt=state.number)
-        try:
-            return fn(*args, **kwargs)
-        except (Retry, Ignore, Reject):
-            raise
+            result = fn(*args, **kwargs)
+        except (Ignore, Reject):
+            raise  # the task's own choice (Task.replace raises Ignore): Celery acks or rejects
         except Hop as hop:
-            new = hop.args or hop.kwargs  # no arguments given: the current ones go along
-            self._hop(hop.target, hop.reason, state, hop.args if new else None, hop.kwargs if new else None)
-        except Exception as exc:
-            if getattr(exc, "_rare_routed", False):
-                raise
+            self._hop_raised(hop)
+        except Retry as r:  # a Retry raised by hand, not through self.retry()
+            self._ended_before()
+            self.retry(exc=r.exc)
+        except Exception as exc:  # noqa: BLE001 - every failure is the policy's to decide
+            self._ended_before()
             if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):
                 exc = Bug(f"wrong arguments for {self.name}: {exc}")
             self.retry(exc=exc)
+        self._ended_before()  # retry(throw=False), then returned: the retry is this delivery's ending
+        return result
 
-    def _lost(self, state: hdr.Attempt, policy: Policy):
-        """A redelivered message: its attempt was lost with its worker. Count it, never loop."""
-        exc = WorkerLost(f"attempt {state.number} was delivered before and never acked: "
-                         f"the worker running it died or lost its connection")
-        decision = policy.after_loss(state.number, time.time(), state.deadline)
-        if not isinstance(decision, RetryIn):
-            self._conclude(decision, exc, state, policy)
-        raise self._schedule(decision.delay, state, exc)
+    def _admit(self, args, kwargs) -> Callable:
+        """Check a delivery before it runs; route it elsewhere (raising) when it must not run now."""
+        req, now = self.request, time.time()
+        try:
+            state = hdr.read(req.headers, now)
+        except hdr.HeaderError as exc:
+            self._to_bugs(REJECTED, exc, Current(hdr.Attempt(1, now), self.rare_policy))
+        if hdr.deliveries(req.headers) and self._succeeded_before():
+            log.warning("rare_celery: %s[%s] came back after it had succeeded (its ack was lost): not run again",
+                        self.name, req.id)
+            self._end(None, Ignore())
+        try:
+            policy, fn = self._dispatch(args, kwargs)
+        except NoHandler as exc:
+            self._to_bugs(exc.rare_reason, exc, Current(state, self.rare_policy))
+        if state.deadline is None and policy.expires_in is not None:
+            state = replace(state, deadline=policy.deadline(state.first_at))
+        current = req.rare_current = Current(state, policy)
+        if state.due is not None and state.deadline is not None and state.due > state.deadline:
+            exc = hdr.HeaderError(f"header {hdr.DUE} is after the end of the shelf life ({_iso(state.deadline)}): "
+                                  f"the message could never run")
+            self._to_bugs(REJECTED, exc, current)
+        if state.due is not None and state.due > now:
+            if state.due - now > EARLY_SLEEP:
+                self._wait(current)
+            time.sleep(state.due - now)
+        if state.deadline is not None and time.time() > state.deadline:
+            exc = Expired(f"shelf life ended at {_iso(state.deadline)} before attempt {state.number}")
+            self._out_of(policy.out_of(EXPIRED), exc, current, keep_error=True)
+        return fn
 
     def _dispatch(self, args, kwargs) -> tuple[Policy, Callable]:
         """The policy and function for this message: the task's own, or its payload handler's."""
@@ -223,10 +266,10 @@ class RareTask(Task):
     @property
     def attempt(self) -> int:
         """The number of the attempt running now (1 = the first run; a hop starts again at 1)."""
-        state = getattr(self.request, "_rare", None)
-        return state[0].number if state else hdr.read(self.request.headers).number
+        current = getattr(self.request, "rare_current", None)
+        return current.attempt.number if current else hdr.read(self.request.headers).number
 
-    def hop(self, target, *args, reason: str = "", **kwargs):
+    def hop(self, target, *args, reason: str = "", **kwargs) -> NoReturn:
         """Move the work to ``target`` now (see :class:`~rare_celery.Hop`); does not return."""
         raise Hop(target, *args, reason=reason, **kwargs)
 
@@ -236,147 +279,321 @@ class RareTask(Task):
 
         Same signature as Celery's ``Task.retry``: ``countdown``/``eta`` override the backoff
         schedule once, ``max_retries`` the attempt limit (as ``max_retries + 1`` attempts).
-        Raises ``Retry`` when scheduled; when no attempt is left, raises ``exc`` (or
+        Raises ``Retry`` when scheduled (returns it with ``throw=False``: the retry is then this
+        delivery's ending, whatever the task does next); when no attempt is left, raises ``exc`` (or
         :class:`Exhausted`/:class:`Expired` without one) after the message is in the bug queue.
         """
         req = self.request
-        if req.called_directly or req.is_eager:
-            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        state, policy = getattr(req, "_rare", None) or (hdr.read(req.headers), self.rare_policy)
         now = time.time()
         if eta is not None:
             countdown = _epoch(eta, now) - now
         limit = None if max_retries is None else max_retries + 1
-        decision = policy.decide(state.number, exc, now, state.deadline, countdown, limit)
-        if not isinstance(decision, RetryIn):
-            if exc is None:
-                exc = (Expired if decision.reason == EXPIRED else Exhausted)(
-                    f"{self.name}[{req.id}]: {decision.reason} after {state.number} attempts")
-            self._conclude(decision, exc, state, policy, args=args, kwargs=kwargs)
-        ret = self._schedule(decision.delay, state, exc, args, kwargs)
-        if throw:
-            raise ret
-        return ret
+        if req.called_directly:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        if req.is_eager:
+            raise _EagerRetry(exc, countdown, limit)
+        if isinstance(exc, Hop):  # autoretry_for=(Exception,) caught a Hop: it is a hop, not a failure
+            self._hop_raised(exc)
+        try:
+            self._ended_before()
+            current = getattr(req, "rare_current", None) or Current(hdr.read(req.headers), self.rare_policy)
+            decision = current.policy.decide(current.attempt.number, exc, now, current.attempt.deadline,
+                                             countdown, limit)
+            if not isinstance(decision, RetryIn):
+                if exc is None:
+                    exc = (Expired if decision.reason == EXPIRED else Exhausted)(
+                        f"{self.name}[{req.id}]: {decision.reason} after {current.attempt.number} attempts")
+                self._out_of(decision, exc, current, args=args, kwargs=kwargs)
+            self._retry_in(decision.delay, current, exc, args, kwargs)
+        except Retry as ret:
+            if throw:
+                raise
+            return ret
 
-    def _schedule(self, delay: float, state: hdr.Attempt, exc, args=None, kwargs=None) -> Retry:
-        """Publish the next attempt to come back in ``delay`` seconds; the ``Retry`` to raise."""
-        nxt = hdr.Attempt(state.number + 1, state.first_at, state.deadline, time.time() + delay, state.queue)
-        self._publish_delayed(delay, nxt, exc, args=args, kwargs=kwargs)
-        signals.retry_scheduled.send(sender=self, request=self.request, attempt=state.number, delay=delay,
-                                     exception=exc)
-        return Retry(exc=exc, when=delay)
+    # -- where the message goes next: every way leads through _end ------------------------------
 
-    # -- where the message goes next -------------------------------------------------------------
+    def _end(self, make: Callable[[], Copy] | None, outcome: BaseException, report: Callable[[], None] | None = None,
+             before: Callable[[], None] | None = None) -> NoReturn:
+        """The one way out of a delivery: publish the copy ``make()`` builds (confirmed, mandatory),
+        then raise ``outcome``, which makes Celery ack. ``before`` runs first (best effort: a result
+        state that must be stored before the copy exists), ``report`` after (signals, events, logs).
 
-    def _conclude(self, decision, exc, state: hdr.Attempt, policy: Policy, args=None, kwargs=None,
-                  keep_error=False):
-        """No more attempts here: hop to the fallback, or the bug queue. Always raises."""
+        A delivery ends once: asked again (a Hop inside autoretry, ``retry(throw=False)``), the first
+        ending is raised again and nothing is published twice. Whatever fails before the broker has
+        confirmed the copy, of any exception type, raises RoutingFailed: the message stays unacked.
+        """
+        req = self.request
+        self._ended_before()
+        with shielded():
+            try:
+                if before is not None:
+                    try:
+                        before()
+                    except Exception as exc:  # noqa: BLE001 - a result state is a report, the copy is what counts
+                        log.warning("rare_celery: %s[%s]: could not store its state first: %r", self.name, req.id, exc)
+                if make is not None:
+                    send_patiently(self.app, make(), budget=self._patience(), on_refused=self._refused)
+            except BaseException as exc:  # noqa: BLE001 - ours, Celery's, the broker's: the message is kept
+                why = f"{type(exc).__name__}: {exc}"[: hdr.MAX_ERROR]
+                log.error("rare_celery: %s[%s] could not go to its next place (%s); it stays unacked and the "
+                          "worker puts it back", self.name, req.id, why)
+                time.sleep(ROUTING_PAUSE)
+                raise RoutingFailed(why) from None
+            _ending_of(req).append(outcome)
+        if report is not None:
+            try:
+                report()
+            except Exception as exc:  # noqa: BLE001 - the message is where it belongs already
+                log.warning("rare_celery: %s[%s]: reporting its ending failed: %r", self.name, req.id, exc)
+        raise outcome
+
+    def _ended_before(self) -> None:
+        """Raise this delivery's ending again if it has one already."""
+        ending = _ending_of(self.request)
+        if ending:
+            raise ending[0]
+
+    def _retry_in(self, delay: float, current: Current, exc, args=None, kwargs=None) -> NoReturn:
+        req, state = self.request, current.attempt
+        nxt = replace(state, number=state.number + 1, due=time.time() + delay)
+        queue = self._work_queue()
+
+        def make() -> Copy:
+            extra = {**hdr.write(replace(nxt, queue=queue)), **hdr.error(exc)}
+            return to_delay(queue, delay, self._kind(queue),
+                            *rebuild(self, args=args, kwargs=kwargs, retries=nxt.number - 1, extra=extra))
+
+        def store_retry_first() -> None:
+            if self._stores_results():
+                self.backend.mark_as_retry(req.id, exc, request=req)
+                req.rare_retry_stored = True
+
+        def report() -> None:
+            signals.retry_scheduled.send(sender=self, request=req, attempt=state.number, delay=delay, exception=exc)
+            events.emit(self, events.RETRY, req.id, attempt=state.number, delay=delay,
+                        exception=_exc_name(exc), queue=queue)
+
+        self._end(make, Retry(exc=exc, when=delay), report, before=store_retry_first)
+
+    def _out_of(self, decision: GiveUp | HopTo, exc, current: Current, args=None, kwargs=None,
+                keep_error=False) -> NoReturn:
+        """No more attempts here: hop to the fallback, or the bug queue."""
+        req = self.request
         if decision.reason == EXPIRED:
-            signals.expired.send(sender=self, request=self.request, deadline=state.deadline,
-                                 attempts=state.number)
+            signals.expired.send(sender=self, request=req, deadline=current.attempt.deadline,
+                                 attempts=current.attempt.number)
+            events.emit(self, events.EXPIRED, req.id, deadline=current.attempt.deadline,
+                        attempts=current.attempt.number)
         if isinstance(decision, HopTo):
-            self._hop(decision.target, decision.reason, state, args, kwargs)
-        self._give_up(decision.reason, exc, state, args, kwargs, keep_error)
-        exc._rare_routed = True
-        raise exc
+            self._hop(decision.target, decision.reason, current, args, kwargs)
+        self._to_bugs(decision.reason, exc, current, args, kwargs, keep_error)
 
-    def _hop(self, target, reason: str, state: hdr.Attempt, args=None, kwargs=None):
+    def _hop_raised(self, hop: Hop) -> NoReturn:
+        self._ended_before()
+        current = getattr(self.request, "rare_current", None) or Current(hdr.read(self.request.headers),
+                                                                         self.rare_policy)
+        new = hop.args or hop.kwargs  # no arguments given: the current ones go along
+        self._hop(hop.target, hop.reason, current, hop.args if new else None, hop.kwargs if new else None)
+
+    def _hop(self, target, reason: str, current: Current, args=None, kwargs=None) -> NoReturn:
         """Publish the work to ``target``'s queue (same id, fresh attempts), then end this run."""
-        req, now = self.request, time.time()
+        req, now, state = self.request, time.time(), current.attempt
         name = _task_name(self.app, target)
-        queue = self._work_queue(state)
+        queue = self._work_queue()
         history = [*hops.read((req.headers or {}).get(hops.HEADER)),
                    hops.entry(self.name, queue, reason, state.number, state.first_at, now)]
         refused = hops.refusal(history, name, self.max_hops)
         if refused:
-            exc = HopLimit(f"{self.name}[{req.id}] cannot hop to {name}: {refused}")
-            self._give_up(exc.rare_reason, exc, state, args, kwargs)
-            exc._rare_routed = True
-            raise exc
-        target_task = self.app.tasks.get(name)
-        dest = _target_queue(self.app, name, target_task)
-        extra = {hdr.PREFIX + "attempt": 1, hdr.PREFIX + "first-at": now, hdr.PREFIX + "queue": dest.name,
-                 hops.HEADER: history}
-        body, headers, props = rebuild(self, name=name, args=args, kwargs=kwargs, retries=0, extra=extra)
-        if not self.ignore_result and not req.ignore_result:  # before the publish: the target may finish first
-            self.update_state(state=HOPPED, meta={"hopped_to": name, "queue": dest.name, "reason": reason,
-                                                  "hops": len(history)})
-        self._send(lambda p: send(p, body, exchange="", routing_key=dest.name, target=dest,
-                                  headers=headers, **props))
-        log.info("rare_celery: %s[%s] hopped to %s on %s: %s", self.name, req.id, name, dest.name, reason)
-        signals.hopped.send(sender=self, request=req, source=self.name, target=name, reason=reason,
-                            queue=dest.name)
-        raise Ignore()
+            self._to_bugs(HopLimit.rare_reason, HopLimit(f"{self.name}[{req.id}] cannot hop to {name}: {refused}"),
+                          current, args, kwargs)
+        dest = _target_queue(self.app, name, self.app.tasks.get(name))
 
-    def _give_up(self, reason: str, exc, state: hdr.Attempt, args=None, kwargs=None, keep_error=False):
-        req = self.request
-        queue = self._work_queue(state)
-        extra = hdr.write(hdr.Attempt(state.number, state.first_at, state.deadline, None, queue))
-        extra.update(self._error_headers(exc, keep_error))
-        extra.update(hdr.bug(reason, state.number, self.name))
-        history = hops.read((req.headers or {}).get(hops.HEADER))
-        if history:
-            extra[hops.HEADER] = [*history, hops.entry(self.name, queue, reason, state.number, state.first_at,
-                                                       time.time())]
-        body, headers, props = rebuild(self, args=args, kwargs=kwargs, retries=state.number - 1, extra=extra)
-        bugs = self.bug_queue or f"{queue}.bugs"
-        self._send(lambda p: send_to_bugs(p, body, queue=bugs, headers=headers, **props))
-        log.warning("rare_celery: %s[%s] routed to %s: %s (%s)", self.name, req.id, bugs, reason,
-                    type(exc).__name__)
-        signals.routed_to_bugs.send(sender=self, request=req, reason=reason, attempts=state.number,
-                                    exception=exc, queue=bugs)
+        def make() -> Copy:
+            extra = {**hdr.write(hdr.Attempt(1, now, queue=dest.name)), hops.HEADER: history}
+            return to_queue(dest, *rebuild(self, name=name, args=args, kwargs=kwargs, retries=0, extra=extra))
 
-    def _publish_delayed(self, delay: float, nxt: hdr.Attempt, exc, keep_error=False, args=None, kwargs=None):
-        queue = self._work_queue(nxt)
-        extra = hdr.write(hdr.Attempt(nxt.number, nxt.first_at, nxt.deadline, nxt.due, queue))
-        extra.update(self._error_headers(exc, keep_error))
-        body, headers, props = rebuild(self, args=args, kwargs=kwargs, retries=nxt.number - 1, extra=extra)
-        self._send(lambda p: send_delayed(p, body, work_queue=queue, delay=delay, kind=self._kind(queue),
-                                          headers=headers, **props))
+        def store_hopped_first() -> None:  # the target may finish (and store SUCCESS) before this run ends
+            if self._stores_results():
+                self.update_state(state=HOPPED, meta={"hopped_to": name, "queue": dest.name, "reason": reason,
+                                                      "hops": len(history)})
 
-    def _send(self, publish) -> None:
-        """Publish a copy of this message; until the broker confirms it, this message stays unacked.
+        def report() -> None:
+            log.info("rare_celery: %s[%s] hopped to %s on %s: %s", self.name, req.id, name, dest.name, reason)
+            signals.hopped.send(sender=self, request=req, source=self.name, target=name, reason=reason,
+                                queue=dest.name)
+            events.emit(self, events.HOP, req.id, target=name, reason=reason, queue=dest.name)
 
-        A refusal the broker may get over (a nack: a full queue; a lost connection) is tried again,
-        waiting 1, 2, 4 ... 30 s, while the message stays unacked and its attempt is not counted
-        again. Anything else, or a refusal that lasts ``REFUSED_TRIES`` tries, requeues the message:
-        its next delivery counts as a failed attempt, so nothing loops for ever.
-        """
-        pause = REFUSED_PAUSE
-        for tries in range(1, REFUSED_TRIES + 1):
-            try:
-                with self.app.producer_pool.acquire(block=True) as producer:
-                    publish(producer)
-                return
-            except PublishRefused as exc:
-                again = exc.transient and tries < REFUSED_TRIES
-                log.error("rare_celery: %s[%s] kept in its queue (not acked): %s; %s", self.name, self.request.id,
-                          exc, f"trying again in {pause:g} s" if again else "requeued")
-                time.sleep(pause)  # no hot loop, whatever happens next
-                if not again:
-                    raise Reject(str(exc), requeue=True) from None
-                pause = min(pause * 2, 30.0)
+        self._end(make, Ignore(), report, before=store_hopped_first)
+
+    def _to_bugs(self, reason: str, exc, current: Current, args=None, kwargs=None, keep_error=False) -> NoReturn:
+        """Publish the message to its bug queue, then re-raise ``exc`` (FAILURE, errbacks, task_failure)."""
+        req, state = self.request, current.attempt
+        queue = self._work_queue()
+        bugs = self.bug_queue or bug_queue_name(queue)
+
+        def make() -> Copy:
+            extra = {**hdr.write(replace(state, due=None, queue=queue)), **self._error_headers(exc, keep_error),
+                     **hdr.bug(reason, state.number, self.name)}
+            history = hops.read((req.headers or {}).get(hops.HEADER))
+            if history:
+                extra[hops.HEADER] = [*history, hops.entry(self.name, queue, reason, state.number, state.first_at,
+                                                           time.time())]
+            return to_bugs(bugs, *rebuild(self, args=args, kwargs=kwargs, retries=state.number - 1, extra=extra))
+
+        def report() -> None:
+            log.warning("rare_celery: %s[%s] routed to %s: %s (%s)", self.name, req.id, bugs, reason,
+                        type(exc).__name__)
+            signals.routed_to_bugs.send(sender=self, request=req, reason=reason, attempts=state.number,
+                                        exception=exc, queue=bugs)
+            events.emit(self, events.BUGS, req.id, reason=reason, attempts=state.number,
+                        exception=_exc_name(exc), queue=bugs)
+
+        self._end(make, exc, report)
+
+    def _wait(self, current: Current) -> NoReturn:
+        """An early arrival (off-grid delay, delayed start): back to a delay queue for the rest, unrun."""
+        req, state = self.request, current.attempt
+        queue = self._work_queue()
+        rest = state.due - time.time()
+
+        def make() -> Copy:
+            extra = {**hdr.write(replace(state, queue=queue)), **self._error_headers(None, keep_error=True)}
+            return to_delay(queue, rest, self._kind(queue), *rebuild(self, retries=req.retries or 0, extra=extra),
+                            slack=EARLY_SLEEP)
+
+        def report() -> None:
+            events.emit(self, events.WAIT, req.id, due=state.due, queue=queue)
+
+        self._end(make, Ignore(), report)
+
+    # -- helpers -------------------------------------------------------------------------------
 
     def _error_headers(self, exc, keep_error: bool) -> dict:
         """The new error's headers; with ``keep_error``, the message's last error where there is none."""
         kept = {k: v for k, v in (self.request.headers or {}).items() if k in hdr.ERROR} if keep_error else {}
         return {**kept, **hdr.error(exc)}
 
-    def _work_queue(self, state: hdr.Attempt) -> str:
-        """The work queue this message belongs to: its header, else where it was delivered from."""
-        if state.queue:
-            return state.queue
-        info = self.request.delivery_info or {}
-        exchange, key = info.get("exchange"), info.get("routing_key")
-        if exchange == "" and key:
-            return key
-        for queue in self.app.amqp.queues.values():
-            if queue.exchange is not None and queue.exchange.name == exchange and queue.routing_key == key:
-                return queue.name
-        return getattr(self, "queue", None) or self.app.conf.task_default_queue
+    def _work_queue(self) -> str:
+        """The queue this delivery came from (the worker's main process knows it; ``x-rare-queue`` is
+        never trusted for routing)."""
+        req = self.request
+        return getattr(req, "rare_queue", None) or work_queue_of(self, req.delivery_info)
 
     def _kind(self, queue: str) -> str:
         return queue_kind(self.app.amqp.queues.get(queue))
+
+    def _stores_results(self) -> bool:
+        from celery.backends.base import DisabledBackend
+
+        req = self.request
+        ignore = req.ignore_result if getattr(req, "ignore_result", None) is not None else self.ignore_result
+        return not ignore and not isinstance(self.backend, DisabledBackend)
+
+    def _succeeded_before(self) -> bool:
+        """Whether the result backend holds SUCCESS for this task id (a lost ack, not a lost run)."""
+        if not self._stores_results() or "rpc" in type(self.backend).__name__.lower():
+            return False
+        try:
+            return self.backend.get_state(self.request.id) == "SUCCESS"
+        except Exception:  # noqa: BLE001 - unknown: run it (at least once)
+            return False
+
+    def _patience(self) -> float:
+        """How long a refused publish may be tried again: the back-off, within the hard time limit."""
+        req = self.request
+        hard = (req.timelimit or (None, None))[0] if getattr(req, "timelimit", None) else None
+        hard = hard or self.time_limit or self.app.conf.task_time_limit
+        if not hard:
+            return PATIENCE
+        spent = time.monotonic() - getattr(req, "rare_started", time.monotonic())
+        return max(0.0, min(PATIENCE, hard - spent - 2.0))
+
+    def _refused(self, exc, pause: float | None) -> None:
+        log.error("rare_celery: %s[%s] kept in its queue (not acked): %s; %s", self.name, self.request.id, exc,
+                  f"trying again in {pause:g} s" if pause is not None else "giving up on it for this delivery")
+
+    # -- eager runs (task.apply(), task_always_eager) -------------------------------------------
+
+    def _eagerly(self, args, kwargs):
+        """The policy without the waits: attempts, retry_on, Bug, shelf life (on a clock that jumps
+        over each delay), fallback and Hop; the final exception is raised."""
+        req = self.request
+        policy, fn = self._dispatch(args, kwargs)
+        clock = start = time.time()
+        state = hdr.Attempt(1, start, policy.deadline(start))
+        while True:
+            req.rare_current = Current(state, policy)
+            countdown = limit = None
+            try:
+                return fn(*args, **kwargs)
+            except Hop as hop:
+                new = hop.args or hop.kwargs
+                return self._eager_hop(hop.target, hop.reason, hop.args if new else args,
+                                       hop.kwargs if new else kwargs)
+            except _EagerRetry as again:
+                exc, countdown, limit = again.exc, again.countdown, again.limit
+                if isinstance(exc, Hop):
+                    return self._eager_hop(exc.target, exc.reason, exc.args or args, exc.kwargs or kwargs)
+            except (Ignore, Reject):
+                raise
+            except Exception as error:  # noqa: BLE001 - decided by the policy below
+                exc = error
+                if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):
+                    exc = Bug(f"wrong arguments for {self.name}: {exc}")
+            decision = policy.decide(state.number, exc, clock, state.deadline, countdown, limit)
+            if isinstance(decision, RetryIn):
+                clock += decision.delay
+                state = replace(state, number=state.number + 1)
+                continue
+            if isinstance(decision, HopTo):
+                return self._eager_hop(decision.target, decision.reason, args, kwargs)
+            if exc is None:
+                exc = (Expired if decision.reason == EXPIRED else Exhausted)(
+                    f"{self.name}: {decision.reason} after {state.number} attempts")
+            raise exc
+
+    def _eager_hop(self, target, reason: str, args, kwargs):
+        name = _task_name(self.app, target)
+        history = [*hops.read((self.request.headers or {}).get(hops.HEADER)),
+                   hops.entry(self.name, self.name, reason, 1, time.time(), time.time())]
+        refused = hops.refusal(history, name, self.max_hops)
+        if refused:
+            raise HopLimit(f"{self.name} cannot hop to {name}: {refused}")
+        result = self.app.tasks[name].apply(args, kwargs, task_id=self.request.id, headers={hops.HEADER: history})
+        return result.get(propagate=True, disable_sync_subtasks=False)
+
+
+class _RetryStored:
+    """A result backend whose ``mark_as_retry`` does nothing: the retry stored it before its publish."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def mark_as_retry(self, *args, **kwargs) -> None:
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def _ending_of(req) -> list:
+    """The list this delivery's ending is recorded in (put in the request by the guarded tracer)."""
+    ending = getattr(req, "rare_ending", None)
+    if ending is None:
+        ending = req.rare_ending = []
+    return ending
+
+
+def work_queue_of(task, delivery_info) -> str:
+    """The queue a delivery's exchange and routing key lead to, when the worker did not say."""
+    info = delivery_info or {}
+    exchange, key = info.get("exchange"), info.get("routing_key")
+    if exchange in ("", RETURN_EXCHANGE.name) and key:
+        return key
+    for q in task.app.amqp.queues.values():
+        if q.exchange is not None and q.exchange.name == exchange and q.routing_key == key:
+            return q.name
+    return getattr(task, "queue", None) or task.app.conf.task_default_queue
 
 
 def _task_name(app, target) -> str:
@@ -422,6 +639,10 @@ def _epoch(when, now: float) -> float:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
+def _exc_name(exc) -> str | None:
+    return None if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 def _short(value: object) -> str:

@@ -1,14 +1,19 @@
-"""The broker objects rare_celery uses, as kombu entities, and which delay queue a delay goes to.
+"""The broker objects rare_celery uses, as kombu entities, and the names derived from others.
 
 * ``rare.delay`` (direct exchange): every delay queue is bound to it by its own name. A delayed
   message is published to it with the *work queue* as routing key and the delay queue in ``BCC``,
   so it lands in the delay queue only (RabbitMQ strips ``BCC`` on delivery).
-* ``rare.delay.<duration>`` (for example ``rare.delay.5s``): a durable queue with
-  ``x-message-ttl = <duration>`` and the default exchange as dead-letter exchange. When a message's
-  time is up RabbitMQ dead-letters it with its original routing key, the work queue's name: it
-  is back where it came from, whichever work queue that was. Delay queues are shared by all work
-  queues of a vhost. Quorum work queues use ``rare.delay.quorum.<duration>`` (quorum,
-  ``x-overflow=reject-publish``, at-least-once dead-lettering).
+* ``rare.wait.<duration>`` (for example ``rare.wait.5s``): a durable queue with
+  ``x-message-ttl = <duration>`` and ``rare.return`` as dead-letter exchange. When a message's
+  time is up RabbitMQ dead-letters it there with its original routing key, the work queue's name.
+  Delay queues are shared by all work queues of a vhost. Quorum work queues use
+  ``rare.wait.quorum.<duration>`` (quorum, ``x-overflow=reject-publish``, at-least-once dead-lettering).
+* ``rare.return`` (direct exchange, alternate exchange ``rare.unrouted``): every rare work queue is
+  bound to it by its own name, so a due message goes back to the queue it came from. A work queue
+  that no longer exists (deleted, renamed, migrated) has no binding: its due messages go to the
+  alternate exchange and wait in the queue ``rare.unrouted`` instead of being dropped. The delay
+  queue's own name, which dead-lettering routes by too (it was a ``BCC`` key), matches no binding
+  there: every due message is routed once.
 * ``<work queue>.bugs`` (or the task's ``bug_queue``): where messages end that will never succeed.
 
 Each delay queue holds one TTL, so no message waits behind a later one. A delay goes to the
@@ -24,8 +29,14 @@ from __future__ import annotations
 from kombu import Exchange, Queue
 
 MAX_DELAY_MS = 315_360_000_000  # RabbitMQ's largest TTL: 10 years
+MAX_NAME = 255  # AMQP short string: the longest queue or exchange name, in bytes
 CLASSIC, QUORUM = "classic", "quorum"
 DELAY_EXCHANGE = Exchange("rare.delay", type="direct", durable=True)
+UNROUTED_EXCHANGE = Exchange("rare.unrouted", type="fanout", durable=True)
+UNROUTED_QUEUE = Queue("rare.unrouted", exchange=UNROUTED_EXCHANGE, routing_key="", durable=True)
+RETURN_EXCHANGE = Exchange("rare.return", type="direct", durable=True,
+                           arguments={"alternate-exchange": UNROUTED_EXCHANGE.name})
+BUG_SUFFIX = ".bugs"
 _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
 # Grid values: whole numbers of ms, s, minutes, hours or days with two significant digits
 # (1..99, 100, 110, ... 990, 1000, 1100, ...), up to 10 years. Counted in tests/unit/test_topology.py.
@@ -59,9 +70,9 @@ def duration_label(ms: int) -> str:
 
 def delay_queue(delay_ms: int, kind: str = CLASSIC) -> Queue:
     """The TTL queue for one grid value; ``delay_ms`` must already be on the grid."""
-    prefix = "rare.delay" if kind == CLASSIC else "rare.delay.quorum"
+    prefix = "rare.wait" if kind == CLASSIC else "rare.wait.quorum"
     name = f"{prefix}.{duration_label(delay_ms)}"
-    args = {"x-message-ttl": delay_ms, "x-dead-letter-exchange": ""}
+    args = {"x-message-ttl": delay_ms, "x-dead-letter-exchange": RETURN_EXCHANGE.name}
     if kind == QUORUM:
         args.update({
             "x-queue-type": "quorum",
@@ -69,6 +80,24 @@ def delay_queue(delay_ms: int, kind: str = CLASSIC) -> Queue:
             "x-dead-letter-strategy": "at-least-once",
         })
     return Queue(name, exchange=DELAY_EXCHANGE, routing_key=name, durable=True, queue_arguments=args)
+
+
+def bug_queue_name(work_queue: str) -> str:
+    """The default bug queue of a work queue: ``<work queue>.bugs``."""
+    return work_queue + BUG_SUFFIX
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a queue name (not a string, empty, longer than 255 bytes), or ``None``."""
+    if not isinstance(name, str) or not name:
+        return f"a queue name must be a non-empty string, got {name!r:.80}"
+    if len(name.encode()) > MAX_NAME:
+        return f"queue name {name[:40]!r}... is {len(name.encode())} bytes long; AMQP allows {MAX_NAME}"
+    return None
+
+
+def is_delay_queue(name: str) -> bool:
+    return name.startswith("rare.wait.")
 
 
 def bug_queue(name: str) -> Queue:

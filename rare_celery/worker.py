@@ -1,5 +1,6 @@
 """The worker side: a consumer bootstep that declares what the rare queues need (at start and after
-every reconnect) and copies messages Celery would reject or drop on a rare queue to its bug queue."""
+every reconnect), looks at each message of a rare task before Celery does, and copies messages
+Celery would reject or drop on a rare queue to its bug queue."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from celery import bootsteps
 from celery.utils.objects import Bunch
 
 from . import headers as hdr
-from .app import check
+from . import request as rare_request
+from .app import check, fold_expires
 from .declare import declare_queue, declare_worker_topology
 from .exceptions import ConfigurationError, TopologyError
 from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
-from .publish import send_to_bugs
+from .publish import main_process, properties_of, send_patiently, to_bugs
 from .task import RareTask
-from .topology import bug_queue
+from .topology import bug_queue_name, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +28,13 @@ def rare_queues(app) -> dict[str, set[str]]:
     """Work queue -> bug queues, for every RareTask registered in ``app`` (task_routes respected)."""
     out: dict[str, set[str]] = {}
     for info in rare_tasks(app):
-        out.setdefault(info.queue, {f"{info.queue}.bugs"}).add(info.bug_queue)
+        out.setdefault(info.queue, {bug_queue_name(info.queue)}).add(info.bug_queue)
     return out
 
 
 class RareConsumerStep(bootsteps.StartStopStep):
-    """Declares the delay exchange and bug queues; catches bad messages on rare queues."""
+    """Declares the delay exchange, the way back and the bug queues; screens rare task messages;
+    catches bad messages on rare queues."""
 
     name = "rare_celery"
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -45,6 +48,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
             preflight(c.app)
         except (ConfigurationError, TopologyError) as exc:  # one line, no traceback: a setting to change
             raise SystemExit(f"{exc}") from None
+        main_process(c.app)
         self.queues: set[str] = set()  # the rare work queues this worker consumes
         c.on_unknown_task = self._guard(c, c.on_unknown_task, UNREGISTERED, 1, "task {name!r} is not registered")
         c.on_invalid_task = self._guard(c, c.on_invalid_task, REJECTED, 1, "invalid task message: {exc}")
@@ -54,37 +58,53 @@ class RareConsumerStep(bootsteps.StartStopStep):
     def start(self, c):
         for name, task in c.app.tasks.items():  # Celery made new strategies for this connection
             if isinstance(task, RareTask) and name in c.strategies:
-                c.strategies[name] = self._screen(c, c.strategies[name])
+                c.strategies[name] = self._screen(c, task, c.strategies[name])
+        rare_request.timer = c.timer
         wanted = rare_queues(c.app)
         self.queues = {q.name for q in c.task_consumer.queues if q.name in wanted}
-        bugs = [bug_queue(b) for q in sorted(self.queues) for b in sorted(wanted[q])]
-        declare_worker_topology(c.connection.default_channel, bugs)
+        bugs = sorted({b for q in self.queues for b in wanted[q]})
+        declare_worker_topology(c.connection.default_channel, sorted(self.queues), bugs)
         log.info("rare_celery: managing %s", ", ".join(sorted(self.queues)) or "no queue")
 
-    def _screen(self, c, strategy):
-        """Celery's strategy for a RareTask, behind a check that the headers can reach the pool process
+    def _screen(self, c, task, strategy):
+        """Celery's strategy for a RareTask, behind rare_celery's look at the message: which queue it
+        came from (for the pool process), Celery's ``expires`` folded into the deadline, a redelivered
+        message put back (see :mod:`rare_celery.request`), headers too deep for the pool process
         (billiard pickles them: a list nested ~500 deep fails, and the worker with it)."""
 
         def screened(message, *args, **kwargs):
             headers = message.headers
-            if not (isinstance(headers, dict) and hdr.too_deep(headers)):
-                return strategy(message, *args, **kwargs)
-            key = next(k for k, v in headers.items() if hdr.too_deep(v, hdr.MAX_DEPTH - 1))
-            exc = hdr.HeaderError(f"header {key} is nested deeper than {hdr.MAX_DEPTH} levels")
-            queue = _queue_of(c, message) or getattr(c.app.tasks.get(headers.get("task")), "queue", "")
-            try:
-                _copy_to_bugs(c.app, message, queue, REJECTED, str(exc))
-            except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
-                log.error("rare_celery: could not copy a message with nested headers to %s.bugs (%s); "
-                          "it stays unacked", queue, err)
+            queue = _queue_of(c, message)
+            if isinstance(message.delivery_info, dict):
+                message.delivery_info["rare_queue"] = queue
+            if isinstance(headers, dict) and hdr.too_deep(headers):
+                return self._too_deep(c, message, queue)
+            if (message.delivery_info or {}).get("redelivered"):
+                rare_request.put_back(task, message, queue, "redelivered: a worker stopped, died or lost its "
+                                      "connection with it unacked", lost=True, ack=message.ack,
+                                      requeue=lambda: message.reject(requeue=True))
                 return None
-            message.ack()
-            request = Bunch(name=headers.get("task"), chord=None, root_id=headers.get("root_id"), errbacks=None,
-                            correlation_id=message.properties.get("correlation_id"),
-                            reply_to=message.properties.get("reply_to"))
-            c.app.backend.mark_as_failure(headers.get("id"), exc, request=request)  # .get() must not hang
-            return None
+            if isinstance(headers, dict) and headers.get("expires") is not None:
+                fold_expires(headers)
+            return strategy(message, *args, **kwargs)
         return screened
+
+    def _too_deep(self, c, message, queue):
+        headers = message.headers
+        key = next(k for k, v in headers.items() if hdr.too_deep(v, hdr.MAX_DEPTH - 1))
+        exc = hdr.HeaderError(f"header {key} is nested deeper than {hdr.MAX_DEPTH} levels")
+        try:
+            _copy_to_bugs(c.app, message, queue, REJECTED, str(exc))
+        except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
+            log.error("rare_celery: could not copy a message with nested headers to %s (%s); it stays unacked",
+                      bug_queue_name(queue or "?"), err)
+            return
+        message.ack()
+        request = Bunch(name=headers.get("task"), chord=None, root_id=headers.get("root_id"), errbacks=None,
+                        correlation_id=message.properties.get("correlation_id"),
+                        reply_to=message.properties.get("reply_to"))
+        c.app.backend.mark_as_failure(headers.get("id"), exc, request=request)  # .get() must not hang
+        return
 
     def _guard(self, c, original, reason: str, at: int, why: str):
         """Wrap one of Celery's bad-message handlers: copy to the bug queue first, then let it run."""
@@ -109,10 +129,18 @@ class RareConsumerStep(bootsteps.StartStopStep):
 
 
 def preflight(app) -> None:
-    """Before the worker consumes: declare its rare work queues as the app defines them, so a queue
-    that exists with other arguments is one clear error now instead of a traceback in a restart loop.
-    A broker that cannot be reached yet is left to Celery's own connection retries."""
-    queues = [q for name, q in app.amqp.queues.consume_from.items() if name in rare_queues(app)]
+    """Before the worker consumes: check the names of its rare queues' bug queues and declare its rare
+    work queues as the app defines them, so a queue that exists with other arguments is one clear
+    error now instead of a traceback in a restart loop. A broker that cannot be reached yet is left to
+    Celery's own connection retries."""
+    wanted = rare_queues(app)
+    for work, bug_queues in sorted(wanted.items()):
+        for name in sorted(bug_queues):
+            problem = name_problem(name)
+            if problem:
+                raise ConfigurationError(f"rare_celery: the bug queue of work queue {work[:60]!r} cannot exist: "
+                                         f"{problem}; shorten the queue name or set a shorter bug_queue")
+    queues = [q for name, q in app.amqp.queues.consume_from.items() if name in wanted]
     if not queues:
         return
     try:
@@ -128,6 +156,8 @@ def preflight(app) -> None:
 
 
 def _queue_of(c, message) -> str | None:
+    """The queue ``message`` was delivered from, by its consumer tag (kombu has no public map from
+    tags to queues; ``Consumer._active_tags`` is the one it keeps)."""
     tag = (message.delivery_info or {}).get("consumer_tag")
     tags = getattr(c.task_consumer, "_active_tags", {}) if c.task_consumer else {}
     return next((queue for queue, t in tags.items() if t == tag), None)
@@ -136,12 +166,8 @@ def _queue_of(c, message) -> str | None:
 def _copy_to_bugs(app, message, queue: str, reason: str, text: str) -> None:
     headers = message.headers if isinstance(message.headers, dict) else {}
     task = headers.get("task") if isinstance(headers.get("task"), str) else ""
-    extra = {**hdr.bug(reason, 0, task), hdr.PREFIX + "queue": queue, hdr.PREFIX + "error": text[: hdr.MAX_ERROR]}
-    props = {k: v for k, v in (message.properties or {}).items()
-             if k in ("correlation_id", "reply_to", "priority", "message_id", "timestamp", "type", "app_id")}
+    extra = {**hdr.bug(reason, 0, task), hdr.QUEUE: queue, hdr.PREFIX + "error": text[: hdr.MAX_ERROR]}
     kept = {k: v for k, v in hdr.carried(headers).items() if k != "compression"}
-    with app.producer_pool.acquire(block=True) as producer:
-        send_to_bugs(producer, message.body, queue=f"{queue}.bugs", headers=hdr.fit({**kept, **extra}),
-                     content_type=message.content_type or "application/octet-stream",
-                     content_encoding=message.content_encoding or "binary", **props)
-    log.warning("rare_celery: a message on %s went to %s.bugs: %s (%s)", queue, queue, reason, text)
+    send_patiently(app, to_bugs(bug_queue_name(queue), message.body, hdr.fit({**kept, **extra}),
+                                properties_of(message)), budget=0, timeout=rare_request.MAIN_TIMEOUT)
+    log.warning("rare_celery: a message on %s went to %s: %s (%s)", queue, bug_queue_name(queue), reason, text)

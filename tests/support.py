@@ -475,12 +475,17 @@ class Workload:
         return ended & self.jobs.keys()
 
     def in_flight(self) -> int:
-        """Messages ready in work and delay queues, plus unacked ones (classic queues only: exact)."""
+        """Messages ready in work and delay queues (and rare.unrouted), plus unacked ones (classic queues
+        only: exact)."""
+        return sum(self.holding().values())
+
+    def holding(self) -> dict[str, int]:
+        """Queue -> messages it holds (ready + unacked), for the queues :meth:`in_flight` counts."""
         stats = self.vhost.queue_stats()
         queues = [q for q in stats if not q.endswith(".bugs") and not q.startswith(("celery", "faults.filler"))
                   and ".pidbox" not in q and not q.startswith("celeryev")]
-        unacked = sum(stats[q]["unacked"] for q in queues)
-        return sum(ready_counts(self.vhost.url, queues).values()) + unacked
+        ready = ready_counts(self.vhost.url, queues)
+        return {q: ready.get(q, 0) + stats[q]["unacked"] for q in queues if ready.get(q, 0) + stats[q]["unacked"]}
 
     def wait(self, timeout: float, stall: float = 30, interval: float = 0.5, progress=None) -> bool:
         """Until every job ended and nothing is in flight (True), or ``timeout`` s, or no job ended for

@@ -20,7 +20,7 @@ number, so every copy of a message decides the same way):
   exists in the record directory (or its worker is killed); later attempts succeed;
 * ``faults.<k>.pause(tag)`` - attempt 1 fails; the ``retry_scheduled`` receiver then records
   ``paused`` and waits for ``release-<tag>`` (after the delay publish is confirmed, before the ack);
-* ``faults.<k>.patient(fails)`` - fails on attempts 1..``fails``, retried after 3 s (``rare.delay.3s``);
+* ``faults.<k>.patient(fails)`` - fails on attempts 1..``fails``, retried after 3 s (``rare.wait.3s``);
 * ``faults.<k>.poison(deaths)`` - kills its pool process (``os._exit``) on attempts 1..``deaths``.
 
 Every run appends one JSON line to ``$RARE_FAULTS_DIR/rec-<pid>.jsonl`` (one file per process):

@@ -106,10 +106,10 @@ def test_delayed_start_waits_in_the_broker_never_early(chains, events, vhost):
 
     def parked():
         stats = vhost.queue_stats()
-        return (stats.get("rare.delay.90s", {}).get("ready") == 1 and stats.get("rare.delay.30d", {}).get("ready") == 1
+        return (stats.get("rare.wait.90s", {}).get("ready") == 1 and stats.get("rare.wait.30d", {}).get("ready") == 1
                 and stats["chains.later"]["unacked"] == 0
                 and stats["chains.later"]["ready"] == 0)
-    wait_for(parked, 10, 0.2, "the 90 s start to wait in rare.delay.90s with nothing unacked")
+    wait_for(parked, 10, 0.2, "the 90 s start to wait in rare.wait.90s with nothing unacked")
 
     assert soon.get(timeout=10) == "soon"
     assert at.get(timeout=10) == "at"

@@ -446,7 +446,7 @@ def test_purge_deletes_only_the_matching(vhost, env):
 def test_status_numbers_match_what_is_there(vhost, env):
     publish(vhost.url, "cli.status", [bug_message("cli.watched", [i]) for i in range(7)])
     publish(vhost.url, "cli.status.bugs", [bug_message("cli.watched", [i], queue="cli.status") for i in range(4)])
-    waiting = delay_queue(770_000)  # cli.watched's first retry waits 777 s: it starts in rare.delay.770s
+    waiting = delay_queue(770_000)  # cli.watched's first retry waits 777 s: it starts in rare.wait.770s
     with Connection(vhost.url) as conn:
         waiting.bind(conn.default_channel).declare()
     delayed = [bug_message("cli.watched", [i], extra={"BCC": [waiting.name]}) for i in range(3)]
@@ -473,26 +473,26 @@ def check_status(vhost: Vhost) -> None:
         assert work == {"queue": "cli.status", "kind": "classic", "exists": True, "ready": 6, "consumers": 1,
                         "bug_queues": [{"queue": "cli.status.bugs", "exists": True, "messages": 4}]}
         delays = {d["queue"]: d for d in report["delay_queues"]}
-        assert delays["rare.delay.770s"] == {"queue": "rare.delay.770s", "delay_ms": 770_000, "delay": "12m50s",
+        assert delays["rare.wait.770s"] == {"queue": "rare.wait.770s", "delay_ms": 770_000, "delay": "12m50s",
                                              "exists": True, "messages": 3, "work_queues": ["cli.status"]}
-        assert delays["rare.delay.68h"]["work_queues"] == ["cli.billing"]
+        assert delays["rare.wait.68h"]["work_queues"] == ["cli.billing"]
 
         ran = script("-A", APP, "status")
         assert ran.code == 0, ran.err
         assert ["cli.status", "6", "1", "cli.status.bugs", "4"] in [line.split() for line in ran.lines()]
-        assert ["rare.delay.770s", "12m50s", "3", "cli.status"] in [line.split() for line in ran.lines()]
+        assert ["rare.wait.770s", "12m50s", "3", "cli.status"] in [line.split() for line in ran.lines()]
 
         ran = script("-A", APP, "rare", "status", "cli.status", "--json", celery=True)  # celery -A APP rare ...
         assert ran.code == 0, ran.err
         report = json.loads(ran.out)
         assert [w["ready"] for w in report["work_queues"]] == [6]
-        assert [(d["queue"], d["messages"]) for d in report["delay_queues"]] == [("rare.delay.770s", 3),
-                                                                                 ("rare.delay.2h", None)]
+        assert [(d["queue"], d["messages"]) for d in report["delay_queues"]] == [("rare.wait.770s", 3),
+                                                                                 ("rare.wait.2h", None)]
 
         ran = cli("--broker", vhost.url, "status", "cli.status", "--scan", "--json")
         report = json.loads(ran.out)
         assert report["work_queues"][0]["ready"] == 6
-        assert {"queue": "rare.delay.770s", "delay_ms": 770_000, "delay": "12m50s", "exists": True, "messages": 3,
+        assert {"queue": "rare.wait.770s", "delay_ms": 770_000, "delay": "12m50s", "exists": True, "messages": 3,
                 "work_queues": []} in report["delay_queues"]
         assert all(d["exists"] for d in report["delay_queues"])
         channel.close()
@@ -505,19 +505,19 @@ cli.charge: backoff exponential(60, cap=259200.0), max_attempts=None, shelf life
 work queue cli.billing (classic), bug queue cli.billing.bugs
 
   attempt  1  +00:00:00       first run
-  attempt  2  +00:01:00       1m after attempt 1 (in rare.delay.1m)
-  attempt  3  +00:03:00       2m after attempt 2 (in rare.delay.2m)
-  attempt  4  +00:07:00       4m after attempt 3 (in rare.delay.4m)
-  attempt  5  +00:15:00       8m after attempt 4 (in rare.delay.8m)
-  attempt  6  +00:31:00       16m after attempt 5 (in rare.delay.16m)
-  attempt  7  +01:03:00       32m after attempt 6 (in rare.delay.32m)
-  attempt  8  +02:07:00       1h4m after attempt 7 (in rare.delay.64m)
-  attempt  9  +04:15:00       2h8m after attempt 8 (in rare.delay.7600s, then 1m20s more)
-  attempt 10  +08:31:00       4h16m after attempt 9 (in rare.delay.250m, then 6m more)
-  attempt 11  +17:03:00       8h32m after attempt 10 (in rare.delay.510m, then 2m more)
-  attempt 12  +1d 10:07:00    17h4m after attempt 11 (in rare.delay.17h, then 4m more)
-  attempt 13  +2d 20:15:00    1d10h8m after attempt 12 (in rare.delay.34h, then 8m more)
-  attempt 14  +5d 16:31:00    2d20h16m after attempt 13 (in rare.delay.68h, then 16m more)
+  attempt  2  +00:01:00       1m after attempt 1 (in rare.wait.1m)
+  attempt  3  +00:03:00       2m after attempt 2 (in rare.wait.2m)
+  attempt  4  +00:07:00       4m after attempt 3 (in rare.wait.4m)
+  attempt  5  +00:15:00       8m after attempt 4 (in rare.wait.8m)
+  attempt  6  +00:31:00       16m after attempt 5 (in rare.wait.16m)
+  attempt  7  +01:03:00       32m after attempt 6 (in rare.wait.32m)
+  attempt  8  +02:07:00       1h4m after attempt 7 (in rare.wait.64m)
+  attempt  9  +04:15:00       2h8m after attempt 8 (in rare.wait.7600s, then 1m20s more)
+  attempt 10  +08:31:00       4h16m after attempt 9 (in rare.wait.250m, then 6m more)
+  attempt 11  +17:03:00       8h32m after attempt 10 (in rare.wait.510m, then 2m more)
+  attempt 12  +1d 10:07:00    17h4m after attempt 11 (in rare.wait.17h, then 4m more)
+  attempt 13  +2d 20:15:00    1d10h8m after attempt 12 (in rare.wait.34h, then 8m more)
+  attempt 14  +5d 16:31:00    2d20h16m after attempt 13 (in rare.wait.68h, then 16m more)
   shelf life ends at +7d 00:00:00
 then: attempt 15 would start at +8d 16:31:00, after the shelf life, so when attempt 14 fails the work hops to \
 cli.notify_disconnect (reason: expired)
@@ -529,8 +529,8 @@ cli.notify_disconnect: backoff manual([10, 60]), max_attempts=3, shelf life none
 work queue cli.default (classic), bug queue cli.default.bugs
 
   attempt 1  +5d 16:31:00    first run
-  attempt 2  +5d 16:31:10    10s after attempt 1 (in rare.delay.10s)
-  attempt 3  +5d 16:32:10    1m after attempt 2 (in rare.delay.1m)
+  attempt 2  +5d 16:31:10    10s after attempt 1 (in rare.wait.10s)
+  attempt 3  +5d 16:32:10    1m after attempt 2 (in rare.wait.1m)
 then: attempt 3 is the last; when it fails the message goes to cli.default.bugs (reason: exhausted)
 at any attempt: a Bug, or an exception that is not retried (retry_on: Exception), goes to cli.default.bugs at \
 once (reason: bug)
@@ -543,7 +543,7 @@ def test_schedule_of_the_billing_policy_needs_no_broker(env):
     assert script("-A", APP, "schedule", "cli.charge", env=nowhere).out == BILLING
     short = cli("-A", APP, "schedule", "cli.charge", "--attempts", "3").lines()
     assert short[3:7] == ["  attempt  1  +00:00:00       first run",
-                          "  attempt  2  +00:01:00       1m after attempt 1 (in rare.delay.1m)",
+                          "  attempt  2  +00:01:00       1m after attempt 1 (in rare.wait.1m)",
                           "  ... 11 more attempts ...",
                           BILLING.splitlines()[16]]
     assert "reason: exhausted" in cli("-A", APP, "schedule", "cli.record").out
@@ -567,8 +567,8 @@ def test_declare_creates_the_topology_and_explains_a_clash(env):
         dry = script("-A", APP, "--broker", other.url, "declare", "--dry-run")
         assert dry.code == 0 and other.queue_stats() == {}
         names = [line.split()[3] for line in dry.lines() if line.startswith("would declare queue")]
-        assert {"cli.billing", "cli.billing.bugs", "cli.real.dead", "rare.delay.1m", "rare.delay.68h",
-                "rare.delay.770s", "rare.delay.200ms"} <= set(names)
+        assert {"cli.billing", "cli.billing.bugs", "cli.real.dead", "rare.wait.1m", "rare.wait.68h",
+                "rare.wait.770s", "rare.wait.200ms"} <= set(names)
         assert dry.lines()[0].split()[:4] == ["would", "declare", "exchange", "rare.delay"]
 
         ran = script("-A", APP, "--broker", other.url, "declare")

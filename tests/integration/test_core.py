@@ -38,7 +38,7 @@ def test_fails_twice_then_succeeds_with_gaps_of_its_schedule(core, events):
 
 
 def test_waiting_retry_is_held_by_the_broker_not_the_worker(core, events, vhost):
-    """A retry due in 60 s sits in rare.delay.1m; the worker holds nothing, and a 1 s retry
+    """A retry due in 60 s sits in rare.wait.1m; the worker holds nothing, and a 1 s retry
     published after it is not held behind it."""
     slow = core.slow.apply_async(queue="core.wait")
     wait_for(lambda: events.of(slow.id, "task_retry"), 10, what="the slow task's retry")
@@ -46,9 +46,9 @@ def test_waiting_retry_is_held_by_the_broker_not_the_worker(core, events, vhost)
 
     def parked():
         stats = vhost.queue_stats()
-        wait_queue, delayed = stats.get("core.wait", {}), stats.get("rare.delay.1m", {})
+        wait_queue, delayed = stats.get("core.wait", {}), stats.get("rare.wait.1m", {})
         return wait_queue.get("unacked") == 0 and delayed.get("ready") == 1 and stats
-    stats = wait_for(parked, 20, 0.2, "the slow retry to be parked in rare.delay.1m with nothing unacked")
+    stats = wait_for(parked, 20, 0.2, "the slow retry to be parked in rare.wait.1m with nothing unacked")
     assert stats["core.wait"]["ready"] == 0
 
     assert fast.get(timeout=10) == ["ok", 2]
@@ -127,7 +127,7 @@ def test_autoretry_for_goes_through_the_delay_queues(core, events):
 
 
 def test_explicit_countdown_off_the_grid_is_never_early(core, events):
-    result = core.countdown.delay(1.234)  # waits 1.2 s in rare.delay.1200ms, then 34 ms more
+    result = core.countdown.delay(1.234)  # waits 1.2 s in rare.wait.1200ms, then 34 ms more
     assert result.get(timeout=15) == "done"
     first, second = runs_of(events, result.id)
     assert second["t"] - first["t"] >= 1.234

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from rare_celery.topology import is_delay_queue
 from tests.support import ROOT, Vhost, drain
 
 
@@ -38,7 +39,7 @@ def test_the_demo_accounts_for_every_task(own_vhost):
     assert "exhausted" in done.stdout and "bug" in done.stdout  # the inspect-bugs table
 
     stats = vhost.queue_stats()
-    waiting = {q: s["ready"] + s["unacked"] for q, s in stats.items() if q.startswith("rare.delay.")}
+    waiting = {q: s["ready"] + s["unacked"] for q, s in stats.items() if is_delay_queue(q)}
     assert waiting and not any(waiting.values()), waiting  # nothing left waiting in a delay queue
     bugs = {q: s["ready"] for q, s in stats.items() if q.endswith(".bugs") and s["ready"]}
     assert bugs == {"notify.push.bugs": 1, "translate.bugs": 1}

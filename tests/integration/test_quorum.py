@@ -48,5 +48,5 @@ def test_retries_and_bug_queue_on_a_quorum_work_queue(publisher, events, bugs, v
     types = dict(line.split("\t")[:2] for line in
                  rabbitmqctl("list_queues", "-p", vhost.name, "--no-table-headers", "name", "type").splitlines())
     assert types["core.quorum.bugs"] == "classic"  # people read bug queues: classic keeps their order
-    assert types["rare.delay.quorum.1s"] == "quorum"
-    assert types["rare.delay.quorum.300ms"] == "quorum"
+    assert types["rare.wait.quorum.1s"] == "quorum"
+    assert types["rare.wait.quorum.300ms"] == "quorum"

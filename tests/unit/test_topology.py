@@ -43,13 +43,13 @@ def test_the_whole_grid_has_grid_size_values():
                                        (5_400_000, "90m"), (14_400_000, "4h"), (86_400_000, "1d"),
                                        (259_200_000, "3d")])
 def test_delay_queue_names_read_as_durations(ms, label):
-    assert t.delay_queue(ms).name == f"rare.delay.{label}"
-    assert t.delay_queue(ms, t.QUORUM).name == f"rare.delay.quorum.{label}"
+    assert t.delay_queue(ms).name == f"rare.wait.{label}"
+    assert t.delay_queue(ms, t.QUORUM).name == f"rare.wait.quorum.{label}"
 
 
 def test_delay_queue_arguments():
     classic = t.delay_queue(5000)
-    assert classic.queue_arguments == {"x-message-ttl": 5000, "x-dead-letter-exchange": ""}
+    assert classic.queue_arguments == {"x-message-ttl": 5000, "x-dead-letter-exchange": "rare.return"}
     assert classic.exchange.name == "rare.delay" and classic.routing_key == classic.name and classic.durable
     quorum = t.delay_queue(5000, t.QUORUM).queue_arguments
     assert quorum["x-queue-type"] == "quorum" and quorum["x-overflow"] == "reject-publish"
@@ -58,8 +58,8 @@ def test_delay_queue_arguments():
 
 def test_explain_names_queue_argument_both_values_and_the_fix():
     exc = PreconditionFailed("Queue.declare: (406) PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for "
-                             "queue 'rare.delay.5s' in vhost 'prod': received '5000' but current is '4000'")
+                             "queue 'rare.wait.5s' in vhost 'prod': received '5000' but current is '4000'")
     text = explain(exc)
-    assert "'rare.delay.5s'" in text and "x-message-ttl='4000'" in text and "x-message-ttl='5000'" in text
-    assert "rabbitmqctl delete_queue rare.delay.5s -p prod" in text
+    assert "'rare.wait.5s'" in text and "x-message-ttl='4000'" in text and "x-message-ttl='5000'" in text
+    assert "rabbitmqctl delete_queue rare.wait.5s -p prod" in text
     assert "\n" not in text
