@@ -14,12 +14,11 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cached_property
 
 import click
 
-from . import bugs, durations, records
+from . import bugs, durations, moves, records
 from . import timeline as tl
 from .inventory import RareTaskInfo, rare_tasks, task_name
 from .topology import CLASSIC, DELAY_EXCHANGE, bug_queue, delay_queue, grid_values
@@ -293,42 +292,14 @@ def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
 
 # -- requeue-bugs and purge-bugs -------------------------------------------------------------------
 
-@dataclass
-class Plan:
-    """What a first read found: the chosen messages by content, and where each goes."""
-
-    chosen: Counter
-    targets: Counter
-    without_target: int = 0
-
-    @property
-    def count(self) -> int:
-        return sum(self.chosen.values())
-
-    def take(self, held: bugs.Held) -> bool:
-        if self.chosen[held.fingerprint] <= 0:
-            return False
-        self.chosen[held.fingerprint] -= 1
-        return True
+Plan = moves.Plan  # the plan-then-take logic is shared with the web console
 
 
 def plan(conn, queue: str, select: records.Selector, to: str | None = None, rows: bool = False,
          moving: bool = True) -> Plan:
     """First read of ``queue``: which messages match, and (``moving``) where each would go."""
-    found = Plan(Counter(), Counter())
-    with bugs.browse(conn, queue) as messages:
-        for held in messages:
-            if not select.matches(held.record):
-                continue
-            target = (to or held.record.queue) if moving else queue
-            if target is None:
-                found.without_target += 1
-                continue
-            found.chosen[held.fingerprint] += 1
-            found.targets[target] += 1
-            if rows:
-                click.echo(row(held.record))
-    return found
+    return moves.plan(conn, queue, lambda held: select.matches(held.record), to, moving,
+                      (lambda r: click.echo(row(r))) if rows else None)
 
 
 @contextlib.contextmanager
@@ -387,15 +358,7 @@ def requeue_bugs(queue, ids, tasks, reasons, everything, to, reset, dry_run, yes
             return
         if not yes:
             click.confirm(f"Requeue {found.count} messages from {queue} to {_targets(found.targets)}?", abort=True)
-        now = time.time()
-
-        def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
-            r = held.record
-            target = to or r.queue
-            headers = records.requeue_headers(bugs.headers_of(held), reset=reset, now=now,
-                                              queue=target if to else None)
-            publisher.send(held.message, target, headers)
-
+        send = moves.requeue_sender(to, reset, time.time())
         planned = found.count
         with progress(planned, "requeueing") as step:
             moved = bugs.take(conn, queue, found.take, send, step)

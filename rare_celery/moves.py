@@ -1,0 +1,72 @@
+"""Requeue and purge as two reads: a *plan* (which messages, where to), then a *take* of exactly those.
+
+Shared by ``rare-celery requeue-bugs`` / ``purge-bugs`` and the web console. The first read counts
+the matching messages by content (:func:`rare_celery.records.fingerprint`); what is shown to the
+person who confirms is that count. The second read (:func:`rare_celery.bugs.take`) removes only
+messages whose content was counted, at most as many of each as were counted: bugs that workers add
+in between are behind the ones read and are not touched, even if they match. Each moved message is
+republished with publisher confirms before it is acked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import bugs, records
+
+
+@dataclass
+class Plan:
+    """What a first read found: the chosen messages by content, and where each goes."""
+
+    chosen: Counter
+    targets: Counter
+    without_target: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.chosen.values())
+
+    def take(self, held: bugs.Held) -> bool:
+        if self.chosen[held.fingerprint] <= 0:
+            return False
+        self.chosen[held.fingerprint] -= 1
+        return True
+
+
+def plan(conn, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None = None, moving: bool = True,
+         on_row: Callable[[records.Record], None] | None = None) -> Plan:
+    """First read of ``queue``: which messages are ``wanted``, and (``moving``) where each would go."""
+    found = Plan(Counter(), Counter())
+    with bugs.browse(conn, queue) as messages:
+        for held in messages:
+            if not wanted(held):
+                continue
+            target = (to or held.record.queue) if moving else queue
+            if target is None:
+                found.without_target += 1
+                continue
+            found.chosen[held.fingerprint] += 1
+            found.targets[target] += 1
+            if on_row is not None:
+                on_row(held.record)
+    return found
+
+
+def requeue_sender(to: str | None, reset: bool, now: float) -> Callable[[bugs.Held, bugs.Publisher], None]:
+    """The ``send`` of :func:`rare_celery.bugs.take` for a requeue: back to the origin queue (or ``to``),
+    with the headers :func:`rare_celery.records.requeue_headers` gives."""
+
+    def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
+        target = to or held.record.queue
+        headers = records.requeue_headers(bugs.headers_of(held), reset=reset, now=now, queue=target if to else None)
+        publisher.send(held.message, target, headers)
+
+    return send
+
+
+def missing_targets(conn, found: Plan) -> list[str]:
+    """The queues ``found`` would send messages to that do not exist."""
+    return [target for target in found.targets if bugs.depth(conn, target) is None]
