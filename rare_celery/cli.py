@@ -20,11 +20,27 @@ import click
 
 from . import bugs, durations, moves, records
 from . import timeline as tl
+from .display import terminal
 from .inventory import RareTaskInfo, rare_tasks, task_name
-from .topology import CLASSIC, DELAY_EXCHANGE, bug_queue, delay_queue, grid_values
+from .topology import (
+    CLASSIC,
+    DELAY_EXCHANGE,
+    RETURN_EXCHANGE,
+    UNROUTED_QUEUE,
+    bug_queue,
+    bug_queue_name,
+    delay_queue,
+    grid_values,
+)
 
 ENV = "rare_celery.env"
 SCHEDULE_ROWS = 50  # attempts shown by `schedule` unless --attempts says otherwise
+
+
+def say(text: object = "", err: bool = False) -> None:
+    """Print ``text`` with every line made safe for a terminal: text from messages (task names, ids,
+    errors, queue names) never brings its control characters or escape sequences along."""
+    click.echo("\n".join(terminal(line) for line in str(text).split("\n")), err=err)
 
 
 class Failure(click.ClickException):
@@ -33,7 +49,7 @@ class Failure(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        click.echo(f"rare-celery: {self.format_message()}", err=True)
+        say(f"rare-celery: {self.format_message()}", err=True)
 
 
 class Group(click.Group):
@@ -81,7 +97,9 @@ class Env:
         return rare_tasks(self.app) if self.app is not None else []
 
     def bug_queues(self) -> list[str]:
-        return sorted({t.bug_queue for t in self.tasks} | {f"{t.queue}.bugs" for t in self.tasks})
+        """The app's bug queues, and ``rare.unrouted`` (due messages whose work queue was gone)."""
+        names = {t.bug_queue for t in self.tasks} | {bug_queue_name(t.queue) for t in self.tasks}
+        return sorted(names) + ([UNROUTED_QUEUE.name] if names else [])
 
     def task(self, name: str | None) -> RareTaskInfo | None:
         return next((t for t in self.tasks if t.name == name), None)
@@ -251,7 +269,7 @@ def summary(reasons: Counter, tasks: Counter) -> str:
 def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
     """List bug-queue messages without taking them: they stay, in order.
 
-    Without QUEUE, every bug queue of the app's rare tasks.
+    Without QUEUE, every bug queue of the app's rare tasks, and rare.unrouted.
     """
     e = env()
     explicit = bool(queues)
@@ -262,11 +280,11 @@ def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
     shown, total, by_reason, by_task = 0, 0, Counter(), Counter()
     with e.connection() as conn:
         if not as_json:
-            click.echo(ROW.format(failed="FAILED (UTC)", task="TASK", id="ID", reason="REASON", attempts="ATT",
+            say(ROW.format(failed="FAILED (UTC)", task="TASK", id="ID", reason="REASON", attempts="ATT",
                                   error="ERROR"))
         for queue in queues:
             if not explicit and bugs.depth(conn, queue) is None:
-                click.echo(f"({queue} does not exist yet)", err=True)
+                say(f"({queue} does not exist yet)", err=True)
                 continue
             with bugs.browse(conn, queue) as messages:
                 for held in messages:
@@ -277,16 +295,16 @@ def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
                     shown += 1
                     by_reason[r.reason] += 1
                     by_task[r.task] += 1
-                    click.echo(json.dumps(r.as_json(), default=str) if as_json else row(r))
+                    say(json.dumps(r.as_json(), default=str) if as_json else row(r))
                     if limit is not None and shown >= limit:
                         break
             if limit is not None and shown >= limit:
                 break
     where = ", ".join(queues)
     line = f"{shown} shown of {total} read in {where}; {summary(by_reason, by_task)}"
-    click.echo(line, err=as_json)
+    say(line, err=as_json)
     if select and not shown:
-        click.echo("nothing matched", err=True)
+        say("nothing matched", err=True)
         sys.exit(1)
 
 
@@ -299,7 +317,7 @@ def plan(conn, queue: str, select: records.Selector, to: str | None = None, rows
          moving: bool = True) -> Plan:
     """First read of ``queue``: which messages match, and (``moving``) where each would go."""
     return moves.plan(conn, queue, lambda held: select.matches(held.record), to, moving,
-                      (lambda r: click.echo(row(r))) if rows else None)
+                      (lambda r: say(row(r))) if rows else None)
 
 
 @contextlib.contextmanager
@@ -344,26 +362,26 @@ def requeue_bugs(queue, ids, tasks, reasons, everything, to, reset, dry_run, yes
     with e.connection() as conn:
         found = plan(conn, queue, select, to, rows=dry_run)
         if found.without_target:
-            click.echo(f"{found.without_target} matching messages have no origin queue (x-rare-queue): "
+            say(f"{found.without_target} matching messages have no origin queue (x-rare-queue): "
                        f"they stay; send them with --to QUEUE", err=True)
         if not found.count:
-            click.echo(f"nothing to requeue in {queue}", err=True)
+            say(f"nothing to requeue in {queue}", err=True)
             sys.exit(1)
         for target in found.targets:
             if bugs.depth(conn, target) is None:
                 raise Failure(f"queue {target!r} ({found.targets[target]} messages go there) does not exist: "
                               f"declare it (rare-celery declare) or choose another with --to")
         if dry_run:
-            click.echo(f"would requeue {found.count} messages from {queue} to {_targets(found.targets)}")
+            say(f"would requeue {found.count} messages from {queue} to {_targets(found.targets)}")
             return
         if not yes:
-            click.confirm(f"Requeue {found.count} messages from {queue} to {_targets(found.targets)}?", abort=True)
+            click.confirm(terminal(f"Requeue {found.count} messages from {queue} to {_targets(found.targets)}?"), abort=True)
         send = moves.requeue_sender(to, reset, time.time())
         planned = found.count
         with progress(planned, "requeueing") as step:
             moved = bugs.take(conn, queue, found.take, send, step)
     gone = planned - moved
-    click.echo(f"requeued {moved} messages from {queue} to {_targets(found.targets)}"
+    say(f"requeued {moved} messages from {queue} to {_targets(found.targets)}"
                + (f"; {gone} of those counted were no longer there" if gone else ""))
 
 
@@ -381,13 +399,13 @@ def purge_bugs(queue, tasks, reasons, older_than, everything, yes) -> None:
     with e.connection() as conn:
         found = plan(conn, queue, select, moving=False)
         if not found.count:
-            click.echo(f"nothing to purge in {queue}", err=True)
+            say(f"nothing to purge in {queue}", err=True)
             sys.exit(1)
         if not yes:
-            click.confirm(f"Delete {found.count} messages from {queue} for good?", abort=True)
+            click.confirm(terminal(f"Delete {found.count} messages from {queue} for good?"), abort=True)
         with progress(found.count, "purging") as step:
             deleted = bugs.take(conn, queue, found.take, None, step)
-    click.echo(f"deleted {deleted} messages from {queue}")
+    say(f"deleted {deleted} messages from {queue}")
 
 
 # -- status ----------------------------------------------------------------------------------------
@@ -407,10 +425,10 @@ def status(queues, scan, as_json) -> None:
     if queues:
         for q in queues:
             mine = [t for t in e.tasks if t.queue == q]
-            works[q] = (mine[0].kind if mine else CLASSIC, {f"{q}.bugs"} | {t.bug_queue for t in mine})
+            works[q] = (mine[0].kind if mine else CLASSIC, {bug_queue_name(q)} | {t.bug_queue for t in mine})
     else:
         for t in e.tasks:
-            works.setdefault(t.queue, (t.kind, {f"{t.queue}.bugs"}))[1].add(t.bug_queue)
+            works.setdefault(t.queue, (t.kind, {bug_queue_name(t.queue)}))[1].add(t.bug_queue)
     if not works:
         raise Failure("name the work QUEUEs, or pass -A/--app APP with rare tasks")
     delays: dict[tuple[str, int], set[str]] = {}
@@ -427,6 +445,7 @@ def status(queues, scan, as_json) -> None:
                 "queue": q, "kind": kind, "exists": probe is not None, "ready": probe and probe[0],
                 "consumers": probe and probe[1],
                 "bug_queues": [_bug_depth(conn, b) for b in sorted(bug_names)]})
+        report["unrouted"] = _bug_depth(conn, UNROUTED_QUEUE.name)
         candidates = dict(delays)
         if scan:
             for kind in (CLASSIC, "quorum"):
@@ -441,21 +460,25 @@ def status(queues, scan, as_json) -> None:
                 "queue": name, "delay_ms": ms, "delay": durations.short(ms / 1000), "exists": probe is not None,
                 "messages": probe and probe[0], "work_queues": sorted(users)})
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        say(json.dumps(report, indent=2))
         return
-    click.echo(f"{'WORK QUEUE':<32} {'READY':>8} {'CONSUMERS':>9}  {'BUG QUEUE':<32} {'BUGS':>8}")
+    say(f"{'WORK QUEUE':<32} {'READY':>8} {'CONSUMERS':>9}  {'BUG QUEUE':<32} {'BUGS':>8}")
     for w in report["work_queues"]:
         for i, b in enumerate(w["bug_queues"]):
             left = (f"{w['queue']:<32} {_n(w['ready'], w['exists']):>8} {_n(w['consumers'], w['exists']):>9}"
                     if i == 0 else " " * 51)
-            click.echo(f"{left}  {b['queue']:<32} {_n(b['messages'], b['exists']):>8}")
-    click.echo("")
+            say(f"{left}  {b['queue']:<32} {_n(b['messages'], b['exists']):>8}")
+    unrouted = report["unrouted"]
+    if unrouted["messages"]:
+        say(f"{'':<51}  {unrouted['queue']:<32} {unrouted['messages']:>8}  (their work queue was gone: "
+            f"requeue-bugs {unrouted['queue']} --to QUEUE)")
+    say("")
     if not report["delay_queues"]:
-        click.echo("no delay queues known" + ("" if scan else " (--scan looks for every possible one)"))
+        say("no delay queues known" + ("" if scan else " (--scan looks for every possible one)"))
         return
-    click.echo(f"{'DELAY QUEUE':<32} {'DELAY':>10} {'WAITING':>8}  FOR WORK QUEUES (from their schedules)")
+    say(f"{'DELAY QUEUE':<32} {'DELAY':>10} {'WAITING':>8}  FOR WORK QUEUES (from their schedules)")
     for d in report["delay_queues"]:
-        click.echo(f"{d['queue']:<32} {d['delay']:>10} {_n(d['messages'], d['exists']):>8}  "
+        say(f"{d['queue']:<32} {d['delay']:>10} {_n(d['messages'], d['exists']):>8}  "
                    f"{', '.join(d['work_queues']) or '-'}")
 
 
@@ -488,7 +511,7 @@ def schedule(name, attempts) -> None:
         return target, e.task(target)
 
     for line in tl.describe(info, find, attempts or SCHEDULE_ROWS):
-        click.echo(line)
+        say(line)
 
 
 # -- declare ---------------------------------------------------------------------------------------
@@ -508,7 +531,7 @@ def declare(dry_run) -> None:
     wanted: dict[str, tuple[object, str]] = {}
     for t in e.tasks:
         wanted.setdefault(t.queue, (app.amqp.queues[t.queue], f"work queue ({t.kind})"))
-        for name in (f"{t.queue}.bugs", t.bug_queue):
+        for name in (bug_queue_name(t.queue), t.bug_queue):
             wanted.setdefault(name, (bug_queue(name), "bug queue"))
     for kind, ms in sorted({(t.kind, ms) for t in e.tasks for _, p in t.policies() for ms in tl.delay_values(p)}):
         q = delay_queue(ms, kind)
@@ -516,22 +539,29 @@ def declare(dry_run) -> None:
     if not e.tasks:
         raise Failure("the app has no RareTask: nothing to declare")
     verb = "would declare" if dry_run else "declared"
-    lines = [f"exchange {DELAY_EXCHANGE.name:<32} direct, durable"]
+    works = sorted({t.queue for t in e.tasks})
+    lines = [f"exchange {DELAY_EXCHANGE.name:<32} direct, durable",
+             f"queue    {UNROUTED_QUEUE.name:<32} where due messages go whose work queue is gone",
+             f"exchange {RETURN_EXCHANGE.name:<32} direct, durable, alternate exchange {UNROUTED_QUEUE.name}"]
     lines += [f"queue    {name:<32} {what}" for name, (_, what) in wanted.items()]
+    lines += [f"binding  {RETURN_EXCHANGE.name} -> {name}" for name in works]
     if dry_run:
         for line in lines:
-            click.echo(f"{verb} {line}")
+            say(f"{verb} {line}")
         return
     from .exceptions import TopologyError
+    from .publish import bind_return
 
     with e.connection() as conn:
         channel = conn.channel()
         try:
-            DELAY_EXCHANGE.declare(channel=channel)
-            click.echo(f"{verb} {lines[0]}")
-            for line, (queue, _) in zip(lines[1:], wanted.values()):
-                declare_queue(channel, queue)
-                click.echo(f"{verb} {line}")
+            steps = [lambda: DELAY_EXCHANGE.declare(channel=channel), lambda: declare_queue(channel, UNROUTED_QUEUE),
+                     lambda: RETURN_EXCHANGE.declare(channel=channel)]
+            steps += [lambda q=queue: declare_queue(channel, q) for queue, _ in wanted.values()]
+            steps += [lambda n=name: bind_return(channel, n) for name in works]
+            for line, step in zip(lines, steps):
+                step()
+                say(f"{verb} {line}")
         except TopologyError as exc:
             raise Failure(str(exc)) from None
         finally:

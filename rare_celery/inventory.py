@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .hops import MAX_HOPS
 from .policy import Policy
-from .topology import queue_kind
+from .topology import bug_queue_name, queue_kind
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def rare_tasks(app) -> list[RareTaskInfo]:
         except Exception:  # noqa: BLE001 - a route Celery cannot resolve fails at publish, not here
             queue = getattr(task, "queue", None) or app.conf.task_default_queue
         kind = queue_kind(app.amqp.queues.get(queue))
-        out.append(RareTaskInfo(task.name, queue, kind, task.bug_queue or f"{queue}.bugs", task))
+        out.append(RareTaskInfo(task.name, queue, kind, task.bug_queue or bug_queue_name(queue), task))
     return out
 
 

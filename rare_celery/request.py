@@ -295,7 +295,7 @@ def put_back(task, message, queue: str | None, why: str, *, lost: bool, ack, req
             if task_id:
                 _mark_failed(task, task_id, error, _request_of(message, headers), True)
         _refusals.pop(key, None)
-    except Exception as exc:  # noqa: BLE001 - the message stays in its queue; try again after a pause
+    except Exception as exc:
         _refusals[key] = count
         _refusals.move_to_end(key)
         while len(_refusals) > 10_000:
@@ -303,6 +303,7 @@ def put_back(task, message, queue: str | None, why: str, *, lost: bool, ack, req
         pause = min(MAX_PAUSE, 2.0 ** (count - 1))
         log.error("rare_celery: %s[%s] stays in %s (not acked): putting it back failed (%s); "
                   "it is delivered again in %g s", getattr(task, "name", "?"), task_id, queue, exc, pause)
+        log.debug("rare_celery: putting it back failed", exc_info=True)
         if timer is not None:
             timer.call_after(pause, requeue)
         else:

@@ -33,7 +33,7 @@ from . import events, hops, signals
 from . import headers as hdr
 from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, RoutingFailed
 from .message import rebuild
-from .policy import EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
+from .policy import BUG, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
 from .topology import RETURN_EXCHANGE, bug_queue_name, queue_kind
 
@@ -398,15 +398,18 @@ class RareTask(Task):
     def _hop(self, target, reason: str, current: Current, args=None, kwargs=None) -> NoReturn:
         """Publish the work to ``target``'s queue (same id, fresh attempts), then end this run."""
         req, now, state = self.request, time.time(), current.attempt
-        name = _task_name(self.app, target)
         queue = self._work_queue()
+        try:
+            name = _task_name(self.app, target)
+            dest = _target_queue(self.app, name, self.app.tasks.get(name))
+        except Exception as exc:  # noqa: BLE001 - a fallback or Hop that leads nowhere is a bug, not a loop
+            self._to_bugs(BUG, Bug(f"{self.name}[{req.id}] cannot hop to {target!r}: {exc}"), current, args, kwargs)
         history = [*hops.read((req.headers or {}).get(hops.HEADER)),
                    hops.entry(self.name, queue, reason, state.number, state.first_at, now)]
         refused = hops.refusal(history, name, self.max_hops)
         if refused:
             self._to_bugs(HopLimit.rare_reason, HopLimit(f"{self.name}[{req.id}] cannot hop to {name}: {refused}"),
                           current, args, kwargs)
-        dest = _target_queue(self.app, name, self.app.tasks.get(name))
 
         def make() -> Copy:
             extra = {**hdr.write(hdr.Attempt(1, now, queue=dest.name)), hops.HEADER: history}

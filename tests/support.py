@@ -67,7 +67,7 @@ class Worker:
                  concurrency: int = 2, name: str | None = None, extra: list[str] | None = None) -> None:
         self.log = workdir / f"worker-{name or app.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:6]}.log"
         cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", ",".join(queues), "-P", pool,
-               "-c", str(concurrency), "--without-mingle", "--without-gossip", "-l", "info",
+               "-c", str(concurrency), "--without-mingle", "--without-gossip", "-l", os.environ.get("RARE_TEST_LOGLEVEL", "info"),
                "-n", f"{name or 'w'}-{uuid.uuid4().hex[:6]}@%h", *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT,

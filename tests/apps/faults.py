@@ -27,7 +27,7 @@ Every run appends one JSON line to ``$RARE_FAULTS_DIR/rec-<pid>.jsonl`` (one fil
 ``{"k": "run"|"ok"|"hold"|"paused", "id", "task", "att", "q", "redelivered", "pid", "t"}``.
 
 Environment: ``RARE_FAULTS_BROKER`` (else ``RARE_TEST_BROKER``), ``RARE_FAULTS_DIR`` (else
-``RARE_TEST_DIR``), ``RARE_FAULTS_CONFIG`` = ``confirm_off`` | ``pickle`` (a deliberately broken
+``RARE_TEST_DIR``), ``RARE_FAULTS_CONFIG`` = ``confirm_off`` | ``pickle`` | ``pickle_type`` (a deliberately broken
 configuration the worker must refuse).
 """
 
@@ -76,6 +76,8 @@ if _CONFIG == "confirm_off":
     app.conf.broker_transport_options = {"confirm_publish": False}
 elif _CONFIG == "pickle":
     app.conf.accept_content = ["json", "pickle"]
+elif _CONFIG == "pickle_type":  # the same, by its content type (kombu accepts either)
+    app.conf.accept_content = ["json", "application/x-python-serialize"]
 
 
 class _Recorder:

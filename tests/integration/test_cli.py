@@ -603,3 +603,22 @@ def test_errors_are_one_line_with_the_password_masked(vhost, env, run):
     assert "cannot load the app 'tests.apps.nope'" in one_line_error(run("-A", "tests.apps.nope", "status"))
     assert "pass -A/--app APP" in one_line_error(run("inspect-bugs", "q"))
     assert "No such option '--bogus'. (see 'rare-celery status -h')" in one_line_error(run("--broker", vhost.url, "status", "--bogus"))
+
+
+# -- text from messages reaches the terminal escaped (issue 10, item 11) ----------------------------------
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1b[1;31mred\u202e"
+
+
+def test_escape_sequences_from_a_message_never_reach_the_terminal(vhost):
+    queue = f"cli.hostile.{uuid.uuid4().hex[:6]}.bugs"
+    evil = bug_message(task=f"cli.{HOSTILE}", error=f"boom {HOSTILE}", task_id=f"id-{HOSTILE}",
+                       queue=f"cli.{HOSTILE}")
+    publish(vhost.url, queue, [evil])
+    for ran in (cli("--broker", vhost.url, "inspect-bugs", queue),
+                cli("--broker", vhost.url, "requeue-bugs", queue, "--all", "--dry-run")):
+        text = ran.out + ran.err
+        assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, repr(text)
+        assert "\\x1b]0;owned\\x07" in text  # shown, as visible escapes
+    shown = cli("--broker", vhost.url, "inspect-bugs", queue, "--json")
+    assert "\x1b" not in shown.out and shown.json_lines()[0]["error"] == f"boom {HOSTILE}"  # JSON keeps the value

@@ -467,6 +467,9 @@ def scratch(fenv):
 CONFIG_MISTAKES = {
     "confirm_publish=False": ({"RARE_FAULTS_CONFIG": "confirm_off"},
                               "rare_celery needs publisher confirms: remove confirm_publish=False"),
+    "pickle's content type in accept_content": (
+        {"RARE_FAULTS_CONFIG": "pickle_type", "C_FORCE_ROOT": "1"},
+        "rare_celery accepts JSON only: accept_content names pickle (application/x-python-serialize)"),
     "pickle in accept_content": ({"RARE_FAULTS_CONFIG": "pickle", "C_FORCE_ROOT": "1"},
                                  "rare_celery accepts JSON only: accept_content names pickle (pickle); use 'json'"),
 }

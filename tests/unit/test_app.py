@@ -1,0 +1,35 @@
+"""What rare_celery refuses in an app's configuration, and how it folds Celery's expires (no broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rare_celery.app import fold_expires, pickles
+
+
+@pytest.mark.parametrize("setting", [["json", "pickle"], ["application/x-python-serialize"], "pickle",
+                                     ("json", "Pickle"), ["json", "application/x-python-serialize"]])
+def test_every_name_of_pickle_is_found(setting):
+    assert pickles(setting)
+
+
+@pytest.mark.parametrize("setting", [["json"], ["application/json", "msgpack"], "json", None, ()])
+def test_json_and_others_pass(setting):
+    assert pickles(setting) == []
+
+
+def test_expires_becomes_the_earlier_deadline_and_the_expiration_goes():
+    headers = {"expires": "2030-01-01T00:00:00+00:00", "x-rare-deadline": 1_900_000_000.0}
+    properties = {"expiration": "1000", "priority": 0}
+    fold_expires(headers, properties)
+    assert headers["expires"] is None and "expiration" not in properties and properties["priority"] == 0
+    assert headers["x-rare-deadline"] == 1_893_456_000.0  # 2030-01-01, earlier than 1.9e9
+    later = {"expires": "2040-01-01T00:00:00", "x-rare-deadline": 1_900_000_000.0}
+    fold_expires(later)
+    assert later["x-rare-deadline"] == 1_900_000_000.0
+
+
+def test_an_expires_that_is_not_a_time_is_ignored_not_raised():
+    headers = {"expires": "soon"}
+    fold_expires(headers)
+    assert headers == {"expires": None}
