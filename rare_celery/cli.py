@@ -569,5 +569,31 @@ def declare(dry_run) -> None:
                 channel.close()
 
 
+# -- web and metrics (pip install "rare-celery[web]") ---------------------------------------------
+
+@command
+@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="Address to listen on; anything but loopback needs --auth.")
+@click.option("--port", default=5580, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--auth", metavar="USER:PASSWORD", help="HTTP basic auth for every page (or RARE_CELERY_WEB_AUTH).")
+def web(bind, port, auth) -> None:
+    """The web console: overview, bug queues and their messages, requeue and purge, schedules, /metrics."""
+    from .web.server import serve
+
+    serve(env(), bind, port, auth, True, Failure)
+
+
+@command
+@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="Address to listen on; anything but loopback needs --auth.")
+@click.option("--port", default=5581, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--auth", metavar="USER:PASSWORD", help="HTTP basic auth (or RARE_CELERY_WEB_AUTH).")
+def metrics(bind, port, auth) -> None:
+    """Prometheus metrics only, at /metrics: queue depths and counters of rare_celery's events."""
+    from .web.server import serve
+
+    serve(env(), bind, port, auth, False, Failure)
+
+
 if __name__ == "__main__":
     main()

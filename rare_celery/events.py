@@ -13,6 +13,24 @@ type               fields
 ``rare-expired``   ``deadline`` (epoch s), ``attempts``
 ``rare-wait``      ``due`` (epoch s), ``queue``: an early arrival sent round again, not run
 =================  =========================================================================
+
+``rare-hop`` also carries ``source`` (the same as ``name``). These types (routing keys ``rare.*``)
+are what ``rare-celery web`` / ``metrics`` count; an event consumer that keeps task state (Flower,
+``celery.events.state.State``) files them under no task.
+
+**Runs that end without a Celery event.** A hop and a send-round-again end the run with Celery's
+``Ignore``, for which Celery sends no event: an event consumer would show the run ``STARTED`` for
+ever. So with ``rare-hop`` the same dispatcher sends ``task-hopped`` and with ``rare-wait``
+``task-waiting``, task events with the same fields that ``State`` turns into the custom states
+``HOPPED`` (the result backend's state too) and ``WAITING``. Custom states rank with the ready
+states in ``State``'s precedence, so a late ``task-started`` of the same run cannot put the row
+back to ``STARTED``; the task's next ``task-succeeded``, ``-failed``, ``-retried`` or another
+ending moves it on. ``task-hopped`` carries no ``name`` (the source is in ``source``): the row takes
+the target's name from the target's ``task-received``, whether that arrives before or after it. It
+sets ``exception`` and ``traceback`` to ``None``: the error that made the source give up is not the
+target's (it stays in the bug-queue headers and the ``rare-*`` events). In the rare case of a
+target that fails before ``task-hopped`` reaches a consumer, that consumer shows the FAILURE
+without its exception.
 """
 
 from __future__ import annotations
@@ -23,6 +41,8 @@ log = logging.getLogger(__name__)
 
 RETRY, BUGS, HOP, EXPIRED, WAIT = "rare-retry", "rare-bugs", "rare-hop", "rare-expired", "rare-wait"
 TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT)
+HOPPED_EVENT, WAITING_EVENT = "task-hopped", "task-waiting"
+ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the run, sent along
 
 
 def emit(task, kind: str, task_id: str, **fields) -> None:
@@ -31,6 +51,13 @@ def emit(task, kind: str, task_id: str, **fields) -> None:
         return
     try:
         with task.app.events.default_dispatcher(hostname=getattr(task.request, "hostname", None)) as dispatcher:
+            if kind == HOP:
+                fields.setdefault("source", task.name)
             dispatcher.send(kind, uuid=task_id, name=task.name, **fields)
+            end = ENDS.get(kind)
+            if end == HOPPED_EVENT:  # no name: the row keeps the target's, whichever event comes first
+                dispatcher.send(end, uuid=task_id, exception=None, traceback=None, **fields)
+            elif end is not None:
+                dispatcher.send(end, uuid=task_id, name=task.name, **fields)
     except Exception as exc:  # noqa: BLE001 - an event is a report; the message is safe either way
         log.warning("rare_celery: could not send the %s event for %s: %r", kind, task_id, exc)

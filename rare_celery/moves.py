@@ -37,10 +37,13 @@ class Plan:
 
 
 def plan(conn, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None = None, moving: bool = True,
-         on_row: Callable[[records.Record], None] | None = None) -> Plan:
-    """First read of ``queue``: which messages are ``wanted``, and (``moving``) where each would go."""
+         on_row: Callable[[records.Record], None] | None = None, browse=bugs.browse) -> Plan:
+    """First read of ``queue``: which messages are ``wanted``, and (``moving``) where each would go.
+
+    ``browse(conn, queue)`` reads it (:func:`rare_celery.bugs.browse`, or another reader with the same
+    guarantees: nothing acked, every message put back in place when the read ends)."""
     found = Plan(Counter(), Counter())
-    with bugs.browse(conn, queue) as messages:
+    with browse(conn, queue) as messages:
         for held in messages:
             if not wanted(held):
                 continue

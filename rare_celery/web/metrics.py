@@ -1,0 +1,224 @@
+"""Prometheus metrics: queue depths read at scrape time, and counters of rare_celery's decisions.
+
+The counters count the ``rare-*`` Celery events (:mod:`rare_celery.events`) that this process
+receives, through an event receiver of its own (``app.events.Receiver``, routing key ``rare.#``):
+workers send them when ``worker_send_task_events`` is on (``-E``), from every pool process of every
+worker, so one console counts what all of them decided. They start at 0 when the console starts,
+as Prometheus counters do after a restart (``rate()`` and ``increase()`` handle that). Events sent
+while the console was not running are not counted.
+
+Event fields are untrusted input (anyone who may publish to the ``celeryev`` exchange can send
+one): label values are clipped, reasons outside the known ones become ``other``, and each counter
+keeps at most :data:`MAX_SERIES` label sets (further ones are counted under ``other``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+
+from .. import events
+from ..policy import MIN_DELAY
+from ..topology import MAX_DELAY_MS, grid_floor
+
+log = logging.getLogger(__name__)
+
+MAX_SERIES = 1000
+LABEL_WIDTH = 200
+REASONS = ("exhausted", "expired", "bug", "no_handler", "hop_limit", "worker_lost", "unregistered", "rejected")
+OVERVIEW_CACHE = 2.0  # seconds a scrape reuses the queue depths of the previous one
+
+COUNTERS = {  # event type -> (metric name, help, label names, fields the labels come from)
+    events.RETRY: ("rare_retries_scheduled", "Retries scheduled (a failed attempt sent to a delay queue)",
+                   ("task", "queue"), ("name", "queue")),
+    events.BUGS: ("rare_routed_to_bugs", "Messages routed to a bug queue, by reason",
+                  ("task", "reason", "queue"), ("name", "reason", "queue")),
+    events.HOP: ("rare_hops", "Hops to a fallback or Hop target", ("source", "target", "reason"),
+                 ("name", "target", "reason")),
+    events.EXPIRED: ("rare_expired", "Messages whose shelf life ran out", ("task",), ("name",)),
+    events.WAIT: ("rare_waits", "Early arrivals sent round again for the rest of their delay (not attempts)",
+                  ("task", "queue"), ("name", "queue")),
+}
+
+
+def _label(value: object) -> str:
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text[:LABEL_WIDTH]
+
+
+class Counters:
+    """Event counts by type and label values; fed by :class:`EventCounter`, read by the collector."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, Counter] = {kind: Counter() for kind in COUNTERS}
+        self.received = 0
+        self.connected = False
+        self.delays: dict[tuple[str, int], set[str]] = {}  # delay queues seen in rare-retry events
+
+    def add(self, event: dict) -> None:
+        kind = event.get("type")
+        spec = COUNTERS.get(kind)
+        if spec is None:
+            return
+        values = []
+        for name, source in zip(spec[2], spec[3]):
+            value = _label(event.get(source))
+            if name == "reason" and value not in REASONS:
+                value = "other"
+            values.append(value)
+        key = tuple(values)
+        with self.lock:
+            self.received += 1
+            counter = self.counts[kind]
+            if key not in counter and len(counter) >= MAX_SERIES:
+                key = tuple("other" for _ in key)
+            counter[key] += 1
+            if kind == events.RETRY:
+                self._saw_delay(event)
+
+    def _saw_delay(self, event: dict) -> None:
+        delay, queue = event.get("delay"), event.get("queue")
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not isinstance(queue, str):
+            return
+        ms = min(int(max(delay, MIN_DELAY) * 1000), MAX_DELAY_MS)
+        if ms >= 1 and len(self.delays) < MAX_SERIES:
+            self.delays.setdefault(("classic", grid_floor(ms)), set()).add(queue[:LABEL_WIDTH])
+
+    def snapshot(self) -> dict[str, Counter]:
+        with self.lock:
+            return {kind: Counter(c) for kind, c in self.counts.items()}
+
+
+class EventCounter:
+    """A thread that receives the ``rare-*`` events of the broker's vhost and counts them; it
+    reconnects after a broker restart."""
+
+    def __init__(self, app, counters: Counters, connect=None) -> None:
+        self.app, self.counters = app, counters
+        self.connect = connect or app.connection_for_read
+        self.receiver = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rare-web-events", daemon=True)
+
+    def start(self) -> EventCounter:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.receiver is not None:
+            self.receiver.should_stop = True
+        self.thread.join(5)
+
+    def wait_connected(self, timeout: float) -> bool:
+        ends = time.monotonic() + timeout
+        while not self.counters.connected and time.monotonic() < ends:
+            time.sleep(0.05)
+        return self.counters.connected
+
+    def _consuming(self) -> None:
+        self.counters.connected = True
+
+    def _run(self) -> None:
+        pause = 1.0
+        while not self._stop.is_set():
+            conn = self.connect()
+            try:
+                receiver = self.app.events.Receiver(conn, handlers={"*": self.counters.add}, routing_key="rare.#")
+                receiver.on_iteration = self._consuming  # called once the queue is declared and consumed
+                self.receiver = receiver
+                if self._stop.is_set():
+                    break
+                for _ in receiver.consume(limit=None, timeout=None, safety_interval=1, wakeup=False):
+                    pause = 1.0
+            except Exception as exc:  # noqa: BLE001 - the broker went away: count again when it is back
+                if not self._stop.is_set():
+                    log.warning("rare-celery web: event receiver: %s; reconnecting in %.0f s", exc, pause)
+            finally:
+                self.counters.connected = False
+                with contextlib.suppress(Exception):
+                    conn.release()
+            self._stop.wait(pause)
+            pause = min(pause * 2, 30.0)
+
+
+def registry(console, counters: Counters):
+    """A prometheus_client registry with the console's collector."""
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(console, counters))
+    return reg
+
+
+class Collector:
+    """Gauges from passive declares (cached :data:`OVERVIEW_CACHE` s), counters from the events."""
+
+    def __init__(self, console, counters: Counters) -> None:
+        self.console, self.counters = console, counters
+        self._cached: tuple[float, dict] | None = None
+        self._lock = threading.Lock()
+
+    def _report(self) -> dict | None:
+        with self._lock:
+            if self._cached is not None and time.monotonic() - self._cached[0] < OVERVIEW_CACHE:
+                return self._cached[1]
+            try:
+                report = self.console.overview()
+            except Exception as exc:  # noqa: BLE001 - the scrape still answers: broker_up 0
+                log.warning("rare-celery metrics: cannot read the queues: %s", exc)
+                report = None
+            self._cached = (time.monotonic(), report)
+            return report
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        report = self._report()
+        up = GaugeMetricFamily("rare_broker_up", "1 if the console could read the queues at this scrape")
+        up.add_metric([], 1 if report is not None else 0)
+        yield up
+        receiving = GaugeMetricFamily("rare_events_receiver_up", "1 if the console is receiving Celery events")
+        receiving.add_metric([], 1 if self.counters.connected else 0)
+        yield receiving
+        if report is not None:
+            ready = GaugeMetricFamily("rare_work_queue_ready", "Messages ready in a rare work queue", labels=["queue"])
+            consumers = GaugeMetricFamily("rare_work_queue_consumers", "Consumers of a rare work queue",
+                                          labels=["queue"])
+            exists = GaugeMetricFamily("rare_queue_exists", "1 if the queue exists", labels=["queue", "role"])
+            bugs_ = GaugeMetricFamily("rare_bug_queue_messages", "Messages in a bug queue",
+                                      labels=["queue", "work_queue"])
+            waiting = GaugeMetricFamily("rare_delay_queue_messages", "Messages waiting in a delay queue",
+                                        labels=["queue", "delay", "delay_seconds"])
+            unrouted = GaugeMetricFamily("rare_unrouted_messages",
+                                         "Due messages whose work queue was gone, in rare.unrouted")
+            for w in report["work_queues"]:
+                exists.add_metric([w["queue"], "work"], 1 if w["exists"] else 0)
+                if w["exists"]:
+                    ready.add_metric([w["queue"]], w["ready"])
+                    consumers.add_metric([w["queue"]], w["consumers"])
+                for b in w["bug_queues"]:
+                    exists.add_metric([b["queue"], "bugs"], 1 if b["exists"] else 0)
+                    bugs_.add_metric([b["queue"], w["queue"]], b["messages"] or 0)
+            for d in report["delay_queues"]:
+                exists.add_metric([d["queue"], "delay"], 1 if d["exists"] else 0)
+                if d["exists"]:
+                    waiting.add_metric([d["queue"], d["delay"], str(d["delay_ms"] / 1000)], d["messages"])
+            unrouted.add_metric([], report["unrouted"]["messages"] or 0)
+            yield from (ready, consumers, bugs_, waiting, unrouted, exists)
+        counts = self.counters.snapshot()
+        for kind, (name, text, labels, _) in COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=list(labels))
+            for values, n in sorted(counts[kind].items()):
+                family.add_metric(list(values), n)
+            yield family
+        total = CounterMetricFamily("rare_events_received", "rare-* events received by this process")
+        total.add_metric([], self.counters.received)
+        yield total
