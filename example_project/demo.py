@@ -4,7 +4,8 @@
 
 Starts a local "translation service" (down for its first seconds), a ``celery worker`` subprocess,
 publishes a mix of tasks, and prints one line per event, read from Celery events (the worker's own
-task-started/-succeeded/-failed and the ``rare-*`` events of ``example_project/timeline.py``). Then it
+task-started/-succeeded/-failed/-retried, rare_celery's own ``rare-*`` events, and the
+``rare-attempt`` event of ``example_project/timeline.py``). Then it
 shows ``rare-celery inspect-bugs`` and ``rare-celery status``, a summary, stops the worker and exits
 0 if every task is accounted for as expected (1 if not, 2 without a broker).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import heapq
+import itertools
 import json
 import os
 import signal
@@ -90,6 +92,9 @@ EXPECTED = {
 }
 
 
+ERROR = "\0error\0"  # where a retry line's error goes once Celery's task-retried names it
+
+
 class Timeline:
     """Collects Celery events for the tasks this run published and prints one line each, in the
     order they happened (events from different worker processes can arrive a little out of order,
@@ -99,19 +104,24 @@ class Timeline:
 
     def __init__(self, labels: dict[str, str], started: float, out) -> None:
         self.labels, self.started, self.out = labels, started, out
-        self.pending: list[tuple[float, int, str]] = []
+        self.pending: list[tuple[float, int, dict]] = []
+        self.order = itertools.count()
+        self.retries: dict[str, dict] = {}  # task id -> its last retry line, until task-retried names the error
         self.ended: dict[str, str] = {}   # task id -> "ok" | "fallback" | "bugs"
         self.published: dict[str, str] = {}  # task id -> the task it was published to
         self.names: dict[str, str] = {}  # task id -> the task running it now
         self.lock = threading.Lock()
 
-    def line(self, task_id: str, text: str) -> None:
-        heapq.heappush(self.pending, (self.at, len(self.pending), f"{self.labels[task_id]:<19} {text}"))
+    def line(self, task_id: str, text: str, **parts) -> dict:
+        item = {"text": f"{self.labels[task_id]:<19} {text}", **parts}
+        heapq.heappush(self.pending, (self.at, next(self.order), item))
+        return item
 
     def flush(self, everything: bool = False) -> None:
         with self.lock:
             while self.pending and (everything or self.pending[0][0] < time.time() - self.HOLD):
-                at, _, text = heapq.heappop(self.pending)
+                at, _, item = heapq.heappop(self.pending)
+                text = item["text"].replace(ERROR, item["error"]) if "error" in item else item["text"]
                 self.out(f"+{at - self.started:6.2f}s  {text}")
 
     def on_event(self, event: dict) -> None:
@@ -125,10 +135,14 @@ class Timeline:
             name = self.names.get(task_id, "?")
             if kind == "rare-attempt":
                 self.line(task_id, f"{name}: attempt {event['attempt']} started")
-            elif kind == "rare-retry":
-                self.line(task_id, f"{name}: attempt {event['attempt']} failed ({_short(event['exception'])}), "
-                                   f"again in {event['delay']:.2f}s")
-            elif kind == "rare-hopped":
+            elif kind == "rare-retry":  # rare_celery's event names the exception's type; task-retried shows it
+                kind_name = str(event.get("exception") or "?").rsplit(".", 1)[-1]
+                self.retries[task_id] = self.line(
+                    task_id, f"{name}: attempt {event['attempt']} failed ({ERROR}), again in {event['delay']:.2f}s",
+                    error=_short(kind_name))
+            elif kind == "task-retried" and task_id in self.retries:
+                self.retries.pop(task_id)["error"] = _short(str(event.get("exception", "")))
+            elif kind == "rare-hop":
                 self.line(task_id, f"{event['source']} -> {event['target']} ({event['reason']})")
             elif kind == "rare-bugs":
                 self.ended[task_id] = "bugs"

@@ -1,8 +1,11 @@
-"""Turns rare_celery's signals into Celery events, so the demo (or Flower) can show the timeline.
+"""One Celery event of the demo's own, from a rare signal: ``rare-attempt`` when an attempt starts.
 
-Celery already sends task-started/-succeeded/-failed/-retried; these add each attempt's number,
-the delay of each retry, the hops and the bug-queue routing, as events ``rare-attempt``,
-``rare-retry``, ``rare-hopped``, ``rare-bugs``."""
+rare_celery itself sends its decisions as Celery events when the worker sends task events
+(``rare-retry``, ``rare-bugs``, ``rare-hop``, ``rare-expired``, ``rare-wait``; see
+:mod:`rare_celery.events`), and Celery sends ``task-started``/``-succeeded``/``-failed``/``-retried``:
+the demo's timeline reads those. Only the attempt number of a run is not in any of them, so the
+demo adds it here, the way an app adds events of its own.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +15,3 @@ from rare_celery import signals
 @signals.attempt_started.connect
 def _attempt(sender, request, attempt, **kw):
     sender.send_event("rare-attempt", attempt=attempt)
-
-
-@signals.retry_scheduled.connect
-def _retry(sender, request, attempt, delay, exception, **kw):
-    sender.send_event("rare-retry", attempt=attempt, delay=round(delay, 3), exception=repr(exception)[:200])
-
-
-@signals.hopped.connect
-def _hopped(sender, request, source, target, reason, queue, **kw):
-    sender.send_event("rare-hopped", source=source, target=target, reason=reason, queue=queue)
-
-
-@signals.routed_to_bugs.connect
-def _bugs(sender, request, reason, attempts, exception, queue, **kw):
-    sender.send_event("rare-bugs", reason=reason, attempts=attempts, queue=queue,
-                      exception=repr(exception)[:200])
