@@ -184,9 +184,10 @@ def _size(value: object) -> int:
 
 def carried(headers: Mapping | None) -> dict:
     """A message's headers that travel unchanged: its own and the hop history (``x-rare-hops``),
-    without rare_celery's per-attempt headers and RabbitMQ's dead-letter bookkeeping."""
+    without rare_celery's per-attempt headers, RabbitMQ's dead-letter bookkeeping and kombu's
+    ``compression`` (a copy's body is serialized again, uncompressed)."""
     return {k: v for k, v in (headers or {}).items()
-            if (k == TRAVELS or not k.startswith(PREFIX)) and k not in DEATH and k != "BCC"}
+            if (k == TRAVELS or not k.startswith(PREFIX)) and k not in DEATH and k not in ("BCC", "compression")}
 
 
 def _clip(text: str, limit: int) -> str:

@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 MAX_DELIVERIES = 5  # deliveries of one attempt that may end without a next place; then the bug queue
 MAIN_TIMEOUT = 5.0  # the main process runs the worker's event loop: its publishes wait at most this long
 MAX_PAUSE = 60.0
-UNSTABLE = ("x-delivery-count", "BCC", *hdr.DEATH)  # broker bookkeeping, not part of the message
+# broker bookkeeping, not part of the message; and "compression": kombu hands over the body decompressed
+UNSTABLE = ("x-delivery-count", "BCC", "compression", *hdr.DEATH)
 
 _refusals: OrderedDict = OrderedDict()  # (queue, id, attempt) -> put-backs the broker refused, this process
 timer = None  # the consumer's timer (set by the worker bootstep): pauses without blocking the event loop
@@ -311,7 +312,8 @@ def put_back(task, message, queue: str | None, why: str, *, lost: bool, ack, req
 
 
 def raw_headers(message) -> dict:
-    """A received message's headers without the broker's own bookkeeping."""
+    """A received message's headers without the broker's own bookkeeping (and without ``compression``:
+    the body a copy is made of is the decompressed one)."""
     headers = message.headers if isinstance(message.headers, dict) else {}
     return {k: v for k, v in headers.items() if k not in UNSTABLE}
 

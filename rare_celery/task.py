@@ -211,12 +211,14 @@ class RareTask(Task):
             self._hop_raised(hop)
         except Retry as r:  # a Retry raised by hand, not through self.retry()
             self._ended_before()
-            self.retry(exc=r.exc)
+            with shielded():  # the attempt has failed: a soft time limit now changes nothing
+                self.retry(exc=r.exc)
         except Exception as exc:  # noqa: BLE001 - every failure is the policy's to decide
             self._ended_before()
             if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):
                 exc = Bug(f"wrong arguments for {self.name}: {exc}")
-            self.retry(exc=exc)
+            with shielded():  # the attempt has failed: a soft time limit now changes nothing
+                self.retry(exc=exc)
         self._ended_before()  # retry(throw=False), then returned: the retry is this delivery's ending
         return result
 

@@ -192,6 +192,19 @@ def test_an_unregistered_fallback_class_is_a_bug_not_a_loop(endings, ebugs, reco
     assert attempts(records, result.id) == [1]
 
 
+def test_a_compressed_task_retries_and_is_put_back_decodable(endings, broker, records, worker):
+    """Copies are made of the decompressed body: they must not carry the ``compression`` header."""
+    result = endings.TASKS["classic"]["work"].apply_async(("flaky",), compression="zlib")
+    assert result.get(timeout=15) == ["flaky", 2]
+    tag = uuid.uuid4().hex
+    held = endings.TASKS["classic"]["holdok"].apply_async((tag,), compression="zlib")
+    wait_for(lambda: records.of(held.id, "held"), 15, what="the success to be held before its ack")
+    close_connections(broker.name, worker.proc.pid, "fault test: a compressed message redelivered")
+    (records.directory / f"release-{tag}").touch()
+    wait_for(lambda: lines(worker, held.id, "came back after it had succeeded"), 30, 0.2, "the put-back copy")
+    assert not lines(worker, held.id, "decode")
+
+
 def test_a_retry_comes_back_to_the_queue_it_was_delivered_from(endings, records):
     """2. ``x-rare-queue`` naming a queue that does not exist is not trusted: the retry comes back."""
     result = endings.TASKS["classic"]["work"].apply_async(("flaky",), headers={"x-rare-queue": "some-old-name"})
