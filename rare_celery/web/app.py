@@ -16,7 +16,7 @@ from .. import __version__, bugs, durations, records
 from .. import timeline as tl
 from ..display import terminal
 from ..topology import UNROUTED_QUEUE
-from . import reading
+from . import metrics, reading
 from .console import Console, Refused
 from .security import HEADERS, Guard
 
@@ -218,7 +218,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
 
 # -- filters -------------------------------------------------------------------------------------
 
-REASONS = ("exhausted", "expired", "bug", "no_handler", "hop_limit", "worker_lost", "unregistered", "rejected")
+REASONS = metrics.REASONS
 
 
 class Filters:

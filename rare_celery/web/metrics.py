@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 MAX_SERIES = 1000
 LABEL_WIDTH = 200
-REASONS = ("exhausted", "expired", "bug", "no_handler", "hop_limit", "worker_lost", "unregistered", "rejected")
+REASONS = ("exhausted", "expired", "bug", "no_handler", "hop_limit", "worker_lost", "time_limit", "unregistered",
+           "rejected", "unroutable")
 OVERVIEW_CACHE = 2.0  # seconds a scrape reuses the queue depths of the previous one
 
 COUNTERS = {  # event type -> (metric name, help, label names, fields the labels come from)

@@ -123,14 +123,27 @@ class Reader:
                     quiet = 0
                 except socket.timeout:
                     quiet += 1
-                    if quiet >= 4:  # 2 s without a delivery: another client holds the rest
-                        self.complete = False
+                    if quiet % 4 == 0 and not self._ready():  # 2 s without a delivery and nothing ready:
+                        self.complete = False  # another client holds the rest
                         return
                 continue
             message = self._pending.popleft()
             yield bugs.Held(message, records.read(self.queue, position, message.body, message.properties,
                                                   message.headers))
             position += 1
+
+
+    def _ready(self) -> int:
+        """Messages ready in the queue now (a broker that pages a long queue in from disk can pause
+        deliveries for seconds: that is not the end)."""
+        channel = self.conn.channel()
+        try:
+            return channel.queue_declare(self.queue, passive=True).message_count
+        except NotFound:
+            return 0
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
 
 
 def browse(conn, queue: str, limit: int = READ_LIMIT):
