@@ -250,6 +250,19 @@ def test_a_delayed_start_after_its_delay_queue_was_deleted_still_runs(endings, b
     assert f"delay queue '{delay_queue(1000).name}'" in worker.text() and "was missing; declaring it" in worker.text()
 
 
+def test_the_delay_exchange_deleted_under_a_worker_is_declared_again(endings, broker, records, worker):
+    """5. ``rare.delay`` deleted while the worker runs: the publish fails (NOT_FOUND), it is declared
+    again, the retry is published, nothing loops."""
+    work = endings.TASKS["classic"]["work"]
+    assert work.delay("flaky").get(timeout=15) == ["flaky", 2]  # declared and cached
+    with Connection(broker.url) as conn:
+        conn.default_channel.exchange_delete("rare.delay")
+    result = work.delay("flaky")
+    assert result.get(timeout=15) == ["flaky", 2]
+    assert attempts(records, result.id) == [1, 2]
+    assert not lines(worker, result.id, "put back")
+
+
 def test_celerys_expires_becomes_the_deadline(endings, ebugs, records):
     """4. ``expires=1`` on the task: the retry would start after it, so the message ends as expired in
     the bug queue (Celery would revoke it; the broker would drop it from the queue)."""
