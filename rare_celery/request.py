@@ -88,6 +88,7 @@ def guard_tracer(tracer):
         if info is None or state in ("REJECTED", "IGNORED"):
             return result  # success, or the task's own Reject / Ignore (Task.replace)
         exc = getattr(result.retval, "exception", None)
+        exc = exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
         return _report(type(result), f"Celery reported {state} without rare_celery's ending: "
                        f"{type(exc).__name__}: {exc}"[: hdr.MAX_ERROR], ended=False)
 
