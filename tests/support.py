@@ -48,6 +48,29 @@ class Vhost:
         return stats
 
 
+QUORUM_OK = tuple(int(p) for p in __import__("celery").__version__.split(".")[:2]) >= (5, 5)
+KINDS = ["classic", "quorum"] if QUORUM_OK else ["classic"]  # Celery 5.4 cannot consume quorum queues
+
+
+def app_module(name: str, env: dict):
+    """The test process's copy of the test app module ``name``, loaded (again) with ``env`` set, so
+    that it points at the calling test module's vhost. Returns the module and the previous values."""
+    import importlib
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    return module, saved
+
+
+def restore_env(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -34,6 +34,7 @@ import rare_celery.publish
 import rare_celery.task
 from rare_celery import Bug, Hop, RareTask
 from rare_celery import signals as rare_signals
+from tests.support import AtomicFS
 
 BROKER = os.environ.get("RARE_ENDINGS_BROKER", "amqp://guest:guest@127.0.0.1//")
 DIR = os.environ.get("RARE_ENDINGS_DIR") or tempfile.gettempdir()
@@ -43,7 +44,7 @@ MAX_ATTEMPTS = {"work": 3, "rescue": 2, "doomed": 2, "auto": 3, "timed": 3, "hol
                 "slowstart": 1, "expiring": 3, "hopper": 3, "racer": 3, "chordpart": 3}
 
 
-class PlainFS(FilesystemBackend):
+class PlainFS(AtomicFS):
     """Celery's file-system backend without its "never overwrite SUCCESS" check (as the database
     backend): a RETRY stored after a faster next attempt's SUCCESS would overwrite it. Each write is
     atomic, and every state stored is appended to ``states-<id>`` (for the ordering tests)."""
@@ -57,13 +58,6 @@ class PlainFS(FilesystemBackend):
         with open(os.path.join(DIR, f"states-{task_id}"), "a") as f:
             f.write(f"{time.time()} {state}\n")
         return result
-
-    def set(self, key, value):
-        path = self._filename(key)
-        tmp = path + b".tmp-%d" % os.getpid()
-        with self.open(tmp, "wb") as f:
-            f.write(value if isinstance(value, bytes) else value.encode())
-        os.replace(tmp, path)
 
 
 app = Celery("endings", broker=BROKER, backend=f"tests.apps.endings:PlainFS+file://{DIR}/results")

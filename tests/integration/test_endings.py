@@ -8,14 +8,11 @@ and check that each task id ends once: done, or in a bug queue.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
-import sys
 import time
 import uuid
 
-import celery
 import pytest
 from celery import chord
 from click.testing import CliRunner
@@ -25,20 +22,19 @@ from rare_celery.cli import main as cli
 from rare_celery.request import MAX_DELIVERIES
 from rare_celery.topology import UNROUTED_QUEUE, delay_queue
 from tests.support import (
+    KINDS,
     BugQueues,
     Records,
     Vhost,
     Worker,
+    app_module,
     close_connections,
     drain,
     rabbitmqctl,
     ready_counts,
+    restore_env,
     wait_for,
 )
-
-QUORUM_OK = tuple(int(p) for p in celery.__version__.split(".")[:2]) >= (5, 5)
-KINDS = ["classic", "quorum"] if QUORUM_OK else ["classic"]  # Celery 5.4 cannot consume quorum queues
-
 
 # -- fixtures -------------------------------------------------------------------------------------------
 
@@ -62,11 +58,10 @@ def eenv(broker, edir):
 @pytest.fixture(scope="module")
 def endings(eenv):
     """The test process's copy of tests.apps.endings (to publish), pointed at this module's vhost."""
-    os.environ.update(eenv)
-    name = "tests.apps.endings"
-    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    module, saved = app_module("tests.apps.endings", eenv)
     assert module.app.conf.broker_url == eenv["RARE_ENDINGS_BROKER"]
-    return module
+    yield module
+    restore_env(saved)
 
 
 def main_queues() -> list[str]:

@@ -7,7 +7,6 @@ quorum queues of the faults app; tests that kill workers replace them.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -33,22 +32,22 @@ from rare_celery.topology import (
 )
 from tests.support import (
     HOST,
+    KINDS,
+    QUORUM_OK,
     ROOT,
     Records,
     Vhost,
     Worker,
     Workload,
+    app_module,
     close_connections,
     drain,
     rabbitmqctl,
     ready_counts,
     restart_broker_app,
+    restore_env,
     wait_for,
 )
-
-QUORUM_OK = tuple(int(p) for p in celery.__version__.split(".")[:2]) >= (5, 5)
-KINDS = ["classic", "quorum"] if QUORUM_OK else ["classic"]  # Celery 5.4 cannot consume quorum queues
-
 
 # -- fixtures -------------------------------------------------------------------------------------------
 
@@ -72,17 +71,10 @@ def fenv(broker, fdir):
 @pytest.fixture(scope="module")
 def faults(fenv):
     """The test process's copy of tests.apps.faults (to publish), pointed at this module's vhost."""
-    saved = {k: os.environ.get(k) for k in fenv}
-    os.environ.update(fenv)
-    module = importlib.reload(sys.modules["tests.apps.faults"]) if "tests.apps.faults" in sys.modules \
-        else importlib.import_module("tests.apps.faults")
+    module, saved = app_module("tests.apps.faults", fenv)
     assert module.app.conf.broker_url == fenv["RARE_FAULTS_BROKER"]
     yield module
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_env(saved)
 
 
 class Fleet:
