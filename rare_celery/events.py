@@ -2,13 +2,14 @@
 
 Sent from the worker (pool process or main process) after the publish a decision needs is
 confirmed, and only when the worker sends task events (``worker_send_task_events`` / ``-E``). Every
-event carries ``uuid`` (the task id) and ``name`` (the task that decided), plus:
+event carries ``uuid`` (the task id) and ``name`` (the task that decided), plus (``exception`` is
+the type, ``module.Name``; ``error`` its message, at most 200 characters):
 
 =================  =========================================================================
 type               fields
 =================  =========================================================================
-``rare-retry``     ``attempt`` (the one that failed), ``delay`` (s), ``exception``, ``queue``
-``rare-bugs``      ``reason``, ``attempts``, ``exception``, ``queue`` (the bug queue)
+``rare-retry``     ``attempt`` (the one that failed), ``delay`` (s), ``exception``, ``error``, ``queue``
+``rare-bugs``      ``reason``, ``attempts``, ``exception``, ``error``, ``queue`` (the bug queue)
 ``rare-hop``       ``target`` (task name), ``reason``, ``queue`` (the target's)
 ``rare-expired``   ``deadline`` (epoch s), ``attempts``
 ``rare-wait``      ``due`` (epoch s), ``queue``: an early arrival sent round again, not run

@@ -59,6 +59,7 @@ MAX_PAUSE = 60.0
 UNSTABLE = ("x-delivery-count", "BCC", "compression", *hdr.DEATH)
 
 _refusals: OrderedDict = OrderedDict()  # (queue, id, attempt) -> put-backs the broker refused, this process
+QUEUE, ENDING = "rare_queue", "rare_ending"  # keys in delivery_info: the delivering queue, the ending
 timer = None  # the consumer's timer (set by the worker bootstep): pauses without blocking the event loop
 
 
@@ -70,7 +71,11 @@ def guard_tracer(tracer):
 
     def traced(uuid, args, kwargs, request=None, *rest, **options):
         request = {} if request is None else request
-        ending = request.setdefault("rare_ending", [])
+        # in delivery_info, not at the top of the request: those keys would become the task's custom headers
+        info = request.get("delivery_info")
+        if not isinstance(info, dict):
+            info = request["delivery_info"] = {}
+        ending = info.setdefault(ENDING, [])
         try:
             result = tracer(uuid, args, kwargs, request, *rest, **options)
         except Reject:
@@ -117,7 +122,8 @@ class RareRequest(Request):
 
     def __init__(self, message, *args, **kwargs):
         super().__init__(message, *args, **kwargs)
-        self._request_dict["rare_queue"] = (message.delivery_info or {}).get("rare_queue")
+        self.rare_queue = (message.delivery_info or {}).get(QUEUE)
+        self._delivery_info[QUEUE] = self.rare_queue  # for the pool process (request.delivery_info)
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         if self.rare_done:
@@ -149,7 +155,7 @@ class RareRequest(Request):
     def _put_back(self, why: str) -> None:
         task_ready(self)
         self.rare_done = True
-        put_back(self.task, self._message, self._request_dict.get("rare_queue"), why, lost=False,
+        put_back(self.task, self._message, self.rare_queue, why, lost=False,
                  ack=self.acknowledge, requeue=lambda: self.reject(requeue=True))
 
     def _lost(self, exc: Exception, reason: str) -> None:
@@ -168,7 +174,7 @@ class RareRequest(Request):
                 return
             self._route_lost(exc, reason)
         except Exception as err:  # noqa: BLE001 - never acked without a copy
-            put_back(self.task, self._message, self._request_dict.get("rare_queue"),
+            put_back(self.task, self._message, self.rare_queue,
                      f"{reason}: {exc!r}; routing it failed: {err!r}"[: hdr.MAX_ERROR], lost=False,
                      ack=self.acknowledge, requeue=lambda: self.reject(requeue=True))
 
@@ -176,7 +182,7 @@ class RareRequest(Request):
         from .task import work_queue_of
 
         task, message, now = self.task, self._message, time.time()
-        queue = self._request_dict.get("rare_queue") or work_queue_of(task, message.delivery_info)
+        queue = self.rare_queue or work_queue_of(task, message.delivery_info)
         headers = raw_headers(message)
         try:
             state = hdr.read(headers, now)
@@ -215,7 +221,7 @@ class RareRequest(Request):
         with _best_effort("report the retry"):
             self.send_event("task-retried", exception=repr(exc), traceback="")
             self.send_event(events.RETRY, name=self.name, attempt=state.number, delay=delay,
-                            exception=_name(exc), queue=queue)
+                            exception=_name(exc), error=str(exc)[:200], queue=queue)
             signals.retry_scheduled.send(sender=task, request=self._context, attempt=state.number, delay=delay,
                                          exception=exc)
 
@@ -252,7 +258,7 @@ class RareRequest(Request):
         with _best_effort("report the failure"):
             self.send_event("task-failed", exception=repr(exc), traceback="")
             self.send_event(events.BUGS, name=self.name, reason=reason, attempts=state.number,
-                            exception=_name(exc), queue=bugs)
+                            exception=_name(exc), error=str(exc)[:200], queue=bugs)
             signals.routed_to_bugs.send(sender=task, request=self._context, reason=reason, attempts=state.number,
                                         exception=exc, queue=bugs)
 

@@ -35,6 +35,7 @@ from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, Routi
 from .message import rebuild
 from .policy import BUG, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
+from .request import ENDING, QUEUE
 from .topology import RETURN_EXCHANGE, bug_queue_name, queue_kind
 
 log = logging.getLogger(__name__)
@@ -373,7 +374,7 @@ class RareTask(Task):
         def report() -> None:
             signals.retry_scheduled.send(sender=self, request=req, attempt=state.number, delay=delay, exception=exc)
             events.emit(self, events.RETRY, req.id, attempt=state.number, delay=delay,
-                        exception=_exc_name(exc), queue=queue)
+                        exception=_exc_name(exc), error=_error_text(exc), queue=queue)
 
         self._end(make, Retry(exc=exc, when=delay), report, before=store_retry_first)
 
@@ -451,7 +452,7 @@ class RareTask(Task):
             signals.routed_to_bugs.send(sender=self, request=req, reason=reason, attempts=state.number,
                                         exception=exc, queue=bugs)
             events.emit(self, events.BUGS, req.id, reason=reason, attempts=state.number,
-                        exception=_exc_name(exc), queue=bugs)
+                        exception=_exc_name(exc), error=_error_text(exc), queue=bugs)
 
         self._end(make, exc, report)
 
@@ -482,7 +483,7 @@ class RareTask(Task):
         """The queue this delivery came from (the worker's main process knows it; ``x-rare-queue`` is
         never trusted for routing)."""
         req = self.request
-        return getattr(req, "rare_queue", None) or work_queue_of(self, req.delivery_info)
+        return (req.delivery_info or {}).get(QUEUE) or work_queue_of(self, req.delivery_info)
 
     def _kind(self, queue: str) -> str:
         return queue_kind(self.app.amqp.queues.get(queue))
@@ -582,11 +583,10 @@ class _RetryStored:
 
 
 def _ending_of(req) -> list:
-    """The list this delivery's ending is recorded in (put in the request by the guarded tracer)."""
-    ending = getattr(req, "rare_ending", None)
-    if ending is None:
-        ending = req.rare_ending = []
-    return ending
+    """The list this delivery's ending is recorded in (put in delivery_info by the guarded tracer)."""
+    if not isinstance(req.delivery_info, dict):
+        req.delivery_info = {}
+    return req.delivery_info.setdefault(ENDING, [])
 
 
 def work_queue_of(task, delivery_info) -> str:
@@ -648,6 +648,10 @@ def _iso(epoch: float) -> str:
 
 def _exc_name(exc) -> str | None:
     return None if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+def _error_text(exc) -> str | None:
+    return None if exc is None else str(exc)[:200]
 
 
 def _short(value: object) -> str:

@@ -4,12 +4,15 @@ Celery would reject or drop on a rare queue to its bug queue."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
 
 from celery import bootsteps
 from celery.utils.objects import Bunch
 
+from . import events
 from . import headers as hdr
 from . import request as rare_request
 from .app import check, fold_expires
@@ -17,9 +20,9 @@ from .declare import declare_queue, declare_worker_topology
 from .exceptions import ConfigurationError, TopologyError
 from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
-from .publish import main_process, properties_of, send_patiently, to_bugs
-from .task import RareTask
-from .topology import bug_queue_name, name_problem
+from .publish import main_process, properties_of, send_patiently, to_bugs, to_delay
+from .task import EARLY_SLEEP, RareTask
+from .topology import bug_queue_name, name_problem, queue_kind
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
             headers = message.headers
             queue = _queue_of(c, message)
             if isinstance(message.delivery_info, dict):
-                message.delivery_info["rare_queue"] = queue
+                message.delivery_info[rare_request.QUEUE] = queue
             if isinstance(headers, dict) and hdr.too_deep(headers):
                 return self._too_deep(c, message, queue)
             if (message.delivery_info or {}).get("redelivered"):
@@ -86,6 +89,8 @@ class RareConsumerStep(bootsteps.StartStopStep):
                 return None
             if isinstance(headers, dict) and headers.get("expires") is not None:
                 fold_expires(headers)
+            if isinstance(headers, dict) and headers.get(hdr.DUE) is not None and wait_more(c, task, message, queue):
+                return None
             return strategy(message, *args, **kwargs)
         return screened
 
@@ -126,6 +131,36 @@ class RareConsumerStep(bootsteps.StartStopStep):
             return original(*args)
 
         return handler
+
+
+def wait_more(c, task, message, queue: str | None) -> bool:
+    """An early arrival (a delayed start, an off-grid delay): back to a delay queue for the rest, from
+    the main process, before Celery makes a request of it (no pool process, no task events). False
+    when the pool process must look at it instead (nonsense headers, a deadline, a publish refused)."""
+    now = time.time()
+    try:
+        state = hdr.read(message.headers, now)
+    except hdr.HeaderError:
+        return False
+    if not queue or state.due is None or state.due - now <= EARLY_SLEEP or task.dispatch_on:
+        return False
+    deadline = state.deadline if state.deadline is not None else task.rare_policy.deadline(state.first_at)
+    if deadline is not None and (now > deadline or state.due > deadline):
+        return False
+    headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue}
+    copy = to_delay(queue, state.due - now, queue_kind(c.app.amqp.queues.get(queue)), message.body, hdr.fit(headers),
+                    properties_of(message), slack=EARLY_SLEEP)
+    try:
+        send_patiently(c.app, copy, budget=0, timeout=rare_request.MAIN_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - the pool process tries (and reports) it instead
+        log.warning("rare_celery: could not send an early arrival round again from the main process (%s)", exc)
+        return False
+    message.ack()
+    dispatcher = getattr(c, "event_dispatcher", None)
+    if dispatcher is not None and dispatcher.enabled:
+        with contextlib.suppress(Exception):
+            dispatcher.send(events.WAIT, uuid=headers.get("id"), name=task.name, due=state.due, queue=queue)
+    return True
 
 
 def preflight(app) -> None:

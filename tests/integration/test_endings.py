@@ -163,6 +163,7 @@ def test_a_copy_that_cannot_be_built_ends_in_the_bug_queue_as_unroutable(endings
     h = message.headers
     assert h["x-rare-reason"] == "unroutable"
     assert h["x-rare-deliveries"] == MAX_DELIVERIES + 1
+    assert not [k for k in h if k.startswith("rare_")]  # the worker's own bookkeeping stays out of messages
     assert "delivered 6 times without reaching a next place" in h["x-rare-error"]
     assert len(lines(worker, result.id, "put back in endings")) == MAX_DELIVERIES
     assert records.of(result.id, "run") == []  # past its deadline: never run
@@ -264,6 +265,7 @@ def test_celerys_expires_becomes_the_deadline(endings, ebugs, records):
     result = endings.expiring.delay()
     message = ebugs.find("endings.bugs", result.id, timeout=15)
     assert message.headers["x-rare-reason"] == "expired"
+    assert not [k for k in message.headers if k.startswith("rare_")]  # a copy rebuilt in the pool process
     assert attempts(records, result.id) == [1]
     assert message.properties.get("expiration") is None
 
