@@ -286,8 +286,10 @@ def test_refused_delay_publish_keeps_the_message_until_the_broker_takes_it(fault
         fill(broker, target)
         result = faults.TASKS[kind]["patient"].delay(1)
         wait_for(lambda: reported_twice(fleet, result), 20, 0.2, "the worker to report the refusal twice")
-        wait_for(lambda: waiting(broker, work_queue(kind)) == 1, 30, 0.5,  # quorum queue numbers lag up to 5 s
-                 "the message to be back in its work queue")  # not acked, not lost
+        # not acked, not lost: still in its work queue, unless the broker took the retry meanwhile (the quorum
+        # delay queue accepts again once its filler's 3 s are up, and quorum queue numbers lag up to 5 s)
+        wait_for(lambda: waiting(broker, work_queue(kind)) == 1 or records.of(result.id, "ok"), 30, 0.5,
+                 "the message to be back in its work queue")
         assert attempts(records, result.id) == [1]  # the failed attempt is not run again while it waits
     finally:
         policy.clear()

@@ -24,7 +24,7 @@ def tracer(state: str | None, exc: BaseException | None = None, internal: bool =
 
     def trace(uuid, args, kwargs, request):
         if end is not None:
-            request["rare_ending"].append(end)
+            request["delivery_info"]["rare_ending"].append(end)
         if state is None:
             return trace_ok_t("ok", None, 0.1, "'ok'")
         return trace_ok_t(einfo(exc, internal), TraceInfo(state, exc), 0.1, None)
