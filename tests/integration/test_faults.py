@@ -290,7 +290,7 @@ def test_refused_delay_publish_keeps_the_message_until_the_broker_takes_it(fault
         # delay queue accepts again once its filler's 3 s are up, and quorum queue numbers lag up to 5 s)
         wait_for(lambda: waiting(broker, work_queue(kind)) == 1 or records.of(result.id, "ok"), 30, 0.5,
                  "the message to be back in its work queue")
-        assert attempts(records, result.id) == [1]  # the failed attempt is not run again while it waits
+        assert attempts(records, result.id).count(1) == 1  # the failed attempt is not run again while it waits
     finally:
         policy.clear()
     assert result.get(timeout=20) == ["patient", 2]
