@@ -524,7 +524,7 @@ def declare(dry_run) -> None:
     Delay queues are those of the tasks' schedules; others (explicit countdowns, jitter) are
     declared by the first publish that needs one.
     """
-    from .declare import declare_queue
+    from .declare import bind_return, declare_queue
 
     e = env()
     app = e.need_app("declare")
@@ -550,7 +550,6 @@ def declare(dry_run) -> None:
             say(f"{verb} {line}")
         return
     from .exceptions import TopologyError
-    from .publish import bind_return
 
     with e.connection() as conn:
         channel = conn.channel()

@@ -8,7 +8,7 @@ from amqp.exceptions import PreconditionFailed
 from kombu import Queue
 
 from .exceptions import TopologyError
-from .topology import DELAY_EXCHANGE, RETURN_EXCHANGE, UNROUTED_QUEUE
+from .topology import DELAY_EXCHANGE, RETURN_EXCHANGE, UNROUTED_QUEUE, bug_queue
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<what>queue|exchange) '(?P<name>[^']+)' "
@@ -39,15 +39,17 @@ def declare_queue(channel, queue: Queue) -> None:
         raise TopologyError(explain(exc)) from None
 
 
+def bind_return(channel, work_queue: str) -> None:
+    """Bind ``work_queue`` to ``rare.return`` by its name: due messages come back to it."""
+    channel.queue_bind(queue=work_queue, exchange=RETURN_EXCHANGE.name, routing_key=work_queue)
+
+
 def declare_worker_topology(channel, work_queues: list[str], bug_queues: list[str]) -> None:
     """What a worker needs before it consumes: the delay exchange, the way back (``rare.return``,
     with ``rare.unrouted`` behind it) with its work queues bound to it, and their bug queues.
 
     Delay queues are declared by whoever first publishes to one (see :mod:`rare_celery.publish`).
     """
-    from .publish import bind_return
-    from .topology import bug_queue
-
     DELAY_EXCHANGE.declare(channel=channel)
     declare_queue(channel, UNROUTED_QUEUE)
     RETURN_EXCHANGE.declare(channel=channel)

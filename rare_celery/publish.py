@@ -28,6 +28,7 @@ from amqp.exceptions import ChannelError, MessageNacked
 from kombu import Queue
 from kombu.exceptions import OperationalError
 
+from .declare import bind_return
 from .exceptions import PublishRefused
 from .topology import (
     DELAY_EXCHANGE,
@@ -153,11 +154,6 @@ def _prepare(producer, copy: Copy) -> None:
     if copy.returns_to is not None and ("rare.return", copy.returns_to) not in done:
         bind_return(channel, copy.returns_to)
         done.add(("rare.return", copy.returns_to))
-
-
-def bind_return(channel, work_queue: str) -> None:
-    """Bind ``work_queue`` to ``rare.return`` by its name: due messages come back to it."""
-    channel.queue_bind(queue=work_queue, exchange=RETURN_EXCHANGE.name, routing_key=work_queue)
 
 
 def _forget(producer) -> None:
