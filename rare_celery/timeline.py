@@ -48,7 +48,7 @@ class Timeline:
 
 
 def first_hop(delay: float) -> int | None:
-    """The grid value of the delay queue a wait of ``delay`` seconds starts in (see publish.send_delayed)."""
+    """The grid value of the delay queue a wait of ``delay`` seconds starts in (see publish.to_delay)."""
     ms = min(int(delay * 1000), MAX_DELAY_MS)
     return grid_floor(ms) if ms >= 1 else None
 

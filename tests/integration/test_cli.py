@@ -88,7 +88,7 @@ class Msg:
 def bug_message(task: str = "cli.record", args: list | None = None, *, queue: str | None = "cli.requeue",
                 reason: str = "exhausted", attempts: int = 3, failed_ago: float = 60.0, task_id: str | None = None,
                 error: str = "gateway down", extra: dict | None = None) -> Msg:
-    """A message as RareTask._give_up publishes it to a bug queue."""
+    """A message as RareTask._to_bugs publishes it to a bug queue."""
     tid = task_id or str(uuid.uuid4())
     args = [0] if args is None else args
     failed = time.time() - failed_ago
@@ -450,7 +450,7 @@ def test_status_numbers_match_what_is_there(vhost, env):
     with Connection(vhost.url) as conn:
         waiting.bind(conn.default_channel).declare()
     delayed = [bug_message("cli.watched", [i], extra={"BCC": [waiting.name]}) for i in range(3)]
-    publish(vhost.url, "cli.status", delayed, declare=False, exchange=DELAY_EXCHANGE.name)  # as send_delayed does
+    publish(vhost.url, "cli.status", delayed, declare=False, exchange=DELAY_EXCHANGE.name)  # as publish.to_delay does
     try:
         check_status(vhost)
     finally:  # the delay queue is shared by the session: leave nothing waiting in it
