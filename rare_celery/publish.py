@@ -227,21 +227,26 @@ def properties_of(message) -> dict:
 _SOFT = getattr(signal, "SIGUSR1", None)  # billiard's soft time limit signal
 
 
-@contextlib.contextmanager
-def shielded() -> Iterator[list]:
-    """While the block runs, a soft time limit (billiard's SIGUSR1) does not raise inside it: it is
-    noted in the list this yields. Deciding and publishing where a message goes is not interrupted
-    half-way; the hard time limit still ends the process (its message is routed by the worker)."""
-    fired: list = []
-    if _SOFT is None or threading.current_thread() is not threading.main_thread():
-        yield fired
-        return
-    try:
-        previous = signal.signal(_SOFT, lambda signum, frame: fired.append(time.monotonic()))
-    except (ValueError, OSError):  # not allowed here: nothing to shield
-        yield fired
-        return
-    try:
-        yield fired
-    finally:
-        signal.signal(_SOFT, previous)
+class shielded:
+    """``with shielded() as fired:`` while the block runs, a soft time limit (billiard's SIGUSR1) does
+    not raise inside it: it is noted in ``fired``. Deciding and publishing where a message goes is not
+    interrupted half-way; the hard time limit still ends the process (its message is routed by the
+    worker). A class, not a generator: an exception leaving the block passes through no extra frames."""
+
+    __slots__ = ("fired", "previous")
+
+    def __init__(self) -> None:
+        self.fired: list = []
+        self.previous = None
+
+    def __enter__(self) -> list:
+        if _SOFT is not None and threading.current_thread() is threading.main_thread():
+            try:
+                self.previous = signal.signal(_SOFT, lambda signum, frame: self.fired.append(time.monotonic()))
+            except (ValueError, OSError):  # not allowed here: nothing to shield
+                self.previous = None
+        return self.fired
+
+    def __exit__(self, *exc_info) -> None:
+        if self.previous is not None:
+            signal.signal(_SOFT, self.previous)

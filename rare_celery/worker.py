@@ -21,7 +21,7 @@ from .exceptions import ConfigurationError, TopologyError
 from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
 from .publish import main_process, properties_of, send_patiently, to_bugs, to_delay
-from .task import EARLY_SLEEP, RareTask
+from .task import EARLY_SLEEP, RareTask, slack
 from .topology import bug_queue_name, name_problem, queue_kind
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,9 @@ def wait_more(c, task, message, queue: str | None) -> bool:
     if deadline is not None and (now > deadline or state.due > deadline):
         return False
     headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue}
-    copy = to_delay(queue, state.due - now, queue_kind(c.app.amqp.queues.get(queue)), message.body, hdr.fit(headers),
-                    properties_of(message), slack=EARLY_SLEEP)
+    rest = state.due - now
+    copy = to_delay(queue, rest, queue_kind(c.app.amqp.queues.get(queue)), message.body, hdr.fit(headers),
+                    properties_of(message), slack=slack(rest))
     try:
         send_patiently(c.app, copy, budget=0, timeout=rare_request.MAIN_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - the pool process tries (and reports) it instead
