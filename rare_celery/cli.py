@@ -19,18 +19,17 @@ from functools import cached_property
 import click
 
 from . import bugs, durations, moves, records
+from . import status as rare_status
 from . import timeline as tl
 from .display import terminal
 from .inventory import RareTaskInfo, rare_tasks, task_name
 from .topology import (
-    CLASSIC,
     DELAY_EXCHANGE,
     RETURN_EXCHANGE,
     UNROUTED_QUEUE,
     bug_queue,
     bug_queue_name,
     delay_queue,
-    grid_values,
 )
 
 ENV = "rare_celery.env"
@@ -421,44 +420,11 @@ def status(queues, scan, as_json) -> None:
     queue of a vhost; they are found from the tasks' schedules (or all of them with --scan).
     """
     e = env()
-    works: dict[str, tuple[str, set[str]]] = {}  # work queue -> (kind, bug queues)
-    if queues:
-        for q in queues:
-            mine = [t for t in e.tasks if t.queue == q]
-            works[q] = (mine[0].kind if mine else CLASSIC, {bug_queue_name(q)} | {t.bug_queue for t in mine})
-    else:
-        for t in e.tasks:
-            works.setdefault(t.queue, (t.kind, {bug_queue_name(t.queue)}))[1].add(t.bug_queue)
+    works = rare_status.work_queues(e.tasks, queues)
     if not works:
         raise Failure("name the work QUEUEs, or pass -A/--app APP with rare tasks")
-    delays: dict[tuple[str, int], set[str]] = {}
-    for t in e.tasks:
-        if not queues or t.queue in queues:
-            for _, policy in t.policies():
-                for ms in tl.delay_values(policy):
-                    delays.setdefault((t.kind, ms), set()).add(t.queue)
     with e.connection() as conn:
-        report = {"work_queues": [], "delay_queues": []}
-        for q, (kind, bug_names) in sorted(works.items()):
-            probe = bugs.depth(conn, q)
-            report["work_queues"].append({
-                "queue": q, "kind": kind, "exists": probe is not None, "ready": probe and probe[0],
-                "consumers": probe and probe[1],
-                "bug_queues": [_bug_depth(conn, b) for b in sorted(bug_names)]})
-        report["unrouted"] = _bug_depth(conn, UNROUTED_QUEUE.name)
-        candidates = dict(delays)
-        if scan:
-            for kind in (CLASSIC, "quorum"):
-                for ms in grid_values():
-                    candidates.setdefault((kind, ms), set())
-        for (kind, ms), users in sorted(candidates.items(), key=lambda kv: (kv[0][0] != CLASSIC, kv[0])):
-            name = delay_queue(ms, kind).name
-            probe = bugs.depth(conn, name)
-            if probe is None and (kind, ms) not in delays:
-                continue  # --scan reports the ones that exist
-            report["delay_queues"].append({
-                "queue": name, "delay_ms": ms, "delay": durations.short(ms / 1000), "exists": probe is not None,
-                "messages": probe and probe[0], "work_queues": sorted(users)})
+        report = rare_status.probe(conn, works, rare_status.delay_users(e.tasks, queues), scan)
     if as_json:
         say(json.dumps(report, indent=2))
         return
@@ -480,11 +446,6 @@ def status(queues, scan, as_json) -> None:
     for d in report["delay_queues"]:
         say(f"{d['queue']:<32} {d['delay']:>10} {_n(d['messages'], d['exists']):>8}  "
                    f"{', '.join(d['work_queues']) or '-'}")
-
-
-def _bug_depth(conn, name: str) -> dict:
-    probe = bugs.depth(conn, name)
-    return {"queue": name, "exists": probe is not None, "messages": probe and probe[0]}
 
 
 def _n(value, exists: bool) -> str:

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import bugs, moves, records
+from .. import status as overview
 from ..inventory import RareTaskInfo, rare_tasks, task_name
 from ..topology import UNROUTED_QUEUE, bug_queue_name
-from . import overview, reading
+from . import reading
 
 PLAN_TTL = 900.0  # seconds a confirmation stays valid
 SNAPSHOT_REUSE = 5.0  # seconds a snapshot is used as it is
@@ -115,7 +116,6 @@ class Console:
         delays = overview.delay_users(self.tasks)
         with self.connection() as conn:
             report = overview.probe(conn, works, delays, scan, extra=dict(self.seen_delays))
-            report["unrouted"] = overview.bug_depth(conn, UNROUTED_QUEUE.name)
         report["totals"] = {
             "ready": sum(w["ready"] or 0 for w in report["work_queues"]),
             "consumers": sum(w["consumers"] or 0 for w in report["work_queues"]),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .. import bugs, durations
-from .. import timeline as tl
-from ..inventory import RareTaskInfo
-from ..topology import CLASSIC, delay_queue, grid_values
+from . import bugs, durations
+from . import timeline as tl
+from .inventory import RareTaskInfo
+from .topology import CLASSIC, UNROUTED_QUEUE, bug_queue_name, delay_queue, grid_values
 
 Works = dict[str, tuple[str, set[str]]]  # work queue -> (kind, bug queues)
 Delays = dict[tuple[str, int], set[str]]  # (kind, grid value in ms) -> work queues whose schedules use it
@@ -25,10 +25,10 @@ def work_queues(tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Works:
     if queues:
         for q in queues:
             mine = [t for t in tasks if t.queue == q]
-            works[q] = (mine[0].kind if mine else CLASSIC, {f"{q}.bugs"} | {t.bug_queue for t in mine})
+            works[q] = (mine[0].kind if mine else CLASSIC, {bug_queue_name(q)} | {t.bug_queue for t in mine})
     else:
         for t in tasks:
-            works.setdefault(t.queue, (t.kind, {f"{t.queue}.bugs"}))[1].add(t.bug_queue)
+            works.setdefault(t.queue, (t.kind, {bug_queue_name(t.queue)}))[1].add(t.bug_queue)
     return works
 
 
@@ -45,7 +45,8 @@ def delay_users(tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Delays
 
 
 def probe(conn, works: Works, delays: Delays, scan: bool = False, extra: Delays | None = None) -> dict:
-    """The report: ``{"work_queues": [...], "delay_queues": [...]}``, read from the broker now.
+    """The report: ``{"work_queues": [...], "delay_queues": [...], "unrouted": {...}}``, read from the
+    broker now.
 
     Delay queues of ``delays`` are listed whether they exist or not; those of ``extra`` (seen some
     other way) and, with ``scan``, every possible one, only if they exist.
@@ -57,6 +58,7 @@ def probe(conn, works: Works, delays: Delays, scan: bool = False, extra: Delays 
             "queue": q, "kind": kind, "exists": found is not None, "ready": found and found[0],
             "consumers": found and found[1],
             "bug_queues": [bug_depth(conn, b) for b in sorted(bug_names)]})
+    report["unrouted"] = bug_depth(conn, UNROUTED_QUEUE.name)
     candidates = dict(delays)
     for key, users in (extra or {}).items():
         candidates.setdefault(key, set(users))
