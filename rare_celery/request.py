@@ -290,7 +290,8 @@ def put_back(task, message, queue: str | None, why: str, *, lost: bool, ack, req
                 log.warning("rare_celery: %s[%s] came back after it had succeeded: acked", task.name, task_id)
                 return
             reason = WORKER_LOST if lost else UNROUTABLE
-            error = hdr.HeaderError(f"delivered {count} times without reaching a next place; last: {why}")
+            error = (WorkerLost if lost else PublishRefused)(
+                f"delivered {count} times without reaching a next place; last: {why}")
             attempt = headers.get(hdr.ATTEMPT) if isinstance(headers.get(hdr.ATTEMPT), int) else 1
             new = {**headers, **hdr.bug(reason, attempt, getattr(task, "name", "")), **hdr.error(error),
                    hdr.QUEUE: queue, hdr.DELIVERIES: count}

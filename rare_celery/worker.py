@@ -203,7 +203,6 @@ def _copy_to_bugs(app, message, queue: str, reason: str, text: str) -> None:
     headers = message.headers if isinstance(message.headers, dict) else {}
     task = headers.get("task") if isinstance(headers.get("task"), str) else ""
     extra = {**hdr.bug(reason, 0, task), hdr.QUEUE: queue, hdr.PREFIX + "error": text[: hdr.MAX_ERROR]}
-    kept = {k: v for k, v in hdr.carried(headers).items() if k != "compression"}
-    send_patiently(app, to_bugs(bug_queue_name(queue), message.body, hdr.fit({**kept, **extra}),
+    send_patiently(app, to_bugs(bug_queue_name(queue), message.body, hdr.fit({**hdr.carried(headers), **extra}),
                                 properties_of(message)), budget=0, timeout=rare_request.MAIN_TIMEOUT)
     log.warning("rare_celery: a message on %s went to %s: %s (%s)", queue, bug_queue_name(queue), reason, text)
