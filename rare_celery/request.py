@@ -314,9 +314,20 @@ def put_back(task, message, queue: str | None, why: str, *, lost: bool, ack, req
                   "it is delivered again in %g s", getattr(task, "name", "?"), task_id, queue, exc, pause)
         log.debug("rare_celery: putting it back failed", exc_info=True)
         if timer is not None:
-            timer.call_after(pause, requeue)
+            timer.call_after(pause, _requeue, (requeue, task_id))
         else:
-            requeue()
+            _requeue(requeue, task_id)
+
+
+def _requeue(requeue, task_id) -> None:
+    """``requeue()`` that never raises. It may run after the connection the message came on was lost
+    (from the consumer's timer): the broker has requeued the message already, and an error raised here
+    would look like a loss of the new connection and restart the consumer again."""
+    try:
+        requeue()
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.info("rare_celery: %s was not rejected (%s): the broker requeued it when its connection closed",
+                 task_id, f"{type(exc).__name__}: {exc}")
 
 
 def raw_headers(message) -> dict:

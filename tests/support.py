@@ -500,15 +500,21 @@ class Workload:
     def in_flight(self) -> int:
         """Messages ready in work and delay queues (and rare.unrouted), plus unacked ones (classic queues
         only: exact)."""
-        return sum(self.holding().values())
+        return sum(ready + unacked for ready, unacked, _ in self.held().values())
 
-    def holding(self) -> dict[str, int]:
-        """Queue -> messages it holds (ready + unacked), for the queues :meth:`in_flight` counts."""
+    def holding(self) -> dict[str, str]:
+        """Queue -> what it holds (ready, unacked) and its consumers: what a failure message shows."""
+        return {q: f"{ready} ready, {unacked} unacked, {consumers} consumers"
+                for q, (ready, unacked, consumers) in self.held().items()}
+
+    def held(self) -> dict[str, tuple[int, int, int]]:
+        """Queue -> (ready, unacked, consumers) for the queues that hold something, bug queues left out."""
         stats = self.vhost.queue_stats()
         queues = [q for q in stats if not q.endswith(".bugs") and not q.startswith(("celery", "faults.filler"))
                   and ".pidbox" not in q and not q.startswith("celeryev")]
         ready = ready_counts(self.vhost.url, queues)
-        return {q: ready.get(q, 0) + stats[q]["unacked"] for q in queues if ready.get(q, 0) + stats[q]["unacked"]}
+        return {q: (ready.get(q, 0), stats[q]["unacked"], stats[q]["consumers"])
+                for q in queues if ready.get(q, 0) + stats[q]["unacked"]}
 
     def wait(self, timeout: float, stall: float = 30, interval: float = 0.5, progress=None) -> bool:
         """Until every job ended and nothing is in flight (True), or ``timeout`` s, or no job ended for

@@ -119,10 +119,17 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(faults, fenv, fdir):
+def module_fleet(faults, fenv, fdir):
     f = Fleet(fenv, fdir)
     yield f
     f.stop()
+
+
+@pytest.fixture
+def fleet(module_fleet):
+    """The module's fleet, with any worker a failed test left killed replaced."""
+    module_fleet.fill()
+    return module_fleet
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +165,12 @@ def test_whole_worker_killed_mid_task_the_message_runs_again_on_a_new_worker(fau
     result = faults.TASKS[kind]["hold"].delay(tag)
     held = wait_for(lambda: records.of(result.id, "hold"), 20, what="the task to start")[0]
     holder = fleet.of(held["pid"])
-    fleet.kill(holder)  # SIGKILL to its whole process group: main process and pool
-    for worker in fleet.workers:  # and the other worker, so that only a new worker can run it
+    # the other worker first, so that only a new worker can run it (alive, it could take the redelivered
+    # message, put it back confirmed and die before its ack: two copies, a duplicate the test is not about)
+    for worker in fleet.workers:
         if worker is not holder:
             fleet.kill(worker)
+    fleet.kill(holder)  # SIGKILL to its whole process group: main process and pool
     assert wait_for(lambda: ready_counts(broker.url, [work_queue(kind)])[work_queue(kind)] == 1, 10, 0.2,
                     "the unacked message to be back in its work queue")
     release(fdir, tag)
@@ -601,6 +610,13 @@ def at_least_once_bound(fleet) -> int:
     return len(fleet.workers) * (len(fleet.queues) * 4 + 1)
 
 
+def held_unacked_only(load) -> bool:
+    """Everything not yet ended is held unacked by consumers: nothing ready, nothing waiting."""
+    held = load.held()
+    return bool(held) and all(ready == 0 for ready, _, _ in held.values()) and not any(
+        is_delay_queue(q) for q in held)
+
+
 def report(tallies, title: str) -> str:
     from tests.support import tally_table
 
@@ -624,12 +640,23 @@ def test_broker_restart_while_retries_wait_loses_nothing(faults, fleet, broker, 
              "a quarter of the tasks to end while retries wait in delay queues")
     before = {"ended": len(load.ended()), "delayed": delayed_now(broker)}
     outage = restart_broker_app()
-    assert load.wait(timeout=120, stall=40), f"not every task ended: {len(load.ended())}/{len(load.jobs)}; in queues: {load.holding()}"
-    tallies = load.tally()
-    report(tallies, f"broker restart ({outage:.1f} s outage; before it: {before['ended']} ended, "
-                    f"{before['delayed']} waiting in delay queues)")
+    ended = load.wait(timeout=120, stall=40)
     text = fleet.text()
     assert text.count("rare_celery: managing") >= 2 * len(fleet.workers)  # topology declared again on reconnect
+    stalled = ""
+    if not ended and held_unacked_only(load):
+        # A worker whose pool process is idle holds its prefetched messages and runs none of them: seen
+        # about once in 20 runs under load, on Celery 5.7, when the connection dropped just as a task
+        # ended (docs/faults.md, "A broker restart"). What the package answers for is that they are
+        # not lost: a restarted worker gets them back, and they end once.
+        stalled = f"; a worker stalled after the restart, holding {load.holding()}, and was restarted"
+        fleet.stop()
+        fleet.fill()
+        ended = load.wait(timeout=60, stall=30)
+    assert ended, f"not every task ended: {len(load.ended())}/{len(load.jobs)}; in queues: {load.holding()}"
+    tallies = load.tally()
+    report(tallies, f"broker restart ({outage:.1f} s outage; before it: {before['ended']} ended, "
+                    f"{before['delayed']} waiting in delay queues{stalled})")
     for t in tallies.values():
         assert t.ok, t.problems[:10]
         assert t.published == t.succeeded + t.bugged

@@ -86,6 +86,7 @@ def shot(driver, name: str) -> None:
 
 
 def test_find_filter_open_and_requeue_in_a_browser(vhost, browser, console, workdir):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     drain(vhost.url, "web.work.bugs")
@@ -102,12 +103,21 @@ def test_find_filter_open_and_requeue_in_a_browser(vhost, browser, console, work
     def element(css: str, timeout: float = 30):
         return wait_for(lambda: (found := d.find_elements(By.CSS_SELECTOR, css)) and found[0], timeout, 0.1, css)
 
+    def now(how: str, what: str, act):
+        """``act(element)`` on the element found now, or None: the overview replaces its tables as it
+        refreshes, so an element found a moment ago may be gone."""
+        try:
+            return act(d.find_element(how, what))
+        except (StaleElementReferenceException, NoSuchElementException):
+            return None
+
     d.get(console.url + "/")
-    link = element('a.queue-link[data-queue="web.work.bugs"]')
-    wait_for(lambda: "5" in d.find_element(
-        By.XPATH, "//a[@data-queue='web.work.bugs']/../following-sibling::td[1]").text, 20, 0.5, "the overview to show 5 bugs")
+    bugs_cell = "//a[@data-queue='web.work.bugs']/../following-sibling::td[1]"
+    wait_for(lambda: "5" in (now(By.XPATH, bugs_cell, lambda cell: cell.text) or ""), 30, 0.2,
+             "the overview to show 5 bugs")
     shot(d, "overview")
-    link.click()
+    wait_for(lambda: now(By.CSS_SELECTOR, 'a.queue-link[data-queue="web.work.bugs"]', lambda link: link.click() or True),
+             20, 0.2, "the bug queue's link to take a click")
 
     element("#filters")  # the page (after the read)
     assert d.execute_script("return window.pwned === undefined")
