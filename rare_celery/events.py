@@ -44,6 +44,14 @@ RETRY, BUGS, HOP, EXPIRED, WAIT = "rare-retry", "rare-bugs", "rare-hop", "rare-e
 TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT)
 HOPPED_EVENT, WAITING_EVENT = "task-hopped", "task-waiting"
 ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the run, sent along
+MAX_ERROR = 200  # characters of the exception's message an event carries
+
+
+def failure(exc: BaseException | None) -> dict:
+    """The ``exception`` and ``error`` fields of an event about ``exc`` (see above)."""
+    if exc is None:
+        return {"exception": None, "error": None}
+    return {"exception": f"{type(exc).__module__}.{type(exc).__qualname__}", "error": str(exc)[:MAX_ERROR]}
 
 
 def emit(task, kind: str, task_id: str, **fields) -> None:

@@ -221,7 +221,7 @@ class RareRequest(Request):
         with _best_effort("report the retry"):
             self.send_event("task-retried", exception=repr(exc), traceback="")
             self.send_event(events.RETRY, name=self.name, attempt=state.number, delay=delay,
-                            exception=_name(exc), error=str(exc)[:200], queue=queue)
+                            **events.failure(exc), queue=queue)
             signals.retry_scheduled.send(sender=task, request=self._context, attempt=state.number, delay=delay,
                                          exception=exc)
 
@@ -258,7 +258,7 @@ class RareRequest(Request):
         with _best_effort("report the failure"):
             self.send_event("task-failed", exception=repr(exc), traceback="")
             self.send_event(events.BUGS, name=self.name, reason=reason, attempts=state.number,
-                            exception=_name(exc), error=str(exc)[:200], queue=bugs)
+                            **events.failure(exc), queue=bugs)
             signals.routed_to_bugs.send(sender=task, request=self._context, reason=reason, attempts=state.number,
                                         exception=exc, queue=bugs)
 
@@ -380,6 +380,3 @@ class _best_effort:
             return True
         return False
 
-
-def _name(exc) -> str:
-    return f"{type(exc).__module__}.{type(exc).__qualname__}"

@@ -379,7 +379,7 @@ class RareTask(Task):
         def report() -> None:
             signals.retry_scheduled.send(sender=self, request=req, attempt=state.number, delay=delay, exception=exc)
             events.emit(self, events.RETRY, req.id, attempt=state.number, delay=delay,
-                        exception=_exc_name(exc), error=_error_text(exc), queue=queue)
+                        **events.failure(exc), queue=queue)
 
         self._end(make, Retry(exc=exc, when=delay), report, before=store_retry_first)
 
@@ -457,7 +457,7 @@ class RareTask(Task):
             signals.routed_to_bugs.send(sender=self, request=req, reason=reason, attempts=state.number,
                                         exception=exc, queue=bugs)
             events.emit(self, events.BUGS, req.id, reason=reason, attempts=state.number,
-                        exception=_exc_name(exc), error=_error_text(exc), queue=bugs)
+                        **events.failure(exc), queue=bugs)
 
         self._end(make, exc, report)
 
@@ -665,14 +665,6 @@ def _epoch(when, now: float) -> float:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
-
-
-def _exc_name(exc) -> str | None:
-    return None if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}"
-
-
-def _error_text(exc) -> str | None:
-    return None if exc is None else str(exc)[:200]
 
 
 def _short(value: object) -> str:

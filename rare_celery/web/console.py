@@ -16,8 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .. import bugs, moves, records
-from .. import status as overview
+from .. import bugs, moves, records, status
 from ..inventory import RareTaskInfo, rare_tasks, task_name
 from ..topology import UNROUTED_QUEUE, bug_queue_name
 from . import reading
@@ -77,7 +76,7 @@ class Console:
         self.plans: dict[str, PendingPlan] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        self.seen_delays: overview.Delays = {}  # delay queues seen in events (the metrics' receiver)
+        self.seen_delays: status.Delays = {}  # delay queues seen in events (the metrics' receiver)
 
     # -- what is there ---------------------------------------------------------------------------
 
@@ -112,10 +111,10 @@ class Console:
 
     def overview(self, scan: bool = False) -> dict:
         """The status report of every rare work queue, bug queue and delay queue, plus ``rare.unrouted``."""
-        works = overview.work_queues(self.tasks)
-        delays = overview.delay_users(self.tasks)
+        works = status.work_queues(self.tasks)
+        delays = status.delay_users(self.tasks)
         with self.connection() as conn:
-            report = overview.probe(conn, works, delays, scan, extra=dict(self.seen_delays))
+            report = status.probe(conn, works, delays, scan, extra=dict(self.seen_delays))
         report["totals"] = {
             "ready": sum(w["ready"] or 0 for w in report["work_queues"]),
             "consumers": sum(w["consumers"] or 0 for w in report["work_queues"]),

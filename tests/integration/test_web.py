@@ -291,9 +291,11 @@ def test_hops_and_sends_round_again_end_their_runs_for_event_consumers(vhost, we
     [bugs] = [e for e in of(sms.id) if e["type"] == "rare-bugs"]
     assert (bugs["name"], bugs["reason"], bugs["attempts"], bugs["queue"], bugs["exception"]) == (
         "web.email", "bug", 1, "web.other.bugs", "rare_celery.exceptions.Bug")
+    assert bugs["error"].startswith("no email address for ")
     [retry] = [e for e in of(flaky.id) if e["type"] == "rare-retry"]
     assert (retry["attempt"], retry["delay"], retry["queue"], retry["exception"]) == (
         1, 1.99, "web.work", "builtins.ConnectionError")
+    assert retry["error"] == "flaky gateway down"
     [wait] = [e for e in of(flaky.id) if e["type"] == "rare-wait"]
     assert wait["queue"] == "web.work" and wait["due"] > retry["timestamp"]
 
