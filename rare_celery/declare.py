@@ -8,7 +8,7 @@ from amqp.exceptions import PreconditionFailed
 from kombu import Queue
 
 from .exceptions import TopologyError
-from .topology import DELAY_EXCHANGE, RETURN_EXCHANGE, UNROUTED_QUEUE, bug_queue
+from .topology import DELAY_EXCHANGE, QUORUM, RETURN_EXCHANGE, UNROUTED_QUEUE, bug_queue
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<what>queue|exchange) '(?P<name>[^']+)' "
@@ -37,6 +37,46 @@ def declare_queue(channel, queue: Queue) -> None:
         queue.bind(channel).declare()
     except PreconditionFailed as exc:
         raise TopologyError(explain(exc)) from None
+
+
+def broker_type(connection, queue: Queue) -> str | None:
+    """The type the broker gave ``queue`` (which exists), when its declaration does not say: a vhost's
+    or node's default queue type makes an untyped declaration quorum. Found by declaring it again as
+    ``classic`` on a channel of its own: the broker accepts that for a classic queue and names the
+    current type of any other. ``None`` when it cannot tell (another argument differs)."""
+    args = dict(queue.queue_arguments or {})
+    if args.get("x-queue-type"):
+        return args["x-queue-type"]
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue=queue.name, durable=queue.durable, exclusive=queue.exclusive,
+                              auto_delete=queue.auto_delete, arguments={**args, "x-queue-type": "classic"})
+        return "classic"
+    except PreconditionFailed as exc:
+        m = _INEQUIVALENT.search(str(exc))
+        if m and m["arg"] == "x-queue-type":
+            found = re.search(r"'(\w+)'", m["current"])
+            return found[1] if found else None
+        return None
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001, S110 - the broker closed it already (the refusal above)
+            pass
+
+
+def learn_types(connection, queues: list[Queue]) -> list[str]:
+    """Write the type the broker reports into each untyped work queue's declaration (Celery then
+    consumes a quorum queue without global QoS, and rare_celery picks quorum delay queues for it).
+    Returns the names of the quorum queues among ``queues``."""
+    quorum = []
+    for queue in queues:
+        kind = broker_type(connection, queue)
+        if kind and not (queue.queue_arguments or {}).get("x-queue-type"):
+            queue.queue_arguments = {**(queue.queue_arguments or {}), "x-queue-type": kind}
+        if kind == QUORUM:
+            quorum.append(queue.name)
+    return quorum
 
 
 def bind_return(channel, work_queue: str) -> None:

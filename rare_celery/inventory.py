@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .hops import MAX_HOPS
 from .policy import Policy
-from .topology import bug_queue_name, queue_kind
+from .topology import bug_queue_name, delay_kind
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def rare_tasks(app) -> list[RareTaskInfo]:
             queue = app.amqp.router.route(options, task.name, task_type=task)["queue"].name
         except Exception:  # noqa: BLE001 - a route Celery cannot resolve fails at publish, not here
             queue = getattr(task, "queue", None) or app.conf.task_default_queue
-        kind = queue_kind(app.amqp.queues.get(queue))
+        kind = delay_kind(app, queue)
         out.append(RareTaskInfo(task.name, queue, kind, task.bug_queue or bug_queue_name(queue), task))
     return out
 

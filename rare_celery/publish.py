@@ -97,7 +97,7 @@ def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, prop
     if ms < 1:
         return Copy(body, headers, properties, "", work_queue, None)
     queue = delay_queue(grid_floor(ms), kind)
-    return Copy(body, {**headers, "BCC": [queue.name]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
+    return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
                 returns_to=work_queue, waits=queue.queue_arguments["x-message-ttl"] / 1000)
 
 
@@ -211,7 +211,17 @@ def producer_for(app, timeout: float) -> Iterator:
     with mine[2]:  # one publish at a time (solo, threads or greenlet pools run tasks here too)
         if mine[1] is None:
             mine[1] = app.amqp.Producer(app.connection_for_write())
-        yield mine[1]
+        try:
+            yield mine[1]
+        except Exception:
+            # A failed publish may leave the producer on a channel of a connection kombu gave up
+            # renewing (Connection.ensure collects it, then fails to connect: a failover URL whose next
+            # node is down), and it is never revived: every later publish of this process would fail
+            # (AttributeError: 'NoneType' object has no attribute 'client'). The next one starts afresh.
+            producer, mine[1] = mine[1], None
+            with contextlib.suppress(Exception):
+                producer.connection.release()
+            raise
 
 
 def properties_of(message) -> dict:

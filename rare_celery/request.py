@@ -49,7 +49,7 @@ from . import headers as hdr
 from .exceptions import Ended, PublishRefused, RoutingFailed, WorkerLost
 from .policy import REJECTED, TIME_LIMIT, UNROUTABLE, WORKER_LOST, HopTo, RetryIn
 from .publish import Copy, properties_of, send_patiently, to_bugs, to_delay, to_queue
-from .topology import bug_queue_name, queue_kind
+from .topology import bug_queue_name, delay_kind
 
 log = logging.getLogger(__name__)
 MAX_DELIVERIES = 5  # deliveries of one attempt that may end without a next place; then the bug queue
@@ -213,7 +213,7 @@ class RareRequest(Request):
         with _best_effort("store RETRY"):
             if self.store_errors:
                 task.backend.mark_as_retry(self.id, exc, request=self._context)
-        self._send(to_delay(queue, delay, queue_kind(task.app.amqp.queues.get(queue)), self._message.body,
+        self._send(to_delay(queue, delay, delay_kind(task.app, queue), self._message.body,
                             hdr.fit(new), properties_of(self._message)))
         self.acknowledge()
         log.warning("rare_celery: %s[%s] attempt %d was lost (%s); attempt %d in %.3g s", self.name, self.id,

@@ -36,7 +36,7 @@ from .message import rebuild
 from .policy import BUG, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
 from .request import ENDING, QUEUE
-from .topology import RETURN_EXCHANGE, bug_queue_name, queue_kind
+from .topology import RETURN_EXCHANGE, bug_queue_name, delay_kind
 
 log = logging.getLogger(__name__)
 EARLY_SLEEP = 0.02  # a message this close to its due time waits in the worker instead of going round again
@@ -491,7 +491,7 @@ class RareTask(Task):
         return (req.delivery_info or {}).get(QUEUE) or work_queue_of(self, req.delivery_info)
 
     def _kind(self, queue: str) -> str:
-        return queue_kind(self.app.amqp.queues.get(queue))
+        return delay_kind(self.app, queue)
 
     def _stores_results(self) -> bool:
         from celery.backends.base import DisabledBackend

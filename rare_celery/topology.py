@@ -1,19 +1,22 @@
 """The broker objects rare_celery uses, as kombu entities, and the names derived from others.
 
-* ``rare.delay`` (direct exchange): every delay queue is bound to it by its own name. A delayed
-  message is published to it with the *work queue* as routing key and the delay queue in ``BCC``,
-  so it lands in the delay queue only (RabbitMQ strips ``BCC`` on delivery).
-* ``rare.wait.<duration>`` (for example ``rare.wait.5s``): a durable queue with
+* ``rare.delay`` (direct exchange): every delay queue is bound to it by its *delay key*, ``amq.`` + its
+  name (``amq.rare.wait.5s``). A delayed message is published to it with the *work queue* as routing
+  key and the delay key in ``BCC``, so it lands in the delay queue only (RabbitMQ strips ``BCC`` on
+  delivery).
+* ``rare.wait.<duration>`` (for example ``rare.wait.5s``): a durable classic queue with
   ``x-message-ttl = <duration>`` and ``rare.return`` as dead-letter exchange. When a message's
-  time is up RabbitMQ dead-letters it there with its original routing key, the work queue's name.
-  Delay queues are shared by all work queues of a vhost. Quorum work queues use
+  time is up RabbitMQ dead-letters it there with all its original routing keys: the work queue's name
+  and the delay key. Delay queues are shared by all work queues of a vhost. Quorum work queues (and
+  every work queue when the app sets ``rare_delay_queue_type = "quorum"``) use
   ``rare.wait.quorum.<duration>`` (quorum, ``x-overflow=reject-publish``, at-least-once dead-lettering).
 * ``rare.return`` (direct exchange, alternate exchange ``rare.unrouted``): every rare work queue is
   bound to it by its own name, so a due message goes back to the queue it came from. A work queue
   that no longer exists (deleted, renamed, migrated) has no binding: its due messages go to the
-  alternate exchange and wait in the queue ``rare.unrouted`` instead of being dropped. The delay
-  queue's own name, which dead-lettering routes by too (it was a ``BCC`` key), matches no binding
-  there: every due message is routed once.
+  alternate exchange and wait in the queue ``rare.unrouted`` instead of being dropped. The delay key
+  matches no binding there, and no queue can be named after it (clients cannot declare ``amq.*``
+  queues): every due message is routed once, and RabbitMQ's dead-letter cycle detection never has a
+  second copy to drop.
 * ``<work queue>.bugs`` (or the task's ``bug_queue``): where messages end that will never succeed.
 
 Each delay queue holds one TTL, so no message waits behind a later one. A delay goes to the
@@ -31,9 +34,14 @@ from kombu import Exchange, Queue
 MAX_DELAY_MS = 315_360_000_000  # RabbitMQ's largest TTL: 10 years
 MAX_NAME = 255  # AMQP short string: the longest queue or exchange name, in bytes
 CLASSIC, QUORUM = "classic", "quorum"
+DELAY_TYPE_SETTING = "rare_delay_queue_type"  # app setting: "quorum" puts every delay in quorum queues
 DELAY_EXCHANGE = Exchange("rare.delay", type="direct", durable=True)
 UNROUTED_EXCHANGE = Exchange("rare.unrouted", type="fanout", durable=True)
-UNROUTED_QUEUE = Queue("rare.unrouted", exchange=UNROUTED_EXCHANGE, routing_key="", durable=True)
+# Every queue rare_celery owns says its type: a vhost's or node's default queue type must not make a
+# bug queue quorum by accident (on RabbitMQ 4.x a quorum queue drops a message after 20 requeues).
+_CLASSIC_ARGS = {"x-queue-type": "classic"}
+UNROUTED_QUEUE = Queue("rare.unrouted", exchange=UNROUTED_EXCHANGE, routing_key="", durable=True,
+                       queue_arguments=_CLASSIC_ARGS)
 RETURN_EXCHANGE = Exchange("rare.return", type="direct", durable=True,
                            arguments={"alternate-exchange": UNROUTED_EXCHANGE.name})
 BUG_SUFFIX = ".bugs"
@@ -69,17 +77,24 @@ def duration_label(ms: int) -> str:
 
 
 def delay_queue(delay_ms: int, kind: str = CLASSIC) -> Queue:
-    """The TTL queue for one grid value; ``delay_ms`` must already be on the grid."""
+    """The TTL queue for one grid value; ``delay_ms`` must already be on the grid. Every queue
+    rare_celery declares says its type (a vhost's default queue type never decides it)."""
     prefix = "rare.wait" if kind == CLASSIC else "rare.wait.quorum"
     name = f"{prefix}.{duration_label(delay_ms)}"
-    args = {"x-message-ttl": delay_ms, "x-dead-letter-exchange": RETURN_EXCHANGE.name}
+    args = {"x-queue-type": "classic", "x-message-ttl": delay_ms, "x-dead-letter-exchange": RETURN_EXCHANGE.name}
     if kind == QUORUM:
         args.update({
             "x-queue-type": "quorum",
             "x-overflow": "reject-publish",
             "x-dead-letter-strategy": "at-least-once",
         })
-    return Queue(name, exchange=DELAY_EXCHANGE, routing_key=name, durable=True, queue_arguments=args)
+    return Queue(name, exchange=DELAY_EXCHANGE, routing_key=delay_key(name), durable=True, queue_arguments=args)
+
+
+def delay_key(delay_queue_name: str) -> str:
+    """The key a delay queue is bound to ``rare.delay`` by, and reached through (``BCC``): a name no
+    queue can have, so dead-lettering's re-use of it routes nothing."""
+    return "amq." + delay_queue_name
 
 
 def bug_queue_name(work_queue: str) -> str:
@@ -104,10 +119,22 @@ def bug_queue(name: str) -> Queue:
     """A bug queue: a durable classic queue reached through the default exchange, whatever the work
     queue's kind: people read it, and a classic queue keeps its order and bytes when a message is
     looked at and put back (a 3.10 quorum queue reorders it and adds ``x-delivery-count``)."""
-    return Queue(name, exchange=Exchange(""), routing_key=name, durable=True)
+    return Queue(name, exchange=Exchange(""), routing_key=name, durable=True, queue_arguments=_CLASSIC_ARGS)
 
 
 def queue_kind(queue: Queue | None) -> str:
-    """``quorum`` when the work queue is declared as one (``x-queue-type``), else ``classic``."""
+    """``quorum`` when the work queue is declared as one (``x-queue-type``), else ``classic``. The
+    worker writes the type the broker reports into its declaration before it consumes (see
+    :func:`rare_celery.declare.learn_types`): a vhost's default queue type counts too."""
     args = (queue.queue_arguments or {}) if queue is not None else {}
     return QUORUM if args.get("x-queue-type") == QUORUM else CLASSIC
+
+
+def delay_kind(app, work_queue: str) -> str:
+    """The kind of delay queue a message of ``work_queue`` waits in: quorum for a quorum work queue,
+    and for every work queue when the app sets ``rare_delay_queue_type = "quorum"`` (clusters: a
+    classic delay queue lives on one node)."""
+    if app.conf.get(DELAY_TYPE_SETTING) == QUORUM:
+        return QUORUM
+    return queue_kind(app.amqp.queues.get(work_queue))
+

@@ -16,13 +16,13 @@ from . import events
 from . import headers as hdr
 from . import request as rare_request
 from .app import check, fold_expires
-from .declare import declare_queue, declare_worker_topology
+from .declare import declare_queue, declare_worker_topology, learn_types
 from .exceptions import ConfigurationError, TopologyError
 from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
 from .publish import main_process, properties_of, send_patiently, to_bugs, to_delay
 from .task import EARLY_SLEEP, RareTask, slack
-from .topology import bug_queue_name, name_problem, queue_kind
+from .topology import bug_queue_name, delay_kind, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def wait_more(c, task, message, queue: str | None) -> bool:
         return False
     headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue}
     rest = state.due - now
-    copy = to_delay(queue, rest, queue_kind(c.app.amqp.queues.get(queue)), message.body, hdr.fit(headers),
+    copy = to_delay(queue, rest, delay_kind(c.app, queue), message.body, hdr.fit(headers),
                     properties_of(message), slack=slack(rest))
     try:
         send_patiently(c.app, copy, budget=0, timeout=rare_request.MAIN_TIMEOUT)
@@ -185,10 +185,18 @@ def preflight(app) -> None:
             channel = conn.channel()
             for queue in queues:
                 declare_queue(channel, queue)
+            quorum = learn_types(conn, queues)
     except TopologyError:
         raise
     except Exception as exc:  # noqa: BLE001 - Celery reports and retries connection problems itself
         log.warning("rare_celery: could not check the work queues before starting (%s)", exc)
+        return
+    if quorum and not app.conf.get("worker_detect_quorum_queues"):
+        raise ConfigurationError(
+            f"rare_celery: {', '.join(quorum)} {'is a quorum queue' if len(quorum) == 1 else 'are quorum queues'} "
+            f"(declared so, or the vhost's default queue type) and this Celery consumes with global QoS, which "
+            f"quorum queues refuse: use Celery 5.5 or newer with worker_detect_quorum_queues on (its default), "
+            f"or declare the queue classic (queue_arguments={{'x-queue-type': 'classic'}}) on a new queue")
 
 
 def _queue_of(c, message) -> str | None:

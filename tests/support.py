@@ -24,12 +24,21 @@ def rabbitmqctl(*args: str) -> str:
     return out.stdout
 
 
+def broker_cycle_lines() -> int:
+    """How many times the broker's log says it dropped a dead-lettered message as a cycle (3.10:
+    "Dead-letter queues cycle detected"; 4.x: "... contains a dead letter cycle ...")."""
+    code = ('[F|_] = rabbit:log_locations(), {ok, B} = file:read_file(F), '
+            'length(binary:matches(B, [<<"cycle detected">>, <<"dead letter cycle">>])).')
+    return int(rabbitmqctl("eval", code).strip())
+
+
 class Vhost:
     """A fresh vhost for one test session, deleted (with everything in it) at the end."""
 
     def __init__(self) -> None:
         self.name = f"rare-test-{uuid.uuid4().hex[:8]}"
-        rabbitmqctl("add_vhost", self.name)
+        default_type = os.environ.get("RARE_TEST_DEFAULT_QUEUE_TYPE")  # quorum: as Amazon MQ 4.2 makes them
+        rabbitmqctl("add_vhost", self.name, *(["--default-queue-type", default_type] if default_type else []))
         rabbitmqctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
         self.url = f"amqp://guest:guest@{HOST}/{self.name}"
 

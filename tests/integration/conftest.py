@@ -7,7 +7,17 @@ import os
 
 import pytest
 
-from tests.support import Events, Vhost, Worker
+from tests.support import Events, Vhost, Worker, broker_cycle_lines
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_dead_letter_cycles():
+    """The whole run routes every due message once: the broker's log gains no dead-letter cycle line
+    (RabbitMQ drops a second copy it finds in a cycle; rare_celery must never make one)."""
+    before = broker_cycle_lines()
+    yield
+    after = broker_cycle_lines()
+    assert after == before, f"the broker's log gained {after - before} dead-letter cycle line(s) during the run"
 
 
 @pytest.fixture(scope="session")

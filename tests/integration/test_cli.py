@@ -449,7 +449,7 @@ def test_status_numbers_match_what_is_there(vhost, env):
     waiting = delay_queue(770_000)  # cli.watched's first retry waits 777 s: it starts in rare.wait.770s
     with Connection(vhost.url) as conn:
         waiting.bind(conn.default_channel).declare()
-    delayed = [bug_message("cli.watched", [i], extra={"BCC": [waiting.name]}) for i in range(3)]
+    delayed = [bug_message("cli.watched", [i], extra={"BCC": [waiting.routing_key]}) for i in range(3)]
     publish(vhost.url, "cli.status", delayed, declare=False, exchange=DELAY_EXCHANGE.name)  # as publish.to_delay does
     try:
         check_status(vhost)

@@ -266,7 +266,7 @@ def fill(broker, queue: Queue) -> None:
             conn.Producer(channel).publish(
                 {"filler": True}, exchange=DELAY_EXCHANGE.name if delayed else "",
                 routing_key="faults.filler" if delayed else queue.name,
-                headers={"BCC": [queue.name]} if delayed else {})
+                headers={"BCC": [queue.routing_key]} if delayed else {})
 
 
 def waiting(vhost, queue: str) -> int:

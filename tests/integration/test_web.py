@@ -205,7 +205,8 @@ def test_a_requeue_to_a_missing_queue_or_without_origin_is_refused(vhost, any_qu
 def test_overview_and_metrics_count_what_the_worker_decided(vhost, web_app, web_worker, app_console, workdir):
     for queue in ("web.work.bugs", "web.other.bugs"):
         drain(vhost.url, queue)
-    flaky = web_app.flaky.delay()  # retry after 1.99 s (an early arrival sent round again), then exhausted
+    flaky = web_app.flaky.delay()  # retry after 1.99 s, then exhausted
+    web_app.record_run.apply_async(["later"], countdown=1.5)  # a delayed start: sent round by the worker
     sms = web_app.sms.delay("dave")  # exhausted at once: hops to web.email, whose Bug ends in web.other.bugs
     wait_for(lambda: message_count(vhost.url, "web.work.bugs") == 1 and message_count(vhost.url, "web.other.bugs") == 1,
              30, 0.1, "both in their bug queues")
@@ -226,7 +227,7 @@ def test_overview_and_metrics_count_what_the_worker_decided(vhost, web_app, web_
             text, "rare_routed_to_bugs_total", task="web.flaky", reason="exhausted", queue="web.work.bugs") == 1 else None
     text = wait_for(counted, 30, 0.2, "the bug-queue counters")
     assert metric(text, "rare_retries_scheduled_total", task="web.flaky", queue="web.work") == 1
-    assert metric(text, "rare_waits_total", task="web.flaky", queue="web.work") == 1
+    assert metric(text, "rare_waits_total", task="web.record", queue="web.work") == 1
     assert metric(text, "rare_hops_total", source="web.sms", target="web.email", reason="exhausted") == 1
     assert metric(text, "rare_bug_queue_messages", queue="web.work.bugs", work_queue="web.work") == 1
     assert metric(text, "rare_bug_queue_messages", queue="web.other.bugs", work_queue="web.other") == 1
@@ -272,10 +273,12 @@ def test_hops_and_sends_round_again_end_their_runs_for_event_consumers(vhost, we
     assert ready.wait(10)
     try:
         sms, flaky = web_app.sms.delay("erin"), web_app.flaky.delay()
+        later = web_app.record_run.apply_async(["later"], countdown=1.5)  # a delayed start: sent round
 
         def ended(task_id: str):
             return any(e["type"] == "task-failed" and e.get("uuid") == task_id for e in received)
-        wait_for(lambda: ended(sms.id) and ended(flaky.id), 30, 0.1, "both tasks to fail in the end")
+        done = lambda: any(e["type"] == "task-succeeded" and e.get("uuid") == later.id for e in received)
+        wait_for(lambda: ended(sms.id) and ended(flaky.id) and done(), 30, 0.1, "both tasks to fail in the end")
         time.sleep(0.5)  # stragglers from other processes
     finally:
         receiver.should_stop = True
@@ -296,8 +299,8 @@ def test_hops_and_sends_round_again_end_their_runs_for_event_consumers(vhost, we
     assert (retry["attempt"], retry["delay"], retry["queue"], retry["exception"]) == (
         1, 1.99, "web.work", "builtins.ConnectionError")
     assert retry["error"] == "flaky gateway down"
-    [wait] = [e for e in of(flaky.id) if e["type"] == "rare-wait"]
-    assert wait["queue"] == "web.work" and wait["due"] > retry["timestamp"]
+    [wait] = [e for e in of(later.id) if e["type"] == "rare-wait"]
+    assert wait["queue"] == "web.work" and wait["due"] > wait["timestamp"]
 
     for task_id in (sms.id, flaky.id):  # every started run has an end
         starts = sum(1 for e in of(task_id) if e["type"] == "task-started")

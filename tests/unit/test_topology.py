@@ -49,8 +49,9 @@ def test_delay_queue_names_read_as_durations(ms, label):
 
 def test_delay_queue_arguments():
     classic = t.delay_queue(5000)
-    assert classic.queue_arguments == {"x-message-ttl": 5000, "x-dead-letter-exchange": "rare.return"}
-    assert classic.exchange.name == "rare.delay" and classic.routing_key == classic.name and classic.durable
+    assert classic.queue_arguments == {"x-queue-type": "classic", "x-message-ttl": 5000,
+                                       "x-dead-letter-exchange": "rare.return"}
+    assert classic.exchange.name == "rare.delay" and classic.routing_key == "amq.rare.wait.5s" and classic.durable
     quorum = t.delay_queue(5000, t.QUORUM).queue_arguments
     assert quorum["x-queue-type"] == "quorum" and quorum["x-overflow"] == "reject-publish"
     assert quorum["x-dead-letter-strategy"] == "at-least-once"

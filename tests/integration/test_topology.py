@@ -1,0 +1,78 @@
+"""The broker objects rare_celery declares, on the real broker: every due message routed once, and
+every queue of rare_celery's own with an explicit type, whatever the vhost's default queue type."""
+
+from __future__ import annotations
+
+import pytest
+from kombu import Connection, Queue
+
+from rare_celery.declare import broker_type, declare_worker_topology, learn_types
+from rare_celery.publish import send, to_delay
+from rare_celery.topology import CLASSIC, QUORUM, UNROUTED_QUEUE, bug_queue
+from tests.support import HOST, Vhost, broker_cycle_lines, rabbitmqctl, wait_for
+
+PROPS = {"content_type": "application/json", "content_encoding": "utf-8"}
+
+
+@pytest.fixture(scope="module")
+def quorum_vhost():
+    """A vhost whose default queue type is quorum (``rabbitmqctl add_vhost --default-queue-type``)."""
+    v = Vhost()
+    v.delete()
+    rabbitmqctl("add_vhost", v.name, "--default-queue-type", "quorum")
+    rabbitmqctl("set_permissions", "-p", v.name, "guest", ".*", ".*", ".*")
+    yield v
+    v.delete()
+
+
+def types(vhost) -> dict[str, str]:
+    out = rabbitmqctl("list_queues", "-p", vhost.name, "--no-table-headers", "name", "type")
+    return dict(line.split("\t")[:2] for line in out.splitlines() if "\t" in line)
+
+
+@pytest.mark.parametrize("kind", [CLASSIC, QUORUM])
+def test_a_due_message_is_routed_once_and_the_broker_drops_no_cycle(vhost, kind):
+    work = f"topology.once.{kind}"
+    cycles = broker_cycle_lines()
+    with Connection(vhost.url, transport_options={"confirm_publish": True}) as conn:
+        channel = conn.default_channel
+        Queue(work, durable=True, queue_arguments={"x-queue-type": kind}).bind(channel).declare()
+        copies = [to_delay(work, 0.3, kind, f'{{"n": {n}}}', {}, PROPS) for n in range(5)]
+        for copy in copies:
+            send(conn.Producer(channel), copy)
+        delay = copies[0].target.name
+        wait_for(lambda: vhost.queue_stats().get(work, {}).get("ready") == 5, 30, 0.1, "five due messages")
+        stats = vhost.queue_stats()
+        assert stats[delay]["ready"] + stats[delay]["unacked"] == 0  # nothing went back into the delay queue
+        assert stats[UNROUTED_QUEUE.name]["ready"] == 0
+        got = []
+        while (message := channel.basic_get(work, no_ack=True)) is not None:
+            got.append(message.body)
+    assert sorted(got) == sorted(c.body for c in copies)  # each exactly once
+    assert broker_cycle_lines() == cycles  # and the broker dropped no second copy as a cycle
+
+
+def test_rare_queues_stay_classic_on_a_quorum_default_vhost(quorum_vhost):
+    url = f"amqp://guest:guest@{HOST}/{quorum_vhost.name}"
+    with Connection(url, transport_options={"confirm_publish": True}) as conn:
+        channel = conn.default_channel
+        work = Queue("topology.work", durable=True)  # untyped: the vhost makes it quorum
+        work.bind(channel).declare()
+        declare_worker_topology(channel, ["topology.work"], ["topology.work.bugs"])
+        send(conn.Producer(channel), to_delay("topology.work", 1, CLASSIC, "{}", {}, PROPS))
+        assert broker_type(conn, Queue("topology.work", durable=True)) == QUORUM
+        assert learn_types(conn, [work]) == ["topology.work"]
+        assert work.queue_arguments == {"x-queue-type": QUORUM}  # Celery then consumes it without global QoS
+        assert broker_type(conn, bug_queue("topology.work.bugs")) == CLASSIC
+    found = types(quorum_vhost)
+    assert found["topology.work"] == QUORUM
+    assert found["topology.work.bugs"] == CLASSIC
+    assert found[UNROUTED_QUEUE.name] == CLASSIC
+    assert found["rare.wait.1s"] == CLASSIC
+
+
+def test_an_untyped_classic_queue_is_found_classic(vhost):
+    with Connection(vhost.url) as conn:
+        Queue("topology.plain", durable=True).bind(conn.default_channel).declare()
+        assert broker_type(conn, Queue("topology.plain", durable=True)) == CLASSIC
+        assert broker_type(conn, Queue("topology.plain", durable=True, queue_arguments={"x-max-priority": 5})) is None
