@@ -4,12 +4,13 @@ every queue of rare_celery's own with an explicit type, whatever the vhost's def
 from __future__ import annotations
 
 import pytest
+from celery import Celery
 from kombu import Connection, Queue
 
 from rare_celery.declare import broker_type, declare_worker_topology, learn_types
 from rare_celery.publish import send, to_delay
 from rare_celery.topology import CLASSIC, QUORUM, UNROUTED_QUEUE, bug_queue
-from tests.support import HOST, Vhost, broker_cycle_lines, rabbitmqctl, wait_for
+from tests.support import HOST, QUORUM_OK, Vhost, Worker, broker_cycle_lines, rabbitmqctl, wait_for
 
 PROPS = {"content_type": "application/json", "content_encoding": "utf-8"}
 
@@ -76,3 +77,35 @@ def test_an_untyped_classic_queue_is_found_classic(vhost):
         Queue("topology.plain", durable=True).bind(conn.default_channel).declare()
         assert broker_type(conn, Queue("topology.plain", durable=True)) == CLASSIC
         assert broker_type(conn, Queue("topology.plain", durable=True, queue_arguments={"x-max-priority": 5})) is None
+
+
+def test_quorum_delay_queues_for_a_classic_work_queue(tmp_path):
+    """``rare_delay_queue_type = "quorum"`` (the choice for clusters): a classic work queue's retries
+    wait in quorum delay queues and come back."""
+    v = Vhost()
+    env = {"RARE_TEST_BROKER": v.url, "RARE_TEST_DIR": str(tmp_path), "RARE_TEST_QUORUM_DELAYS": "1"}
+    worker = Worker("tests.apps.core", ["core"], env, tmp_path, name="quorum-delays").wait_ready()
+    try:
+        client = Celery("client", broker=v.url, backend=f"tests.support:AtomicFS+file://{tmp_path}/results",
+                        set_as_current=False)
+        result = client.send_task("core.flaky", args=[1], queue="core")
+        assert result.get(timeout=30) == ["ok", 2]
+        found = types(v)
+        assert found["core"] == CLASSIC and found["rare.wait.quorum.1s"] == QUORUM
+        assert "rare.wait.1s" not in found
+    finally:
+        worker.stop()
+        v.delete()
+
+
+@pytest.mark.skipif(QUORUM_OK, reason="Celery 5.5+ consumes quorum queues without global QoS")
+def test_celery_54_on_a_quorum_work_queue_stops_at_start_with_one_line(quorum_vhost, tmp_path):
+    env = {"RARE_TEST_BROKER": f"amqp://guest:guest@{HOST}/{quorum_vhost.name}", "RARE_TEST_DIR": str(tmp_path)}
+    worker = Worker("tests.apps.core", ["core"], env, tmp_path, name="quorum-54")
+    try:
+        code = worker.proc.wait(60)
+    finally:
+        worker.stop()
+    text = worker.text()
+    assert code != 0 and "core is a quorum queue (declared so, or the vhost's default queue type)" in text
+    assert "Traceback" not in text

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from celery import Celery
 
-from rare_celery.app import fold_expires, pickles
+from rare_celery.app import check, fold_expires, pickles
+from rare_celery.exceptions import ConfigurationError
+from rare_celery.topology import CLASSIC, QUORUM, delay_kind
 
 
 @pytest.mark.parametrize("setting", [["json", "pickle"], ["application/x-python-serialize"], "pickle",
@@ -33,3 +36,15 @@ def test_an_expires_that_is_not_a_time_is_ignored_not_raised():
     headers = {"expires": "soon"}
     fold_expires(headers)
     assert headers == {"expires": None}
+
+
+def test_delay_queue_type_setting_is_checked_and_makes_every_delay_quorum():
+    app = Celery("t", broker="amqp://nowhere//", set_as_current=False)
+    app.conf.task_queues = []
+    assert delay_kind(app, "sms") == CLASSIC
+    app.conf.rare_delay_queue_type = "quorum"
+    check(app)
+    assert delay_kind(app, "sms") == QUORUM
+    app.conf.rare_delay_queue_type = "fast"
+    with pytest.raises(ConfigurationError, match="rare_delay_queue_type is 'fast'; set it to 'quorum'"):
+        check(app)
