@@ -14,6 +14,8 @@ header                 meaning
 ``x-rare-deliveries``  deliveries of this attempt that ended without a next place (a crash, a lost
                        connection, a copy that could not be published), counted by the worker
 ``x-rare-returned``    why the last such delivery ended so
+``x-rare-requeued``    ``true``: put back because the task raised ``Reject(requeue=True)``; the next
+                       run sees ``delivery_info["redelivered"]`` as with Celery, and no loss is counted
 ``x-rare-exception``   last error: exception type (``module.Name``)
 ``x-rare-error``       last error: message, at most 1,000 characters
 ``x-rare-traceback``   last error: traceback, its last 4,000 characters
@@ -43,7 +45,7 @@ MAX_DEPTH = 32  # lists and tables in headers nest at most this deep (rare_celer
 _EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
 MAX_SKEW = 3600.0  # a first-at this far ahead of the worker's clock is nonsense, not clock skew
 ATTEMPT, FIRST_AT, DEADLINE, DUE, QUEUE = (PREFIX + k for k in ("attempt", "first-at", "deadline", "due", "queue"))
-DELIVERIES, RETURNED = PREFIX + "deliveries", PREFIX + "returned"
+DELIVERIES, RETURNED, REQUEUED = PREFIX + "deliveries", PREFIX + "returned", PREFIX + "requeued"
 TRAVELS = PREFIX + "hops"  # see rare_celery.hops
 ERROR = (PREFIX + "exception", PREFIX + "error", PREFIX + "traceback")
 DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",

@@ -37,11 +37,11 @@ class RareTaskInfo:
 
 def rare_tasks(app) -> list[RareTaskInfo]:
     """Every RareTask of ``app``, by name, with the queue Celery's router gives it."""
-    from .task import RareTask
+    from .task import is_rare
 
     out = []
     for task in sorted(app.tasks.values(), key=lambda t: t.name):
-        if not isinstance(task, RareTask):
+        if not is_rare(task):
             continue
         try:
             options = {"queue": task.queue} if getattr(task, "queue", None) else {}

@@ -7,7 +7,49 @@ correlation_id, priority, stamps and custom headers back into a Celery protocol-
 
 from __future__ import annotations
 
+import inspect
+
 from . import headers as hdr
+
+_BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def retry_call(fn, current_args, current_kwargs, args=None, kwargs=None) -> tuple:
+    """The ``(args, kwargs)`` a ``retry(args=..., kwargs=...)`` runs with, as Celery 5.7 makes them
+    (its change for issue 6494): given only ``args``, the current keywords stay except those the new
+    positions now fill; given only ``kwargs``, the current positions stay except those a new keyword
+    names. ``None`` keeps the current value; both given replace both."""
+    if (args is None) == (kwargs is None):
+        return (current_args, current_kwargs) if args is None else (args, kwargs)
+    if kwargs is None:
+        kwargs = dict(current_kwargs or {})
+        params = _parameters(fn)
+        if params is not None:
+            for p in [p for p in params if p.kind in _POSITIONAL][: len(args)]:
+                if p.kind in _BY_NAME:
+                    kwargs.pop(p.name, None)
+        return args, kwargs
+    args = list(current_args or ())
+    params = _parameters(fn)
+    if params is None or not args:
+        return args, kwargs
+    try:
+        bound = inspect.Signature(params).bind_partial(*args)
+    except TypeError:
+        return args, kwargs
+    rest = dict(kwargs)
+    by_name = {p.name for p in params if p.kind in _BY_NAME}
+    for name in [n for n in rest if n in bound.arguments and n in by_name]:
+        bound.arguments[name] = rest.pop(name)
+    return list(bound.args), {**bound.kwargs, **rest}
+
+
+def _parameters(fn) -> list | None:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
 
 
 def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: int, extra: dict):

@@ -135,6 +135,8 @@ class RareRequest(Request):
             return self._put_back(exc.why)
         if isinstance(exc, TimeLimitExceeded):
             return self._lost(exc, TIME_LIMIT)
+        if isinstance(exc, Reject) and exc.requeue:
+            return self._requeue_asked()
         lost = isinstance(exc, WorkerLostError) or (
             isinstance(exc, (SystemExit, KeyboardInterrupt))  # billiard >= 4.3 reports the exit first
             and not (getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False)))
@@ -157,6 +159,27 @@ class RareRequest(Request):
         self.rare_done = True
         put_back(self.task, self._message, self.rare_queue, why, lost=False,
                  ack=self.acknowledge, requeue=lambda: self.reject(requeue=True))
+
+    def _requeue_asked(self) -> None:
+        """``raise Reject(requeue=True)``: the task asked for its message to go back to its queue. It
+        goes back as a copy marked ``x-rare-requeued`` (confirmed, then the original is acked), so that
+        no worker takes its return for a lost delivery; Celery's ``task-rejected`` event is sent."""
+        task_ready(self)
+        self.rare_done = True
+        queue = self.rare_queue
+        headers = {**raw_headers(self._message), hdr.REQUEUED: True}
+        try:
+            if not queue:
+                raise PublishRefused("the queue it came from is unknown")
+            send_patiently(self.task.app, Copy(self._message.body, hdr.fit(headers), properties_of(self._message),
+                                               "", queue, None), budget=0, timeout=MAIN_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - the broker's own requeue, then (it comes back redelivered)
+            log.warning("rare_celery: %s[%s] asked to be requeued; copying it back failed (%s): rejected with "
+                        "requeue instead", self.name, self.id, exc)
+            return self.reject(requeue=True)
+        self.acknowledge()
+        with _best_effort("report the requeue"):
+            self.send_event("task-rejected", requeue=True)
 
     def _lost(self, exc: Exception, reason: str) -> None:
         """The attempt started and did not finish: route it as a failed attempt from the raw message."""

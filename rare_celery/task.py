@@ -32,7 +32,7 @@ from . import backoff as _backoff
 from . import events, hops, signals
 from . import headers as hdr
 from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, RoutingFailed
-from .message import rebuild
+from .message import rebuild, retry_call
 from .policy import BUG, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
 from .request import ENDING, QUEUE
@@ -76,6 +76,30 @@ class _EagerRetry(Retry):
         self.countdown, self.limit = countdown, limit
 
 
+class _AttemptNumber:
+    """``self.attempt``: the number of the attempt running now (1 = the first run; a hop starts again
+    at 1). Read-only for rare_celery, yet a task's own ``self.attempt = ...`` (or ``del``) is its own
+    attribute and wins: a non-data descriptor never takes a user's attribute over."""
+
+    def __get__(self, task, owner=None):
+        if task is None:
+            return self
+        current = getattr(task.request, "rare_current", None)
+        return current.attempt.number if current else hdr.read(task.request.headers).number
+
+
+# Celery's built-in tasks (celery.chord_unlock, celery.group, ...) become subclasses of the app's
+# task_cls: with task_cls = RareTask they keep Celery's own behaviour, attribute by attribute.
+_CELERYS_OWN = ("__call__", "apply_async", "retry", "__trace__", "backend", "Request", "acks_late",
+                "acks_on_failure_or_timeout", "acks_on_failure", "acks_on_timeout", "reject_on_worker_lost",
+                "retry_on_worker_lost", "serializer", "max_retries")
+
+
+def is_rare(task) -> bool:
+    """Whether ``task`` is a RareTask that retries through delay queues (not one of Celery's built-ins)."""
+    return isinstance(task, RareTask) and task.rare_policy is not None
+
+
 class RareTask(Task):
     """Base class for tasks that retry through broker-side delay queues.
 
@@ -111,11 +135,17 @@ class RareTask(Task):
     retry_on_worker_lost = False  # Celery 5.7's own ETA retry on worker loss: not for RareTask
     serializer = "json"
     max_retries = None  # attempts are counted by rare_celery, not by Celery's retries
-    rare_policy: Policy = Policy.build("RareTask", 5, backoff, None, (Exception,))
+    rare_policy: Policy | None = Policy.build("RareTask", 5, backoff, None, (Exception,))
     handlers: ClassVar[dict[str, Handler]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if str(cls.__dict__.get("name") or "").startswith("celery."):  # a built-in made from task_cls
+            for attr in _CELERYS_OWN:
+                if attr not in cls.__dict__:
+                    setattr(cls, attr, Task.__dict__[attr])
+            cls.rare_policy = None
+            return
         cls.rare_policy = Policy.build(cls._owner(), *(getattr(cls, k) for k in _OVERRIDABLE))
         cls.handlers = dict(cls.handlers)
 
@@ -222,8 +252,9 @@ class RareTask(Task):
             _end_here(self.retry, r.exc)
         except Exception as exc:  # noqa: BLE001 - every failure is the policy's to decide
             self._ended_before()
-            if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):
-                exc = Bug(f"wrong arguments for {self.name}: {exc}")
+            if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):  # never retried: a bug
+                wrong = TypeError(f"wrong arguments for {self.name}: {exc}").with_traceback(exc.__traceback__)
+                _end_here(lambda exc: self._to_bugs(BUG, exc, req.rare_current), wrong)
             _end_here(self.retry, exc)
         self._ended_before()  # retry(throw=False), then returned: the retry is this delivery's ending
         return result
@@ -271,11 +302,7 @@ class RareTask(Task):
                             f"(payload {_short(payload)}); handlers: {sorted(self.handlers)}")
         return handler.policy, handler.fn
 
-    @property
-    def attempt(self) -> int:
-        """The number of the attempt running now (1 = the first run; a hop starts again at 1)."""
-        current = getattr(self.request, "rare_current", None)
-        return current.attempt.number if current else hdr.read(self.request.headers).number
+    attempt = _AttemptNumber()
 
     def hop(self, target, *args, reason: str = "", **kwargs) -> NoReturn:
         """Move the work to ``target`` now (see :class:`~rare_celery.Hop`); does not return."""
@@ -302,6 +329,8 @@ class RareTask(Task):
             raise _EagerRetry(exc, countdown, limit)
         if isinstance(exc, Hop):  # autoretry_for=(Exception,) caught a Hop: it is a hop, not a failure
             self._hop_raised(exc)
+        if args is not None or kwargs is not None:
+            args, kwargs = retry_call(self.run, req.args, req.kwargs, args, kwargs)
         try:
             self._ended_before()
             current = getattr(req, "rare_current", None) or Current(hdr.read(req.headers), self.rare_policy)
@@ -550,7 +579,7 @@ class RareTask(Task):
             except Exception as error:  # noqa: BLE001 - decided by the policy below
                 exc = error
                 if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):
-                    exc = Bug(f"wrong arguments for {self.name}: {exc}")
+                    raise TypeError(f"wrong arguments for {self.name}: {exc}") from None
             decision = policy.decide(state.number, exc, clock, state.deadline, countdown, limit)
             if isinstance(decision, RetryIn):
                 clock += decision.delay

@@ -10,6 +10,7 @@ import sys
 import time
 
 from celery import bootsteps
+from celery.utils.imports import symbol_by_name
 from celery.utils.objects import Bunch
 
 from . import events
@@ -21,7 +22,7 @@ from .exceptions import ConfigurationError, TopologyError
 from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
 from .publish import main_process, properties_of, send_patiently, to_bugs, to_delay
-from .task import EARLY_SLEEP, RareTask, slack
+from .task import EARLY_SLEEP, is_rare, slack
 from .topology import bug_queue_name, delay_kind, name_problem
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
 
     def start(self, c):
         for name, task in c.app.tasks.items():  # Celery made new strategies for this connection
-            if isinstance(task, RareTask) and name in c.strategies:
+            if is_rare(task) and name in c.strategies:
                 c.strategies[name] = self._screen(c, task, c.strategies[name])
         rare_request.timer = c.timer
         wanted = rare_queues(c.app)
@@ -87,6 +88,8 @@ class RareConsumerStep(bootsteps.StartStopStep):
                                       "connection with it unacked", lost=True, ack=message.ack,
                                       requeue=lambda: message.reject(requeue=True))
                 return None
+            if isinstance(headers, dict) and headers.get(hdr.REQUEUED) is True and isinstance(message.delivery_info, dict):
+                message.delivery_info["redelivered"] = True  # Reject(requeue=True): as Celery shows it
             if isinstance(headers, dict) and headers.get("expires") is not None:
                 fold_expires(headers)
             if isinstance(headers, dict) and headers.get(hdr.DUE) is not None and wait_more(c, task, message, queue):
@@ -176,6 +179,13 @@ def preflight(app) -> None:
             if problem:
                 raise ConfigurationError(f"rare_celery: the bug queue of work queue {work[:60]!r} cannot exist: "
                                          f"{problem}; shorten the queue name or set a shorter bug_queue")
+    for info in rare_tasks(app):
+        request = info.task.Request
+        request = symbol_by_name(request) if isinstance(request, str) else request
+        if not (isinstance(request, type) and issubclass(request, rare_request.RareRequest)):
+            raise ConfigurationError(
+                f"rare_celery: {info.name} sets Request = {request!r}; a RareTask's Request must subclass "
+                f"rare_celery.request.RareRequest (it ends the deliveries a lost pool process cannot)")
     queues = [q for name, q in app.amqp.queues.consume_from.items() if name in wanted]
     if not queues:
         return

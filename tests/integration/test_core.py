@@ -115,9 +115,12 @@ def test_bug_and_non_retryable_errors_go_to_the_bug_queue_after_one_run(core, ev
 
 def test_wrong_arguments_are_a_bug_not_a_retry(core, events, bugs):
     result = core.app.send_task("core.typed", args=[1], queue="core")  # Celery's own check bypassed
-    with pytest.raises(Bug, match="wrong arguments"):
+    with pytest.raises(TypeError, match="wrong arguments for core.typed"):  # what Celery users catch
         result.get(timeout=10)
-    assert bugs.find("core.bugs", result.id).headers["x-rare-reason"] == "bug"
+    headers = bugs.find("core.bugs", result.id).headers
+    assert headers["x-rare-reason"] == "bug" and headers["x-rare-exception"] == "builtins.TypeError"
+    assert headers["x-rare-error"].startswith("wrong arguments for core.typed: ")
+    assert len(runs_of(events, result.id)) == 1
 
 
 def test_autoretry_for_goes_through_the_delay_queues(core, events):
