@@ -1,4 +1,5 @@
-# Two commands: `make demo` and `make test` (what CI runs). Each makes its own virtual environment.
+# Two commands: `make demo` and `make test` (what CI runs, with test-rabbitmq4 and test-quorum-vhost).
+# Each makes its own virtual environment.
 PYTHON ?= python3
 TOOLS := .venv-tools
 DEMO := .venv-demo
@@ -13,10 +14,21 @@ $(DEMO)/bin/rare-celery: setup.cfg
 	$(DEMO)/bin/pip install --quiet -e .
 	touch $@
 
-.PHONY: test lint demo bench
+.PHONY: test test-rabbitmq4 test-quorum-vhost lint demo bench
 test: $(TOOLS)/bin/tox
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench
 	$(TOOLS)/bin/tox -e celery54,celery57
+
+# The whole suite on RabbitMQ 4.0 (Debian 13's rabbitmq-server in a debootstrap root, 127.0.0.1:5690),
+# newest Celery. scripts/rabbitmq4 builds the root once (about a minute) and starts the node.
+test-rabbitmq4: $(TOOLS)/bin/tox
+	scripts/rabbitmq4 start
+	PATH="$$(scripts/rabbitmq4 bin):$$PATH" RARE_TEST_HOST=127.0.0.1:5690 $(TOOLS)/bin/tox -e celery57
+
+# The core tests, unchanged, on a vhost whose default queue type is quorum (as Amazon MQ 4.2 makes them).
+test-quorum-vhost: $(TOOLS)/bin/tox
+	RARE_TEST_DEFAULT_QUEUE_TYPE=quorum $(TOOLS)/bin/tox -e celery57 -- tests/integration/test_core.py \
+		tests/integration/test_chains.py tests/integration/test_topology.py
 
 lint: $(TOOLS)/bin/tox
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench
@@ -27,3 +39,34 @@ demo: $(DEMO)/bin/rare-celery
 bench: $(DEMO)/bin/rare-celery
 	$(DEMO)/bin/pip install --quiet psutil
 	$(DEMO)/bin/python bench/run.py
+
+# Celery's own integration tests (t/integration test_tasks, test_canvas, test_inspect of the sdist of the
+# Celery in .venv) with a plain Task and with RareTask; a report, see scripts/celery-suite --help.
+# Its venv and the sdist live outside the checkout. SUITE_ARGS="--only rare -k test_retry" for a subset.
+SUITE_CACHE ?= /var/tmp/rare-celery-suite
+CELERY_VERSION ?= $(shell .venv/bin/python -c 'import celery; print(celery.__version__)' 2>/dev/null || echo 5.7.0)
+SUITE_VENV ?= $(SUITE_CACHE)/venv-celery-$(CELERY_VERSION)
+SUITE_ARGS ?=
+
+$(SUITE_VENV)/.ready:
+	$(PYTHON) -m venv $(SUITE_VENV)
+	$(SUITE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SUITE_VENV)/bin/pip install --quiet celery==$(CELERY_VERSION) redis pydantic pytest pytest-timeout \
+		pytest-rerunfailures
+	touch $@
+
+.PHONY: test-celery-suite
+test-celery-suite: $(SUITE_VENV)/.ready
+	RARE_CELERY_SUITE_CACHE=$(SUITE_CACHE) $(SUITE_VENV)/bin/python scripts/celery-suite $(SUITE_ARGS)
+
+# Three RabbitMQ 3.10 nodes clustered beside the default one (127.0.0.1:5673-5675; scripts/cluster).
+.PHONY: cluster cluster-stop test-cluster
+cluster:
+	scripts/cluster start
+
+cluster-stop:
+	scripts/cluster stop
+
+# The cluster tests on the newest Celery; the cluster stays up afterwards (make cluster-stop stops it).
+test-cluster: $(TOOLS)/bin/tox cluster
+	RARE_REQUIRE_CLUSTER=1 $(TOOLS)/bin/tox -e celery57 -- tests/cluster

@@ -94,12 +94,12 @@ def check(app) -> None:
         raise ConfigurationError(
             "rare_celery needs publisher confirms: remove confirm_publish=False from "
             "broker_transport_options (or set it to True)")
-    from .topology import DELAY_TYPE_SETTING, QUORUM
+    from .topology import QUEUE_TYPE_SETTING, QUORUM
 
-    if app.conf.get(DELAY_TYPE_SETTING) not in (None, QUORUM):
-        raise ConfigurationError(f"rare_celery: {DELAY_TYPE_SETTING} is {app.conf.get(DELAY_TYPE_SETTING)!r}; "
-                                 f"set it to 'quorum' (every delay in quorum queues) or leave it unset (delay "
-                                 f"queues of the work queue's type)")
+    if app.conf.get(QUEUE_TYPE_SETTING) not in (None, QUORUM):
+        raise ConfigurationError(f"rare_celery: {QUEUE_TYPE_SETTING} is {app.conf.get(QUEUE_TYPE_SETTING)!r}; "
+                                 f"set it to 'quorum' (every queue rare_celery owns is quorum: the choice for "
+                                 f"clusters) or leave it unset")
     for setting in ("accept_content", "result_accept_content", "task_serializer", "result_serializer",
                     "event_serializer"):
         found = pickles(app.conf.get(setting))

@@ -30,6 +30,8 @@ from .topology import (
     bug_queue,
     bug_queue_name,
     delay_queue,
+    own_kind,
+    unrouted_queue,
 )
 
 ENV = "rare_celery.env"
@@ -493,7 +495,7 @@ def declare(dry_run) -> None:
     for t in e.tasks:
         wanted.setdefault(t.queue, (app.amqp.queues[t.queue], f"work queue ({t.kind})"))
         for name in (bug_queue_name(t.queue), t.bug_queue):
-            wanted.setdefault(name, (bug_queue(name), "bug queue"))
+            wanted.setdefault(name, (bug_queue(name, own_kind(app)), "bug queue"))
     for kind, ms in sorted({(t.kind, ms) for t in e.tasks for _, p in t.policies() for ms in tl.delay_values(p)}):
         q = delay_queue(ms, kind)
         wanted[q.name] = (q, f"delay queue ({kind}, {durations.short(ms / 1000)})")
@@ -515,7 +517,7 @@ def declare(dry_run) -> None:
     with e.connection() as conn:
         channel = conn.channel()
         try:
-            steps = [lambda: DELAY_EXCHANGE.declare(channel=channel), lambda: declare_queue(channel, UNROUTED_QUEUE),
+            steps = [lambda: DELAY_EXCHANGE.declare(channel=channel), lambda: declare_queue(channel, unrouted_queue(own_kind(app))),
                      lambda: RETURN_EXCHANGE.declare(channel=channel)]
             steps += [lambda q=queue: declare_queue(channel, q) for queue, _ in wanted.values()]
             steps += [lambda n=name: bind_return(channel, n) for name in works]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
-from amqp.exceptions import PreconditionFailed
+from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Queue
 
 from .exceptions import TopologyError
-from .topology import DELAY_EXCHANGE, QUORUM, RETURN_EXCHANGE, UNROUTED_QUEUE, bug_queue
+from .topology import CLASSIC, DELAY_EXCHANGE, QUORUM, RETURN_EXCHANGE, bug_queue, for_broker, unrouted_queue
+
+log = logging.getLogger(__name__)
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<what>queue|exchange) '(?P<name>[^']+)' "
@@ -33,8 +36,9 @@ def explain(exc: Exception) -> str:
 
 def declare_queue(channel, queue: Queue) -> None:
     """Declare ``queue`` (and bind it to its exchange); a mismatch becomes a :class:`TopologyError`."""
+    version = str((channel.connection.server_properties or {}).get("version", ""))
     try:
-        queue.bind(channel).declare()
+        for_broker(queue, version).bind(channel).declare()
     except PreconditionFailed as exc:
         raise TopologyError(explain(exc)) from None
 
@@ -84,16 +88,30 @@ def bind_return(channel, work_queue: str) -> None:
     channel.queue_bind(queue=work_queue, exchange=RETURN_EXCHANGE.name, routing_key=work_queue)
 
 
-def declare_worker_topology(channel, work_queues: list[str], bug_queues: list[str]) -> None:
+def declare_worker_topology(connection, work_queues: list[str], bug_queues: list[str], kind: str = CLASSIC) -> None:
     """What a worker needs before it consumes: the delay exchange, the way back (``rare.return``,
-    with ``rare.unrouted`` behind it) with its work queues bound to it, and their bug queues.
+    with ``rare.unrouted`` behind it) with its work queues bound to it, and their bug queues
+    (``kind``: see :func:`rare_celery.topology.own_kind`).
 
-    Delay queues are declared by whoever first publishes to one (see :mod:`rare_celery.publish`).
+    On channels of its own: a queue the broker cannot reach now (a classic queue whose cluster node
+    is down: NOT_FOUND) is logged and skipped, never the end of the worker's consumer; what is
+    published to it meanwhile stays unacked until it is back. Delay queues are declared by whoever
+    first publishes to one (see :mod:`rare_celery.publish`).
     """
-    DELAY_EXCHANGE.declare(channel=channel)
-    declare_queue(channel, UNROUTED_QUEUE)
-    RETURN_EXCHANGE.declare(channel=channel)
-    for name in work_queues:
-        bind_return(channel, name)
-    for name in bug_queues:
-        declare_queue(channel, bug_queue(name))
+    channel = connection.channel()
+    steps = [lambda ch: DELAY_EXCHANGE.declare(channel=ch), lambda ch: declare_queue(ch, unrouted_queue(kind)),
+             lambda ch: RETURN_EXCHANGE.declare(channel=ch)]
+    steps += [lambda ch, name=name: bind_return(ch, name) for name in work_queues]
+    steps += [lambda ch, name=name: declare_queue(ch, bug_queue(name, kind)) for name in bug_queues]
+    try:
+        for step in steps:
+            try:
+                step(channel)
+            except NotFound as exc:
+                log.error("rare_celery: %s; routing to it waits until the broker has it again", " ".join(str(exc).split()))
+                channel = connection.channel()
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001, S110 - closing is best effort
+            pass

@@ -31,14 +31,17 @@ from kombu.exceptions import OperationalError
 from .declare import bind_return
 from .exceptions import PublishRefused
 from .topology import (
+    CLASSIC,
     DELAY_EXCHANGE,
     MAX_DELAY_MS,
     RETURN_EXCHANGE,
     UNROUTED_QUEUE,
     bug_queue,
     delay_queue,
+    for_broker,
     grid_floor,
     name_problem,
+    unrouted_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class Copy:
     target: Queue | None
     returns_to: str | None = None
     waits: float = field(default=0.0, compare=False)  # seconds the delay queue holds it (<= the delay)
+    unrouted: Queue = UNROUTED_QUEUE  # for a delay copy: where due messages go whose work queue is gone
 
     @property
     def where(self) -> str:
@@ -80,25 +84,27 @@ def to_queue(queue: Queue, body, headers: dict, properties: dict) -> Copy:
     return Copy(body, headers, properties, "", queue.name, queue)
 
 
-def to_bugs(name: str, body, headers: dict, properties: dict) -> Copy:
-    """A copy for the bug queue ``name`` (a durable classic queue, declared if missing)."""
-    return Copy(body, headers, properties, "", name, bug_queue(name))
+def to_bugs(name: str, body, headers: dict, properties: dict, kind: str = CLASSIC) -> Copy:
+    """A copy for the bug queue ``name`` (durable, classic unless ``kind`` says, declared if missing)."""
+    return Copy(body, headers, properties, "", name, bug_queue(name, kind))
 
 
 def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, properties: dict,
-             slack: float = 0.0) -> Copy:
+             slack: float = 0.0, own_kind: str = CLASSIC) -> Copy:
     """A copy that waits ``delay`` seconds (at most; see ``Copy.waits``) and comes back to ``work_queue``.
 
     It waits in the delay queue of the largest grid value not above ``delay`` (+ ``slack``: a message
     may come back that much late, to save a round); the rest is sent round again by the worker when
-    it arrives early (see ``x-rare-due``). Under 1 ms: straight back.
+    it arrives early (see ``x-rare-due``). Under 1 ms: straight back. ``own_kind``: the kind of the
+    app's ``rare.unrouted`` (see :func:`rare_celery.topology.own_kind`).
     """
     ms = min(int((delay + slack) * 1000), MAX_DELAY_MS)
     if ms < 1:
         return Copy(body, headers, properties, "", work_queue, None)
     queue = delay_queue(grid_floor(ms), kind)
     return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
-                returns_to=work_queue, waits=queue.queue_arguments["x-message-ttl"] / 1000)
+                returns_to=work_queue, waits=queue.queue_arguments["x-message-ttl"] / 1000,
+                unrouted=unrouted_queue(own_kind))
 
 
 def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
@@ -146,10 +152,11 @@ def _prepare(producer, copy: Copy) -> None:
     done = channel.connection.client.declared_entities  # kombu empties it when the connection is renewed
     wanted = [copy.target] if copy.target is not None else []
     if copy.returns_to is not None:
-        wanted[:0] = [UNROUTED_QUEUE, RETURN_EXCHANGE]
+        wanted[:0] = [copy.unrouted, RETURN_EXCHANGE]
+    version = str((channel.connection.server_properties or {}).get("version", ""))
     for entity in wanted:
         if hash(entity) not in done:
-            entity.bind(channel).declare()
+            (for_broker(entity, version) if isinstance(entity, Queue) else entity).bind(channel).declare()
             done.add(hash(entity))
     if copy.returns_to is not None and ("rare.return", copy.returns_to) not in done:
         bind_return(channel, copy.returns_to)

@@ -49,7 +49,7 @@ from . import headers as hdr
 from .exceptions import Ended, PublishRefused, RoutingFailed, WorkerLost
 from .policy import REJECTED, TIME_LIMIT, UNROUTABLE, WORKER_LOST, HopTo, RetryIn
 from .publish import Copy, properties_of, send_patiently, to_bugs, to_delay, to_queue
-from .topology import bug_queue_name, delay_kind
+from .topology import bug_queue_name, delay_kind, own_kind
 
 log = logging.getLogger(__name__)
 MAX_DELIVERIES = 5  # deliveries of one attempt that may end without a next place; then the bug queue
@@ -237,7 +237,7 @@ class RareRequest(Request):
             if self.store_errors:
                 task.backend.mark_as_retry(self.id, exc, request=self._context)
         self._send(to_delay(queue, delay, delay_kind(task.app, queue), self._message.body,
-                            hdr.fit(new), properties_of(self._message)))
+                            hdr.fit(new), properties_of(self._message), own_kind=own_kind(task.app)))
         self.acknowledge()
         log.warning("rare_celery: %s[%s] attempt %d was lost (%s); attempt %d in %.3g s", self.name, self.id,
                     state.number, exc, nxt.number, delay)
@@ -274,7 +274,7 @@ class RareRequest(Request):
         bugs = task.bug_queue or bug_queue_name(queue)
         new = {**_without_attempt(headers), **hdr.write(replace(state, due=None, queue=queue)), **hdr.error(exc),
                **hdr.bug(reason, state.number, task.name)}
-        self._send(to_bugs(bugs, self._message.body, hdr.fit(new), properties_of(self._message)))
+        self._send(to_bugs(bugs, self._message.body, hdr.fit(new), properties_of(self._message), own_kind(task.app)))
         self.acknowledge()
         log.warning("rare_celery: %s[%s] routed to %s: %s (%s)", self.name, self.id, bugs, reason, exc)
         _mark_failed(task, self.id, exc, self._context, self.store_errors)
@@ -319,8 +319,8 @@ def put_back(task, message, queue: str | None, why: str, *, lost: bool, ack, req
             new = {**headers, **hdr.bug(reason, attempt, getattr(task, "name", "")), **hdr.error(error),
                    hdr.QUEUE: queue, hdr.DELIVERIES: count}
             bugs = bug_queue_name(queue)
-            send_patiently(task.app, to_bugs(bugs, message.body, hdr.fit(new), properties_of(message)), budget=0,
-                           timeout=MAIN_TIMEOUT)
+            send_patiently(task.app, to_bugs(bugs, message.body, hdr.fit(new), properties_of(message),
+                                             own_kind(task.app)), budget=0, timeout=MAIN_TIMEOUT)
             ack()
             log.error("rare_celery: %s[%s] routed to %s: %s (%s)", getattr(task, "name", "?"), task_id, bugs,
                       reason, why)

@@ -36,7 +36,7 @@ from .message import rebuild, retry_call
 from .policy import BUG, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
 from .request import ENDING, QUEUE
-from .topology import RETURN_EXCHANGE, bug_queue_name, delay_kind
+from .topology import RETURN_EXCHANGE, bug_queue_name, delay_kind, own_kind
 
 log = logging.getLogger(__name__)
 EARLY_SLEEP = 0.02  # a message this close to its due time waits in the worker instead of going round again
@@ -398,7 +398,8 @@ class RareTask(Task):
         def make() -> Copy:
             extra = {**hdr.write(replace(nxt, queue=queue)), **hdr.error(exc)}
             return to_delay(queue, delay, self._kind(queue),
-                            *rebuild(self, args=args, kwargs=kwargs, retries=nxt.number - 1, extra=extra))
+                            *rebuild(self, args=args, kwargs=kwargs, retries=nxt.number - 1, extra=extra),
+                            own_kind=own_kind(self.app))
 
         def store_retry_first() -> None:
             if self._stores_results():
@@ -478,7 +479,8 @@ class RareTask(Task):
             if history:
                 extra[hops.HEADER] = [*history, hops.entry(self.name, queue, reason, state.number, state.first_at,
                                                            time.time())]
-            return to_bugs(bugs, *rebuild(self, args=args, kwargs=kwargs, retries=state.number - 1, extra=extra))
+            return to_bugs(bugs, *rebuild(self, args=args, kwargs=kwargs, retries=state.number - 1, extra=extra),
+                           own_kind(self.app))
 
         def report() -> None:
             log.warning("rare_celery: %s[%s] routed to %s: %s (%s)", self.name, req.id, bugs, reason,
@@ -499,7 +501,7 @@ class RareTask(Task):
         def make() -> Copy:
             extra = {**hdr.write(replace(state, queue=queue)), **self._error_headers(None, keep_error=True)}
             return to_delay(queue, rest, self._kind(queue), *rebuild(self, retries=req.retries or 0, extra=extra),
-                            slack=slack(rest))
+                            slack=slack(rest), own_kind=own_kind(self.app))
 
         def report() -> None:
             events.emit(self, events.WAIT, req.id, due=state.due, queue=queue)

@@ -8,7 +8,7 @@
   ``x-message-ttl = <duration>`` and ``rare.return`` as dead-letter exchange. When a message's
   time is up RabbitMQ dead-letters it there with all its original routing keys: the work queue's name
   and the delay key. Delay queues are shared by all work queues of a vhost. Quorum work queues (and
-  every work queue when the app sets ``rare_delay_queue_type = "quorum"``) use
+  every work queue when the app sets ``rare_queue_type = "quorum"``) use
   ``rare.wait.quorum.<duration>`` (quorum, ``x-overflow=reject-publish``, at-least-once dead-lettering).
 * ``rare.return`` (direct exchange, alternate exchange ``rare.unrouted``): every rare work queue is
   bound to it by its own name, so a due message goes back to the queue it came from. A work queue
@@ -34,14 +34,10 @@ from kombu import Exchange, Queue
 MAX_DELAY_MS = 315_360_000_000  # RabbitMQ's largest TTL: 10 years
 MAX_NAME = 255  # AMQP short string: the longest queue or exchange name, in bytes
 CLASSIC, QUORUM = "classic", "quorum"
-DELAY_TYPE_SETTING = "rare_delay_queue_type"  # app setting: "quorum" puts every delay in quorum queues
+QUEUE_TYPE_SETTING = "rare_queue_type"  # app setting: "quorum" makes every queue rare_celery owns quorum
 DELAY_EXCHANGE = Exchange("rare.delay", type="direct", durable=True)
 UNROUTED_EXCHANGE = Exchange("rare.unrouted", type="fanout", durable=True)
-# Every queue rare_celery owns says its type: a vhost's or node's default queue type must not make a
-# bug queue quorum by accident (on RabbitMQ 4.x a quorum queue drops a message after 20 requeues).
-_CLASSIC_ARGS = {"x-queue-type": "classic"}
-UNROUTED_QUEUE = Queue("rare.unrouted", exchange=UNROUTED_EXCHANGE, routing_key="", durable=True,
-                       queue_arguments=_CLASSIC_ARGS)
+UNROUTED = "rare.unrouted"
 RETURN_EXCHANGE = Exchange("rare.return", type="direct", durable=True,
                            arguments={"alternate-exchange": UNROUTED_EXCHANGE.name})
 BUG_SUFFIX = ".bugs"
@@ -81,7 +77,7 @@ def delay_queue(delay_ms: int, kind: str = CLASSIC) -> Queue:
     rare_celery declares says its type (a vhost's default queue type never decides it)."""
     prefix = "rare.wait" if kind == CLASSIC else "rare.wait.quorum"
     name = f"{prefix}.{duration_label(delay_ms)}"
-    args = {"x-queue-type": "classic", "x-message-ttl": delay_ms, "x-dead-letter-exchange": RETURN_EXCHANGE.name}
+    args = {**_typed(CLASSIC), "x-message-ttl": delay_ms, "x-dead-letter-exchange": RETURN_EXCHANGE.name}
     if kind == QUORUM:
         args.update({
             "x-queue-type": "quorum",
@@ -115,11 +111,36 @@ def is_delay_queue(name: str) -> bool:
     return name.startswith("rare.wait.")
 
 
-def bug_queue(name: str) -> Queue:
-    """A bug queue: a durable classic queue reached through the default exchange, whatever the work
-    queue's kind: people read it, and a classic queue keeps its order and bytes when a message is
-    looked at and put back (a 3.10 quorum queue reorders it and adds ``x-delivery-count``)."""
-    return Queue(name, exchange=Exchange(""), routing_key=name, durable=True, queue_arguments=_CLASSIC_ARGS)
+def bug_queue(name: str, kind: str = CLASSIC) -> Queue:
+    """A bug queue, reached through the default exchange. Classic whatever the work queue's kind
+    (people read it, and a classic queue keeps its order and bytes when a message is looked at and
+    put back; a 3.10 quorum queue reorders it and adds ``x-delivery-count``), unless the app makes
+    every queue of its own quorum (``rare_queue_type``: a classic queue lives on one node)."""
+    return Queue(name, exchange=Exchange(""), routing_key=name, durable=True, queue_arguments=_typed(kind))
+
+
+def unrouted_queue(kind: str = CLASSIC) -> Queue:
+    """``rare.unrouted``: where due messages wait whose work queue is gone (see :func:`bug_queue` for its kind)."""
+    return Queue(UNROUTED, exchange=UNROUTED_EXCHANGE, routing_key="", durable=True, queue_arguments=_typed(kind))
+
+
+def _typed(kind: str) -> dict:
+    """Every queue rare_celery owns says its type: a vhost's or node's default queue type never
+    decides it (on RabbitMQ 4.x a quorum queue drops a message read 20 times; see ``for_broker``)."""
+    return {"x-queue-type": kind}
+
+
+def for_broker(queue: Queue, version: str) -> Queue:
+    """``queue`` as it must be declared on a broker of ``version``: from RabbitMQ 4.0 a quorum queue
+    drops a message after 20 deliveries unless it has no limit (``x-delivery-limit: -1``; on 3.x that
+    value would drop it at the first redelivery). Bug queues and ``rare.unrouted`` are read and put
+    back by people; delay queues never deliver and keep the default."""
+    args = queue.queue_arguments or {}
+    if args.get("x-queue-type") != QUORUM or is_delay_queue(queue.name) or not version[:1].isdigit() \
+            or int(version.split(".")[0]) < 4:
+        return queue
+    return Queue(queue.name, exchange=queue.exchange, routing_key=queue.routing_key, durable=queue.durable,
+                 queue_arguments={**args, "x-delivery-limit": -1})
 
 
 def queue_kind(queue: Queue | None) -> str:
@@ -132,9 +153,17 @@ def queue_kind(queue: Queue | None) -> str:
 
 def delay_kind(app, work_queue: str) -> str:
     """The kind of delay queue a message of ``work_queue`` waits in: quorum for a quorum work queue,
-    and for every work queue when the app sets ``rare_delay_queue_type = "quorum"`` (clusters: a
-    classic delay queue lives on one node)."""
-    if app.conf.get(DELAY_TYPE_SETTING) == QUORUM:
+    and for every work queue when the app sets ``rare_queue_type = "quorum"``."""
+    if own_kind(app) == QUORUM:
         return QUORUM
     return queue_kind(app.amqp.queues.get(work_queue))
 
+
+def own_kind(app) -> str:
+    """The kind of the bug queues and ``rare.unrouted`` of ``app``: classic, or quorum when the app sets
+    ``rare_queue_type = "quorum"`` (the choice for clusters: a classic queue lives on one node, and
+    with that node down nothing can be routed to it)."""
+    return QUORUM if app.conf.get(QUEUE_TYPE_SETTING) == QUORUM else CLASSIC
+
+
+UNROUTED_QUEUE = unrouted_queue()  # classic: the name, and the declaration of apps without rare_queue_type

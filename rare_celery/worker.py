@@ -23,7 +23,7 @@ from .inventory import rare_tasks
 from .policy import REJECTED, UNREGISTERED
 from .publish import main_process, properties_of, send_patiently, to_bugs, to_delay
 from .task import EARLY_SLEEP, is_rare, slack
-from .topology import bug_queue_name, delay_kind, name_problem
+from .topology import bug_queue_name, delay_kind, name_problem, own_kind
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
         wanted = rare_queues(c.app)
         self.queues = {q.name for q in c.task_consumer.queues if q.name in wanted}
         bugs = sorted({b for q in self.queues for b in wanted[q]})
-        declare_worker_topology(c.connection.default_channel, sorted(self.queues), bugs)
+        declare_worker_topology(c.connection, sorted(self.queues), bugs, own_kind(c.app))
         log.info("rare_celery: managing %s", ", ".join(sorted(self.queues)) or "no queue")
 
     def _screen(self, c, task, strategy):
@@ -153,7 +153,7 @@ def wait_more(c, task, message, queue: str | None) -> bool:
     headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue}
     rest = state.due - now
     copy = to_delay(queue, rest, delay_kind(c.app, queue), message.body, hdr.fit(headers),
-                    properties_of(message), slack=slack(rest))
+                    properties_of(message), slack=slack(rest), own_kind=own_kind(c.app))
     try:
         send_patiently(c.app, copy, budget=0, timeout=rare_request.MAIN_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - the pool process tries (and reports) it instead
@@ -222,5 +222,5 @@ def _copy_to_bugs(app, message, queue: str, reason: str, text: str) -> None:
     task = headers.get("task") if isinstance(headers.get("task"), str) else ""
     extra = {**hdr.bug(reason, 0, task), hdr.QUEUE: queue, hdr.PREFIX + "error": text[: hdr.MAX_ERROR]}
     send_patiently(app, to_bugs(bug_queue_name(queue), message.body, hdr.fit({**hdr.carried(headers), **extra}),
-                                properties_of(message)), budget=0, timeout=rare_request.MAIN_TIMEOUT)
+                                properties_of(message), own_kind(app)), budget=0, timeout=rare_request.MAIN_TIMEOUT)
     log.warning("rare_celery: a message on %s went to %s: %s (%s)", queue, bug_queue_name(queue), reason, text)

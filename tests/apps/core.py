@@ -32,7 +32,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if os.environ.get("RARE_TEST_QUORUM_DELAYS") == "1":  # a cluster's choice: every delay in quorum queues
-    app.conf.rare_delay_queue_type = "quorum"
+    app.conf.rare_queue_type = "quorum"
 
 
 def record(kind: str, task_id: str | None, **extra) -> None:

@@ -59,7 +59,7 @@ def test_rare_queues_stay_classic_on_a_quorum_default_vhost(quorum_vhost):
         channel = conn.default_channel
         work = Queue("topology.work", durable=True)  # untyped: the vhost makes it quorum
         work.bind(channel).declare()
-        declare_worker_topology(channel, ["topology.work"], ["topology.work.bugs"])
+        declare_worker_topology(conn, ["topology.work"], ["topology.work.bugs"])
         send(conn.Producer(channel), to_delay("topology.work", 1, CLASSIC, "{}", {}, PROPS))
         assert broker_type(conn, Queue("topology.work", durable=True)) == QUORUM
         assert learn_types(conn, [work]) == ["topology.work"]
@@ -80,8 +80,8 @@ def test_an_untyped_classic_queue_is_found_classic(vhost):
 
 
 def test_quorum_delay_queues_for_a_classic_work_queue(tmp_path):
-    """``rare_delay_queue_type = "quorum"`` (the choice for clusters): a classic work queue's retries
-    wait in quorum delay queues and come back."""
+    """``rare_queue_type = "quorum"`` (the choice for clusters): a classic work queue's retries wait
+    in quorum delay queues and come back; its bug queue and ``rare.unrouted`` are quorum too."""
     v = Vhost()
     env = {"RARE_TEST_BROKER": v.url, "RARE_TEST_DIR": str(tmp_path), "RARE_TEST_QUORUM_DELAYS": "1"}
     worker = Worker("tests.apps.core", ["core"], env, tmp_path, name="quorum-delays").wait_ready()
@@ -93,6 +93,17 @@ def test_quorum_delay_queues_for_a_classic_work_queue(tmp_path):
         found = types(v)
         assert found["core"] == CLASSIC and found["rare.wait.quorum.1s"] == QUORUM
         assert "rare.wait.1s" not in found
+        assert found["core.bugs"] == QUORUM and found[UNROUTED_QUEUE.name] == QUORUM
+        bad = client.send_task("core.buggy", args=["+1"], queue="core")
+        with pytest.raises(Exception, match="invalid phone number"):
+            bad.get(timeout=30)
+        wait_for(lambda: v.queue_stats().get("core.bugs", {}).get("ready") == 1, 30, 0.1, "the bug-queue copy")
+        with Connection(v.url) as conn:  # read by people 25 times (RabbitMQ 4.x's default limit: 20)
+            channel = conn.channel()
+            for _ in range(25):
+                message = wait_for(lambda: channel.basic_get("core.bugs"), 10, 0.01, "the bug-queue copy again")
+                channel.basic_reject(message.delivery_tag, requeue=True)
+        assert v.queue_stats()["core.bugs"]["ready"] == 1
     finally:
         worker.stop()
         v.delete()

@@ -7,7 +7,7 @@ from celery import Celery
 
 from rare_celery.app import check, fold_expires, pickles
 from rare_celery.exceptions import ConfigurationError
-from rare_celery.topology import CLASSIC, QUORUM, delay_kind
+from rare_celery.topology import CLASSIC, QUORUM, bug_queue, delay_kind, for_broker, own_kind
 
 
 @pytest.mark.parametrize("setting", [["json", "pickle"], ["application/x-python-serialize"], "pickle",
@@ -42,9 +42,18 @@ def test_delay_queue_type_setting_is_checked_and_makes_every_delay_quorum():
     app = Celery("t", broker="amqp://nowhere//", set_as_current=False)
     app.conf.task_queues = []
     assert delay_kind(app, "sms") == CLASSIC
-    app.conf.rare_delay_queue_type = "quorum"
+    app.conf.rare_queue_type = "quorum"
     check(app)
-    assert delay_kind(app, "sms") == QUORUM
-    app.conf.rare_delay_queue_type = "fast"
-    with pytest.raises(ConfigurationError, match="rare_delay_queue_type is 'fast'; set it to 'quorum'"):
+    assert delay_kind(app, "sms") == QUORUM and own_kind(app) == QUORUM
+    app.conf.rare_queue_type = "fast"
+    with pytest.raises(ConfigurationError, match="rare_queue_type is 'fast'; set it to 'quorum'"):
         check(app)
+
+
+def test_quorum_bug_queues_have_no_delivery_limit_on_rabbitmq_4_only():
+    """4.x drops a quorum queue's message after 20 deliveries (measured: read 21 times, gone); on
+    3.10, x-delivery-limit -1 drops it at the first redelivery (measured), and there is no default."""
+    queue = bug_queue("sms.bugs", QUORUM)
+    assert for_broker(queue, "4.0.5").queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": -1}
+    assert for_broker(queue, "3.10.8") is queue and for_broker(queue, "") is queue
+    assert for_broker(bug_queue("sms.bugs"), "4.0.5").queue_arguments == {"x-queue-type": "classic"}
