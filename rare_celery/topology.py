@@ -116,12 +116,19 @@ def bug_queue(name: str, kind: str = CLASSIC) -> Queue:
     (people read it, and a classic queue keeps its order and bytes when a message is looked at and
     put back; a 3.10 quorum queue reorders it and adds ``x-delivery-count``), unless the app makes
     every queue of its own quorum (``rare_queue_type``: a classic queue lives on one node)."""
-    return Queue(name, exchange=Exchange(""), routing_key=name, durable=True, queue_arguments=_typed(kind))
+    return _read_by_people(Queue(name, exchange=Exchange(""), routing_key=name, durable=True,
+                                 queue_arguments=_typed(kind)))
 
 
 def unrouted_queue(kind: str = CLASSIC) -> Queue:
     """``rare.unrouted``: where due messages wait whose work queue is gone (see :func:`bug_queue` for its kind)."""
-    return Queue(UNROUTED, exchange=UNROUTED_EXCHANGE, routing_key="", durable=True, queue_arguments=_typed(kind))
+    return _read_by_people(Queue(UNROUTED, exchange=UNROUTED_EXCHANGE, routing_key="", durable=True,
+                                 queue_arguments=_typed(kind)))
+
+
+def _read_by_people(queue: Queue) -> Queue:
+    queue.rare_read_by_people = True  # see for_broker
+    return queue
 
 
 def _typed(kind: str) -> dict:
@@ -136,9 +143,9 @@ def for_broker(queue: Queue, version: str) -> Queue:
     value would drop it at the first redelivery). Bug queues and ``rare.unrouted`` are read and put
     back by people; delay queues never deliver and keep the default."""
     args = queue.queue_arguments or {}
-    if args.get("x-queue-type") != QUORUM or is_delay_queue(queue.name) or not version[:1].isdigit() \
-            or int(version.split(".")[0]) < 4:
-        return queue
+    if args.get("x-queue-type") != QUORUM or not getattr(queue, "rare_read_by_people", False) \
+            or not version[:1].isdigit() or int(version.split(".")[0]) < 4:
+        return queue  # work queues are the app's to declare, delay queues never deliver
     return Queue(queue.name, exchange=queue.exchange, routing_key=queue.routing_key, durable=queue.durable,
                  queue_arguments={**args, "x-delivery-limit": -1})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from celery import Celery
+from kombu import Queue
 
 from rare_celery.app import check, fold_expires, pickles
 from rare_celery.exceptions import ConfigurationError
@@ -57,3 +58,5 @@ def test_quorum_bug_queues_have_no_delivery_limit_on_rabbitmq_4_only():
     assert for_broker(queue, "4.0.5").queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": -1}
     assert for_broker(queue, "3.10.8") is queue and for_broker(queue, "") is queue
     assert for_broker(bug_queue("sms.bugs"), "4.0.5").queue_arguments == {"x-queue-type": "classic"}
+    work = Queue("sms", queue_arguments={"x-queue-type": "quorum"})  # the app's own: declared as it says
+    assert for_broker(work, "4.0.5") is work
