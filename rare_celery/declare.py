@@ -70,13 +70,14 @@ def broker_type(connection, queue: Queue) -> str | None:
 
 
 def learn_types(connection, queues: list[Queue]) -> list[str]:
-    """Write the type the broker reports into each untyped work queue's declaration (Celery then
+    """Write the type the broker reports, when not classic, into each untyped work queue's declaration
+    (an untyped classic queue stays as the app declares it; Celery then
     consumes a quorum queue without global QoS, and rare_celery picks quorum delay queues for it).
     Returns the names of the quorum queues among ``queues``."""
     quorum = []
     for queue in queues:
         kind = broker_type(connection, queue)
-        if kind and not (queue.queue_arguments or {}).get("x-queue-type"):
+        if kind and kind != "classic" and not (queue.queue_arguments or {}).get("x-queue-type"):
             queue.queue_arguments = {**(queue.queue_arguments or {}), "x-queue-type": kind}
         if kind == QUORUM:
             quorum.append(queue.name)

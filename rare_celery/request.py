@@ -125,6 +125,15 @@ class RareRequest(Request):
         self.rare_queue = (message.delivery_info or {}).get(QUEUE)
         self._delivery_info[QUEUE] = self.rare_queue  # for the pool process (request.delivery_info)
 
+    def info(self, safe=False):
+        """Celery's view of the request (``celery inspect active``/``query_task``), without the
+        delivering queue rare_celery passes to the pool process in ``delivery_info``."""
+        out = super().info(safe)
+        delivery = out.get("delivery_info")
+        if isinstance(delivery, dict) and QUEUE in delivery:
+            out["delivery_info"] = {k: v for k, v in delivery.items() if k != QUEUE}
+        return out
+
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         if self.rare_done:
             return None

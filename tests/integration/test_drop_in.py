@@ -9,7 +9,7 @@ import pytest
 from celery import chord
 
 from rare_celery.task import is_rare
-from tests.support import Worker, app_module, restore_env
+from tests.support import Worker, app_module, restore_env, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,17 @@ def test_builtin_tasks_keep_celerys_behaviour(drop_in):
     assert drop_in.app.tasks["celery.chord_unlock"].max_retries is None
     result = chord([drop_in.slow_add.s(1, 7), drop_in.slow_add.s(2, 0)])(drop_in.total.s())
     assert result.get(timeout=40) == 3
+
+
+def test_inspect_active_shows_celerys_own_fields(drop_in):
+    """``celery inspect active``: the request as Celery shows it (rare_celery's bookkeeping kept out of
+    ``delivery_info``); ``acknowledged`` is False: RareTask acks late (a documented difference)."""
+    result = drop_in.slow_add.delay(5, 3)
+
+    def active():
+        replies = drop_in.app.control.inspect(timeout=1).active() or {}
+        return next((r for rs in replies.values() for r in rs if r["id"] == result.id), None)
+    request = wait_for(active, 20, 0.2, "the task in inspect active")
+    assert request["name"] == "dropin.slow_add" and request["acknowledged"] is False
+    assert "rare_queue" not in request["delivery_info"] and request["delivery_info"]["routing_key"] == "dropin"
+    assert result.get(timeout=20) == 5
