@@ -142,8 +142,8 @@ class RareTask(Task):
         super().__init_subclass__(**kwargs)
         if str(cls.__dict__.get("name") or "").startswith("celery."):  # a built-in made from task_cls
             for attr in _CELERYS_OWN:
-                if attr not in cls.__dict__:
-                    setattr(cls, attr, Task.__dict__[attr])
+                if attr not in cls.__dict__:  # Celery 5.4 has no acks_on_failure: None, as unset
+                    setattr(cls, attr, Task.__dict__.get(attr))
             cls.rare_policy = None
             return
         cls.rare_policy = Policy.build(cls._owner(), *(getattr(cls, k) for k in _OVERRIDABLE))
