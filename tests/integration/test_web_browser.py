@@ -126,7 +126,8 @@ def test_find_filter_open_and_requeue_in_a_browser(vhost, browser, console, work
     task_box.clear()
     task_box.send_keys("web.rec*")
     d.find_element(By.ID, "apply-filter").click()
-    wait_for(lambda: "task web.rec*" in d.find_element(By.ID, "matching").text, 20, 0.1, "the filter")
+    wait_for(lambda: "task web.rec*" in (now(By.ID, "matching", lambda e: e.text) or ""), 20, 0.1,
+             "the filter")  # the filtered page replaces the one the click was on
     shown = [row.get_attribute("data-task") for row in d.find_elements(By.CSS_SELECTOR, "tr.message-row")]
     assert shown == ["web.record"] * 4
     shot(d, "queue")
