@@ -28,7 +28,7 @@ test-rabbitmq4: $(TOOLS)/bin/tox
 # The core tests, unchanged, on a vhost whose default queue type is quorum (as Amazon MQ 4.2 makes them).
 test-quorum-vhost: $(TOOLS)/bin/tox
 	RARE_TEST_DEFAULT_QUEUE_TYPE=quorum $(TOOLS)/bin/tox -e celery57 -- tests/integration/test_core.py \
-		tests/integration/test_chains.py tests/integration/test_topology.py
+		tests/integration/test_chains.py
 
 lint: $(TOOLS)/bin/tox
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from rare_celery import HopLimit, NoHandler
-from tests.support import Worker, wait_for
+from rare_celery.topology import delay_queue
+from tests.support import UNTYPED_KIND, Worker, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +111,14 @@ def test_delayed_start_waits_in_the_broker_never_early(chains, events, vhost):
     soon = chains.later.apply_async(("soon",), countdown=1.5)
     at = chains.later.apply_async(("at",), eta=datetime.now(timezone.utc) + timedelta(seconds=1.25))
 
+    minute, month = (delay_queue(ms, UNTYPED_KIND).name for ms in (90_000, 30 * 86_400_000))
+
     def parked():
         stats = vhost.queue_stats()
-        return (stats.get("rare.wait.90s", {}).get("ready") == 1 and stats.get("rare.wait.30d", {}).get("ready") == 1
+        return (stats.get(minute, {}).get("ready") == 1 and stats.get(month, {}).get("ready") == 1
                 and stats["chains.later"]["unacked"] == 0
                 and stats["chains.later"]["ready"] == 0)
-    wait_for(parked, 10, 0.2, "the 90 s start to wait in rare.wait.90s with nothing unacked")
+    wait_for(parked, 20, 0.2, f"the 90 s start to wait in {minute} with nothing unacked")
 
     assert soon.get(timeout=10) == "soon"
     assert at.get(timeout=10) == "at"
