@@ -56,6 +56,14 @@ def script(*args: str, timeout: float = 300) -> str:
     return out.stdout
 
 
+# rabbitmqctl eval: move a quorum queue's leader to another running member (RabbitMQ 3.10 has no CLI for it)
+_MOVE_LEADER = (
+    '{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"%(vhost)s">>, queue, <<"%(queue)s">>)), '
+    '{_, Leader} = amqqueue:get_pid(Q), '
+    '[To | _] = [N || N <- rabbit_quorum_queue:get_replicas(Q), N =/= Leader, lists:member(N, [%(live)s])], '
+    'rabbit_quorum_queue:transfer_leadership(Q, To).')
+
+
 class Cluster:
     """The three nodes, as the tests use them: rabbitmqctl on a running node, one node stopped and
     started again, failover URLs that start at a running node."""
@@ -99,6 +107,29 @@ class Cluster:
                 name, kind, leader, pid = parts
                 found[name] = node_of(leader if kind == "quorum" else pid) or "?"
         return found
+
+    def held_by_dead_letter_worker(self, vhost: str) -> dict[str, int]:
+        """Quorum queue -> messages it holds that are neither ready nor unacked: due messages its
+        at-least-once dead-letter worker has not forwarded yet (list_queues figures lag up to 5 s). A
+        passive declare or a consumer never sees them; see docs/operations.md, "Due retries held by the
+        broker"."""
+        out = self.ctl("list_queues", "-p", vhost, "--no-table-headers", "name", "type", "messages",
+                       "messages_ready", "messages_unacknowledged")
+        held = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 5 and parts[1] == "quorum" and all(p.isdigit() for p in parts[2:]):
+                n = int(parts[2]) - int(parts[3]) - int(parts[4])
+                if n > 0:
+                    held[parts[0]] = n
+        return held
+
+    def move_leader(self, vhost: str, queue: str) -> str:
+        """Move a quorum queue's leader to another running member (what docs/operations.md tells an
+        operator to do when its dead-letter worker holds due messages): the new leader starts a new
+        worker, which forwards them. The answer, ``{migrated,'rabbit-c@localhost'}`` when it moved."""
+        live = ",".join(f"'{node_name(n)}'" for n in self.up())
+        return self.ctl("eval", _MOVE_LEADER % {"vhost": vhost, "queue": queue, "live": live}).strip()
 
     def leader(self, vhost: str, queue: str) -> str:
         node = self.placement(vhost).get(queue)
