@@ -8,7 +8,7 @@ The tasks are tests/apps/faults.py's (``faults.<kind>.work`` / ``doomed`` / ``re
 drawn from tests.support.PLANS: 40 % succeed, 25 % fail 1 or 2 times then succeed, 10 % always fail
 (bug queue, ``exhausted`` after 4 attempts), 10 % raise Bug (bug queue at once), 15 % fail twice and fall
 back to another task on another queue, which succeeds. Retries wait 0.5, 1.25 (off the delay grid: a second
-hop through ``rare.wait.50ms``) and 2 s. Each queue type gets a fresh vhost and two ``celery worker -c 1``
+round through ``rare.wait.50ms``) and 2 s. Each queue type gets a fresh vhost and two ``celery worker -c 1``
 processes, started before the jobs are published (all of them at once, with confirms).
 
 Conservation: every job ends in exactly one place (its own success record, or a bug queue with a reason

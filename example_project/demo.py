@@ -244,7 +244,7 @@ def _run(app, service, worker, started, options) -> int:
 
     for command in (["inspect-bugs"], ["status"]):
         print(f"\n$ rare-celery -A example_project {' '.join(command)}")
-        subprocess.run([sys.executable, "-m", "rare_celery.cli", "-A", "example_project", *command],
+        subprocess.run([sys.executable, "-m", "rare_celery.tools.cli", "-A", "example_project", *command],
                        cwd=ROOT, check=False)
     return _summary(labels, timeline, service, started, options)
 

@@ -44,10 +44,14 @@ MAX_DELAY = 315_360_000.0  # seconds: RabbitMQ's largest TTL, the longest wait a
 MAX_DEPTH = 32  # lists and tables in headers nest at most this deep (rare_celery's own: 2)
 _EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
 MAX_SKEW = 3600.0  # a first-at this far ahead of the worker's clock is nonsense, not clock skew
+# Every x-rare-* key, named once (the table above says what each means).
 ATTEMPT, FIRST_AT, DEADLINE, DUE, QUEUE = (PREFIX + k for k in ("attempt", "first-at", "deadline", "due", "queue"))
 DELIVERIES, RETURNED, REQUEUED = PREFIX + "deliveries", PREFIX + "returned", PREFIX + "requeued"
-TRAVELS = PREFIX + "hops"  # see rare_celery.hops
-ERROR = (PREFIX + "exception", PREFIX + "error", PREFIX + "traceback")
+HOPS = PREFIX + "hops"  # the hop history, see rare_celery.hops
+EXCEPTION, ERROR, TRACEBACK = PREFIX + "exception", PREFIX + "error", PREFIX + "traceback"
+REASON, ATTEMPTS, FAILED_AT, TASK = (PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))
+LAST_ERROR = (EXCEPTION, ERROR, TRACEBACK)
+BUG_ONLY = (REASON, ATTEMPTS, FAILED_AT, TASK)  # written when a message goes to a bug queue
 DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
          "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
@@ -85,9 +89,9 @@ def read(headers: Mapping | None, now: float | None = None) -> Attempt:
     """Read the attempt state from a message's headers; raise :class:`HeaderError` on nonsense."""
     headers = headers or {}
     now = time.time() if now is None else now
-    queue = headers.get(PREFIX + "queue")
+    queue = headers.get(QUEUE)
     if queue is not None and (not isinstance(queue, str) or not 0 < len(queue) <= 255):
-        raise HeaderError(f"header {PREFIX}queue has an invalid value {_clip(repr(queue), 80)}")
+        raise HeaderError(f"header {QUEUE} has an invalid value {_clip(repr(queue), 80)}")
     first_at = _number(headers, FIRST_AT, 0, now + MAX_SKEW)
     deadline = _number(headers, DEADLINE, 0, _EPOCH_MAX)
     due = _number(headers, DUE, 0, now + MAX_DELAY + MAX_SKEW)
@@ -110,10 +114,10 @@ def deliveries(headers: Mapping | None) -> int:
 
 def write(attempt: Attempt) -> dict:
     """Headers that carry ``attempt`` on the next publish."""
-    out = {PREFIX + "attempt": attempt.number, PREFIX + "first-at": attempt.first_at}
-    for key, value in (("deadline", attempt.deadline), ("due", attempt.due), ("queue", attempt.queue)):
+    out = {ATTEMPT: attempt.number, FIRST_AT: attempt.first_at}
+    for key, value in ((DEADLINE, attempt.deadline), (DUE, attempt.due), (QUEUE, attempt.queue)):
         if value is not None:
-            out[PREFIX + key] = value
+            out[key] = value
     return out
 
 
@@ -126,21 +130,13 @@ def error(exc: BaseException | None) -> dict:
     message = _clip(str(exc), MAX_ERROR)
     last = f"{name}: {message}\n"
     frames = "".join(tb.format_tb(exc.__traceback__))[-(MAX_TRACEBACK - min(len(last), MAX_TRACEBACK // 2)):]
-    return {
-        PREFIX + "exception": name,
-        PREFIX + "error": message,
-        PREFIX + "traceback": (frames + last)[-MAX_TRACEBACK:],
-    }
+    return {EXCEPTION: name, ERROR: message, TRACEBACK: (frames + last)[-MAX_TRACEBACK:]}
 
 
 def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict:
     """The headers a message gets when it is routed to the bug queue."""
-    return {
-        PREFIX + "reason": reason,
-        PREFIX + "attempts": attempts,
-        PREFIX + "failed-at": time.time() if now is None else now,
-        PREFIX + "task": _clip(task or "", 255),
-    }
+    return {REASON: reason, ATTEMPTS: attempts, FAILED_AT: time.time() if now is None else now,
+            TASK: _clip(task or "", 255)}
 
 
 def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
@@ -151,9 +147,9 @@ def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
         return headers
     out = {k: (f"<dropped by rare_celery: nested deeper than {MAX_DEPTH}>" if too_deep(v, MAX_DEPTH - 1) else v)
            for k, v in headers.items()}
-    out.pop(PREFIX + "traceback", None)
-    if PREFIX + "error" in out:
-        out[PREFIX + "error"] = _clip(str(out[PREFIX + "error"]), 200)
+    out.pop(TRACEBACK, None)
+    if ERROR in out:
+        out[ERROR] = _clip(str(out[ERROR]), 200)
     for key in sorted(out, key=lambda k: _size(out[k]), reverse=True):
         if _size(out) <= budget:
             break
@@ -189,7 +185,7 @@ def carried(headers: Mapping | None) -> dict:
     without rare_celery's per-attempt headers, RabbitMQ's dead-letter bookkeeping and kombu's
     ``compression`` (a copy's body is serialized again, uncompressed)."""
     return {k: v for k, v in (headers or {}).items()
-            if (k == TRAVELS or not k.startswith(PREFIX)) and k not in DEATH and k not in ("BCC", "compression")}
+            if (k == HOPS or not k.startswith(PREFIX)) and k not in DEATH and k not in ("BCC", "compression")}
 
 
 def _clip(text: str, limit: int) -> str:

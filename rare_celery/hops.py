@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import headers
-
-HEADER = headers.TRAVELS
 MAX_HOPS = 10
+MAX_HOPS_LIMIT = 40  # the largest max_hops a task may set (the history travels in every copy)
 _FIELD = 200
 
 
@@ -25,7 +23,7 @@ def read(value: object) -> list[dict]:
     """The history a message carries; anything malformed is dropped, not trusted."""
     if not isinstance(value, (list, tuple)):
         return []
-    return [dict(e) for e in value[: MAX_HOPS * 4] if isinstance(e, dict) and isinstance(e.get("task"), str)]
+    return [dict(e) for e in value[: MAX_HOPS_LIMIT + 1] if isinstance(e, dict) and isinstance(e.get("task"), str)]
 
 
 def refusal(history: Sequence[dict], target: str, max_hops: int) -> str | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .hops import MAX_HOPS
 from .policy import Policy
-from .topology import bug_queue_name, delay_kind
+from .topology import RETURN_EXCHANGE, bug_queue_name, delay_kind
 
 
 @dataclass(frozen=True)
@@ -35,17 +35,27 @@ class RareTaskInfo:
         return [(self.name, self.policy)]
 
 
+def is_rare(task) -> bool:
+    """Whether ``task`` is a RareTask that retries through delay queues: it has a rare policy (Celery's
+    built-ins made from a RareTask ``task_cls`` have none, and keep Celery's behaviour)."""
+    return getattr(task, "rare_policy", None) is not None
+
+
+def target_queue(app, name: str, task):
+    """The kombu Queue a message of task ``name`` goes to: the task's ``queue``, or Celery's routing
+    (``task_routes``). The one place rare_celery asks Celery's router."""
+    wanted = {"queue": task.queue} if getattr(task, "queue", None) else {}
+    return app.amqp.router.route(wanted, name, task_type=task)["queue"]
+
+
 def rare_tasks(app) -> list[RareTaskInfo]:
     """Every RareTask of ``app``, by name, with the queue Celery's router gives it."""
-    from .task import is_rare
-
     out = []
     for task in sorted(app.tasks.values(), key=lambda t: t.name):
         if not is_rare(task):
             continue
         try:
-            options = {"queue": task.queue} if getattr(task, "queue", None) else {}
-            queue = app.amqp.router.route(options, task.name, task_type=task)["queue"].name
+            queue = target_queue(app, task.name, task).name
         except Exception:  # noqa: BLE001 - a route Celery cannot resolve fails at publish, not here
             queue = getattr(task, "queue", None) or app.conf.task_default_queue
         kind = delay_kind(app, queue)
@@ -53,11 +63,36 @@ def rare_tasks(app) -> list[RareTaskInfo]:
     return out
 
 
-def task_name(app, target: object) -> str:
-    """A fallback (a task name, task or task class) as the name the worker hops to."""
-    from .task import _task_name
+def resolve_task_name(app, target: object) -> str:
+    """A fallback or hop target as a task name: a name, a task, or a task class registered in ``app``;
+    ``ValueError`` when it is none of them."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, type):
+        found = [t.name for t in app.tasks.values() if type(t) is target]
+        if found:
+            return found[0]
+    name = getattr(target, "name", None)
+    if not name:
+        raise ValueError(f"cannot hop to {target!r}: not a task name and not registered in {app.main!r}")
+    return name
 
+
+def task_name(app, target: object) -> str:
+    """A fallback as the name the worker hops to, for display (``repr`` when it names no task)."""
     try:
-        return _task_name(app, target)
+        return resolve_task_name(app, target)
     except ValueError:
         return repr(target)
+
+
+def work_queue_of(task, delivery_info) -> str:
+    """The queue a delivery's exchange and routing key lead to, when the worker did not say."""
+    info = delivery_info or {}
+    exchange, key = info.get("exchange"), info.get("routing_key")
+    if exchange in ("", RETURN_EXCHANGE.name) and key:
+        return key
+    for q in task.app.amqp.queues.values():
+        if q.exchange is not None and q.exchange.name == exchange and q.routing_key == key:
+            return q.name
+    return getattr(task, "queue", None) or task.app.conf.task_default_queue

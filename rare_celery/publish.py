@@ -158,9 +158,9 @@ def _prepare(producer, copy: Copy) -> None:
         if hash(entity) not in done:
             (for_broker(entity, version) if isinstance(entity, Queue) else entity).bind(channel).declare()
             done.add(hash(entity))
-    if copy.returns_to is not None and ("rare.return", copy.returns_to) not in done:
+    if copy.returns_to is not None and (RETURN_EXCHANGE.name, copy.returns_to) not in done:
         bind_return(channel, copy.returns_to)
-        done.add(("rare.return", copy.returns_to))
+        done.add((RETURN_EXCHANGE.name, copy.returns_to))
 
 
 def _forget(producer) -> None:

@@ -47,6 +47,7 @@ from celery.worker.state import task_ready
 from . import events, hops, signals
 from . import headers as hdr
 from .exceptions import Ended, PublishRefused, RoutingFailed, WorkerLost
+from .inventory import resolve_task_name, target_queue, work_queue_of
 from .policy import REJECTED, TIME_LIMIT, UNROUTABLE, WORKER_LOST, HopTo, RetryIn
 from .publish import Copy, properties_of, send_patiently, to_bugs, to_delay, to_queue
 from .topology import bug_queue_name, delay_kind, own_kind
@@ -211,8 +212,6 @@ class RareRequest(Request):
                      ack=self.acknowledge, requeue=lambda: self.reject(requeue=True))
 
     def _route_lost(self, exc: Exception, reason: str) -> None:
-        from .task import work_queue_of
-
         task, message, now = self.task, self._message, time.time()
         queue = self.rare_queue or work_queue_of(task, message.delivery_info)
         headers = raw_headers(message)
@@ -228,7 +227,7 @@ class RareRequest(Request):
             state = replace(state, deadline=policy.deadline(state.first_at))
         if reason == WORKER_LOST:
             exc = WorkerLost(f"attempt {state.number} was never acked: its pool process died ({exc})")
-        decision = policy.after_loss(state.number, now, state.deadline, reason)
+        decision = policy.after_loss(state, now=now, reason=reason)
         if isinstance(decision, RetryIn):
             return self._send_retry(decision.delay, exc, state, queue, headers)
         if isinstance(decision, HopTo):
@@ -258,15 +257,13 @@ class RareRequest(Request):
                                          exception=exc)
 
     def _send_hop(self, decision: HopTo, state: hdr.Attempt, queue: str, headers: dict) -> None:
-        from .task import _target_queue, _task_name  # the task module imports this one
-
         task, now = self.task, time.time()
-        name = _task_name(task.app, decision.target)
-        history = [*hops.read(headers.get(hops.HEADER)),
+        name = resolve_task_name(task.app, decision.target)
+        history = [*hops.read(headers.get(hdr.HOPS)),
                    hops.entry(task.name, queue, decision.reason, state.number, state.first_at, now)]
-        dest = _target_queue(task.app, name, task.app.tasks.get(name))
+        dest = target_queue(task.app, name, task.app.tasks.get(name))
         new = {**_without_attempt(headers), **hdr.write(hdr.Attempt(1, now, queue=dest.name)),
-               hops.HEADER: history, "task": name, "retries": 0}
+               hdr.HOPS: history, "task": name, "retries": 0}
         with _best_effort("store HOPPED"):
             if self.store_errors:
                 task.backend.store_result(self.id, {"hopped_to": name, "queue": dest.name, "reason": decision.reason,
@@ -371,7 +368,7 @@ def raw_headers(message) -> dict:
 
 def _without_attempt(headers: dict) -> dict:
     """Headers that travel to the next attempt: rare_celery's per-attempt ones go (they are rewritten)."""
-    return {k: v for k, v in headers.items() if k == hops.HEADER or not k.startswith(hdr.PREFIX)}
+    return {k: v for k, v in headers.items() if k == hdr.HOPS or not k.startswith(hdr.PREFIX)}
 
 
 def _succeeded(task, task_id: str) -> bool:

@@ -31,22 +31,17 @@ from celery.exceptions import Ignore, Reject, Retry
 from . import backoff as _backoff
 from . import events, hops, signals
 from . import headers as hdr
+from .app import setup_app
 from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, RoutingFailed
+from .inventory import resolve_task_name, target_queue, work_queue_of
 from .message import rebuild, retry_call
-from .policy import BUG, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn
+from .policy import BUG, EARLY_SLEEP, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn, slack
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
-from .request import ENDING, QUEUE
-from .topology import RETURN_EXCHANGE, bug_queue_name, delay_kind, own_kind
+from .request import ENDING, QUEUE, guard_tracer
+from .topology import bug_queue_name, delay_kind, name_problem, own_kind
+from .worker import RareConsumerStep
 
 log = logging.getLogger(__name__)
-EARLY_SLEEP = 0.02  # a message this close to its due time waits in the worker instead of going round again
-
-
-def slack(rest: float) -> float:
-    """How late an early arrival may come back to save a round through one more delay queue: 1% of
-    the rest, between 20 ms and 1 s (a 90 s start seen 10 ms after its publish waits in rare.wait.90s
-    and runs 10 ms late, instead of 89 s in rare.wait.89s and again 990 ms in rare.wait.990ms)."""
-    return min(max(EARLY_SLEEP, rest / 100), 1.0)
 ROUTING_PAUSE = 1.0  # after a failed ending, before the message is put back: never a hot loop
 HOPPED = "HOPPED"  # result state of a task whose work moved on (not ready: .get() waits for the target)
 _OVERRIDABLE = ("max_attempts", "backoff", "expires_in", "retry_on", "fallback")
@@ -95,9 +90,20 @@ _CELERYS_OWN = ("__call__", "apply_async", "retry", "__trace__", "backend", "Req
                 "retry_on_worker_lost", "serializer", "max_retries")
 
 
-def is_rare(task) -> bool:
-    """Whether ``task`` is a RareTask that retries through delay queues (not one of Celery's built-ins)."""
-    return isinstance(task, RareTask) and task.rare_policy is not None
+def _check_routing(owner: str, bug_queue: object, max_hops: object, dispatch_on: object) -> None:
+    """``bug_queue``, ``max_hops`` and ``dispatch_on``, checked when the class is defined (the other
+    options are checked by :meth:`Policy.build`); ``ValueError`` names the task and the option."""
+    problem = None
+    if bug_queue is not None:
+        problem = name_problem(bug_queue)
+        problem = problem and f"bug_queue: {problem}"
+    if problem is None and (not isinstance(max_hops, int) or isinstance(max_hops, bool)
+                            or not 0 <= max_hops <= hops.MAX_HOPS_LIMIT):
+        problem = f"max_hops must be a whole number from 0 to {hops.MAX_HOPS_LIMIT}, got {max_hops!r:.80}"
+    if problem is None and dispatch_on is not None and (not isinstance(dispatch_on, str) or not dispatch_on):
+        problem = f"dispatch_on must be a payload key (a non-empty string) or None, got {dispatch_on!r:.80}"
+    if problem:
+        raise ValueError(f"{owner}: {problem}")
 
 
 class RareTask(Task):
@@ -135,7 +141,8 @@ class RareTask(Task):
     retry_on_worker_lost = False  # Celery 5.7's own ETA retry on worker loss: not for RareTask
     serializer = "json"
     max_retries = None  # attempts are counted by rare_celery, not by Celery's retries
-    rare_policy: Policy | None = Policy.build("RareTask", 5, backoff, None, (Exception,))
+    rare_policy: Policy | None = Policy.build("RareTask", max_attempts=5, backoff=backoff, expires_in=None,
+                                              retry_on=(Exception,))
     handlers: ClassVar[dict[str, Handler]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -146,7 +153,8 @@ class RareTask(Task):
                     setattr(cls, attr, Task.__dict__.get(attr))
             cls.rare_policy = None
             return
-        cls.rare_policy = Policy.build(cls._owner(), *(getattr(cls, k) for k in _OVERRIDABLE))
+        cls.rare_policy = Policy.build(cls._owner(), **{k: getattr(cls, k) for k in _OVERRIDABLE})
+        _check_routing(cls._owner(), cls.bug_queue, cls.max_hops, cls.dispatch_on)
         cls.handlers = dict(cls.handlers)
 
     @classmethod
@@ -164,7 +172,7 @@ class RareTask(Task):
             raise ValueError(f"{cls._owner()}.handler({key!r}): unknown option(s) {sorted(unknown)}; "
                              f"handlers may set {', '.join(_OVERRIDABLE)}")
         settings = {k: overrides.get(k, getattr(cls, k)) for k in _OVERRIDABLE}
-        policy = Policy.build(f"{cls._owner()}[{key}]", *settings.values())
+        policy = Policy.build(f"{cls._owner()}[{key}]", **settings)
 
         def register(fn: Callable) -> Callable:
             cls.handlers[key] = Handler(key, fn, policy)
@@ -173,9 +181,7 @@ class RareTask(Task):
 
     @classmethod
     def bind(cls, app):
-        from .app import setup_app
-
-        setup_app(app)
+        setup_app(app, RareConsumerStep)
         return super().bind(app)
 
     # -- the pool process's tracer, guarded (see rare_celery.request) -----------------------------
@@ -186,8 +192,6 @@ class RareTask(Task):
 
     @__trace__.setter
     def __trace__(self, tracer):
-        from .request import guard_tracer
-
         self.__dict__["_rare_tracer"] = None if tracer is None else guard_tracer(tracer)
 
     @property
@@ -334,8 +338,7 @@ class RareTask(Task):
         try:
             self._ended_before()
             current = getattr(req, "rare_current", None) or Current(hdr.read(req.headers), self.rare_policy)
-            decision = current.policy.decide(current.attempt.number, exc, now, current.attempt.deadline,
-                                             countdown, limit)
+            decision = current.policy.decide(current.attempt, exc=exc, now=now, countdown=countdown, max_attempts=limit)
             if not isinstance(decision, RetryIn):
                 if exc is None:
                     exc = (Expired if decision.reason == EXPIRED else Exhausted)(
@@ -438,11 +441,11 @@ class RareTask(Task):
         req, now, state = self.request, time.time(), current.attempt
         queue = self._work_queue()
         try:
-            name = _task_name(self.app, target)
-            dest = _target_queue(self.app, name, self.app.tasks.get(name))
+            name = resolve_task_name(self.app, target)
+            dest = target_queue(self.app, name, self.app.tasks.get(name))
         except Exception as exc:  # noqa: BLE001 - a fallback or Hop that leads nowhere is a bug, not a loop
             self._to_bugs(BUG, Bug(f"{self.name}[{req.id}] cannot hop to {target!r}: {exc}"), current, args, kwargs)
-        history = [*hops.read((req.headers or {}).get(hops.HEADER)),
+        history = [*hops.read((req.headers or {}).get(hdr.HOPS)),
                    hops.entry(self.name, queue, reason, state.number, state.first_at, now)]
         refused = hops.refusal(history, name, self.max_hops)
         if refused:
@@ -450,7 +453,7 @@ class RareTask(Task):
                           current, args, kwargs)
 
         def make() -> Copy:
-            extra = {**hdr.write(hdr.Attempt(1, now, queue=dest.name)), hops.HEADER: history}
+            extra = {**hdr.write(hdr.Attempt(1, now, queue=dest.name)), hdr.HOPS: history}
             return to_queue(dest, *rebuild(self, name=name, args=args, kwargs=kwargs, retries=0, extra=extra))
 
         def store_hopped_first() -> None:  # the target may finish (and store SUCCESS) before this run ends
@@ -475,9 +478,9 @@ class RareTask(Task):
         def make() -> Copy:
             extra = {**hdr.write(replace(state, due=None, queue=queue)), **self._error_headers(exc, keep_error),
                      **hdr.bug(reason, state.number, self.name)}
-            history = hops.read((req.headers or {}).get(hops.HEADER))
+            history = hops.read((req.headers or {}).get(hdr.HOPS))
             if history:
-                extra[hops.HEADER] = [*history, hops.entry(self.name, queue, reason, state.number, state.first_at,
+                extra[hdr.HOPS] = [*history, hops.entry(self.name, queue, reason, state.number, state.first_at,
                                                            time.time())]
             return to_bugs(bugs, *rebuild(self, args=args, kwargs=kwargs, retries=state.number - 1, extra=extra),
                            own_kind(self.app))
@@ -512,7 +515,7 @@ class RareTask(Task):
 
     def _error_headers(self, exc, keep_error: bool) -> dict:
         """The new error's headers; with ``keep_error``, the message's last error where there is none."""
-        kept = {k: v for k, v in (self.request.headers or {}).items() if k in hdr.ERROR} if keep_error else {}
+        kept = {k: v for k, v in (self.request.headers or {}).items() if k in hdr.LAST_ERROR} if keep_error else {}
         return {**kept, **hdr.error(exc)}
 
     def _work_queue(self) -> str:
@@ -582,7 +585,7 @@ class RareTask(Task):
                 exc = error
                 if isinstance(exc, TypeError) and not _accepts(fn, args, kwargs):
                     raise TypeError(f"wrong arguments for {self.name}: {exc}") from None
-            decision = policy.decide(state.number, exc, clock, state.deadline, countdown, limit)
+            decision = policy.decide(state, exc=exc, now=clock, countdown=countdown, max_attempts=limit)
             if isinstance(decision, RetryIn):
                 clock += decision.delay
                 state = replace(state, number=state.number + 1)
@@ -595,13 +598,13 @@ class RareTask(Task):
             raise exc
 
     def _eager_hop(self, target, reason: str, args, kwargs):
-        name = _task_name(self.app, target)
-        history = [*hops.read((self.request.headers or {}).get(hops.HEADER)),
+        name = resolve_task_name(self.app, target)
+        history = [*hops.read((self.request.headers or {}).get(hdr.HOPS)),
                    hops.entry(self.name, self.name, reason, 1, time.time(), time.time())]
         refused = hops.refusal(history, name, self.max_hops)
         if refused:
             raise HopLimit(f"{self.name} cannot hop to {name}: {refused}")
-        result = self.app.tasks[name].apply(args, kwargs, task_id=self.request.id, headers={hops.HEADER: history})
+        result = self.app.tasks[name].apply(args, kwargs, task_id=self.request.id, headers={hdr.HOPS: history})
         return result.get(propagate=True, disable_sync_subtasks=False)
 
 
@@ -639,38 +642,6 @@ def _end_here(retry, exc) -> NoReturn:
                 raise outcome.with_traceback(tb)
             raise outcome.with_traceback(None) from None
     raise AssertionError("unreachable: retry() raises")
-
-
-def work_queue_of(task, delivery_info) -> str:
-    """The queue a delivery's exchange and routing key lead to, when the worker did not say."""
-    info = delivery_info or {}
-    exchange, key = info.get("exchange"), info.get("routing_key")
-    if exchange in ("", RETURN_EXCHANGE.name) and key:
-        return key
-    for q in task.app.amqp.queues.values():
-        if q.exchange is not None and q.exchange.name == exchange and q.routing_key == key:
-            return q.name
-    return getattr(task, "queue", None) or task.app.conf.task_default_queue
-
-
-def _task_name(app, target) -> str:
-    """A fallback or hop target as a task name: a name, a task, or a task class registered in ``app``."""
-    if isinstance(target, str):
-        return target
-    if isinstance(target, type):
-        found = [t.name for t in app.tasks.values() if type(t) is target]
-        if found:
-            return found[0]
-    name = getattr(target, "name", None)
-    if not name:
-        raise ValueError(f"cannot hop to {target!r}: not a task name and not registered in {app.main!r}")
-    return name
-
-
-def _target_queue(app, name: str, task):
-    """The kombu Queue a hop to task ``name`` goes to (its ``queue``, or Celery's routing)."""
-    wanted = {"queue": task.queue} if getattr(task, "queue", None) else {}
-    return app.amqp.router.route(wanted, name, task_type=task)["queue"]
 
 
 def _accepts(fn, args, kwargs) -> bool:

@@ -19,10 +19,9 @@ from . import request as rare_request
 from .app import check, fold_expires
 from .declare import declare_queue, declare_worker_topology, learn_types
 from .exceptions import ConfigurationError, TopologyError
-from .inventory import rare_tasks
-from .policy import REJECTED, UNREGISTERED
+from .inventory import is_rare, rare_tasks
+from .policy import EARLY_SLEEP, REJECTED, UNREGISTERED, slack
 from .publish import main_process, properties_of, send_patiently, to_bugs, to_delay
-from .task import EARLY_SLEEP, is_rare, slack
 from .topology import bug_queue_name, delay_kind, name_problem, own_kind
 
 log = logging.getLogger(__name__)
@@ -54,10 +53,10 @@ class RareConsumerStep(bootsteps.StartStopStep):
             raise SystemExit(f"{exc}") from None
         main_process(c.app)
         self.queues: set[str] = set()  # the rare work queues this worker consumes
-        c.on_unknown_task = self._guard(c, c.on_unknown_task, UNREGISTERED, 1, "task {name!r} is not registered")
-        c.on_invalid_task = self._guard(c, c.on_invalid_task, REJECTED, 1, "invalid task message: {exc}")
-        c.on_unknown_message = self._guard(c, c.on_unknown_message, REJECTED, 1, "not a Celery task message")
-        c.on_decode_error = self._guard(c, c.on_decode_error, REJECTED, 0, "body could not be decoded: {exc}")
+        c.on_unknown_task = self._guard_body(c, c.on_unknown_task, UNREGISTERED, "task {name!r} is not registered")
+        c.on_invalid_task = self._guard_body(c, c.on_invalid_task, REJECTED, "invalid task message: {exc}")
+        c.on_unknown_message = self._guard_body(c, c.on_unknown_message, REJECTED, "not a Celery task message")
+        c.on_decode_error = self._guard_decode(c, c.on_decode_error, REJECTED, "body could not be decoded: {exc}")
 
     def start(self, c):
         for name, task in c.app.tasks.items():  # Celery made new strategies for this connection
@@ -114,26 +113,39 @@ class RareConsumerStep(bootsteps.StartStopStep):
         c.app.backend.mark_as_failure(headers.get("id"), exc, request=request)  # .get() must not hang
         return
 
-    def _guard(self, c, original, reason: str, at: int, why: str):
-        """Wrap one of Celery's bad-message handlers: copy to the bug queue first, then let it run."""
+    def _guard_body(self, c, original, reason: str, why: str):
+        """Wrap one of Celery's handlers of bad task messages, ``(body, message[, exc])``: copy the
+        message to its bug queue first, then let Celery's handler run (it acks or rejects)."""
 
-        def handler(*args):
-            message = args[at]
-            queue = _queue_of(c, message)
-            if queue not in self.queues:
-                return original(*args)
-            exc = args[-1] if len(args) > at + 1 else None
-            name = (message.headers or {}).get("task") if isinstance(message.headers, dict) else None
-            text = why.format(exc=exc, name=name)
-            try:
-                _copy_to_bugs(c.app, message, queue, reason, text)
-            except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
-                log.error("rare_celery: could not copy a bad message from %s to its bug queue (%s); "
-                          "it stays unacked", queue, err)
-                return None
-            return original(*args)
-
+        def handler(body, message, *exc):
+            if self._copied(c, message, reason, why, exc[0] if exc else None):
+                return original(body, message, *exc)
+            return None
         return handler
+
+    def _guard_decode(self, c, original, reason: str, why: str):
+        """Wrap Celery's handler of bodies that cannot be decoded, ``(message, exc)`` (see :meth:`_guard_body`)."""
+
+        def handler(message, exc):
+            if self._copied(c, message, reason, why, exc):
+                return original(message, exc)
+            return None
+        return handler
+
+    def _copied(self, c, message, reason: str, why: str, exc: BaseException | None) -> bool:
+        """Whether Celery's handler may go on: the message is not on a rare queue, or its copy in the bug
+        queue is confirmed. False keeps it unacked (redelivered after a reconnect)."""
+        queue = _queue_of(c, message)
+        if queue not in self.queues:
+            return True
+        name = (message.headers or {}).get("task") if isinstance(message.headers, dict) else None
+        try:
+            _copy_to_bugs(c.app, message, queue, reason, why.format(exc=exc, name=name))
+        except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
+            log.error("rare_celery: could not copy a bad message from %s to its bug queue (%s); "
+                      "it stays unacked", queue, err)
+            return False
+        return True
 
 
 def wait_more(c, task, message, queue: str | None) -> bool:
@@ -220,7 +232,7 @@ def _queue_of(c, message) -> str | None:
 def _copy_to_bugs(app, message, queue: str, reason: str, text: str) -> None:
     headers = message.headers if isinstance(message.headers, dict) else {}
     task = headers.get("task") if isinstance(headers.get("task"), str) else ""
-    extra = {**hdr.bug(reason, 0, task), hdr.QUEUE: queue, hdr.PREFIX + "error": text[: hdr.MAX_ERROR]}
+    extra = {**hdr.bug(reason, 0, task), hdr.QUEUE: queue, hdr.ERROR: text[: hdr.MAX_ERROR]}
     send_patiently(app, to_bugs(bug_queue_name(queue), message.body, hdr.fit({**hdr.carried(headers), **extra}),
                                 properties_of(message), own_kind(app)), budget=0, timeout=rare_request.MAIN_TIMEOUT)
     log.warning("rare_celery: a message on %s went to %s: %s (%s)", queue, bug_queue_name(queue), reason, text)

@@ -37,7 +37,7 @@ class WebServer:
     def __init__(self, *args: str, command: str = "web", env: dict | None = None, celery: bool = False,
                  auth: tuple[str, str] | None = None) -> None:
         cmd = ([sys.executable, "-m", "celery", *args, "rare", command] if celery
-               else [sys.executable, "-m", "rare_celery.cli", *args, command])
+               else [sys.executable, "-m", "rare_celery.tools.cli", *args, command])
         self.auth = auth
         self.proc = subprocess.Popen([*cmd, "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},

@@ -38,7 +38,7 @@ os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
 QUORUM_ARGS = {"x-queue-type": "quorum"}
 KINDS = {"quorum": "cluster.q"}  # kind -> work queue (tests.support.Workload asks for kinds)
 MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3}
-BACKOFF = [0.5, 1.25, 2]  # 1.25 s is off the grid: a second hop through rare.wait.quorum.50ms
+BACKOFF = [0.5, 1.25, 2]  # 1.25 s is off the grid: a second round through rare.wait.quorum.50ms
 
 
 def queues_of(kind: str) -> list[str]:

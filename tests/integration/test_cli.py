@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from kombu import Connection
 
-from rare_celery.cli import main
+from rare_celery.tools.cli import main
 from rare_celery.topology import DELAY_EXCHANGE, delay_queue
 from tests.support import ROOT, Events, Vhost, Worker, message_count, wait_for
 
@@ -59,7 +59,7 @@ def script(*args: str, input: str | None = None, env: dict | None = None, celery
     elif (BIN / "rare-celery").exists():
         cmd = [str(BIN / "rare-celery")]
     else:  # not installed in this environment: the same entry point
-        cmd = [sys.executable, "-m", "rare_celery.cli"]
+        cmd = [sys.executable, "-m", "rare_celery.tools.cli"]
     out = subprocess.run([*cmd, *args], check=False, input=input, capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})})
     return Ran(out.returncode, out.stdout, out.stderr)
@@ -258,7 +258,7 @@ def test_inspect_leaves_1000_messages_byte_for_byte_also_when_killed(vhost, env,
     settled(vhost, queue_name, 1000)
 
     # the installed script, killed while it holds part of the queue
-    cmd = [str(BIN / "rare-celery")] if (BIN / "rare-celery").exists() else [sys.executable, "-m", "rare_celery.cli"]
+    cmd = [str(BIN / "rare-celery")] if (BIN / "rare-celery").exists() else [sys.executable, "-m", "rare_celery.tools.cli"]
     proc = subprocess.Popen([*cmd, "--broker", vhost.url, "inspect-bugs", queue_name], stdout=subprocess.PIPE,
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().startswith(b"FAILED")
@@ -552,7 +552,7 @@ def test_schedule_of_the_billing_policy_needs_no_broker(env):
         "cli.notify[email]: backoff constant(1), max_attempts=2, shelf life none, fallback cli.letter",
         "cli.letter: backoff constant(60), max_attempts=2, shelf life none, fallback cli.notify",
         "cli.notify[sms]: backoff manual([5, 30]), max_attempts=3, shelf life none"]
-    assert ("  that hop is refused (a loop: cli.notify -> cli.letter -> cli.notify): the message goes to "
+    assert ("  that hop is refused (hop loop: cli.notify -> cli.letter -> cli.notify): the message goes to "
             "cli.default.bugs (reason: hop_limit)") in notify
     assert "cli.broken, cli.charge, cli.inspected" in one_line_error(cli("-A", APP, "schedule", "cli.plain"))
     assert "needs the app" in one_line_error(script("schedule", "cli.charge"))

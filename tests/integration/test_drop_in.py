@@ -8,7 +8,7 @@ import json
 import pytest
 from celery import chord
 
-from rare_celery.task import is_rare
+from rare_celery.inventory import is_rare
 from tests.support import Worker, app_module, restore_env, wait_for
 
 

@@ -566,7 +566,7 @@ def test_the_broker_password_never_reaches_logs_or_the_cli(faults, broker, fenv,
         wrong = url.replace(password, password + "-wrong")
         for args in (["-A", "tests.apps.faults", "status"], ["--broker", url, "inspect-bugs", "faults.bugs"],
                      ["--broker", wrong, "inspect-bugs", "faults.bugs"]):
-            cli = subprocess.run([sys.executable, "-m", "rare_celery.cli", *args], cwd=ROOT, capture_output=True,
+            cli = subprocess.run([sys.executable, "-m", "rare_celery.tools.cli", *args], cwd=ROOT, capture_output=True,
                                  text=True, timeout=60, check=False,
                                  env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
             outputs.append(cli.stdout + cli.stderr)

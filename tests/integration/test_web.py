@@ -330,7 +330,7 @@ def test_hops_and_sends_round_again_end_their_runs_for_event_consumers(vhost, we
 # -- starting it -----------------------------------------------------------------------------------
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rare_celery.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rare_celery.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, check=False)
 
 

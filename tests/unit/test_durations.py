@@ -6,8 +6,8 @@ import doctest
 
 import pytest
 
-from rare_celery import durations
-from rare_celery.durations import offset, parse, short
+from rare_celery.tools import durations
+from rare_celery.tools.durations import offset, parse, short
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

@@ -19,7 +19,7 @@ def test_grid_floor_is_the_largest_grid_value_not_above(ms, floor):
     assert t.grid_floor(floor) == floor  # grid values are fixed points
 
 
-def test_round_schedules_take_one_hop():
+def test_round_schedules_take_one_round_through_a_delay_queue():
     hour, day = 3_600_000, 86_400_000
     for ms in [250, 1000, 5000, 30_000, 60_000, 90_000, *(h * hour for h in (1, 2, 4, 8, 16, 32, 64)), 3 * day,
                7 * day, 30 * day]:

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("flask")
 
-from rare_celery.web import metrics, reading, security
-from rare_celery.web.app import Filters, ago, create_app, shown
-from rare_celery.web.console import Console
+from rare_celery.tools.web import metrics, reading, security
+from rare_celery.tools.web.app import Filters, ago, create_app, shown
+from rare_celery.tools.web.console import Console
 
 EVIL = "<script>window.pwned=1</script>"
 

@@ -1,6 +1,6 @@
 """Reading a bug queue for the console: fast, never consuming, and never keeping the messages.
 
-How a queue is read. Like :func:`rare_celery.bugs.browse` (what ``inspect-bugs`` uses), on a channel
+How a queue is read. Like :func:`rare_celery.tools.bugs.browse` (what ``inspect-bugs`` uses), on a channel
 of its own with manual acks, and nothing is ever acked: when the read ends the channel is closed and
 RabbitMQ puts every message back (on a classic queue in place: same order, same bytes; only
 ``redelivered`` is set). The difference is speed: instead of one ``basic.get`` round trip per
@@ -147,7 +147,7 @@ class Reader:
 
 
 def browse(conn, queue: str, limit: int = READ_LIMIT):
-    """A drop-in for :func:`rare_celery.bugs.browse` (same guarantees, faster): for :func:`rare_celery.moves.plan`."""
+    """A drop-in for :func:`rare_celery.tools.bugs.browse` (same guarantees, faster): for :func:`rare_celery.tools.moves.plan`."""
     return Reader(conn, queue, limit).open()
 
 

@@ -18,12 +18,8 @@ from functools import cached_property
 
 import click
 
-from . import bugs, durations, moves, records
-from . import status as rare_status
-from . import timeline as tl
-from .display import terminal
-from .inventory import RareTaskInfo, rare_tasks, task_name
-from .topology import (
+from ..inventory import RareTaskInfo, rare_tasks, task_name
+from ..topology import (
     DELAY_EXCHANGE,
     RETURN_EXCHANGE,
     UNROUTED_QUEUE,
@@ -33,6 +29,10 @@ from .topology import (
     own_kind,
     unrouted_queue,
 )
+from . import bugs, durations, moves, records
+from . import status as rare_status
+from . import timeline as tl
+from .display import terminal
 
 ENV = "rare_celery.env"
 SCHEDULE_ROWS = 50  # attempts shown by `schedule` unless --attempts says otherwise
@@ -487,7 +487,7 @@ def declare(dry_run) -> None:
     Delay queues are those of the tasks' schedules; others (explicit countdowns, jitter) are
     declared by the first publish that needs one.
     """
-    from .declare import bind_return, declare_queue
+    from ..declare import bind_return, declare_queue
 
     e = env()
     app = e.need_app("declare")
@@ -512,7 +512,7 @@ def declare(dry_run) -> None:
         for line in lines:
             say(f"{verb} {line}")
         return
-    from .exceptions import TopologyError
+    from ..exceptions import TopologyError
 
     with e.connection() as conn:
         channel = conn.channel()
@@ -533,11 +533,19 @@ def declare(dry_run) -> None:
 
 # -- web and metrics (pip install "rare-celery[web]") ---------------------------------------------
 
-@command
-@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
-              help="Address to listen on; anything but loopback needs --auth.")
-@click.option("--port", default=5580, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
-@click.option("--auth", metavar="USER:PASSWORD", help="HTTP basic auth for every page (or RARE_CELERY_WEB_AUTH).")
+def _serving(port: int, auth_help: str):
+    """The options of a command that serves HTTP: where, and who may read it."""
+    def options(fn):
+        fn = click.option("--auth", metavar="USER:PASSWORD", help=auth_help)(fn)
+        fn = click.option("--port", default=port, show_default=True, type=click.IntRange(0, 65535),
+                          help="0: any free port.")(fn)
+        fn = click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+                          help="Address to listen on; anything but loopback needs --auth.")(fn)
+        return command(fn)
+    return options
+
+
+@_serving(5580, "HTTP basic auth for every page (or RARE_CELERY_WEB_AUTH).")
 def web(bind, port, auth) -> None:
     """The web console: overview, bug queues and their messages, requeue and purge, schedules, /metrics."""
     from .web.server import serve
@@ -545,11 +553,7 @@ def web(bind, port, auth) -> None:
     serve(env(), bind, port, auth, True, Failure)
 
 
-@command
-@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
-              help="Address to listen on; anything but loopback needs --auth.")
-@click.option("--port", default=5581, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
-@click.option("--auth", metavar="USER:PASSWORD", help="HTTP basic auth (or RARE_CELERY_WEB_AUTH).")
+@_serving(5581, "HTTP basic auth (or RARE_CELERY_WEB_AUTH).")
 def metrics(bind, port, auth) -> None:
     """Prometheus metrics only, at /metrics: queue depths and counters of rare_celery's events."""
     from .web.server import serve

@@ -20,9 +20,9 @@ import threading
 import time
 from collections import Counter
 
-from .. import events
-from ..policy import MIN_DELAY
-from ..topology import MAX_DELAY_MS, grid_floor
+from ... import events
+from ...policy import MIN_DELAY
+from ...topology import MAX_DELAY_MS, grid_floor
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..inventory import RareTaskInfo
+from ..topology import CLASSIC, UNROUTED_QUEUE, bug_queue_name, delay_queue, grid_values
 from . import bugs, durations
 from . import timeline as tl
-from .inventory import RareTaskInfo
-from .topology import CLASSIC, UNROUTED_QUEUE, bug_queue_name, delay_queue, grid_values
 
 Works = dict[str, tuple[str, set[str]]]  # work queue -> (kind, bug queues)
 Delays = dict[tuple[str, int], set[str]]  # (kind, grid value in ms) -> work queues whose schedules use it

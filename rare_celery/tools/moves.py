@@ -1,8 +1,8 @@
 """Requeue and purge as two reads: a *plan* (which messages, where to), then a *take* of exactly those.
 
 Shared by ``rare-celery requeue-bugs`` / ``purge-bugs`` and the web console. The first read counts
-the matching messages by content (:func:`rare_celery.records.fingerprint`); what is shown to the
-person who confirms is that count. The second read (:func:`rare_celery.bugs.take`) removes only
+the matching messages by content (:func:`rare_celery.tools.records.fingerprint`); what is shown to the
+person who confirms is that count. The second read (:func:`rare_celery.tools.bugs.take`) removes only
 messages whose content was counted, at most as many of each as were counted: bugs that workers add
 in between are behind the ones read and are not touched, even if they match. Each moved message is
 republished with publisher confirms before it is acked.
@@ -40,7 +40,7 @@ def plan(conn, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None =
          on_row: Callable[[records.Record], None] | None = None, browse=bugs.browse) -> Plan:
     """First read of ``queue``: which messages are ``wanted``, and (``moving``) where each would go.
 
-    ``browse(conn, queue)`` reads it (:func:`rare_celery.bugs.browse`, or another reader with the same
+    ``browse(conn, queue)`` reads it (:func:`rare_celery.tools.bugs.browse`, or another reader with the same
     guarantees: nothing acked, every message put back in place when the read ends)."""
     found = Plan(Counter(), Counter())
     with browse(conn, queue) as messages:
@@ -59,8 +59,8 @@ def plan(conn, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None =
 
 
 def requeue_sender(to: str | None, reset: bool, now: float) -> Callable[[bugs.Held, bugs.Publisher], None]:
-    """The ``send`` of :func:`rare_celery.bugs.take` for a requeue: back to the origin queue (or ``to``),
-    with the headers :func:`rare_celery.records.requeue_headers` gives."""
+    """The ``send`` of :func:`rare_celery.tools.bugs.take` for a requeue: back to the origin queue (or ``to``),
+    with the headers :func:`rare_celery.tools.records.requeue_headers` gives."""
 
     def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
         target = to or held.record.queue

@@ -5,7 +5,7 @@ takes it (:meth:`rare_celery.policy.Policy.decide`), assuming every run takes no
 ends in the bug queue, or with a hop to the policy's ``fallback`` task.
 
 >>> from rare_celery.policy import Policy
->>> t = timeline(Policy.build("t", 3, [1, 5], None, Exception))
+>>> t = timeline(Policy.build("t", max_attempts=3, backoff=[1, 5], expires_in=None, retry_on=Exception))
 >>> [(s.attempt, s.at, s.delay_ms) for s in t.steps], t.end
 ([(1, 0.0, None), (2, 1.0, 1000), (3, 6.0, 5000)], 'exhausted')
 """
@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import hops
+from ..headers import Attempt
+from ..policy import EXHAUSTED, EXPIRED, MIN_DELAY, Policy, RetryIn
+from ..topology import MAX_DELAY_MS, delay_queue, grid_floor
 from . import durations
-from .policy import EXHAUSTED, EXPIRED, MIN_DELAY, Policy, RetryIn
-from .topology import MAX_DELAY_MS, delay_queue, grid_floor
 
 if TYPE_CHECKING:
-    from .inventory import RareTaskInfo
+    from ..inventory import RareTaskInfo
 
 MAX_STEPS = 100_000  # a timeline longer than this is reported as "at least" that long
 UNBOUNDED = "unbounded"
@@ -47,7 +49,7 @@ class Timeline:
     fallback: object = None  # the task (name or class) the work hops to at the end; None: the bug queue
 
 
-def first_hop(delay: float) -> int | None:
+def first_delay_queue(delay: float) -> int | None:
     """The grid value of the delay queue a wait of ``delay`` seconds starts in (see publish.to_delay)."""
     ms = min(int(delay * 1000), MAX_DELAY_MS)
     return grid_floor(ms) if ms >= 1 else None
@@ -58,13 +60,13 @@ def timeline(policy: Policy) -> Timeline:
     steps, at = [Step(1, 0.0)], 0.0
     while len(steps) < MAX_STEPS:
         attempt = steps[-1].attempt
-        decision = policy.decide(attempt, None, at, policy.expires_in)
+        decision = policy.decide(Attempt(attempt, 0.0, policy.expires_in), exc=None, now=at)
         if not isinstance(decision, RetryIn):  # GiveUp, or HopTo the fallback
             refused = at + max(MIN_DELAY, policy.backoff(attempt)) if decision.reason == EXPIRED else None
             return Timeline(tuple(steps), decision.reason, refused, policy.expires_in, is_random(policy),
                             getattr(decision, "target", None))
         at += decision.delay
-        steps.append(Step(attempt + 1, at, decision.delay, first_hop(decision.delay)))
+        steps.append(Step(attempt + 1, at, decision.delay, first_delay_queue(decision.delay)))
     return Timeline(tuple(steps), UNBOUNDED, None, policy.expires_in, is_random(policy))
 
 
@@ -132,10 +134,9 @@ def _segment(info, label: str, policy: Policy, find, rows: int, chain: list[str]
            f"{info.bug_queue} at once (reason: bug)")
     if t.fallback is None or t.end not in (EXHAUSTED, EXPIRED):
         return
-    if name in chain or len(chain) > info.max_hops:
-        why = "a loop: " if name in chain else f"more than {info.max_hops} hops: "
-        yield (f"  that hop is refused ({why}{' -> '.join([*chain, name])}): the message goes to {info.bug_queue} "
-               f"(reason: hop_limit)")
+    refused = hops.refusal([{"task": t} for t in chain], name, info.max_hops)
+    if refused:
+        yield f"  that hop is refused ({refused}): the message goes to {info.bug_queue} (reason: hop_limit)"
         return
     if target is None:
         yield f"  {name} is not a RareTask of this app: the timeline ends here"
@@ -159,4 +160,4 @@ def _step_line(s: Step, width: int, kind: str, start: float) -> str:
     return f"{head}  {durations.short(s.wait)} after attempt {s.attempt - 1} ({via})"
 
 
-__all__ = ["EXHAUSTED", "EXPIRED", "UNBOUNDED", "Step", "Timeline", "delay_values", "describe", "first_hop", "timeline"]
+__all__ = ["EXHAUSTED", "EXPIRED", "UNBOUNDED", "Step", "Timeline", "delay_values", "describe", "first_delay_queue", "timeline"]

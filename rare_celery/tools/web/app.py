@@ -12,10 +12,11 @@ from amqp.exceptions import AMQPError
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request, url_for
 from kombu.exceptions import KombuError
 
-from .. import __version__, bugs, durations, records
+from ... import __version__
+from ...topology import UNROUTED_QUEUE
+from .. import bugs, durations, records
 from .. import timeline as tl
 from ..display import terminal
-from ..topology import UNROUTED_QUEUE
 from . import metrics, reading
 from .console import Console, Refused
 from .security import HEADERS, Guard

@@ -15,7 +15,7 @@ NEEDS = 'the web console needs its extra: pip install "rare-celery[web]"'
 
 
 def build(e, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True):
-    """The WSGI app for the CLI's :class:`~rare_celery.cli.Env` ``e``, and what to stop at the end."""
+    """The WSGI app for the CLI's :class:`~rare_celery.tools.cli.Env` ``e``, and what to stop at the end."""
     from .app import create_app
     from .console import Console
     from .metrics import Counters, EventCounter, registry

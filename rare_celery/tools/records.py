@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import headers as hdr
+from .. import headers as hdr
 
-BUG_ONLY = tuple(hdr.PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))
-RESET = tuple(hdr.PREFIX + k for k in ("deadline", "due"))
-HOPS = hdr.TRAVELS  # x-rare-hops: where the work has been before (see rare_celery.hops)
+RESET = (hdr.DEADLINE, hdr.DUE)
 UNSTABLE = ("x-delivery-count",)  # quorum queues count redeliveries: not part of a message's identity
 PREVIEW = 300
 
@@ -66,19 +64,19 @@ def read(bug_queue: str, position: int, body: bytes, properties: Mapping, header
     """A :class:`Record` for one message; every field is ``None`` where the message says nothing sensible."""
     h = headers if isinstance(headers, Mapping) else {}
     args, kwargs, problem = decode_body(body, properties, h)
-    hops = h.get(HOPS)
+    hops = h.get(hdr.HOPS)
     return Record(
         bug_queue=bug_queue, position=position,
         id=_text(h.get("id")) or _text(properties.get("correlation_id")) or _text(properties.get("message_id")),
-        task=_text(h.get(hdr.PREFIX + "task")) or _text(h.get("task")),
-        queue=_text(h.get(hdr.PREFIX + "queue")),
-        reason=_text(h.get(hdr.PREFIX + "reason")),
-        attempts=_int(h.get(hdr.PREFIX + "attempts")),
-        exception=_text(h.get(hdr.PREFIX + "exception")),
-        error=_text(h.get(hdr.PREFIX + "error")),
-        traceback=_text(h.get(hdr.PREFIX + "traceback")),
-        first_attempt_at=_epoch(h.get(hdr.PREFIX + "first-at")),
-        failed_at=_epoch(h.get(hdr.PREFIX + "failed-at")),
+        task=_text(h.get(hdr.TASK)) or _text(h.get("task")),
+        queue=_text(h.get(hdr.QUEUE)),
+        reason=_text(h.get(hdr.REASON)),
+        attempts=_int(h.get(hdr.ATTEMPTS)),
+        exception=_text(h.get(hdr.EXCEPTION)),
+        error=_text(h.get(hdr.ERROR)),
+        traceback=_text(h.get(hdr.TRACEBACK)),
+        first_attempt_at=_epoch(h.get(hdr.FIRST_AT)),
+        failed_at=_epoch(h.get(hdr.FAILED_AT)),
         args=args, kwargs=kwargs,
         hops=list(hops) if isinstance(hops, (list, tuple)) else [],
         body_error=problem,
@@ -143,16 +141,16 @@ def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: 
     becomes its ``x-rare-queue`` (a message moved elsewhere with ``--to`` retries there).
     """
     out = {k: v for k, v in (headers or {}).items()
-           if k not in BUG_ONLY and k not in hdr.DEATH and k not in UNSTABLE and k != "BCC"}
+           if k not in hdr.BUG_ONLY and k not in hdr.DEATH and k not in UNSTABLE and k != "BCC"}
     if reset:
         for key in RESET:
             out.pop(key, None)
-        out[hdr.PREFIX + "attempt"] = 1
-        out[hdr.PREFIX + "first-at"] = now
+        out[hdr.ATTEMPT] = 1
+        out[hdr.FIRST_AT] = now
         if "retries" in out:
             out["retries"] = 0
     if queue is not None:
-        out[hdr.PREFIX + "queue"] = queue
+        out[hdr.QUEUE] = queue
     return out
 
 

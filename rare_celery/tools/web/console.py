@@ -16,9 +16,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from ...inventory import RareTaskInfo, rare_tasks, task_name
+from ...topology import UNROUTED_QUEUE, bug_queue_name
 from .. import bugs, moves, records, status
-from ..inventory import RareTaskInfo, rare_tasks, task_name
-from ..topology import UNROUTED_QUEUE, bug_queue_name
 from . import reading
 
 PLAN_TTL = 900.0  # seconds a confirmation stays valid
@@ -286,6 +286,6 @@ class Console:
 
 
 def _name_problem(name: str) -> str | None:
-    from ..topology import name_problem
+    from ...topology import name_problem
 
     return name_problem(name)

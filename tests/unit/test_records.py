@@ -1,0 +1,46 @@
+"""rare_celery.tools.records: bug-queue messages read as records, never evaluated, and sent back clean."""
+
+from __future__ import annotations
+
+import json
+
+from rare_celery import headers as hdr
+from rare_celery.tools import records
+
+JSON = {"content_type": "application/json"}
+
+
+def bug_headers() -> dict:
+    return {"id": "t1", "task": "sms.send", hdr.ATTEMPT: 3, hdr.FIRST_AT: 100.0, hdr.DEADLINE: 900.0, hdr.QUEUE: "sms",
+            **hdr.bug("exhausted", 3, "sms.send", now=200.0), hdr.EXCEPTION: "builtins.ConnectionError",
+            hdr.ERROR: "gateway down", "x-death": [{"count": 1}], "x-delivery-count": 2}
+
+
+def test_a_rare_message_reads_as_a_full_record():
+    body = json.dumps([["+44"], {"text": "hi"}, {}]).encode()
+    r = records.read("sms.bugs", 0, body, JSON, bug_headers())
+    assert (r.id, r.task, r.queue, r.reason, r.attempts, r.failed_at) == ("t1", "sms.send", "sms", "exhausted", 3, 200.0)
+    assert (r.args, r.kwargs, r.body_error) == (["+44"], {"text": "hi"}, None)
+    assert r.one_line_error() == "ConnectionError: gateway down"
+
+
+def test_pickle_and_bad_json_are_shown_not_decoded():
+    r = records.read("q.bugs", 1, b"\x80\x04K\x01.", {"content_type": "application/x-python-serialize"}, None)
+    assert r.args is None and "not JSON" in r.body_error and r.body_preview
+    r = records.read("q.bugs", 2, b"[1,", JSON, {hdr.ATTEMPTS: "3", hdr.FAILED_AT: float("nan")})
+    assert "not valid JSON" in r.body_error and r.attempts is None and r.failed_at is None
+
+
+def test_requeue_headers_drop_the_bug_queue_and_broker_bookkeeping():
+    kept = records.requeue_headers(bug_headers(), reset=False, now=500.0)
+    assert not set(kept) & {*hdr.BUG_ONLY, "x-death", "x-delivery-count"}
+    assert (kept[hdr.ATTEMPT], kept[hdr.FIRST_AT], kept[hdr.DEADLINE]) == (3, 100.0, 900.0)
+    fresh = records.requeue_headers(bug_headers(), reset=True, now=500.0, queue="sms.retry")
+    assert (fresh[hdr.ATTEMPT], fresh[hdr.FIRST_AT], fresh[hdr.QUEUE]) == (1, 500.0, "sms.retry")
+    assert hdr.DEADLINE not in fresh
+
+
+def test_the_fingerprint_ignores_the_quorum_delivery_count():
+    h = bug_headers()
+    assert records.fingerprint(b"x", JSON, h) == records.fingerprint(b"x", JSON, {**h, "x-delivery-count": 9})
+    assert records.fingerprint(b"x", JSON, h) != records.fingerprint(b"y", JSON, h)
