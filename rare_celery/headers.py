@@ -29,9 +29,11 @@ header                 meaning
 from __future__ import annotations
 
 import json
+import linecache
 import math
 import time
 import traceback as tb
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -129,8 +131,21 @@ def error(exc: BaseException | None) -> dict:
     name = _clip(f"{kind.__module__}.{kind.__qualname__}", 200)
     message = _clip(str(exc), MAX_ERROR)
     last = f"{name}: {message}\n"
-    frames = "".join(tb.format_tb(exc.__traceback__))[-(MAX_TRACEBACK - min(len(last), MAX_TRACEBACK // 2)):]
+    frames = _frames(exc.__traceback__)[-(MAX_TRACEBACK - min(len(last), MAX_TRACEBACK // 2)):]
     return {EXCEPTION: name, ERROR: message, TRACEBACK: (frames + last)[-MAX_TRACEBACK:]}
+
+
+def _frames(trace, keep: int = 100) -> str:
+    """The innermost ``keep`` frames of ``trace`` as :func:`traceback.format_tb` writes them, without
+    its per-frame work that a header does not need (the source file's ``stat`` and, on Python
+    3.11+, parsing each line for the ``^^^`` markers): a retry formats one traceback."""
+    out = []
+    for frame, lineno in deque(tb.walk_tb(trace), maxlen=keep):
+        code = frame.f_code
+        line = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
+        out.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n'
+                   + (f"    {line}\n" if line else ""))
+    return "".join(out)
 
 
 def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict:
@@ -143,7 +158,7 @@ def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
     """``headers`` cut down to about ``budget`` bytes, so a republish never exceeds the broker's
     frame size (128 KB) because of what was added to it: first the last error's traceback and
     message, then the largest values, each replaced by a note saying how big it was."""
-    if _size(headers) <= budget and not too_deep(headers):
+    if _fits(headers, budget):
         return headers
     out = {k: (f"<dropped by rare_celery: nested deeper than {MAX_DEPTH}>" if too_deep(v, MAX_DEPTH - 1) else v)
            for k, v in headers.items()}
@@ -155,6 +170,25 @@ def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
             break
         out[key] = f"<dropped by rare_celery: {_size(out[key])} bytes>"
     return out
+
+
+def _fits(headers: dict, budget: int) -> bool:
+    """Whether ``headers`` certainly fit in ``budget`` bytes and nest no deeper than allowed: an
+    upper bound of the size, without encoding the strings (a retry's headers are far below it)."""
+    total = 0
+    for key, value in headers.items():
+        if isinstance(value, str):
+            total += 4 * len(value)  # UTF-8: at most 4 bytes a character
+        elif isinstance(value, (bool, int, float)) or value is None:
+            total += 24
+        elif isinstance(value, (dict, list, tuple)) and too_deep(value, MAX_DEPTH - 1):
+            return False
+        else:
+            total += _size(value)
+        total += 4 * len(str(key)) + 8
+        if total > budget:
+            return _size(headers) <= budget and not too_deep(headers)
+    return True
 
 
 def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:

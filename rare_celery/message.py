@@ -66,6 +66,9 @@ def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: i
         root_id=req.root_id, parent_id=req.parent_id, shadow=req.shadow, chain=req.chain,
         origin=req.origin, ignore_result=bool(req.ignore_result), stamped_headers=stamped,
         replaced_task_nesting=req.replaced_task_nesting or 0, **stamps,
+        # the same arguments keep the same repr (formatted once; one a caller chose to hide stays hidden)
+        argsrepr=_repr(req, "argsrepr") if args is None else None,
+        kwargsrepr=_repr(req, "kwargsrepr") if kwargs is None else None,
     )
     headers = hdr.fit({**hdr.carried(req.headers), **msg.headers, **extra})
     props = dict(msg.properties)
@@ -73,3 +76,8 @@ def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: i
     if priority is not None:
         props["priority"] = priority
     return msg.body, headers, props
+
+
+def _repr(req, key: str) -> str | None:
+    value = getattr(req, key, None)
+    return value if isinstance(value, str) else None

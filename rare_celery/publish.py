@@ -248,22 +248,30 @@ class shielded:
     """``with shielded() as fired:`` while the block runs, a soft time limit (billiard's SIGUSR1) does
     not raise inside it: it is noted in ``fired``. Deciding and publishing where a message goes is not
     interrupted half-way; the hard time limit still ends the process (its message is routed by the
-    worker). A class, not a generator: an exception leaving the block passes through no extra frames."""
+    worker). A class, not a generator: an exception leaving the block passes through no extra frames.
+    Inside another shield it does nothing (``fired`` is then the outer one's)."""
 
     __slots__ = ("fired", "previous")
+    _outer: shielded | None = None  # the shield in force (main thread only)
 
     def __init__(self) -> None:
         self.fired: list = []
         self.previous = None
 
     def __enter__(self) -> list:
-        if _SOFT is not None and threading.current_thread() is threading.main_thread():
-            try:
-                self.previous = signal.signal(_SOFT, lambda signum, frame: self.fired.append(time.monotonic()))
-            except (ValueError, OSError):  # not allowed here: nothing to shield
-                self.previous = None
+        if _SOFT is None or threading.current_thread() is not threading.main_thread():
+            return self.fired
+        if shielded._outer is not None:
+            return shielded._outer.fired
+        try:
+            self.previous = signal.signal(_SOFT, lambda signum, frame: self.fired.append(time.monotonic()))
+        except (ValueError, OSError):  # not allowed here: nothing to shield
+            return self.fired
+        shielded._outer = self
         return self.fired
 
     def __exit__(self, *exc_info) -> None:
-        if self.previous is not None:
-            signal.signal(_SOFT, self.previous)
+        if shielded._outer is self:
+            shielded._outer = None
+            if self.previous is not None:
+                signal.signal(_SOFT, self.previous)

@@ -25,13 +25,15 @@ queue instead, reason ``unroutable`` (or ``worker_lost`` for redeliveries), with
 If the broker refuses that too, the message is rejected back into its queue after a pause
 (1, 2, 4 ... 60 s, counted in memory), with one log line each time.
 
-In the pool process, :func:`guard_tracer` wraps Celery's tracer for every RareTask: whatever Celery
-reports, a delivery that did not end through ``_end`` comes back to the main process as
-RoutingFailed, never as an acked failure.
+In the pool process, :func:`tracer_for` gives every RareTask Celery's own tracer, built with
+:class:`RetryInfo` (a retry's bookkeeping without the copy of its frames), and guarded
+(:func:`guard_tracer`): whatever Celery reports, a delivery that did not end through ``_end`` comes
+back to the main process as RoutingFailed, never as an acked failure.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -39,6 +41,8 @@ from dataclasses import replace
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import signals as celery_signals
+from celery.app import trace as celery_trace
+from celery.app.trace import TraceInfo
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from celery.utils.objects import Bunch
 from celery.worker.request import Request
@@ -65,6 +69,45 @@ timer = None  # the consumer's timer (set by the worker bootstep): pauses withou
 
 
 # -- the pool process -----------------------------------------------------------------------------
+
+class RetryInfo(TraceInfo):
+    """Celery's ``TraceInfo``, with a retry's bookkeeping made light.
+
+    Celery's own ``handle_retry`` wraps the ``Retry`` in billiard's ``ExceptionInfo``: a picklable
+    copy of every frame of its traceback (on Python 3.11 with each frame's ``co_positions``, Celery's
+    tracer included), and the traceback formatted as text; the copy then travels to the worker's main
+    process. For a RareTask that traceback is rare_celery's own way out of the attempt, and the
+    failure it stands for is formatted already (the ``x-rare-traceback`` header). So the same steps
+    run in the same order (RETRY stored, ``on_retry``, ``task_retry``, the log line, ``task-retried``
+    from the main process), with an ``ExceptionInfo`` whose ``traceback`` is the failed attempt's
+    traceback and whose ``tb`` is ``None``.
+    """
+
+    def handle_retry(self, task, req, store_errors=True, **kwargs):
+        retry = self.retval
+        text = getattr(retry, "rare_traceback", None)
+        if text is None:  # not a retry rare_celery made (never for a RareTask): Celery's own
+            return super().handle_retry(task, req, store_errors=store_errors, **kwargs)
+        einfo = ExceptionInfo.__new__(ExceptionInfo)
+        einfo.type, einfo.exception, einfo.tb, einfo.traceback = type(retry), retry, None, text
+        if store_errors:
+            task.backend.mark_as_retry(req.id, retry.exc, text, request=req)
+        task.on_retry(retry.exc, req.id, req.args, req.kwargs, einfo)
+        celery_signals.task_retry.send(sender=task, request=req, reason=retry, einfo=einfo)
+        celery_trace.info(celery_trace.LOG_RETRY, {"id": req.id, "name": celery_trace.get_task_name(req, task.name),
+                                                   "exc": str(retry)})
+        return einfo
+
+
+def tracer_for(task, tracer):
+    """The tracer a RareTask runs with: Celery's, as ``tracer`` was built (same host name), with
+    :class:`RetryInfo`; guarded. A tracer that is not Celery's own is only guarded."""
+    try:
+        hostname = inspect.getclosurevars(tracer).nonlocals["hostname"]
+    except (KeyError, TypeError, ValueError):
+        return guard_tracer(tracer)
+    return guard_tracer(celery_trace.build_tracer(task.name, task, hostname=hostname, app=task.app, Info=RetryInfo))
+
 
 def guard_tracer(tracer):
     """Celery's tracer for a RareTask, made to report every delivery that did not end through
@@ -103,14 +146,12 @@ def guard_tracer(tracer):
 
 def _report(result_type, why: str, ended: bool):
     """A tracer result that makes the main process ack (``ended``) or put the message back."""
-    from celery.app.trace import TraceInfo, trace_ok_t
-
     exc = Ended(why) if ended else RoutingFailed(why)
     try:
         raise exc
     except type(exc):
         einfo = ExceptionInfo(internal=True)
-    return (result_type or trace_ok_t)(einfo, TraceInfo("IGNORED" if ended else "REJECTED", exc), 0.0, None)
+    return (result_type or celery_trace.trace_ok_t)(einfo, TraceInfo("IGNORED" if ended else "REJECTED", exc), 0.0, None)
 
 
 # -- the main process -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .inventory import resolve_task_name, target_queue, work_queue_of
 from .message import rebuild, retry_call
 from .policy import BUG, EARLY_SLEEP, EXPIRED, REJECTED, GiveUp, HopTo, Policy, RetryIn, slack
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
-from .request import ENDING, QUEUE, guard_tracer
+from .request import ENDING, QUEUE, tracer_for
 from .topology import bug_queue_name, delay_kind, name_problem, own_kind
 from .worker import RareConsumerStep
 
@@ -192,7 +192,7 @@ class RareTask(Task):
 
     @__trace__.setter
     def __trace__(self, tracer):
-        self.__dict__["_rare_tracer"] = None if tracer is None else guard_tracer(tracer)
+        self.__dict__["_rare_tracer"] = None if tracer is None else tracer_for(self, tracer)
 
     @property
     def backend(self):
@@ -397,9 +397,12 @@ class RareTask(Task):
         req, state = self.request, current.attempt
         nxt = replace(state, number=state.number + 1, due=time.time() + delay)
         queue = self._work_queue()
+        retry = Retry(exc=exc, when=delay)
 
         def make() -> Copy:
-            extra = {**hdr.write(replace(nxt, queue=queue)), **hdr.error(exc)}
+            failure = hdr.error(exc)
+            retry.rare_traceback = failure.get(hdr.TRACEBACK, "")  # what Celery reports too (RetryInfo)
+            extra = {**hdr.write(replace(nxt, queue=queue)), **failure}
             return to_delay(queue, delay, self._kind(queue),
                             *rebuild(self, args=args, kwargs=kwargs, retries=nxt.number - 1, extra=extra),
                             own_kind=own_kind(self.app))
@@ -414,7 +417,7 @@ class RareTask(Task):
             events.emit(self, events.RETRY, req.id, attempt=state.number, delay=delay,
                         **events.failure(exc), queue=queue)
 
-        self._end(make, Retry(exc=exc, when=delay), report, before=store_retry_first)
+        self._end(make, retry, report, before=store_retry_first)
 
     def _out_of(self, decision: GiveUp | HopTo, exc, current: Current, args=None, kwargs=None,
                 keep_error=False) -> NoReturn:

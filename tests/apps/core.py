@@ -145,8 +145,9 @@ def step_c(self, x):
 
 
 @signals.task_retry.connect
-def _on_retry(sender=None, request=None, reason=None, **kw):
-    record("task_retry", request.id, reason=repr(getattr(reason, "exc", reason)))
+def _on_retry(sender=None, request=None, reason=None, einfo=None, **kw):
+    record("task_retry", request.id, reason=repr(getattr(reason, "exc", reason)),
+           traceback=getattr(einfo, "traceback", None))
 
 
 @signals.task_failure.connect

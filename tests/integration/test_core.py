@@ -33,7 +33,12 @@ def test_fails_twice_then_succeeds_with_gaps_of_its_schedule(core, events):
     gaps = [b["t"] - a["t"] for a, b in zip(runs, runs[1:])]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
     assert gaps[0] < 1.8 and gaps[1] < 2.8, gaps  # came back promptly, too
-    assert len(events.of(result.id, "task_retry")) == 2
+    retries = events.of(result.id, "task_retry")
+    assert [r["reason"] for r in retries] == ["ConnectionError('gateway down (run 1)')",
+                                              "ConnectionError('gateway down (run 2)')"]
+    # the einfo Celery's task_retry passes: the failed attempt's traceback, the task's own line in it
+    assert 'raise ConnectionError(f"gateway down (run {n})")' in retries[0]["traceback"], retries[0]
+    assert retries[0]["traceback"].endswith("ConnectionError: gateway down (run 1)\n"), retries[0]
     assert result.state == "SUCCESS"
 
 
@@ -80,6 +85,17 @@ def test_always_fails_ends_in_the_bug_queue_with_its_story(core, events, bugs):
     assert not any(k.startswith(("x-death", "x-first-death")) for k in h)
     assert message.properties["correlation_id"] == result.id
     assert json.loads(message.body)[0] == []
+
+
+def test_an_argsrepr_the_caller_chose_stays_through_retries_and_the_bug_queue(core, bugs):
+    """Celery shows argsrepr (Flower, inspect, logs) instead of the arguments: a caller hides a card
+    number there. The retry copies and the bug-queue copy keep what the caller chose."""
+    result = core.always.apply_async(argsrepr="(<card>,)", kwargsrepr="{<hidden>}")
+    with pytest.raises(ConnectionError):
+        result.get(timeout=15)
+    h = bugs.find("core.bugs", result.id).headers
+    assert (h["argsrepr"], h["kwargsrepr"]) == ("(<card>,)", "{<hidden>}")
+    assert h["x-rare-attempts"] == 3  # through two retries
 
 
 def test_shelf_life_stops_retries_at_the_deadline(core, events, bugs):
@@ -229,4 +245,7 @@ def test_retries_send_celerys_task_retried_event_for_flower(core, vhost):
     wait_for(lambda: "task-succeeded" in kinds(), 10, what="the task's events")
     receiver.should_stop = True
     assert kinds().count("task-retried") == 1
+    retried = next(e for e in seen if e.get("uuid") == result.id and e["type"] == "task-retried")
+    assert retried["exception"] == "ConnectionError('gateway down (run 1)')"  # what Flower shows
+    assert 'raise ConnectionError(f"gateway down (run {n})")' in retried["traceback"], retried
     assert kinds().count("task-received") == 2  # the first run and the retry: same task id

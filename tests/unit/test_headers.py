@@ -81,3 +81,34 @@ def test_too_deep_counts_levels_without_recursion():
         deep = [deep]
     assert hdr.too_deep({"x": deep})
     assert hdr.fit({"task": "t", "x": deep})["x"] == "<dropped by rare_celery: nested deeper than 32>"
+
+
+@pytest.mark.parametrize("headers", [
+    {"task": "t", "argsrepr": "(1,)", "timelimit": [None, None], "retries": 1, "x-rare-due": 1.5, "flag": None},
+    {"task": "t", "x-big": "b" * 20_000, "x-many": list(range(5000))},
+    {"task": "t", "x-utf8": "\u00e9" * 30_000},  # 60,000 bytes of UTF-8: the bound alone says no
+    {"task": "t", "x-bytes": b"\x00" * 70_000},
+    {"task": "t", "x-nested": {"a": [[[[1]]]]}},
+])
+def test_the_quick_size_bound_agrees_with_encoding_the_headers(headers):
+    exact = hdr._size(headers) <= hdr.HEADER_BUDGET and not hdr.too_deep(headers)
+    assert hdr._fits(headers, hdr.HEADER_BUDGET) == exact
+    assert (hdr.fit(headers) is headers) == exact
+
+
+def test_the_traceback_header_is_format_tb_without_the_markers():
+    import re
+    import traceback
+
+    def inner(n):
+        if n == 0:
+            {}["missing"]
+        inner(n - 1)
+    try:
+        inner(3)
+    except KeyError as exc:
+        error = exc
+    made = hdr._frames(error.__traceback__)
+    assert made == re.sub(r"\n\s+[~^]+\n", "\n", "".join(traceback.format_tb(error.__traceback__)))
+    assert made.count("in inner") == 4 and '{}["missing"]' in made
+    assert hdr._frames(error.__traceback__, keep=2).count("in inner") == 2  # the innermost ones
