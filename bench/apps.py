@@ -1,7 +1,7 @@
 """The Celery app the benchmark runs, one variant per worker, configured by environment variables.
 
 ``BENCH_BROKER``   broker URL (the run's own vhost)
-``BENCH_VARIANT``  success-only | celery-countdown | celery-native-delay | rare | rare-quorum, or one of the
+``BENCH_VARIANT``  success-only | celery-countdown | celery-native-delay | rare | rare-bulk | rare-quorum, or one of the
                    diagnostic variants plain-acks-late | plain-quorum-acks-late (a plain Task with
                    ``acks_late=True`` like RareTask, on rare's classic / quorum queue)
 ``BENCH_DIR``      where every process appends its records (``rec-<pid>.txt``)
@@ -30,7 +30,8 @@ from kombu import Exchange, Queue
 
 from rare_celery import RareTask
 
-VARIANTS = ("success-only", "celery-countdown", "celery-native-delay", "rare", "rare-quorum")
+VARIANTS = ("success-only", "celery-countdown", "celery-native-delay", "rare", "rare-bulk", "rare-quorum")
+BULK = ("rare-bulk",)  # the worker of "rare"; the tasks are published inside ``with rare_celery.bulk(app):``
 DIAGNOSTIC = ("plain-acks-late", "plain-quorum-acks-late")
 QUEUE = "bench"
 QUORUM = {"x-queue-type": "quorum"}

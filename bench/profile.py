@@ -62,6 +62,7 @@ class Profiler:
 BUCKETS = {
     "pool child": (
         ("Celery: Retry bookkeeping (billiard ExceptionInfo, task_retry)", "TraceInfo.handle_retry "),
+        ("rare_celery: the same steps in RetryInfo (no ExceptionInfo)", "RetryInfo.handle_retry "),
         ("Celery: result back to the main process (pickle + pipe)", "_SimpleQueue.put "),
         ("Celery: next job from the main process (read + unpickle)", "Worker._make_protected_receive"),
         ("Celery: Task.retry (countdown: build + publish the copy)", "Task.retry (celery/app/task.py)"),

@@ -12,7 +12,7 @@ PLAIN_FOR = {"rare": "success-only", "rare-quorum": "celery-native-delay"}
 # diagnostic: the same plain Task with acks_late=True, as RareTask acks
 ACKS_LATE_FOR = {"rare": "plain-acks-late", "rare-quorum": "plain-quorum-acks-late",
                  "success-only": "plain-acks-late", "celery-native-delay": "plain-quorum-acks-late"}
-QUEUE_KIND = {"success-only": "classic", "celery-countdown": "classic", "rare": "classic",
+QUEUE_KIND = {"success-only": "classic", "celery-countdown": "classic", "rare": "classic", "rare-bulk": "classic",
               "plain-acks-late": "classic", "celery-native-delay": "quorum, topic, confirms",
               "rare-quorum": "quorum", "plain-quorum-acks-late": "quorum"}
 
@@ -141,6 +141,38 @@ def targets(summary: dict) -> list[dict]:
     return out
 
 
+def total_cpu(entry: dict | None) -> float | None:
+    """Worker + broker + publisher CPU per task (ms), each a median over repeats."""
+    cpu = [med(entry, k) for k in ("worker_cpu_ms", "broker_cpu_ms", "publisher_cpu_ms")]
+    return None if None in cpu else sum(cpu)
+
+
+def retry_goals(summary: dict) -> list[dict]:
+    """Issue 15's goals for the retry path, each met / missed / not measured (medians over repeats)."""
+    out = []
+
+    def add(target, variant, met, value, text):
+        out.append({"target": target, "variant": variant, "met": met, "value": value, "text": text})
+
+    for variant in ("rare", "rare-bulk"):
+        for pool, goal in (("prefork", 1.5), ("solo", 1.0)):
+            base = med(_get(summary, "throughput", BASELINE, pool), "tasks_per_s")
+            mine = med(_get(summary, "throughput", variant, pool), "tasks_per_s")
+            r = ratio(mine, base)
+            add(f"fail-once throughput >= {goal:g}x celery-countdown ({pool})", variant,
+                None if r is None else r >= goal, r, f"{num(mine)} vs {num(base)} tasks/s = {num(r, 2)}x")
+        base, mine = (total_cpu(_get(summary, "throughput", v)) for v in (BASELINE, variant))
+        add("total CPU per fail-once task <= celery-countdown's (prefork)", variant,
+            None if mine is None or base is None else mine <= base, mine,
+            f"{num(mine, 2)} vs {num(base, 2)} ms (worker + broker + publisher)")
+    base = med(_get(summary, "success", "success-only"), "tasks_per_s")
+    mine = med(_get(summary, "success", "rare"), "tasks_per_s")
+    slower = None if not mine or not base else base / mine - 1
+    add("success path within 3% of the plain Task", "rare", None if slower is None else slower <= 0.03, slower,
+        f"{num(mine)} vs {num(base)} tasks/s: {num(None if slower is None else 100 * slower, 1)}% more time per task")
+    return out
+
+
 # -- one line per run (progress) ------------------------------------------------------------------
 
 def brief(scenario: str, m: dict) -> str:
@@ -201,7 +233,7 @@ def _throughput(summary: dict) -> list[str]:
         rows.append([_label(entry), num(med(entry, "tasks_per_s")), spread(entry, "tasks_per_s"),
                      num(ratio(med(entry, "tasks_per_s"), med(base, "tasks_per_s")), 2, "x"),
                      num(med(entry, "worker_tasks_per_s")), *(num(c, 2) for c in cpu),
-                     num(None if None in cpu else sum(cpu), 2), num(med(entry, "publish_s"), 1),
+                     num(total_cpu(entry), 2), num(med(entry, "publish_s"), 1),
                      num(med(entry, "max_pause_s"), 2), _done(entry)])
     return _table(["variant", "tasks/s", "spread", "x countdown", "worker-side tasks/s", "worker CPU ms/task",
                    "broker CPU ms/task", "publisher CPU ms/task", "total CPU ms/task", "publish s", "max pause s",
@@ -344,6 +376,11 @@ def markdown(result: dict) -> str:
         mark = {True: "met", False: "**MISSED**", None: "not measured"}[t["met"]]
         lines.append(f"- {t['target']} - `{t['variant']}`: {mark} ({t['text']})")
     lines += ["", "Why the misses happen, with profiles: [bench/README.md, Findings](../README.md#findings)."]
+    if result.get("retry_goals"):
+        lines += ["", "## Goals for the retry path (issue 15)", ""]
+        for t in result["retry_goals"]:
+            mark = {True: "met", False: "**MISSED**", None: "not measured"}[t["met"]]
+            lines.append(f"- {t['target']} - `{t['variant']}`: {mark} ({t['text']})")
     for key, scenario in SCENARIOS.items():
         if key not in summary:
             continue

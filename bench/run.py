@@ -81,7 +81,7 @@ def plan(args) -> list[tuple[str, str, str, int]]:
         if "prefork" in args.pools:
             out += [(key, v, "prefork", r) for r in range(repeats) for v in variants]
         if "solo" in args.pools:
-            out += [(key, v, "solo", 0) for v in variants if v in solo]
+            out += [(key, v, "solo", r) for r in range(repeats) for v in variants if v in solo]
     return out
 
 
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     }
     result["summary"] = report.summarise(runs)
     result["targets"] = report.targets(result["summary"])
+    result["retry_goals"] = report.retry_goals(result["summary"])
     markdown = report.markdown(result)
     print()
     print(markdown)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .apps import QUEUE, fail_once_name, make_app
+from .apps import BULK, QUEUE, fail_once_name, make_app
 from .harness import (
     BenchError,
     Load,
@@ -31,7 +31,7 @@ from .harness import (
     set_rabbit_env,
 )
 
-ALL = ("success-only", "celery-countdown", "celery-native-delay", "rare", "rare-quorum")
+ALL = ("success-only", "celery-countdown", "celery-native-delay", "rare", "rare-bulk", "rare-quorum")
 RETRYING = ("celery-countdown", "celery-native-delay", "rare", "rare-quorum")
 
 
@@ -50,8 +50,8 @@ class Scenario:
 
 
 SCENARIOS = {s.key: s for s in (
-    Scenario("throughput", "1", "Retry throughput", ALL, solo=("success-only", "celery-countdown", "rare"),
-             quick_solo=("rare",)),
+    Scenario("throughput", "1", "Retry throughput", ALL,
+             solo=("success-only", "celery-countdown", "rare", "rare-bulk"), quick_solo=("rare",)),
     Scenario("accuracy", "2", "Delay accuracy", RETRYING),
     Scenario("paced", "2b", "Delay accuracy, paced publishing (diagnostic)", RETRYING, repeat=False,
              full_only=True),
@@ -141,12 +141,15 @@ class Run:
         """Publish ``n`` tasks, cycling through ``names`` (at most ``rate`` a second); returns the time
         of the first publish."""
         tasks = [self.app.tasks[name] for name in names]
-        with self.app.producer_or_acquire() as producer:
+        together = self.variant in BULK  # with rare_celery.bulk: one block, confirmed together at its end
+        if together:
+            from rare_celery import bulk  # (not at the top: the bench also measures versions without it)
+        with bulk(self.app) if together else self.app.producer_or_acquire() as producer:
             first = time.time()
             for i in range(n):
                 if rate is not None:
                     time.sleep(max(0.0, first + i / rate - time.time()))
-                tasks[i % len(tasks)].apply_async((i,), producer=producer)
+                tasks[i % len(tasks)].apply_async((i,), **({} if together else {"producer": producer}))
         return first
 
 

@@ -4,6 +4,7 @@
 """
 
 from . import backoff, signals
+from .batch import bulk
 from .exceptions import (
     Bug,
     ConfigurationError,
@@ -19,6 +20,6 @@ from .task import HOPPED, RareTask
 
 __all__ = [
     "HOPPED", "Bug", "ConfigurationError", "Exhausted", "Expired", "Hop", "HopLimit", "NoHandler",
-    "PublishRefused", "RareTask", "TopologyError", "backoff", "signals",
+    "PublishRefused", "RareTask", "TopologyError", "backoff", "bulk", "signals",
 ]
 __version__ = "0.1.0"

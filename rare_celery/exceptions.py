@@ -25,11 +25,13 @@ class PublishRefused(Exception):
     """The broker did not confirm a delay, bug-queue or hop publish; the original message is kept.
 
     ``transient``: a nack or a lost connection, worth trying again; otherwise the message itself
-    could not be published (the worker requeues it instead)."""
+    could not be published (the worker requeues it instead). ``task_ids``: from
+    :func:`rare_celery.bulk`, the tasks the broker did not confirm."""
 
-    def __init__(self, message: str, transient: bool = False) -> None:
+    def __init__(self, message: str, transient: bool = False, task_ids: list[str] | tuple = ()) -> None:
         super().__init__(message)
         self.transient = transient
+        self.task_ids = list(task_ids)
 
 
 class TopologyError(ImproperlyConfigured):

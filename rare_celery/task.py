@@ -29,7 +29,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import backoff as _backoff
-from . import events, hops, signals
+from . import batch, events, hops, signals
 from . import headers as hdr
 from .app import setup_app
 from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, RoutingFailed
@@ -231,6 +231,9 @@ class RareTask(Task):
                 raise ValueError(f"{self.name}: the delayed start ({delay:g} s from now) is after its expires: "
                                  f"the task could never run")
             headers[hdr.DUE] = now + delay
+        together = batch.current(self.app) if producer is None else None
+        if together is not None:  # inside ``with bulk(app):`` its channel, confirmed when the block ends
+            producer, options["retry"] = together.producer, False
         return super().apply_async(args, kwargs, task_id=task_id, producer=producer, link=link,
                                    link_error=link_error, shadow=shadow, headers=headers, **options)
 
