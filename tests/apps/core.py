@@ -59,7 +59,14 @@ def recorded(fn):
     return run
 
 
-@app.task(base=RareTask, bind=True, name="core.flaky", max_attempts=5, backoff=[1, 2])
+class RecordsItsRetries(RareTask):
+    """Celery's ``Task.on_retry`` handler, recorded."""
+
+    def on_retry(self, exc, task_id, args, kwargs, einfo):
+        record("on_retry", task_id, exc=repr(exc), args=list(args), traceback=einfo.traceback)
+
+
+@app.task(base=RecordsItsRetries, bind=True, name="core.flaky", max_attempts=5, backoff=[1, 2])
 @recorded
 def flaky(self, fails: int, value: str = "ok"):
     """Fails ``fails`` times, then returns ``value`` and how many runs it took."""

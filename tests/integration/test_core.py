@@ -39,6 +39,10 @@ def test_fails_twice_then_succeeds_with_gaps_of_its_schedule(core, events):
     # the einfo Celery's task_retry passes: the failed attempt's traceback, the task's own line in it
     assert 'raise ConnectionError(f"gateway down (run {n})")' in retries[0]["traceback"], retries[0]
     assert retries[0]["traceback"].endswith("ConnectionError: gateway down (run 1)\n"), retries[0]
+    handled = events.of(result.id, "on_retry")  # the task's own on_retry handler, as with Celery
+    assert [(h["exc"], h["args"]) for h in handled] == [("ConnectionError('gateway down (run 1)')", [2]),
+                                                      ("ConnectionError('gateway down (run 2)')", [2])]
+    assert handled[0]["traceback"] == retries[0]["traceback"]
     assert result.state == "SUCCESS"
 
 
