@@ -102,9 +102,15 @@ def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, prop
     if ms < 1:
         return Copy(body, headers, properties, "", work_queue, None)
     queue = delay_queue(grid_floor(ms), kind)
+    ttl = queue.queue_arguments["x-message-ttl"]
+    # The queue's TTL once more, on the message: a quorum queue that another client is still creating
+    # takes messages before it knows its TTL (RabbitMQ 3.10 to 4.0 start it without one and set it a
+    # moment later) and never expires such a message, nor, as it only expires from its head, any behind
+    # it. Dead-lettering removes ``expiration``: the message comes back without it. kombu takes seconds
+    # and writes int(seconds * 1000) ms: the half ms keeps the value exact.
+    properties = {**properties, "expiration": (ttl + 0.5) / 1000}
     return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
-                returns_to=work_queue, waits=queue.queue_arguments["x-message-ttl"] / 1000,
-                unrouted=unrouted_queue(own_kind))
+                returns_to=work_queue, waits=ttl / 1000, unrouted=unrouted_queue(own_kind))
 
 
 def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:

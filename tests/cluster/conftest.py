@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from rare_celery.topology import is_delay_queue
 from tests.support import QUORUM_OK, ROOT, app_module, restore_env
 
 SCRIPT = ROOT / "scripts" / "cluster"
@@ -62,6 +63,18 @@ _MOVE_LEADER = (
     '{_, Leader} = amqqueue:get_pid(Q), '
     '[To | _] = [N || N <- rabbit_quorum_queue:get_replicas(Q), N =/= Leader, lists:member(N, [%(live)s])], '
     'rabbit_quorum_queue:transfer_leadership(Q, To).')
+
+
+# rabbitmqctl eval: what a quorum queue's leader holds (rabbit_fifo:overview/1), the header of its first
+# message (its expiry), the timers the leader's process has set, and the time now: why it keeps due messages
+_FIFO_STATE = (
+    '{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"%(vhost)s">>, queue, <<"%(queue)s">>)), '
+    'L = amqqueue:get_pid(Q), '
+    'Get = fun(F) -> case ra:local_query(L, F) of {ok, {_, X}, _} -> X; Other -> Other end end, '
+    'St = lists:flatten(io_lib:format("~0p", [sys:get_status(L)])), '
+    'T = case string:find(St, "Time-outs") of nomatch -> none; R -> string:slice(R, 0, 300) end, '
+    '{L, Get(fun rabbit_fifo:overview/1), Get(fun(S) -> rabbit_fifo:query_peek(1, S) end), T, '
+    'erlang:system_time(millisecond)}.')
 
 
 class Cluster:
@@ -108,21 +121,25 @@ class Cluster:
                 found[name] = node_of(leader if kind == "quorum" else pid) or "?"
         return found
 
-    def held_by_dead_letter_worker(self, vhost: str) -> dict[str, int]:
-        """Quorum queue -> messages it holds that are neither ready nor unacked: due messages its
-        at-least-once dead-letter worker has not forwarded yet (list_queues figures lag up to 5 s). A
-        passive declare or a consumer never sees them; see docs/operations.md, "Due retries held by the
-        broker"."""
+    def overdue(self, vhost: str) -> dict[str, tuple[int, int]]:
+        """Quorum queue -> (ready, held) when a stalled run left due messages in it: ``ready`` counts the
+        messages of a delay queue (``rare.wait.*``; in a stalled run every one of them is past its TTL,
+        which is at most a few seconds here) that the queue has not expired; ``held`` those of any quorum
+        queue that are neither ready nor unacked, due messages its at-least-once dead-letter worker has
+        not forwarded yet (a passive declare or a consumer never sees them). list_queues figures lag up
+        to 5 s. See docs/operations.md, "Due retries held by the broker"."""
         out = self.ctl("list_queues", "-p", vhost, "--no-table-headers", "name", "type", "messages",
                        "messages_ready", "messages_unacknowledged")
-        held = {}
+        found = {}
         for line in out.splitlines():
             parts = line.split("\t")
             if len(parts) == 5 and parts[1] == "quorum" and all(p.isdigit() for p in parts[2:]):
-                n = int(parts[2]) - int(parts[3]) - int(parts[4])
-                if n > 0:
-                    held[parts[0]] = n
-        return held
+                total, ready, unacked = map(int, parts[2:])
+                held = max(total - ready - unacked, 0)
+                ready = ready if is_delay_queue(parts[0]) else 0
+                if ready or held:
+                    found[parts[0]] = (ready, held)
+        return found
 
     def move_leader(self, vhost: str, queue: str) -> str:
         """Move a quorum queue's leader to another running member (what docs/operations.md tells an
@@ -130,6 +147,14 @@ class Cluster:
         worker, which forwards them. The answer, ``{migrated,'rabbit-c@localhost'}`` when it moved."""
         live = ",".join(f"'{node_name(n)}'" for n in self.up())
         return self.ctl("eval", _MOVE_LEADER % {"vhost": vhost, "queue": queue, "live": live}).strip()
+
+    def fifo_state(self, vhost: str, queue: str) -> str:
+        """What the leader of quorum queue ``queue`` holds, its first message's header, its timers and
+        the time (``_FIFO_STATE``), as rabbitmqctl prints it; the error, if that fails."""
+        try:
+            return " ".join(self.ctl("eval", _FIFO_STATE % {"vhost": vhost, "queue": queue}).split())[:3000]
+        except RuntimeError as exc:
+            return f"(not read: {exc})"[:1000]
 
     def leader(self, vhost: str, queue: str) -> str:
         node = self.placement(vhost).get(queue)

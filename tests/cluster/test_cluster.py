@@ -111,6 +111,12 @@ def log_findings(workers: list[Worker]) -> tuple[Counter, list[str]]:
     return counts, examples
 
 
+def kept(ready: int, held: int) -> str:
+    """What a quorum queue kept of its due messages, in words (Cluster.overdue)."""
+    return ", ".join(part for part in (ready and f"{ready} ready past their TTL, not expired",
+                                       held and f"{held} held by its dead-letter worker") if part)
+
+
 def at_least_once_bound() -> int:
     """Duplicates a connection loss can explain: every message a worker holds unacked when its connection
     drops may have done its work (prefetch: 4 per pool process per consumer, 2 consumers), plus the
@@ -180,14 +186,15 @@ def test_stopping_the_work_queue_leader_mid_run_loses_nothing(cluster, cvhost, c
         t_up = time.time()
 
         ended = load.wait(timeout=600, stall=STALL)
-        held = {} if ended else cluster.held_by_dead_letter_worker(cvhost.name)
-        moved_leaders = {q: cluster.move_leader(cvhost.name, q) for q in held}
-        if held:  # the broker's dead-letter worker kept due messages: what an operator does, then wait again
+        overdue = {} if ended else cluster.overdue(cvhost.name)
+        states = {q: cluster.fifo_state(cvhost.name, q) for q in overdue}
+        moved_leaders = {q: cluster.move_leader(cvhost.name, q) for q, (_, held) in overdue.items() if held}
+        if moved_leaders:  # a dead-letter worker held due messages: what an operator does, then wait again
             ended = load.wait(timeout=300, stall=STALL)
         run_s = time.monotonic() - started
         alive = [survived(w) for w in workers]
         holding = {} if ended else {**load.holding(), **{
-            q: f"{n} held by its dead-letter worker" for q, n in cluster.held_by_dead_letter_worker(cvhost.name).items()}}
+            q: kept(*n) for q, n in cluster.overdue(cvhost.name).items()}}
         tallies = load.tally()
         left = load.held()  # work and delay queues, rare.unrouted: (ready, unacked, consumers) if not empty
     finally:
@@ -229,10 +236,11 @@ def test_stopping_the_work_queue_leader_mid_run_loses_nothing(cluster, cvhost, c
                   f"down (5 s after the stop to the start): {len(while_down)}; first attempt after it was up: "
                   f"{'-' if after_up is None else f'{after_up:.1f} s'}")
     REPORT.append(f"  workers that kept consuming to the end: {alive}; left in work and delay queues: {left or 'nothing'}")
-    if held:
-        REPORT.append(f"  due messages the broker's dead-letter worker held (neither ready nor unacked) after {STALL:.0f} s "
-                      f"without a task ending: {held}; their queues' leaders moved: {moved_leaders} "
+    if overdue:
+        REPORT.append(f"  due messages quorum queues kept after {STALL:.0f} s without a task ending: "
+                      f"{ {q: kept(*n) for q, n in overdue.items()} }; leaders moved: {moved_leaders or '-'} "
                       f"(docs/operations.md, \"Due retries held by the broker\")")
+        REPORT.extend(f"  {q} then: {state}" for q, state in states.items())
     REPORT.append(f"  worker log lines: {dict(sorted(counts.items()))}; logs in {cdir}")
     REPORT.extend(duplicates(records, load.jobs.keys())[:10])
     REPORT.extend(examples[:40])

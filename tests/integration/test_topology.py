@@ -48,9 +48,43 @@ def test_a_due_message_is_routed_once_and_the_broker_drops_no_cycle(vhost, kind)
         assert stats[UNROUTED_QUEUE.name]["ready"] == 0
         got = []
         while (message := channel.basic_get(work, no_ack=True)) is not None:
+            assert message.properties.get("expiration") is None  # it waited with one; it never expires here
             got.append(message.body)
     assert sorted(got) == sorted(c.body for c in copies)  # each exactly once
     assert broker_cycle_lines() == cycles  # and the broker dropped no second copy as a cycle
+
+
+# rabbitmqctl eval: tell a quorum queue's state its configuration without x-message-ttl (the queue's own
+# record keeps it): the state RabbitMQ 3.10 to 4.0 start every new quorum queue in, until the client
+# that creates it sets the configuration a moment later (rabbit_quorum_queue:start_cluster)
+_FORGET_TTL = (
+    '{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"%(vhost)s">>, queue, <<"%(queue)s">>)), '
+    'rabbit_quorum_queue:policy_changed('
+    'amqqueue:set_arguments(Q, lists:keydelete(<<"x-message-ttl">>, 1, amqqueue:get_arguments(Q)))).')
+
+
+def test_retries_that_reach_a_quorum_delay_queue_before_it_knows_its_ttl_come_back(vhost):
+    """A quorum queue is routable before it knows its TTL (a moment; another client's declare of it
+    returns at once, so a second worker retrying into a new delay queue can publish in that moment).
+    A message enqueued then got no expiry, and as a quorum queue expires from its head only, it kept
+    every later retry behind it for good (509 retries in rare.wait.quorum.500ms in a cluster run).
+    A copy for a delay queue carries the queue's TTL as its ``expiration`` too."""
+    work = "topology.ttl.work"
+    with Connection(vhost.url, transport_options={"confirm_publish": True}) as conn:
+        channel = conn.default_channel
+        Queue(work, durable=True).bind(channel).declare()
+        copies = [to_delay(work, 0.37, QUORUM, f'{{"n": {n}}}', {}, PROPS) for n in range(6)]
+        delay = copies[0].target.name
+        send(conn.Producer(channel), copies[0])  # the delay queue exists
+        rabbitmqctl("eval", _FORGET_TTL % {"vhost": vhost.name, "queue": delay})
+        for copy in copies[1:]:
+            send(conn.Producer(channel), copy)
+        wait_for(lambda: vhost.queue_stats().get(work, {}).get("ready") == 6, 30, 0.1, f"six due messages through {delay}")
+        got = []
+        while (message := channel.basic_get(work, no_ack=True)) is not None:
+            got.append(message)
+    assert sorted(m.body for m in got) == sorted(c.body for c in copies)
+    assert all(m.properties.get("expiration") is None for m in got)  # dead-lettering removed it
 
 
 def test_rare_queues_stay_classic_on_a_quorum_default_vhost(quorum_vhost):
