@@ -76,13 +76,17 @@ def test_retries_that_reach_a_quorum_delay_queue_before_it_knows_its_ttl_come_ba
         copies = [to_delay(work, 0.37, QUORUM, f'{{"n": {n}}}', {}, PROPS) for n in range(6)]
         delay = copies[0].target.name
         send(conn.Producer(channel), copies[0])  # the delay queue exists
-        rabbitmqctl("eval", _FORGET_TTL % {"vhost": vhost.name, "queue": delay})
-        for copy in copies[1:]:
-            send(conn.Producer(channel), copy)
-        wait_for(lambda: vhost.queue_stats().get(work, {}).get("ready") == 6, 30, 0.1, f"six due messages through {delay}")
-        got = []
-        while (message := channel.basic_get(work, no_ack=True)) is not None:
-            got.append(message)
+        try:
+            rabbitmqctl("eval", _FORGET_TTL % {"vhost": vhost.name, "queue": delay})
+            for copy in copies[1:]:
+                send(conn.Producer(channel), copy)
+            wait_for(lambda: vhost.queue_stats().get(work, {}).get("ready") == 6, 30, 0.1,
+                     f"six due messages through {delay}")
+            got = []
+            while (message := channel.basic_get(work, no_ack=True)) is not None:
+                got.append(message)
+        finally:
+            channel.queue_delete(delay)  # no later test meets a delay queue in that state
     assert sorted(m.body for m in got) == sorted(c.body for c in copies)
     assert all(m.properties.get("expiration") is None for m in got)  # dead-lettering removed it
 
