@@ -144,6 +144,16 @@ class Timeline:
                 self.retries.pop(task_id)["error"] = _short(str(event.get("exception", "")))
             elif kind == "rare-hop":
                 self.line(task_id, f"{event['source']} -> {event['target']} ({event['reason']})")
+            elif kind == "rare-breaker-open":
+                self.line(task_id, f"breaker {event['breaker']} open: no request until +"
+                                   f"{event['until'] - self.started:.2f}s"
+                                   f"{' (its probe failed)' if event.get('reopened') else ''}")
+            elif kind == "rare-breaker-probe":
+                self.line(task_id, f"{name}: probes breaker {event['breaker']}")
+            elif kind == "rare-breaker-close":
+                self.line(task_id, f"breaker {event['breaker']} closed: requests again")
+            elif kind == "rare-wait" and event.get("breaker"):
+                self.line(task_id, f"{name}: waits for breaker {event['breaker']}, not run")
             elif kind == "rare-bugs":
                 self.ended[task_id] = "bugs"
                 self.line(task_id, f"{name}: to bug queue {event['queue']} ({event['reason']}, "

@@ -2,7 +2,9 @@
 and less often, until it answers or the text is too old to be worth translating.
 
 Each attempt is one HTTP request; nothing waits in the worker between attempts, so there are
-never more requests in flight than tasks.
+never more requests in flight than tasks. All translations share one circuit breaker, ``deepl``:
+once the service has failed several times in a row, no task sends it a request until one probe
+finds it answering again (the others wait in the broker meanwhile, without spending attempts).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class Unavailable(Exception):
     """The translation service is down (HTTP 5xx, refused or timed out): retry later."""
 
 
-@app.task(base=RareTask, name="translate.text", queue="translate", retry_on=(Unavailable,),
+@app.task(base=RareTask, name="translate.text", queue="translate", retry_on=(Unavailable,), breaker="deepl",
           **POLICIES["translate"])
 def translate(text: str, target_lang: str) -> str:
     request = urllib.request.Request(

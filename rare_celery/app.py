@@ -15,14 +15,15 @@ from .exceptions import ConfigurationError
 log = logging.getLogger(__name__)
 
 
-def setup_app(app, step) -> None:
-    """Called when a RareTask is bound to ``app``: add the worker bootstep ``step``
-    (:class:`rare_celery.worker.RareConsumerStep`), turn on confirms, and fold ``expires`` into the
-    deadline on publish."""
+def setup_app(app, *steps) -> None:
+    """Called when a RareTask is bound to ``app``: add the worker bootsteps ``steps``
+    (:class:`rare_celery.worker.RareConsumerStep`, :class:`~rare_celery.worker.BreakerStep`), turn
+    on confirms, and fold ``expires`` into the deadline on publish."""
     if getattr(app, "_rare_setup", False):
         return
     app._rare_setup = True
-    app.steps["consumer"].add(step)
+    for step in steps:
+        app.steps["consumer"].add(step)
     if app.configured:
         enable_confirms(app)
     else:

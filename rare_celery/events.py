@@ -12,8 +12,18 @@ type               fields
 ``rare-bugs``      ``reason``, ``attempts``, ``exception``, ``error``, ``queue`` (the bug queue)
 ``rare-hop``       ``target`` (task name), ``reason``, ``queue`` (the target's)
 ``rare-expired``   ``deadline`` (epoch s), ``attempts``
-``rare-wait``      ``due`` (epoch s), ``queue``: an early arrival sent round again, not run
+``rare-wait``      ``due`` (epoch s), ``queue``: an early arrival sent round again, not run;
+                   ``breaker`` (its name) when it waits for an open circuit breaker
 =================  =========================================================================
+
+Circuit breakers (sent once per change, by the worker whose attempt made it; ``uuid`` is that
+attempt's task id, ``name`` its task, ``breaker`` the breaker's name, ``gen`` its open periods):
+
+=======================  ===================================================================
+``rare-breaker-open``    ``until`` (epoch s: the probe time), ``open_for`` (s), ``reopened``
+``rare-breaker-probe``   ``worker``: the one attempt that probes the service now
+``rare-breaker-close``   attempts run again
+=======================  ===================================================================
 
 ``rare-hop`` also carries ``source`` (the same as ``name``). These types (routing keys ``rare.*``)
 are what ``rare-celery web`` / ``metrics`` count; an event consumer that keeps task state (Flower,
@@ -41,7 +51,9 @@ import logging
 log = logging.getLogger(__name__)
 
 RETRY, BUGS, HOP, EXPIRED, WAIT = "rare-retry", "rare-bugs", "rare-hop", "rare-expired", "rare-wait"
-TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT)
+BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE = "rare-breaker-open", "rare-breaker-probe", "rare-breaker-close"
+BREAKER = {"open": BREAKER_OPEN, "probe": BREAKER_PROBE, "close": BREAKER_CLOSE}  # by change kind
+TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT, BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE)
 HOPPED_EVENT, WAITING_EVENT = "task-hopped", "task-waiting"
 ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the run, sent along
 MAX_ERROR = 200  # characters of the exception's message an event carries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .exceptions import ConfigurationError
 from .hops import MAX_HOPS
 from .policy import Policy
 from .topology import RETURN_EXCHANGE, bug_queue_name, delay_kind
@@ -96,3 +97,23 @@ def work_queue_of(task, delivery_info) -> str:
         if q.exchange is not None and q.exchange.name == exchange and q.routing_key == key:
             return q.name
     return getattr(task, "queue", None) or task.app.conf.task_default_queue
+
+
+def breakers(app) -> dict:
+    """Breaker name -> its settings (:class:`rare_celery.breaker.Settings`), for the RareTasks of ``app``
+    that name one; tasks that share a breaker must set it up the same way (else ConfigurationError)."""
+    out: dict = {}
+    owners: dict[str, str] = {}
+    for info in rare_tasks(app):
+        settings = getattr(info.task, "rare_breaker", None)
+        if settings is None:
+            continue
+        name = info.task.breaker
+        if name in out and out[name] != settings:
+            raise ConfigurationError(
+                f"rare_celery: tasks {owners[name]} and {info.name} share breaker {name!r} with different "
+                f"settings ({out[name]} and {settings}); set breaker_failures, breaker_within, breaker_open "
+                f"and breaker_max_open the same on both")
+        out.setdefault(name, settings)
+        owners.setdefault(name, info.name)
+    return out

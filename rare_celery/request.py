@@ -48,7 +48,7 @@ from celery.utils.objects import Bunch
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from . import events, hops, signals
+from . import breaker_io, events, hops, signals
 from . import headers as hdr
 from .exceptions import Ended, PublishRefused, RoutingFailed, WorkerLost
 from .inventory import resolve_task_name, target_queue, work_queue_of
@@ -251,6 +251,9 @@ class RareRequest(Request):
             put_back(self.task, self._message, self.rare_queue,
                      f"{reason}: {exc!r}; routing it failed: {err!r}"[: hdr.MAX_ERROR], lost=False,
                      ack=self.acknowledge, requeue=lambda: self.reject(requeue=True))
+        if getattr(self.task, "rare_breaker", None) is not None:
+            with _best_effort("tell the breaker"):
+                breaker_io.lost_attempt(self.task, self.id, self.hostname or "", timed_out=reason == TIME_LIMIT)
 
     def _route_lost(self, exc: Exception, reason: str) -> None:
         task, message, now = self.task, self._message, time.time()

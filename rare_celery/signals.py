@@ -30,3 +30,15 @@ expired = Signal(name="rare_expired")
 hopped = Signal(name="rare_hopped")
 
 __all__ = ["attempt_started", "expired", "hopped", "retry_scheduled", "routed_to_bugs"]
+
+# Circuit breakers (``breaker = "deepl"``): sent once per change, by the worker whose attempt made
+# it (its main process); ``sender`` is the breaker's name, ``task_id`` the attempt's task.
+#
+# * ``breaker_opened(sender, breaker, gen, until, open_for, reopened, task_id)`` - attempts wait
+#   until ``until`` (epoch s); ``reopened``: a probe failed (else: failures in a row tripped it).
+# * ``breaker_probe(sender, breaker, gen, task_id, worker)`` - one attempt probes the service.
+# * ``breaker_closed(sender, breaker, gen, task_id)`` - the probe did not fail: attempts run again.
+breaker_opened = Signal(name="rare_breaker_opened")
+breaker_probe = Signal(name="rare_breaker_probe")
+breaker_closed = Signal(name="rare_breaker_closed")
+__all__ += ["breaker_closed", "breaker_opened", "breaker_probe"]

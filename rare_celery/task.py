@@ -6,6 +6,7 @@ One delivery, inside the pool process that runs it::
             a copy of a success?     -> acked, not run (the worker lost its ack before)
             early (x-rare-due)?      -> delay queue for the rest, not run, nothing counted
             shelf life over?         -> fallback task, or bug queue (expired)
+            its breaker open?        -> delay queue until the probe time, not run, nothing counted
     run()   Policy.decide()          -> RetryIn: delay queue   GiveUp: bug queue   HopTo: fallback
             raise Hop(...)           -> the next task's queue
 
@@ -29,7 +30,8 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import backoff as _backoff
-from . import batch, events, hops, signals
+from . import batch, breaker_io, events, hops, signals
+from . import breaker as br
 from . import headers as hdr
 from .app import setup_app
 from .exceptions import Bug, Exhausted, Expired, Hop, HopLimit, NoHandler, RoutingFailed
@@ -39,7 +41,7 @@ from .policy import BUG, EARLY_SLEEP, EXPIRED, REJECTED, GiveUp, HopTo, Policy, 
 from .publish import PATIENCE, Copy, send_patiently, shielded, to_bugs, to_delay, to_queue
 from .request import ENDING, QUEUE, tracer_for
 from .topology import bug_queue_name, delay_kind, name_problem, own_kind
-from .worker import RareConsumerStep
+from .worker import BreakerStep, RareConsumerStep
 
 log = logging.getLogger(__name__)
 ROUTING_PAUSE = 1.0  # after a failed ending, before the message is put back: never a hot loop
@@ -119,7 +121,11 @@ class RareTask(Task):
     * ``bug_queue`` - where final failures go (default ``<queue>.bugs``);
     * ``fallback`` - task (name or class) that takes the work when attempts or shelf life run out;
     * ``max_hops`` - hops a message may make before it ends in the bug queue (``hop_limit``);
-    * ``dispatch_on`` - payload key that picks a handler registered with :meth:`handler`.
+    * ``dispatch_on`` - payload key that picks a handler registered with :meth:`handler`;
+    * ``breaker`` - the downstream service's name: tasks that name the same one share a circuit
+      breaker across all workers (:mod:`rare_celery.breaker`), set by ``breaker_failures`` (failures
+      in a row that open it), ``breaker_within`` (s), ``breaker_open`` (s, the first open period)
+      and ``breaker_max_open`` (s, the longest after failed probes).
     """
 
     abstract = True  # no registration of the base class itself
@@ -131,6 +137,12 @@ class RareTask(Task):
     fallback: object = None
     max_hops: int = hops.MAX_HOPS
     dispatch_on: str | None = None
+    breaker: str | None = None
+    breaker_failures: int = 5
+    breaker_within: object = 60
+    breaker_open: object = 30
+    breaker_max_open: object = 300
+    rare_breaker: br.Settings | None = None
 
     Request = "rare_celery.request:RareRequest"  # the worker's side: lost workers, time limits, put-backs
     acks_late = True
@@ -151,9 +163,12 @@ class RareTask(Task):
             for attr in _CELERYS_OWN:
                 if attr not in cls.__dict__:  # Celery 5.4 has no acks_on_failure: None, as unset
                     setattr(cls, attr, Task.__dict__.get(attr))
-            cls.rare_policy = None
+            cls.rare_policy = cls.rare_breaker = None
             return
         cls.rare_policy = Policy.build(cls._owner(), **{k: getattr(cls, k) for k in _OVERRIDABLE})
+        cls.rare_breaker = br.Settings.build(cls._owner(), cls.breaker, failures=cls.breaker_failures,
+                                             within=cls.breaker_within, open_for=cls.breaker_open,
+                                             max_open=cls.breaker_max_open)
         _check_routing(cls._owner(), cls.bug_queue, cls.max_hops, cls.dispatch_on)
         cls.handlers = dict(cls.handlers)
 
@@ -181,7 +196,7 @@ class RareTask(Task):
 
     @classmethod
     def bind(cls, app):
-        setup_app(app, RareConsumerStep)
+        setup_app(app, RareConsumerStep, BreakerStep)
         return super().bind(app)
 
     # -- the pool process's tracer, guarded (see rare_celery.request) -----------------------------
@@ -247,6 +262,13 @@ class RareTask(Task):
             return self._eagerly(args, kwargs)
         req.rare_started = time.monotonic()
         fn = self._admit(args, kwargs)
+        try:
+            return self._attempt(fn, args, kwargs)
+        finally:  # a breaker hears of every attempt; all but a retryable failure (told in retry) say it answered
+            self._breaker_told(failed=False)
+
+    def _attempt(self, fn: Callable, args, kwargs):
+        req = self.request
         signals.attempt_started.send(sender=self, request=req, attempt=req.rare_current.attempt.number)
         try:
             result = fn(*args, **kwargs)
@@ -295,7 +317,57 @@ class RareTask(Task):
         if state.deadline is not None and time.time() > state.deadline:
             exc = Expired(f"shelf life ended at {_iso(state.deadline)} before attempt {state.number}")
             self._out_of(policy.out_of(EXPIRED), exc, current, keep_error=True)
+        if self.rare_breaker is not None:
+            self._breaker_gate(current)
         return fn
+
+    # -- the circuit breaker (rare_celery.breaker): run, probe or wait; then tell it the outcome ----
+
+    def _breaker_gate(self, current: Current) -> None:
+        """Let the attempt run (the breaker is closed), make it the probe (the breaker is due for one
+        and this process took its lock), or send it to wait, unrun, nothing counted."""
+        req, name, kind = self.request, self.breaker, own_kind(self.app)
+        now = time.time()
+        state = breaker_io.board_state(name) or br.State(name)
+        action, until = br.verdict(state, now)
+        if action == br.PROBE:
+            lock, last = breaker_io.try_probe(self.app, name, kind)
+            if lock is None:  # another attempt probes (or the broker cannot say): look again soon
+                action, until = br.WAIT, now + br.PROBE_WAIT
+            else:  # the broker's last state, newer than this worker's board if a note is on its way
+                state = last if last is not None and last.order() > state.order() else state
+                action, until = br.verdict(state, time.time())
+                if action == br.PROBE:
+                    state = br.probing(state, req.hostname or "", req.id, time.time())
+                    breaker_io.announce(self.app, state.as_note(req.hostname or "", req.id), kind)
+                    req.rare_probe = (lock, state)
+                else:
+                    lock.release()
+        if action == br.WAIT:
+            self._wait(current, due=until, breaker=name)
+        req.rare_breaker_gen, req.rare_breaker_failures = state.gen, bool(state.failures)
+
+    def _breaker_told(self, failed: bool) -> None:
+        """Tell the breaker how this delivery's attempt went, once: a probe announces the new state
+        and lets its lock go; another attempt sends a failure (or, after failures, a success) note."""
+        req = self.request
+        gen = getattr(req, "rare_breaker_gen", None)
+        if gen is None:
+            return
+        req.rare_breaker_gen = None
+        by, kind, now = req.hostname or "", own_kind(self.app), time.time()
+        probe = getattr(req, "rare_probe", None)
+        if probe is not None:
+            req.rare_probe = None
+            lock, state = probe
+            try:
+                after = br.after_probe(state, self.rare_breaker, failed=failed, now=now)
+                breaker_io.announce(self.app, after.as_note(by, req.id), kind)
+            finally:
+                lock.release()
+        elif failed or req.rare_breaker_failures:
+            note = br.count_note(self.breaker, br.FAILURE if failed else br.SUCCESS, gen, now, by, req.id)
+            breaker_io.announce(self.app, note, kind)
 
     def _dispatch(self, args, kwargs) -> tuple[Policy, Callable]:
         """The policy and function for this message: the task's own, or its payload handler's."""
@@ -341,6 +413,8 @@ class RareTask(Task):
         try:
             self._ended_before()
             current = getattr(req, "rare_current", None) or Current(hdr.read(req.headers), self.rare_policy)
+            self._breaker_told(failed=exc is not None and not isinstance(exc, Bug)
+                               and isinstance(exc, current.policy.retry_on))
             decision = current.policy.decide(current.attempt, exc=exc, now=now, countdown=countdown, max_attempts=limit)
             if not isinstance(decision, RetryIn):
                 if exc is None:
@@ -501,9 +575,12 @@ class RareTask(Task):
 
         self._end(make, exc, report)
 
-    def _wait(self, current: Current) -> NoReturn:
-        """An early arrival (off-grid delay, delayed start): back to a delay queue for the rest, unrun."""
+    def _wait(self, current: Current, due: float | None = None, breaker: str | None = None) -> NoReturn:
+        """An early arrival (off-grid delay, delayed start): back to a delay queue for the rest, unrun.
+        With ``due``: an attempt its ``breaker`` holds back, until then (or its deadline, if sooner)."""
         req, state = self.request, current.attempt
+        if due is not None:
+            state = replace(state, due=due if state.deadline is None else min(due, state.deadline))
         queue = self._work_queue()
         rest = state.due - time.time()
 
@@ -513,7 +590,7 @@ class RareTask(Task):
                             slack=slack(rest), own_kind=own_kind(self.app))
 
         def report() -> None:
-            events.emit(self, events.WAIT, req.id, due=state.due, queue=queue)
+            events.emit(self, events.WAIT, req.id, due=state.due, queue=queue, **({"breaker": breaker} if breaker else {}))
 
         self._end(make, Ignore(), report)
 

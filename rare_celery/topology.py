@@ -174,3 +174,35 @@ def own_kind(app) -> str:
 
 
 UNROUTED_QUEUE = unrouted_queue()  # classic: the name, and the declaration of apps without rare_queue_type
+
+
+# -- circuit breakers (see rare_celery.breaker) ----------------------------------------------------
+# ``rare.breakers`` (topic exchange): notes about breaker ``<name>`` are published with the key
+# ``<name>.count`` (an attempt's outcome) or ``<name>.state`` (a change of state). Each worker's
+# main process listens on a queue of its own; ``rare.breaker.<name>`` keeps the last state note
+# (x-max-length 1) for workers and tools that start later; ``rare.breaker.<name>.probe`` is the
+# probe lock: an exclusive queue, held by the connection of the attempt that probes.
+BREAKER_EXCHANGE = Exchange("rare.breakers", type="topic", durable=True)
+COUNT_KEY, STATE_KEY = "count", "state"
+
+
+def breaker_key(breaker: str, kind: str) -> str:
+    """The routing key of a note about ``breaker``: ``kind`` is :data:`COUNT_KEY` or :data:`STATE_KEY`."""
+    return f"{breaker}.{kind}"
+
+
+def breaker_state_queue(breaker: str, kind: str = CLASSIC) -> Queue:
+    """``rare.breaker.<name>``: the last state note of ``breaker`` (the newest one wins a full queue)."""
+    args = {**_typed(kind), "x-max-length": 1, "x-overflow": "drop-head"}
+    return _read_by_people(Queue(f"rare.breaker.{breaker}", exchange=BREAKER_EXCHANGE,  # read and put back
+                                 routing_key=breaker_key(breaker, STATE_KEY), durable=True, queue_arguments=args))
+
+
+def probe_lock_name(breaker: str) -> str:
+    """The exclusive queue whose holder is the probe of ``breaker``."""
+    return f"rare.breaker.{breaker}.probe"
+
+
+def breaker_listener(hostname: str, token: str) -> str:
+    """The queue a worker's main process hears breaker notes on (exclusive: gone with its connection)."""
+    return f"rare.breakers.{hostname[:200]}.{token}"

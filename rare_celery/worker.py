@@ -5,6 +5,7 @@ Celery would reject or drop on a rare queue to its bug queue."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -12,17 +13,20 @@ import time
 from celery import bootsteps
 from celery.utils.imports import symbol_by_name
 from celery.utils.objects import Bunch
+from kombu import Consumer, Queue, binding
+from kombu.utils.uuid import uuid
 
-from . import events
+from . import breaker as br
+from . import breaker_io, events, signals
 from . import headers as hdr
 from . import request as rare_request
 from .app import check, fold_expires
 from .declare import declare_queue, declare_worker_topology, learn_types
 from .exceptions import ConfigurationError, TopologyError
-from .inventory import is_rare, rare_tasks
+from .inventory import breakers, is_rare, rare_tasks
 from .policy import EARLY_SLEEP, REJECTED, UNREGISTERED, slack
 from .publish import main_process, properties_of, send_patiently, to_bugs, to_delay
-from .topology import bug_queue_name, delay_kind, name_problem, own_kind
+from .topology import BREAKER_EXCHANGE, breaker_listener, bug_queue_name, delay_kind, name_problem, own_kind
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,9 @@ class RareConsumerStep(bootsteps.StartStopStep):
                 fold_expires(headers)
             if isinstance(headers, dict) and headers.get(hdr.DUE) is not None and wait_more(c, task, message, queue):
                 return None
+            watch = getattr(c, "rare_breakers", None)
+            if watch is not None and task.rare_breaker is not None and wait_for_breaker(c, task, message, queue, watch):
+                return None
             return strategy(message, *args, **kwargs)
         return screened
 
@@ -157,13 +164,45 @@ def wait_more(c, task, message, queue: str | None) -> bool:
         state = hdr.read(message.headers, now)
     except hdr.HeaderError:
         return False
-    if not queue or state.due is None or state.due - now <= EARLY_SLEEP or task.dispatch_on:
+    if state.due is None:
+        return False
+    return _send_round(c, task, message, queue, state, state.due, now)
+
+
+def wait_for_breaker(c, task, message, queue: str | None, watch: breaker_io.Watch) -> bool:
+    """An attempt whose breaker is open: to a delay queue until the probe time, from the main process
+    (see :func:`wait_more`). When the breaker is due for a probe, one attempt at a time goes on to the
+    pool to try for the probe lock; the others wait :data:`~rare_celery.breaker.PROBE_WAIT` s."""
+    name, now = task.breaker, time.time()
+    action, until = br.verdict(watch.states.get(name), now)
+    if action == br.RUN:
+        return False
+    if action == br.PROBE:
+        if now - watch.candidates.get(name, 0.0) > 2 * br.PROBE_WAIT:
+            watch.candidates[name] = now
+            return False
+        until = now + br.PROBE_WAIT
+    try:
+        state = hdr.read(message.headers, now)
+    except hdr.HeaderError:
+        return False
+    return _send_round(c, task, message, queue, state, until, now, breaker=name)
+
+
+def _send_round(c, task, message, queue: str | None, state: hdr.Attempt, due: float, now: float,
+                breaker: str | None = None) -> bool:
+    """Send ``message`` to a delay queue until ``due`` (its deadline, if sooner), acked once the copy
+    is confirmed; False when the pool process must look at it instead."""
+    if not queue or task.dispatch_on:
         return False
     deadline = state.deadline if state.deadline is not None else task.rare_policy.deadline(state.first_at)
-    if deadline is not None and (now > deadline or state.due > deadline):
+    if deadline is not None and (now > deadline or (state.due or 0) > deadline):
         return False
-    headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue}
-    rest = state.due - now
+    due = due if deadline is None else min(due, deadline)
+    if due - now <= EARLY_SLEEP:
+        return False
+    headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue, hdr.DUE: due}
+    rest = due - now
     copy = to_delay(queue, rest, delay_kind(c.app, queue), message.body, hdr.fit(headers),
                     properties_of(message), slack=slack(rest), own_kind=own_kind(c.app))
     try:
@@ -175,8 +214,87 @@ def wait_more(c, task, message, queue: str | None) -> bool:
     dispatcher = getattr(c, "event_dispatcher", None)
     if dispatcher is not None and dispatcher.enabled:
         with contextlib.suppress(Exception):
-            dispatcher.send(events.WAIT, uuid=headers.get("id"), name=task.name, due=state.due, queue=queue)
+            dispatcher.send(events.WAIT, uuid=headers.get("id"), name=task.name, due=due, queue=queue,
+                            **({"breaker": breaker} if breaker else {}))
     return True
+
+
+class BreakerStep(bootsteps.ConsumerStep):
+    """The worker's main process hears every note about the breakers its tasks use (a queue of its
+    own on ``rare.breakers``), after reading their last states, and keeps them for the screen and
+    the pool processes (:class:`rare_celery.breaker_io.Watch`). The change an attempt of this
+    worker made is reported from here: signals, events and, for a trip, the state note."""
+
+    name = "rare_celery.breakers"
+    requires = ("celery.worker.consumer:Connection", "celery.worker.consumer.tasks:Tasks")
+
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        c.rare_breakers = self.watch = None
+        try:
+            settings = breakers(c.app)
+        except ConfigurationError as exc:
+            raise SystemExit(f"{exc}") from None
+        if settings:
+            board = breaker_io.Board.for_this_worker()
+            breaker_io.BOARD = board  # pool processes forked from here read it
+            c.rare_breakers = self.watch = breaker_io.Watch(settings, own_kind(c.app), board)
+
+    def start(self, c):
+        self.consumers = []
+        if self.watch is None:
+            return
+        channel = c.connection.channel()
+        queue = Queue(breaker_listener(c.hostname, uuid()[:8]), exchange=BREAKER_EXCHANGE, durable=False,
+                      exclusive=True, auto_delete=True, queue_arguments={"x-queue-type": "classic"},
+                      bindings=[binding(BREAKER_EXCHANGE, routing_key=f"{name}.*") for name in sorted(self.watch.settings)])
+        BREAKER_EXCHANGE.declare(channel=channel)
+        consumer = Consumer(channel, queues=[queue], on_message=lambda message: self._heard(c, message), no_ack=True)
+        consumer.consume()  # listening before the last states are read: no note falls in between
+        self.consumers = [consumer]
+        self.watch.load(c.connection)
+        log.info("rare_celery: breakers %s", ", ".join(f"{n} {s.phase}" for n, s in sorted(self.watch.states.items())))
+
+    def shutdown(self, c):
+        super().shutdown(c)
+        if self.watch is not None:
+            self.watch.board.remove()
+
+    def _heard(self, c, message) -> None:
+        try:
+            note = json.loads(message.body)
+        except (TypeError, ValueError, UnicodeDecodeError):
+            note = None
+        change = self.watch.hear(note)
+        if change is None or change.note.get("by") != c.hostname:
+            return
+        try:
+            report_change(c, change)
+        except Exception as exc:  # noqa: BLE001 - a report; the state is kept either way
+            log.warning("rare_celery: could not report breaker %s %s: %r", change.state.name, change.kind, exc)
+
+
+def report_change(c, change: br.Change) -> None:
+    """Log, announce (a trip: its state note), signal and send the event of a change this worker made."""
+    state, note = change.state, change.note
+    if change.kind == br.OPENED and note["kind"] == br.FAILURE:
+        breaker_io.announce(c.app, state.as_note(c.hostname, note.get("task")), own_kind(c.app))
+    fields = {"breaker": state.name, "gen": state.gen}
+    if change.kind == br.OPENED:
+        fields.update(until=state.until, open_for=state.open_for, reopened=note["kind"] != br.FAILURE)
+        log.warning("rare_celery: breaker %s opened for %.3g s (%s)", state.name, state.open_for,
+                    "its probe failed" if fields["reopened"] else "failures in a row")
+        signals.breaker_opened.send(sender=state.name, task_id=note.get("task"), **fields)
+    elif change.kind == br.PROBE:
+        fields["worker"] = state.probe
+        log.info("rare_celery: breaker %s: %s probes", state.name, note.get("task"))
+        signals.breaker_probe.send(sender=state.name, task_id=note.get("task"), **fields)
+    else:
+        log.warning("rare_celery: breaker %s closed", state.name)
+        signals.breaker_closed.send(sender=state.name, task_id=note.get("task"), **fields)
+    dispatcher = getattr(c, "event_dispatcher", None)
+    if dispatcher is not None and dispatcher.enabled:
+        dispatcher.send(events.BREAKER[change.kind], uuid=note.get("task"), name=None, **fields)
 
 
 def preflight(app) -> None:

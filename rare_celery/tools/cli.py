@@ -29,6 +29,7 @@ from ..topology import (
     own_kind,
     unrouted_queue,
 )
+from . import breakers as rare_breakers
 from . import bugs, durations, moves, records
 from . import status as rare_status
 from . import timeline as tl
@@ -104,6 +105,17 @@ class Env:
 
     def task(self, name: str | None) -> RareTaskInfo | None:
         return next((t for t in self.tasks if t.name == name), None)
+
+    def breakers(self, queues=()) -> rare_breakers.Uses:
+        """The circuit breakers the app's rare tasks (those on ``queues``, if given) name."""
+        if self.app is None:
+            return {}
+        from ..exceptions import ConfigurationError
+
+        try:
+            return rare_breakers.uses(self.app, self.tasks, queues)
+        except ConfigurationError as exc:
+            raise Failure(str(exc)) from None
 
     def check_bug_queue(self, queue: str) -> None:
         """With an app, requeue and purge act only on its bug queues."""
@@ -416,7 +428,8 @@ def purge_bugs(queue, tasks, reasons, older_than, everything, yes) -> None:
 @click.option("--scan", is_flag=True, help="Look for every possible delay queue, not only those of the schedules.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def status(queues, scan, as_json) -> None:
-    """Ready messages and consumers of rare work queues, their bug queues, and the delay queues.
+    """Ready messages and consumers of rare work queues, their bug queues, and the delay queues;
+    with -A, the state of the app's circuit breakers.
 
     Without QUEUE, the work queues of the app's rare tasks. Delay queues are shared by every work
     queue of a vhost; they are found from the tasks' schedules (or all of them with --scan).
@@ -426,7 +439,8 @@ def status(queues, scan, as_json) -> None:
     if not works:
         raise Failure("name the work QUEUEs, or pass -A/--app APP with rare tasks")
     with e.connection() as conn:
-        report = rare_status.probe(conn, works, rare_status.delay_users(e.tasks, queues), scan)
+        report = rare_status.probe(conn, works, rare_status.delay_users(e.tasks, queues), scan,
+                                   breaker_uses=e.breakers(queues))
     if as_json:
         say(json.dumps(report, indent=2))
         return
@@ -443,11 +457,15 @@ def status(queues, scan, as_json) -> None:
     say("")
     if not report["delay_queues"]:
         say("no delay queues known" + ("" if scan else " (--scan looks for every possible one)"))
-        return
-    say(f"{'DELAY QUEUE':<32} {'DELAY':>10} {'WAITING':>8}  FOR WORK QUEUES (from their schedules)")
-    for d in report["delay_queues"]:
-        say(f"{d['queue']:<32} {d['delay']:>10} {_n(d['messages'], d['exists']):>8}  "
-                   f"{', '.join(d['work_queues']) or '-'}")
+    else:
+        say(f"{'DELAY QUEUE':<32} {'DELAY':>10} {'WAITING':>8}  FOR WORK QUEUES (from their schedules)")
+        for d in report["delay_queues"]:
+            say(f"{d['queue']:<32} {d['delay']:>10} {_n(d['messages'], d['exists']):>8}  "
+                f"{', '.join(d['work_queues']) or '-'}")
+    if report.get("breakers"):
+        say("")
+        for line in rare_breakers.lines(report["breakers"], time.time()):
+            say(line)  # the worker names and task ids came from a message: say escapes them
 
 
 def _n(value, exists: bool) -> str:

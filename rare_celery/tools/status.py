@@ -1,5 +1,6 @@
 """What ``rare-celery status`` reports (and the web console's overview shows): rare work queues with
-their ready messages, consumers and bug queues, and the delay queues with the messages waiting.
+their ready messages, consumers and bug queues, the delay queues with the messages waiting, and the
+app's circuit breakers (:mod:`rare_celery.tools.breakers`).
 
 Counts come from passive declares (no management plugin). Delay queues are shared by every work
 queue of a vhost; they are found from the tasks' schedules, or all possible ones with ``scan``.
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 
 from ..inventory import RareTaskInfo
 from ..topology import CLASSIC, UNROUTED_QUEUE, bug_queue_name, delay_queue, grid_values
-from . import bugs, durations
+from . import breakers, bugs, durations
 from . import timeline as tl
 
 Works = dict[str, tuple[str, set[str]]]  # work queue -> (kind, bug queues)
@@ -44,9 +45,10 @@ def delay_users(tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Delays
     return delays
 
 
-def probe(conn, works: Works, delays: Delays, scan: bool = False, extra: Delays | None = None) -> dict:
+def probe(conn, works: Works, delays: Delays, scan: bool = False, extra: Delays | None = None,
+          breaker_uses: breakers.Uses | None = None) -> dict:
     """The report: ``{"work_queues": [...], "delay_queues": [...], "unrouted": {...}}``, read from the
-    broker now.
+    broker now, and ``"breakers": [...]`` when ``breaker_uses`` names any.
 
     Delay queues of ``delays`` are listed whether they exist or not; those of ``extra`` (seen some
     other way) and, with ``scan``, every possible one, only if they exist.
@@ -74,6 +76,8 @@ def probe(conn, works: Works, delays: Delays, scan: bool = False, extra: Delays 
         report["delay_queues"].append({
             "queue": name, "delay_ms": ms, "delay": durations.short(ms / 1000), "exists": found is not None,
             "messages": found and found[0], "work_queues": sorted(users)})
+    if breaker_uses:
+        report["breakers"] = breakers.report(conn, breaker_uses)
     return report
 
 

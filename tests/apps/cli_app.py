@@ -122,3 +122,10 @@ def watched():
 @app.task(name="cli.plain")
 def plain():
     """Not a RareTask: the CLI leaves it alone."""
+
+
+# status: a circuit breaker whose state the test sets with a state note of its own (nothing runs it)
+@app.task(base=RareTask, name="cli.metered", max_attempts=2, backoff=60, breaker="cli-svc", breaker_failures=5,
+          breaker_within=60, breaker_open=30, breaker_max_open=300)
+def metered():
+    raise ConnectionError("down")

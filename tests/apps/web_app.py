@@ -62,3 +62,10 @@ def sms(self, to):
 def email(self, to):
     record(self)
     raise Bug(f"no email address for {to}")
+
+
+# the overview and /metrics: a circuit breaker whose state the test sets with a state note of its own
+@app.task(base=RareTask, name="web.metered", queue="web.work", max_attempts=1, breaker="web-svc", breaker_failures=3,
+          breaker_within=10, breaker_open=60, breaker_max_open=600)
+def metered():
+    raise ConnectionError("down")

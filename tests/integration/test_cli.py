@@ -6,14 +6,17 @@ plus real ones routed there by a worker running tests/apps/cli_app.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from click.testing import CliRunner
 from kombu import Connection
 
 from rare_celery.tools.cli import main
-from rare_celery.topology import DELAY_EXCHANGE, delay_queue
+from rare_celery.topology import BREAKER_EXCHANGE, DELAY_EXCHANGE, breaker_state_queue, delay_queue
 from tests.support import ROOT, Events, Vhost, Worker, message_count, wait_for
 
 APP = "tests.apps.cli_app"
@@ -139,6 +142,41 @@ def drain(url: str, queue: str) -> list:
         channel = conn.channel()
         channel.auto_decode = False
         return list(iter(lambda: channel.basic_get(queue, no_ack=True), None))
+
+
+@contextlib.contextmanager
+def breaker_notes(url: str, name: str) -> Iterator:
+    """``announce(note)``: publish ``note`` (a dict, or raw bytes) as breaker ``name``'s state note, as a
+    worker announces one (to ``rare.breakers``, key ``<name>.state``, its state queue declared first: it
+    keeps the newest). Afterwards the state queue is deleted, and the exchange if it was not there before."""
+    queue = breaker_state_queue(name)
+    with Connection(url) as conn:
+        try:
+            conn.channel().exchange_declare(BREAKER_EXCHANGE.name, "topic", passive=True)
+            made = False
+        except amqp.exceptions.NotFound:
+            made = True
+        channel = conn.channel()
+        queue.bind(channel).declare()  # the exchange, the queue, the binding
+
+        def announce(note) -> None:
+            body = note if isinstance(note, bytes) else json.dumps(note).encode()
+            channel.basic_publish_confirm(amqp.Message(body, content_type="application/json", delivery_mode=2),
+                                          exchange=BREAKER_EXCHANGE.name, routing_key=queue.routing_key)
+        try:
+            yield announce
+        finally:
+            channel.queue_delete(queue.name)
+            if made:
+                channel.exchange_delete(BREAKER_EXCHANGE.name)
+            channel.close()
+
+
+def open_note(name: str, gen: int, by: str, task: str, open_for: float = 60.0) -> dict:
+    """The note a worker announces when breaker ``name`` opens (``rare_celery.breaker.State.as_note``)."""
+    now = time.time()
+    return {"breaker": name, "kind": "open", "gen": gen, "at": now, "until": now + open_for, "open_for": open_for,
+            "by": by, "task": task}
 
 
 def keys(messages) -> list:
@@ -496,6 +534,56 @@ def check_status(vhost: Vhost) -> None:
                 "work_queues": []} in report["delay_queues"]
         assert all(d["exists"] for d in report["delay_queues"])
         channel.close()
+
+
+def test_status_shows_each_breaker_as_its_state_note_says_with_the_note_escaped(vhost, env):
+    hostile_by, hostile_task = f"w1@host<script>{HOSTILE}", f"abc{HOSTILE}"
+
+    def breaker(*args: str) -> dict:
+        ran = cli("-A", APP, "status", "--json", *args)
+        assert ran.code == 0, ran.err
+        return {b["breaker"]: b for b in json.loads(ran.out).get("breakers", [])}
+
+    def text() -> list[str]:
+        ran = cli("-A", APP, "status")
+        assert ran.code == 0, ran.err
+        assert "\x1b" not in ran.out and "\x07" not in ran.out and "\u202e" not in ran.out, repr(ran.out)
+        return ran.lines()
+
+    with breaker_notes(vhost.url, "cli-svc") as announce:
+        never = breaker()["cli-svc"]
+        assert (never["state"], never["gen"], never["tasks"]) == ("closed", 0, ["cli.metered"])
+        assert never["settings"] == {"failures": 5, "within": 60.0, "open_for": 30.0, "max_open": 300.0}
+        lines = text()
+        assert lines[-3].split() == ["BREAKER", "STATE", "OPEN", "PERIODS", "TASKS"]
+        assert lines[-2].split() == ["cli-svc", "closed", "(never", "opened)", "0", "cli.metered"]
+        assert lines[-1].strip() == "trips after 5 failures in 1m, open 30s, at most 5m"
+
+        note = open_note("cli-svc", 3, hostile_by, hostile_task)
+        announce(note)
+        got = wait_for(lambda: (b := breaker()["cli-svc"])["state"] == "open" and b, 10, 0.1, "the open state")
+        assert (got["gen"], got["until"], got["open_for"], got["since"]) == (3, note["until"], 60.0, note["at"])
+        assert (got["worker"], got["task"], got["problem"]) == (hostile_by, hostile_task, None)  # JSON keeps the value
+        lines = text()
+        row, detail = lines[-2], lines[-1]
+        assert row.startswith("cli-svc ") and re.search(r" open until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in (1m|5\ds)\)",
+                                                        row), row
+        assert row.split()[-2:] == ["3", "cli.metered"]
+        assert detail.strip() == ("trips after 5 failures in 1m, open 30s, at most 5m; opened by "
+                                  "w1@host<script>\\x1b]0;owned\\x07\\x1b[2J\\x1b[1;31mred\\u202e, task "
+                                  "abc\\x1b]0;owned\\x07\\x1b[2J\\x1b[1;31mred\\u202e")
+        assert breaker("cli.status") == {}  # no task on that queue names a breaker
+
+        announce({"breaker": "cli-svc", "kind": "probe", "gen": 3, "at": time.time() - 2, "by": hostile_by,
+                  "task": hostile_task})
+        wait_for(lambda: breaker()["cli-svc"]["state"] == "probing", 10, 0.1, "the probing state")
+        assert " probing since " in text()[-2] and "probe by w1@host<script>\\x1b]0;owned" in text()[-1]
+
+        announce(b"<script>not a note")
+        got = wait_for(lambda: (b := breaker()["cli-svc"])["state"] == "unknown" and b, 10, 0.1, "the bad note")
+        assert got["problem"] == "the state note is not one: not a JSON object" and got["gen"] is None
+        assert "unknown (the state note is not one: not a JSON object)" in text()[-2]
+    assert "rare.breaker.cli-svc" not in vhost.queue_stats()
 
 
 # -- schedule --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ pytest.importorskip("prometheus_client")
 
 from kombu import Connection
 
-from tests.integration.test_cli import ODD, bug_message, drain, keys, publish, settled
+from tests.integration.test_cli import ODD, breaker_notes, bug_message, drain, keys, open_note, publish, settled
 from tests.support import ROOT, Worker, message_count, wait_for
 from tests.web_support import WebServer, text_of
 
@@ -325,6 +325,57 @@ def test_hops_and_sends_round_again_end_their_runs_for_event_consumers(vhost, we
     # the early arrival went round again from the worker's main process: no request, so no
     # task-received / task-started to inflate an event consumer's counts (2 attempts, 2 received)
     assert sum(1 for e in of(flaky.id) if e["type"] == "task-received") == 2, [e["type"] for e in of(flaky.id)]
+
+
+def test_overview_and_metrics_show_a_breaker_as_its_state_note_says(vhost, web_app, app_console):
+    evil = "<script>window.pwned=1</script>"
+    with breaker_notes(vhost.url, "web-svc") as announce:
+        note = open_note("web-svc", 3, f"w1@host{evil}", f"abc{evil}")
+        announce(note)
+
+        def shown():
+            text = app_console.get("/overview/tables").text
+            return text if 'data-breaker="web-svc" data-state="open"' in text else None
+        tables = wait_for(shown, 20, 0.2, "the open breaker on the overview")
+        assert evil not in tables and "by w1@host&lt;script&gt;window.pwned=1&lt;/script&gt;" in tables
+        assert "task abc&lt;script&gt;" in tables
+        [row] = re.findall(r'<tr class="breaker-row" data-breaker="web-svc".*?</tr>', tables, re.DOTALL)
+        cells = [text_of(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.DOTALL)]
+        assert cells[:2] == ["web-svc", "open"] and cells[2].startswith("until ") and cells[3] == "3"
+        assert cells[5:] == ["trips after 3 failures in 10s, open 1m, at most 10m", "web.metered"]
+        assert "1 of 1 breakers open" in text_of(tables)
+
+        report = json.loads(app_console.get("/api/overview").text)
+        assert [(b["breaker"], b["state"], b["gen"], b["until"], b["worker"], b["tasks"]) for b in report["breakers"]] \
+            == [("web-svc", "open", 3, note["until"], f"w1@host{evil}", ["web.metered"])]
+        assert report["totals"]["breakers_open"] == 1
+
+        text = wait_for(lambda: (t := app_console.get("/metrics").text) and 'rare_breaker_state{breaker="web-svc"} 1.0'
+                        in t and t, 20, 0.2, "the open breaker in the metrics")  # a scrape reuses the last for 2 s
+        assert 'rare_breaker_open_periods{breaker="web-svc"} 3.0' in text
+        [probe_at] = [line for line in text.splitlines() if line.startswith('rare_breaker_probe_at_seconds{breaker="web-svc"}')]
+        assert float(probe_at.split()[-1]) == pytest.approx(note["until"])
+
+        with web_app.app.events.default_dispatcher() as dispatcher:  # as a worker sends them
+            fields = {"uuid": "abc", "name": "web.metered", "breaker": "web-svc", "gen": 3}
+            dispatcher.send("rare-breaker-open", until=note["until"], open_for=60, reopened=False, **fields)
+            dispatcher.send("rare-breaker-probe", worker="w1@host", **fields)
+            dispatcher.send("rare-breaker-close", **fields)
+            dispatcher.send("rare-breaker-close", **{**fields, "breaker": 'x"y\\z\n'})  # escaped as label values
+
+        def counted():
+            text = app_console.get("/metrics").text
+            return text if 'rare_breaker_closes_total{breaker="x\\"y\\\\z\\n"} 1.0' in text else None
+        text = wait_for(counted, 20, 0.2, "the breaker events counted")
+        for name in ("rare_breaker_trips_total", "rare_breaker_probes_total", "rare_breaker_closes_total"):
+            assert f'{name}{{breaker="web-svc"}} 1.0' in text, name
+
+        announce({"breaker": "web-svc", "kind": "close", "gen": 3, "at": time.time(), "by": "w1@host", "task": "abc"})
+        wait_for(lambda: 'rare_breaker_state{breaker="web-svc"} 0.0' in app_console.get("/metrics").text, 20, 0.2,
+                 "the closed breaker in the metrics")
+        text = app_console.get("/metrics").text
+        assert 'rare_breaker_probe_at_seconds{breaker="web-svc"}' not in text
+        assert 'rare_breaker_open_periods{breaker="web-svc"} 3.0' in text
 
 
 # -- starting it -----------------------------------------------------------------------------------

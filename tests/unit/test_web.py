@@ -111,3 +111,63 @@ def test_event_counters_keep_labels_bounded():
     assert counts["rare-bugs"] == {("t", "exhausted", "q.bugs"): 1, ("t", "other", "q.bugs"): 1}
     assert len(counts["rare-expired"]) == metrics.MAX_SERIES + 1 and counts["rare-expired"][("other",)] == 10
     assert counters.delays == {("classic", 1900): {"q"}}  # the delay queue the retry waits in
+
+
+def breaker_report(now: float) -> dict:
+    """An overview report as Console.overview makes it, for an app with two breakers."""
+    settings = {"failures": 3, "within": 10.0, "open_for": 60.0, "max_open": 600.0}
+    return {"work_queues": [], "delay_queues": [], "unrouted": {"queue": "rare.unrouted", "exists": True, "messages": 0},
+            "totals": {"ready": 0, "consumers": 0, "bugs": 0, "waiting": 0, "unrouted": 0, "breakers_open": 1},
+            "read_at": now,
+            "breakers": [
+                {"breaker": "deepl", "state": "open", "gen": 3, "since": now - 5, "until": now + 55, "open_for": 60.0,
+                 "worker": f"w1@{EVIL}", "task": f"abc{EVIL}\x1b[2J", "problem": None, "settings": settings,
+                 "tasks": ["web.translate"]},
+                {"breaker": "stripe", "state": "closed", "gen": 0, "since": None, "until": None, "open_for": None,
+                 "worker": None, "task": None, "problem": None, "settings": settings, "tasks": ["web.charge"]},
+                {"breaker": "mail", "state": "unknown", "gen": None, "since": None, "until": None, "open_for": None,
+                 "worker": None, "task": None, "problem": "the state note is not one: not a JSON object", "settings": settings,
+                 "tasks": ["web.mail"]}]}
+
+
+def test_the_overview_shows_each_breaker_with_the_note_escaped(monkeypatch):
+    now = time.time()
+    test, _ = client([])
+    monkeypatch.setattr(Console, "overview", lambda self, scan=False: breaker_report(now))
+    body = test.get("/overview/tables", headers={"Host": "127.0.0.1"}).get_data(as_text=True)
+    assert EVIL not in body and "\x1b" not in body
+    assert "by w1@&lt;script&gt;window.pwned=1&lt;/script&gt;, task abc&lt;script&gt;window.pwned=1&lt;/script&gt;\\x1b[2J" in body
+    assert '<tr class="breaker-row" data-breaker="deepl" data-state="open">' in body
+    assert "trips after 3 failures in 10s, open 1m, at most 10m" in body and "in 55s" in body
+    assert "never opened" in body and "unknown (the state note is not one: not a JSON object)" in body
+    assert "1</span> of 3 breakers open" in body
+    without = {k: v for k, v in breaker_report(now).items() if k != "breakers"}  # an app without breakers
+    monkeypatch.setattr(Console, "overview", lambda self, scan=False: without)
+    plain = test.get("/overview/tables", headers={"Host": "127.0.0.1"}).get_data(as_text=True)
+    assert "breaker" not in plain  # no section, no total
+    assert Console(lambda: None).breakers == {}  # a console without an app has none
+
+
+def test_metrics_give_each_breakers_state_and_count_its_events(monkeypatch):
+    from prometheus_client import generate_latest
+
+    now = time.time()
+    console, counters = Console(lambda: None), metrics.Counters()
+    console.overview = lambda scan=False: breaker_report(now)
+    counters.add({"type": "rare-breaker-open", "breaker": "deepl", "gen": 3, "until": now + 55})
+    counters.add({"type": "rare-breaker-probe", "breaker": "deepl", "gen": 3, "worker": "w1"})
+    counters.add({"type": "rare-breaker-close", "breaker": "deepl", "gen": 3})
+    counters.add({"type": "rare-breaker-close", "breaker": 'a"b\\c\nd', "gen": 1})  # untrusted: a label escaped
+    text = generate_latest(metrics.registry(console, counters)).decode()
+    lines = set(text.splitlines())
+    assert {'rare_breaker_state{breaker="deepl"} 1.0', 'rare_breaker_state{breaker="stripe"} 0.0',
+            'rare_breaker_open_periods{breaker="deepl"} 3.0', 'rare_breaker_open_periods{breaker="stripe"} 0.0',
+            'rare_breaker_trips_total{breaker="deepl"} 1.0', 'rare_breaker_probes_total{breaker="deepl"} 1.0',
+            'rare_breaker_closes_total{breaker="deepl"} 1.0',
+            'rare_breaker_closes_total{breaker="a\\"b\\\\c\\nd"} 1.0'} <= lines
+    [probe_at] = [line for line in lines if line.startswith("rare_breaker_probe_at_seconds{")]
+    assert probe_at.startswith('rare_breaker_probe_at_seconds{breaker="deepl"} ')
+    assert float(probe_at.split()[-1]) == pytest.approx(now + 55)
+    assert 'breaker="mail"' not in text  # its state could not be read: no samples this scrape
+    console.overview = lambda scan=False: {k: v for k, v in breaker_report(now).items() if k != "breakers"}
+    assert "rare_breaker_state" not in generate_latest(metrics.registry(console, counters)).decode()

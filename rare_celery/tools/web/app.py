@@ -14,7 +14,7 @@ from kombu.exceptions import KombuError
 
 from ... import __version__
 from ...topology import UNROUTED_QUEUE
-from .. import bugs, durations, records
+from .. import breakers, bugs, durations, records
 from .. import timeline as tl
 from ..display import terminal
 from . import metrics, reading
@@ -31,7 +31,8 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=1 << 20, JSON_SORT_KEYS=False)
     app.jinja_env.autoescape = True
-    app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number)
+    app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number,
+                                 breaker_settings=breakers.settings_text)
     app.jinja_env.globals.update(version=__version__, where=console.where, csrf=guard.csrf, unrouted=UNROUTED_QUEUE.name,
                                  refresh_seconds=REFRESH_SECONDS)
 

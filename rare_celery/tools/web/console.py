@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ...inventory import RareTaskInfo, rare_tasks, task_name
 from ...topology import UNROUTED_QUEUE, bug_queue_name
-from .. import bugs, moves, records, status
+from .. import breakers, bugs, moves, records, status
 from . import reading
 
 PLAN_TTL = 900.0  # seconds a confirmation stays valid
@@ -70,6 +70,7 @@ class Console:
     def __init__(self, connect: Callable[[], object], app=None, where: str = "") -> None:
         self.connect, self.app, self.where = connect, app, where
         self.tasks: list[RareTaskInfo] = rare_tasks(app) if app is not None else []
+        self.breakers: breakers.Uses = breakers.uses(app, self.tasks) if app is not None else {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.snapshots: dict[str, reading.Snapshot] = {}
         self.scans: dict[str, Job] = {}
@@ -110,11 +111,12 @@ class Console:
                 conn.release()
 
     def overview(self, scan: bool = False) -> dict:
-        """The status report of every rare work queue, bug queue and delay queue, plus ``rare.unrouted``."""
+        """The status report of every rare work queue, bug queue and delay queue, plus ``rare.unrouted``
+        and the app's circuit breakers (when it has any)."""
         works = status.work_queues(self.tasks)
         delays = status.delay_users(self.tasks)
         with self.connection() as conn:
-            report = status.probe(conn, works, delays, scan, extra=dict(self.seen_delays))
+            report = status.probe(conn, works, delays, scan, extra=dict(self.seen_delays), breaker_uses=self.breakers)
         report["totals"] = {
             "ready": sum(w["ready"] or 0 for w in report["work_queues"]),
             "consumers": sum(w["consumers"] or 0 for w in report["work_queues"]),
@@ -122,6 +124,8 @@ class Console:
             "waiting": sum(d["messages"] or 0 for d in report["delay_queues"]),
             "unrouted": report["unrouted"]["messages"] or 0,
         }
+        if "breakers" in report:
+            report["totals"]["breakers_open"] = sum(1 for b in report["breakers"] if b["state"] in ("open", "probing"))
         report["read_at"] = time.time()
         return report
 

@@ -23,6 +23,7 @@ from collections import Counter
 from ... import events
 from ...policy import MIN_DELAY
 from ...topology import MAX_DELAY_MS, grid_floor
+from ..breakers import PHASE_VALUES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ COUNTERS = {  # event type -> (metric name, help, label names, fields the labels
     events.EXPIRED: ("rare_expired", "Messages whose shelf life ran out", ("task",), ("name",)),
     events.WAIT: ("rare_waits", "Early arrivals sent round again for the rest of their delay (not attempts)",
                   ("task", "queue"), ("name", "queue")),
+    events.BREAKER_OPEN: ("rare_breaker_trips", "Circuit breakers opened (a trip, or a failed probe)",
+                          ("breaker",), ("breaker",)),
+    events.BREAKER_PROBE: ("rare_breaker_probes", "Probes of an open circuit breaker started", ("breaker",),
+                           ("breaker",)),
+    events.BREAKER_CLOSE: ("rare_breaker_closes", "Circuit breakers closed by a probe that worked", ("breaker",),
+                           ("breaker",)),
 }
 
 
@@ -147,6 +154,29 @@ class EventCounter:
             pause = min(pause * 2, 30.0)
 
 
+def breaker_gauges(rows: list[dict]) -> list:
+    """The state of each circuit breaker (rows of :func:`rare_celery.tools.breakers.report`); one whose
+    state could not be read has no samples at this scrape."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    state = GaugeMetricFamily("rare_breaker_state", "A circuit breaker's state: 0 closed, 1 open, 2 probing",
+                              labels=["breaker"])
+    periods = GaugeMetricFamily("rare_breaker_open_periods", "Times a circuit breaker opened (its generation)",
+                                labels=["breaker"])
+    probe_at = GaugeMetricFamily("rare_breaker_probe_at_seconds",
+                                 "When an open circuit breaker lets one attempt probe the service (epoch s)",
+                                 labels=["breaker"])
+    for r in rows:
+        if r["state"] not in PHASE_VALUES:
+            continue
+        name = _label(r["breaker"])
+        state.add_metric([name], PHASE_VALUES[r["state"]])
+        periods.add_metric([name], r["gen"])
+        if r["state"] == "open" and r["until"] is not None:
+            probe_at.add_metric([name], r["until"])
+    return [state, periods, probe_at]
+
+
 def registry(console, counters: Counters):
     """A prometheus_client registry with the console's collector."""
     from prometheus_client import CollectorRegistry
@@ -214,6 +244,8 @@ class Collector:
                     waiting.add_metric([d["queue"], d["delay"], str(d["delay_ms"] / 1000)], d["messages"])
             unrouted.add_metric([], report["unrouted"]["messages"] or 0)
             yield from (ready, consumers, bugs_, waiting, unrouted, exists)
+            if "breakers" in report:
+                yield from breaker_gauges(report["breakers"])
         counts = self.counters.snapshot()
         for kind, (name, text, labels, _) in COUNTERS.items():
             family = CounterMetricFamily(name, text, labels=list(labels))

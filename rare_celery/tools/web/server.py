@@ -57,6 +57,7 @@ def serve(e, bind: str, port: int, auth_text: str | None, pages: bool, fail) -> 
         check_bind(bind, auth)
     except BadSetting as exc:
         raise fail(str(exc)) from None
+    e.breakers()  # tasks that share a breaker set up differently: one line, as from status
     with e.connection():  # the broker answers (or one line saying why not)
         pass
     wsgi, console, receiver = build(e, auth, is_loopback(bind), pages=pages)

@@ -1,0 +1,223 @@
+"""A circuit breaker per downstream service, shared by every worker: pure decisions, no broker.
+
+Tasks that call the same service name one breaker (``breaker = "deepl"``). Its life, the same in
+every worker because every worker applies the same *notes* (see :mod:`rare_celery.breaker_io`):
+
+    closed   attempts run. A retryable failure is a ``failure`` note, a success after failures a
+             ``success`` note (it clears the count). ``failures`` failures in a row within the last
+             ``within`` seconds open it: generation ``gen + 1``.
+    open     attempts do not run: their messages wait in a delay queue until the probe time
+             (``until``), no attempt counted, the shelf life still running.
+    (due)    from ``until`` on, one attempt may become the *probe*: the one whose worker holds the
+             breaker's probe lock (an exclusive queue on the broker).
+    probing  the probe runs; the others wait :data:`PROBE_WAIT` seconds at a time. Its success (or
+             any outcome that is not a retryable failure) closes the breaker; a retryable failure
+             opens it again for twice as long, at most ``max_open`` seconds (generation + 1).
+
+Notes are ordered by ``(gen, phase)``: within a generation open < probing < closed, and every
+generation is later than all of the one before, so workers agree whatever order the notes
+arrive in, and an old note never undoes a newer state. Two opens of the same generation (two
+workers saw the tripping failure at once) agree on the later probe time: never early.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import NamedTuple
+
+CLOSED, OPEN, PROBING = "closed", "open", "probing"
+_RANK = {OPEN: 0, PROBING: 1, CLOSED: 2}
+# note kinds: counted by every worker (failure, success) or a change of state (open, probe, close)
+FAILURE, SUCCESS, OPENED, PROBE, CLOSE = "failure", "success", "open", "probe", "close"
+COUNTS, CHANGES = (FAILURE, SUCCESS), (OPENED, PROBE, CLOSE)
+RUN, WAIT = "run", "wait"  # verdicts, with PROBE: try to become the probe
+PROBE_WAIT = 1.0  # seconds an attempt waits while a probe runs: a closed breaker lets it run this soon
+PROBE_LEASE = 10.0  # a probe silent this long is presumed lost: the lock (not the note) then decides
+MAX_NAME = 100
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_FAILURES = 1000
+_MAX_SECONDS = 86_400.0 * 30
+
+
+class Verdict(NamedTuple):
+    """What an attempt of the breaker's task does now: ``run``, ``wait`` until ``until``, or ``probe``."""
+
+    action: str
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A breaker's policy: trip after ``failures`` retryable failures in a row within ``within`` s,
+    stay open ``open_for`` s, then twice as long after each failed probe, at most ``max_open`` s."""
+
+    failures: int = 5
+    within: float = 60.0
+    open_for: float = 30.0
+    max_open: float = 300.0
+
+    @classmethod
+    def build(cls, owner: str, name: object, *, failures: object, within: object, open_for: object,
+              max_open: object) -> Settings | None:
+        """``None`` without a breaker name; else validated settings (``ValueError`` names the task
+        and the option)."""
+        if name is None:
+            return None
+        try:
+            if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME:
+                raise ValueError(f"breaker must be a name of 1 to {MAX_NAME} letters, digits, '_' or '-' "
+                                 f"(the downstream service, say 'deepl'), got {name!r:.80}")
+            if not isinstance(failures, int) or isinstance(failures, bool) or not 1 <= failures <= MAX_FAILURES:
+                raise ValueError(f"breaker_failures must be a whole number from 1 to {MAX_FAILURES}, "
+                                 f"got {failures!r:.80}")
+            out = cls(failures, _seconds("breaker_within", within), _seconds("breaker_open", open_for),
+                      _seconds("breaker_max_open", max_open))
+            if out.max_open < out.open_for:
+                raise ValueError(f"breaker_max_open ({max_open!r}) is shorter than breaker_open ({open_for!r})")
+            return out
+        except ValueError as exc:
+            raise ValueError(f"{owner}: {exc}") from None
+
+    def reopen_for(self, open_for: float | None) -> float:
+        """How long the breaker stays open after a failed probe of a period that lasted ``open_for``."""
+        return min(self.max_open, 2 * (open_for or self.open_for))
+
+
+def _seconds(option: str, value: object) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not 0 < value <= _MAX_SECONDS:
+        raise ValueError(f"{option} must be a number of seconds (or a timedelta) above 0 and at most 30 days, "
+                         f"got {value!r:.80}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class State:
+    """One breaker as a worker knows it. ``gen`` counts open periods (each trip, each failed probe);
+    ``until`` is the probe time of an open breaker, ``open_for`` how long that period is; ``probe``
+    names the worker probing and ``task`` the probe's task id; ``since`` is when the phase began;
+    ``failures`` the times of the failures in a row of a closed one."""
+
+    name: str
+    phase: str = CLOSED
+    gen: int = 0
+    until: float | None = None
+    open_for: float | None = None
+    probe: str | None = None
+    task: str | None = None
+    since: float | None = None
+    failures: tuple[float, ...] = ()
+
+    def order(self) -> tuple[int, int]:
+        return self.gen, _RANK[self.phase]
+
+    def as_note(self, by: str, task: str | None = None) -> dict:
+        """This state as the note that announces it (and that the state queue keeps)."""
+        kind = {OPEN: OPENED, PROBING: PROBE, CLOSED: CLOSE}[self.phase]
+        return {"breaker": self.name, "kind": kind, "gen": self.gen, "at": self.since, "until": self.until,
+                "open_for": self.open_for, "by": by, "task": task or self.task}
+
+
+class Change(NamedTuple):
+    """A state that changed by applying a note: its kind (``open``, ``probe``, ``close``), the new
+    state, the note that changed it (who, which task)."""
+
+    kind: str
+    state: State
+    note: dict
+
+
+def apply(state: State, note: dict, settings: Settings) -> tuple[State, Change | None]:
+    """The state after ``note`` (a valid note of this breaker, see :func:`note_problem`), and the
+    change it made, if it made one."""
+    kind, gen, at = note["kind"], note["gen"], note["at"]
+    if kind in COUNTS:
+        if gen < state.gen or state.phase != CLOSED and gen == state.gen:
+            return state, None  # an attempt that started before the breaker last changed
+        if gen > state.gen:  # this worker missed a close (or started late): the sender knows better
+            state = State(state.name, CLOSED, gen, since=at)
+        if kind == SUCCESS:
+            return (replace(state, failures=()) if state.failures else state), None
+        failures = tuple(t for t in (*state.failures, at) if t >= at - settings.within)[-settings.failures:]
+        if len(failures) < settings.failures:
+            return replace(state, failures=failures), None
+        opened = State(state.name, OPEN, gen + 1, until=at + settings.open_for, open_for=settings.open_for, since=at,
+                       task=note.get("task"))
+        return opened, Change(OPENED, opened, note)
+    phase = {OPENED: OPEN, PROBE: PROBING, CLOSE: CLOSED}[kind]
+    new = State(state.name, phase, gen, until=note.get("until") if phase == OPEN else None,
+                open_for=note.get("open_for") if phase != CLOSED else None,
+                probe=note.get("by") if phase == PROBING else None, task=note.get("task"), since=at)
+    if new.order() < state.order():
+        return state, None
+    if new.order() == state.order():
+        if phase == OPEN and (new.until or 0) > (state.until or 0):
+            return replace(state, until=new.until), None  # the same trip seen twice: the later probe time
+        return state, None
+    return new, Change(kind, new, note)
+
+
+def verdict(state: State | None, now: float) -> Verdict:
+    """What an attempt does now under ``state`` (``None``: a breaker nobody has seen open)."""
+    if state is None or state.phase == CLOSED:
+        return Verdict(RUN)
+    if state.phase == OPEN:
+        return Verdict(WAIT, state.until) if now < (state.until or 0) else Verdict(PROBE)
+    if now - (state.since or 0) < PROBE_LEASE:
+        return Verdict(WAIT, now + PROBE_WAIT)
+    return Verdict(PROBE)
+
+
+def probing(state: State, by: str, task: str, now: float) -> State:
+    """The state a probe announces when it starts."""
+    return State(state.name, PROBING, state.gen, open_for=state.open_for, probe=by, task=task, since=now)
+
+
+def after_probe(state: State, settings: Settings, *, failed: bool, now: float) -> State:
+    """The state a probe's outcome announces: closed, or open again for longer (a new generation)."""
+    if not failed:
+        return State(state.name, CLOSED, state.gen, since=now)
+    open_for = settings.reopen_for(state.open_for)
+    return State(state.name, OPEN, state.gen + 1, until=now + open_for, open_for=open_for, since=now)
+
+
+def count_note(name: str, kind: str, gen: int, at: float, by: str, task: str | None) -> dict:
+    """A ``failure`` or ``success`` note: an attempt's outcome, counted by every worker."""
+    return {"breaker": name, "kind": kind, "gen": gen, "at": at, "by": by, "task": task}
+
+
+def note_problem(note: object) -> str | None:
+    """Why ``note`` (decoded JSON from the breakers' exchange) is not a note, or ``None``."""
+    if not isinstance(note, dict):
+        return "not a JSON object"
+    name, kind, gen, at = (note.get(k) for k in ("breaker", "kind", "gen", "at"))
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME:
+        return "no valid breaker name"
+    if kind not in COUNTS + CHANGES:
+        return f"unknown kind {kind!r:.40}"
+    if not isinstance(gen, int) or isinstance(gen, bool) or not 0 <= gen <= 10**9:
+        return "no valid gen"
+    if not _time(at):
+        return "no valid time"
+    if kind == OPENED and not (_time(note.get("until")) and _time(note.get("open_for"), 1e9)):
+        return "an open note without until and open_for"
+    for key in ("by", "task"):
+        if note.get(key) is not None and (not isinstance(note[key], str) or len(note[key]) > 255):
+            return f"no valid {key}"
+    return None
+
+
+def _time(value: object, limit: float = 32_503_680_000.0) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0 <= value <= limit
+
+
+def from_note(note: dict) -> State:
+    """The state a change note (or the state queue's message) describes."""
+    state, _ = apply(State(note["breaker"], OPEN, -1), note, Settings())
+    return state

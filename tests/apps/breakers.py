@@ -1,0 +1,96 @@
+"""The Celery app of the circuit-breaker tests: tasks that call a fake downstream service.
+
+The service is down while the file ``$RARE_TEST_DIR/down-<service>`` exists. Every call that
+reaches it is recorded (``request``, with whether it was up), every success (``done``), and every
+breaker signal (``breaker-open``, ``breaker-probe``, ``breaker-close``) in ``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from celery import Celery
+from kombu import Queue
+
+from rare_celery import RareTask, signals
+
+DIR = os.environ["RARE_TEST_DIR"]
+os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
+EVENTS = os.path.join(DIR, "breaker-events.jsonl")
+
+app = Celery("breakers", broker=os.environ["RARE_TEST_BROKER"],
+             backend=f"tests.support:AtomicFS+file://{DIR}/results")
+app.conf.update(
+    task_default_queue="breakers",
+    task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang")],
+    worker_send_task_events=True,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+
+
+class Down(Exception):
+    """The service answered 503."""
+
+
+def record(kind: str, task_id: str | None, **extra) -> None:
+    line = json.dumps({"kind": kind, "id": task_id, "t": time.time(), "pid": os.getpid(), **extra})
+    with open(EVENTS, "a") as f:
+        f.write(line + "\n")
+
+
+def down_file(service: str) -> str:
+    return os.path.join(DIR, f"down-{service}")
+
+
+def call_service(task, service: str, key: str) -> str:
+    up = not os.path.exists(down_file(service))
+    record("request", task.request.id, service=service, up=up, attempt=task.attempt, key=key)
+    if not up:
+        raise Down(f"{service} answered 503")
+    record("done", task.request.id, service=service, attempt=task.attempt, key=key)
+    return key
+
+
+@app.task(base=RareTask, bind=True, name="breakers.translate", queue="breakers", breaker="svc",
+          breaker_failures=3, breaker_within=30, breaker_open=2, breaker_max_open=4,
+          max_attempts=None, expires_in=120, backoff=0.5, retry_on=(Down,))
+def translate(self, key: str):
+    return call_service(self, "svc", key)
+
+
+@app.task(base=RareTask, bind=True, name="breakers.short", queue="breakers.short", breaker="slow",
+          breaker_failures=1, breaker_open=60, max_attempts=None, expires_in=4, backoff=0.3, retry_on=(Down,))
+def short(self, key: str):
+    """A task whose shelf life (4 s) ends while its breaker (open 60 s) holds it."""
+    return call_service(self, "slow", key)
+
+
+@app.task(base=RareTask, bind=True, name="breakers.hang", queue="breakers.hang", breaker="hang",
+          breaker_failures=2, breaker_open=1, breaker_max_open=2, time_limit=1.5, max_attempts=None,
+          expires_in=60, backoff=0.2)
+def hang(self, key: str):
+    """A service that hangs while it is down: the hard time limit ends each attempt."""
+    up = not os.path.exists(down_file("hang"))
+    record("request", self.request.id, service="hang", up=up, attempt=self.attempt, key=key)
+    if not up:
+        time.sleep(30)
+    record("done", self.request.id, service="hang", attempt=self.attempt, key=key)
+    return key
+
+
+@signals.breaker_opened.connect
+def _opened(sender=None, gen=None, until=None, open_for=None, reopened=None, task_id=None, **kw):
+    record("breaker-open", task_id, breaker=sender, gen=gen, until=until, open_for=open_for, reopened=reopened)
+
+
+@signals.breaker_probe.connect
+def _probe(sender=None, gen=None, task_id=None, worker=None, **kw):
+    record("breaker-probe", task_id, breaker=sender, gen=gen, worker=worker)
+
+
+@signals.breaker_closed.connect
+def _closed(sender=None, gen=None, task_id=None, **kw):
+    record("breaker-close", task_id, breaker=sender, gen=gen)

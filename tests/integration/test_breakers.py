@@ -1,0 +1,155 @@
+"""Circuit breakers against the real broker: real workers, a fake downstream that goes down and up.
+
+tests/apps/breakers.py: breaker ``svc`` trips after 3 failures in a row, stays open 2 s, then 4 s
+(its cap) after each failed probe; breaker ``slow`` trips at the first failure and stays open 60 s,
+longer than its task's 4 s shelf life.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.support import BugQueues, Events, Worker, wait_for
+
+PROCESSES = 4  # two workers, -c 2 each
+
+
+@pytest.fixture(scope="module")
+def app(env):
+    return importlib.import_module("tests.apps.breakers")
+
+
+@pytest.fixture(scope="module")
+def record(workdir):
+    return Events(Path(workdir) / "breaker-events.jsonl")
+
+
+def kinds(record, kind, **match):
+    return [e for e in record.all() if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_an_outage_trips_the_breaker_one_probe_per_open_period_and_a_good_probe_lets_all_run(app, env, workdir,
+                                                                                               record, vhost):
+    down = Path(app.down_file("svc"))
+    down.touch()
+    workers = [Worker("tests.apps.breakers", ["breakers"], env, workdir, name=f"bk{i}") for i in (1, 2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        ids = [app.translate.delay(f"k{i}").id for i in range(40)]
+        wait_for(lambda: kinds(record, "breaker-open", breaker="svc", gen=3), 40, 0.1, "two failed probes")
+        down.unlink()
+        close = wait_for(lambda: kinds(record, "breaker-close", breaker="svc"), 30, 0.1, "the probe that closes it")
+        def all_done():
+            done = Counter(e["id"] for e in kinds(record, "done", service="svc"))
+            return done if set(done) >= set(ids) else None
+        done = wait_for(all_done, 30, 0.2, "every task done")
+    finally:
+        for w in workers:
+            w.stop()
+        down.unlink(missing_ok=True)
+
+    events = record.all()
+    requests = [e for e in events if e["kind"] == "request" and e["service"] == "svc"]
+    opens = sorted(kinds(record, "breaker-open", breaker="svc"), key=lambda e: e["gen"])
+    assert [e["gen"] for e in opens] == list(range(1, len(opens) + 1)), "one open signal per open period"
+    assert [round(e["open_for"]) for e in opens[:3]] == [2, 4, 4] and [e["reopened"] for e in opens[:3]] == [
+        False, True, True]
+    # before the trip: the 3 failures that trip it, plus attempts that had already started
+    before = [r for r in requests if r["t"] < opens[0]["t"]]
+    assert 3 <= len(before) <= 3 + PROCESSES, before
+    # while open: exactly one request per open period (the probe), never before its probe time
+    for period, after in zip(opens, opens[1:]):
+        inside = [r for r in requests if period["t"] < r["t"] <= after["t"]]
+        assert len(inside) == 1 and not inside[0]["up"], f"open period {period['gen']}: {inside}"
+        assert inside[0]["t"] >= period["until"] - 0.01, "a probe before its time"
+    good = min((r for r in requests if r["t"] > opens[-1]["t"]), key=lambda r: r["t"])
+    assert good["up"] and good["t"] >= opens[-1]["until"] - 0.01 and good["id"] == close[0]["id"]
+    probes = kinds(record, "breaker-probe", breaker="svc")
+    assert len(probes) == len(opens) and len({p["gen"] for p in probes}) == len(probes)
+    # every task ended once; the attempts counted are the requests made (waiting counts none)
+    assert set(done) == set(ids) and max(done.values()) == 1
+    for task_id in ids:
+        mine = [r for r in requests if r["id"] == task_id]
+        assert [r["attempt"] for r in mine] == list(range(1, len(mine) + 1)), mine
+    last = max(e["t"] for e in events if e["kind"] == "done" and e["id"] in ids)
+    assert last - close[0]["t"] < 3.0, "a closed breaker lets the waiting tasks run within a second or two"
+    stats = vhost.queue_stats()
+    assert stats["breakers"]["ready"] + stats["breakers"]["unacked"] == 0
+    assert stats.get("breakers.bugs", {"ready": 0})["ready"] == 0
+
+
+def test_a_shelf_life_ending_while_the_breaker_holds_it_ends_expired_and_a_late_worker_knows_it_is_open(
+        app, env, workdir, record, vhost):
+    down = Path(app.down_file("slow"))
+    down.touch()
+    bugs = BugQueues(vhost.url)
+    try:
+        first = Worker("tests.apps.breakers", ["breakers.short"], env, workdir, name="early").wait_ready()
+        try:
+            tripper = app.short.delay("s1")
+            opened = wait_for(lambda: kinds(record, "breaker-open", breaker="slow"), 20, 0.1, "the trip")[0]
+            message = bugs.find("breakers.short.bugs", tripper.id, timeout=20)
+        finally:
+            first.stop()
+        headers = message.headers
+        assert headers["x-rare-reason"] == "expired"
+        assert headers["x-rare-failed-at"] >= headers["x-rare-deadline"]  # at its deadline, not before
+        assert headers["x-rare-attempt"] == 2  # attempt 1 failed and tripped it; attempt 2 never ran
+        assert len([e for e in record.all() if e["kind"] == "request" and e["id"] == tripper.id]) == 1
+        assert opened["until"] > headers["x-rare-deadline"]
+
+        late = Worker("tests.apps.breakers", ["breakers.short"], env, workdir, name="late").wait_ready()
+        try:
+            assert re.search(r"rare_celery: breakers .*\bslow open\b", late.text())  # read from the broker at start
+            sent = time.time()
+            held = app.short.delay("s2")
+            message = bugs.find("breakers.short.bugs", held.id, timeout=20)
+        finally:
+            late.stop()
+        assert message.headers["x-rare-reason"] == "expired"
+        assert message.headers["x-rare-failed-at"] >= sent + 4 - 0.01
+        assert not [e for e in record.all() if e["kind"] == "request" and e["id"] == held.id], \
+            "the late worker sent a request to a service whose breaker is open"
+    finally:
+        down.unlink(missing_ok=True)
+
+
+def test_the_probe_lock_is_held_by_one_connection_and_goes_with_it(app):
+    from rare_celery import breaker_io
+
+    first, _ = breaker_io.try_probe(app.app, "lock-test", "classic")
+    assert first is not None
+    try:
+        second, state = breaker_io.try_probe(app.app, "lock-test", "classic")
+        assert second is None and state is None  # RESOURCE_LOCKED: the other attempt waits
+    finally:
+        first.release()
+    third, _ = breaker_io.try_probe(app.app, "lock-test", "classic")
+    assert third is not None  # released with its connection
+    third.release()
+
+
+def test_hard_time_limits_trip_it_and_a_probe_lost_with_its_process_opens_it_again(app, env, workdir, record):
+    down = Path(app.down_file("hang"))
+    down.touch()
+    worker = Worker("tests.apps.breakers", ["breakers.hang"], env, workdir, name="hang").wait_ready()
+    try:
+        ids = [app.hang.delay(f"h{i}").id for i in range(3)]
+        wait_for(lambda: kinds(record, "breaker-open", breaker="hang", gen=2), 40, 0.1, "a lost probe")
+        down.unlink()
+        wait_for(lambda: {e["id"] for e in kinds(record, "done", service="hang")} >= set(ids), 30, 0.2,
+                 "every task done")
+    finally:
+        worker.stop()
+        down.unlink(missing_ok=True)
+    opens = sorted(kinds(record, "breaker-open", breaker="hang"), key=lambda e: e["gen"])
+    assert opens[0]["reopened"] is False and opens[1]["reopened"] is True and opens[1]["open_for"] == 2
+    stuck = [e for e in record.all() if e["kind"] == "request" and e["service"] == "hang" and not e["up"]]
+    assert 2 <= len(stuck) <= 2 + 2 + len(opens) - 1, stuck  # the 2 that trip it, those under way, one per probe

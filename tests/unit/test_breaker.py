@@ -1,0 +1,128 @@
+"""The circuit breaker's decisions (rare_celery.breaker): pure, no broker."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from datetime import timedelta
+
+import pytest
+
+from rare_celery import RareTask
+from rare_celery import breaker as br
+
+S = br.Settings(failures=3, within=10, open_for=30, max_open=100)
+
+
+def fail(state, at, by="w1", task="t"):
+    return br.apply(state, br.count_note(state.name, br.FAILURE, state.gen, at, by, task), S)
+
+
+def test_failures_in_a_row_within_the_window_open_it_for_open_for():
+    state = br.State("deepl")
+    for at in (100, 101):
+        state, change = fail(state, at)
+        assert change is None and state.phase == br.CLOSED
+    state, change = fail(state, 102, task="third")
+    assert change.kind == br.OPENED and change.note["task"] == "third"
+    assert (state.phase, state.gen, state.until, state.open_for) == (br.OPEN, 1, 132, 30)
+
+
+def test_a_success_or_a_gap_longer_than_the_window_starts_the_count_again():
+    state = br.State("deepl")
+    state, _ = fail(state, 100)
+    state, _ = fail(state, 101)
+    state, _ = br.apply(state, br.count_note("deepl", br.SUCCESS, 0, 101.5, "w2", "u"), S)
+    state, change = fail(state, 102)
+    assert change is None and state.failures == (102,)
+    state, _ = fail(state, 103)
+    state, change = fail(state, 114)  # 100 and 103 are more than 10 s before 114
+    assert change is None and state.failures == (114,)
+
+
+def test_an_attempt_that_started_before_the_breaker_changed_is_not_counted():
+    state = br.State("deepl", br.OPEN, 1, until=200, open_for=30, since=170)
+    late, change = br.apply(state, br.count_note("deepl", br.FAILURE, 0, 171, "w1", "t"), S)
+    assert late is state and change is None
+
+
+def test_verdicts_run_wait_until_the_probe_time_then_probe():
+    assert br.verdict(None, 0) == (br.RUN, None)
+    opened = br.State("deepl", br.OPEN, 1, until=200, open_for=30, since=170)
+    assert br.verdict(opened, 199.9) == (br.WAIT, 200)
+    assert br.verdict(opened, 200).action == br.PROBE
+    probing = br.probing(opened, "w1", "t", 200)
+    assert br.verdict(probing, 200.5) == (br.WAIT, 200.5 + br.PROBE_WAIT)
+    assert br.verdict(probing, 200 + br.PROBE_LEASE).action == br.PROBE  # a silent probe: the lock decides
+
+
+def test_a_failed_probe_opens_it_twice_as_long_up_to_the_cap_and_a_good_one_closes_it():
+    state = br.State("deepl", br.OPEN, 1, until=200, open_for=30, since=170)
+    periods = []
+    for _ in range(4):
+        state = br.after_probe(br.probing(state, "w1", "t", state.until), S, failed=True, now=state.until)
+        periods.append((state.gen, state.open_for))
+    assert periods == [(2, 60), (3, 100), (4, 100), (5, 100)]
+    closed = br.after_probe(br.probing(state, "w1", "t", 600), S, failed=False, now=601)
+    assert (closed.phase, closed.gen) == (br.CLOSED, 5)
+
+
+def test_notes_in_any_order_leave_every_worker_in_the_same_state():
+    opened = br.State("deepl", br.OPEN, 1, until=200, open_for=30, since=170)
+    probe = br.probing(opened, "w1", "t", 200)
+    reopened = br.after_probe(probe, S, failed=True, now=201)
+    closed = br.after_probe(br.probing(reopened, "w2", "u", 261), S, failed=False, now=262)
+    notes = [s.as_note("w", "x") for s in (opened, probe, reopened, closed)]
+    finals = set()
+    for order in itertools.permutations(notes):
+        state = br.State("deepl")
+        for note in order:
+            state, _ = br.apply(state, note, S)
+        finals.add((state.phase, state.gen))
+    assert finals == {(br.CLOSED, 2)}
+
+
+def test_two_trips_of_the_same_period_agree_on_the_later_probe_time():
+    a = br.State("deepl", br.OPEN, 1, until=200, open_for=30, since=170).as_note("w1")
+    b = br.State("deepl", br.OPEN, 1, until=200.4, open_for=30, since=170.4).as_note("w2")
+    for first, second in ((a, b), (b, a)):
+        state, _ = br.apply(br.State("deepl"), first, S)
+        state, change = br.apply(state, second, S)
+        assert state.until == 200.4 and change is None
+
+
+def test_a_worker_that_missed_a_close_learns_it_from_a_count_note():
+    stale = br.State("deepl", br.OPEN, 1, until=200, open_for=30, since=170)
+    state, _ = br.apply(stale, br.count_note("deepl", br.FAILURE, 3, 500, "w2", "t"), S)
+    assert (state.phase, state.gen, state.failures) == (br.CLOSED, 3, (500,))
+
+
+@pytest.mark.parametrize("note, problem", [
+    ([], "not a JSON object"),
+    ({"breaker": "a.b", "kind": "open", "gen": 1, "at": 1}, "no valid breaker name"),
+    ({"breaker": "a", "kind": "explode", "gen": 1, "at": 1}, "unknown kind"),
+    ({"breaker": "a", "kind": "failure", "gen": True, "at": 1}, "no valid gen"),
+    ({"breaker": "a", "kind": "failure", "gen": 1, "at": float("nan")}, "no valid time"),
+    ({"breaker": "a", "kind": "open", "gen": 1, "at": 1}, "an open note without until and open_for"),
+    ({"breaker": "a", "kind": "close", "gen": 1, "at": 1, "by": ["x"]}, "no valid by"),
+])
+def test_anything_on_the_exchange_that_is_not_a_note_is_named_and_ignored(note, problem):
+    assert br.note_problem(note).startswith(problem)
+
+
+def test_settings_are_checked_when_the_class_is_defined():
+    class Translate(RareTask):
+        name = "unit.breaker.translate"
+        breaker = "deepl"
+        breaker_open = timedelta(seconds=45)
+
+    assert Translate.rare_breaker == br.Settings(failures=5, within=60, open_for=45, max_open=300)
+    assert RareTask.rare_breaker is None
+
+    bad = [({"breaker": "deep l"}, "breaker must be a name"),
+           ({"breaker": "deepl", "breaker_failures": 0}, "breaker_failures must be a whole number from 1"),
+           ({"breaker": "deepl", "breaker_open": -1}, "breaker_open must be a number of seconds"),
+           ({"breaker": "deepl", "breaker_open": 600}, "breaker_max_open (300) is shorter than breaker_open")]
+    for attrs, text in bad:
+        with pytest.raises(ValueError, match="^" + re.escape(f"unit.breaker.bad: {text}")):
+            type("Bad", (RareTask,), {"name": "unit.breaker.bad", **attrs})
