@@ -201,7 +201,10 @@ def _send_round(c, task, message, queue: str | None, state: hdr.Attempt, due: fl
     due = due if deadline is None else min(due, deadline)
     if due - now <= EARLY_SLEEP:
         return False
-    headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue, hdr.DUE: due}
+    # the first-publish time and the deadline as this worker read them: a message that came without
+    # them (another producer's) keeps its shelf life from here on instead of starting it anew each round
+    headers = {**rare_request.raw_headers(message), hdr.QUEUE: queue, hdr.DUE: due, hdr.FIRST_AT: state.first_at,
+               **({hdr.DEADLINE: deadline} if deadline is not None else {})}
     rest = due - now
     copy = to_delay(queue, rest, delay_kind(c.app, queue), message.body, hdr.fit(headers),
                     properties_of(message), slack=slack(rest), own_kind=own_kind(c.app))

@@ -110,12 +110,14 @@ def test_a_shelf_life_ending_while_the_breaker_holds_it_ends_expired_and_a_late_
             assert re.search(r"rare_celery: breakers .*\bslow open\b", late.text())  # read from the broker at start
             sent = time.time()
             held = app.short.delay("s2")
+            foreign = app.app.send_task("breakers.short", args=["s3"], queue="breakers.short")  # no x-rare-first-at
             message = bugs.find("breakers.short.bugs", held.id, timeout=20)
+            other = bugs.find("breakers.short.bugs", foreign.id, timeout=20)  # its shelf life runs from its arrival
         finally:
             late.stop()
-        assert message.headers["x-rare-reason"] == "expired"
+        assert message.headers["x-rare-reason"] == "expired" == other.headers["x-rare-reason"]
         assert message.headers["x-rare-failed-at"] >= sent + 4 - 0.01
-        assert not [e for e in record.all() if e["kind"] == "request" and e["id"] == held.id], \
+        assert not [e for e in record.all() if e["kind"] == "request" and e["id"] in (held.id, foreign.id)], \
             "the late worker sent a request to a service whose breaker is open"
     finally:
         down.unlink(missing_ok=True)
