@@ -23,20 +23,20 @@ HOSTILE = "<script>\x1b]0;owned\x07\u202e"
 def app_with_breakers():
     app = Celery("unit-breakers", broker="memory://", set_as_current=False)
 
-    @app.task(base=RareTask, name="u.translate", queue="texts", breaker="deepl")
+    @app.task(base=RareTask, shared=False, name="u.translate", queue="texts", breaker="deepl")
     def translate():
         pass
 
-    @app.task(base=RareTask, name="u.summarize", queue="summaries", breaker="deepl")
+    @app.task(base=RareTask, shared=False, name="u.summarize", queue="summaries", breaker="deepl")
     def summarize():
         pass
 
-    @app.task(base=RareTask, name="u.charge", queue="billing", breaker="stripe", breaker_failures=1,
+    @app.task(base=RareTask, shared=False, name="u.charge", queue="billing", breaker="stripe", breaker_failures=1,
               breaker_within=90, breaker_open=10, breaker_max_open=3600)
     def charge():
         pass
 
-    @app.task(base=RareTask, name="u.plain", queue="texts")
+    @app.task(base=RareTask, shared=False, name="u.plain", queue="texts")
     def plain():
         pass
 
@@ -60,11 +60,11 @@ def test_tasks_that_share_a_breaker_set_up_differently_are_refused_in_one_line()
 
     app = Celery("unit-clash", broker="memory://", set_as_current=False)
 
-    @app.task(base=RareTask, name="u.a", breaker="deepl", breaker_failures=3)
+    @app.task(base=RareTask, shared=False, name="u.a", breaker="deepl", breaker_failures=3)
     def a():
         pass
 
-    @app.task(base=RareTask, name="u.b", breaker="deepl", breaker_failures=4)
+    @app.task(base=RareTask, shared=False, name="u.b", breaker="deepl", breaker_failures=4)
     def b():
         pass
 
