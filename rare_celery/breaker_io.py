@@ -47,8 +47,8 @@ NOTE_TIMEOUT = 5.0  # seconds a note's publish may take
 CONTENT = {"content_type": "application/json", "content_encoding": "utf-8"}
 
 
-def announce(app, note: dict, kind: str) -> bool:
-    """Publish ``note`` (confirmed); ``kind`` is the app's queue kind (for the state queue). Never raises."""
+def announce(app, note: dict) -> bool:
+    """Publish ``note`` (confirmed; a change of state declares the state queue first). Never raises."""
     change = note["kind"] in br.CHANGES
     key = breaker_key(note["breaker"], STATE_KEY if change else COUNT_KEY)
     try:
@@ -56,7 +56,7 @@ def announce(app, note: dict, kind: str) -> bool:
             channel = producer.channel
             done = channel.connection.client.declared_entities
             version = str((channel.connection.server_properties or {}).get("version", ""))
-            wanted = [BREAKER_EXCHANGE] + ([for_broker(breaker_state_queue(note["breaker"], kind), version)]
+            wanted = [BREAKER_EXCHANGE] + ([for_broker(breaker_state_queue(note["breaker"], own_kind(app)), version)]
                                            if change else [])
             for entity in wanted:
                 if hash(entity) not in done:
@@ -129,7 +129,7 @@ class ProbeLock:
                 connection.release()
 
 
-def try_probe(app, name: str, kind: str) -> tuple[ProbeLock | None, br.State | None]:
+def try_probe(app, name: str) -> tuple[ProbeLock | None, br.State | None]:
     """Take breaker ``name``'s probe lock on a connection of its own: ``(lock, last state)`` when this
     process is the probe now, ``(None, None)`` when another holds it (or the broker cannot be
     asked: then no probe runs from here)."""
@@ -208,11 +208,10 @@ def lost_attempt(task, task_id: str, by: str, *, timed_out: bool) -> None:
     (for longer); a hard time limit of another attempt counts as a failure (a service that hangs)."""
     name, now = task.breaker, time.time()
     state = board_state(name) or br.State(name)
-    kind = own_kind(task.app)
     if state.phase == br.PROBING and state.task == task_id:
-        announce(task.app, br.after_probe(state, task.rare_breaker, failed=True, now=now).as_note(by, task_id), kind)
+        announce(task.app, br.after_probe(state, task.rare_breaker, failed=True, now=now).as_note(by, task_id))
     elif timed_out and state.phase == br.CLOSED:
-        announce(task.app, br.count_note(name, br.FAILURE, state.gen, now, by, task_id), kind)
+        announce(task.app, br.count_note(name, br.FAILURE, state.gen, now, by, task_id))
 
 
 # -- the main process: hearing notes ---------------------------------------------------------------
@@ -222,8 +221,8 @@ class Watch:
     when a state changed. ``candidates``: when this worker last let an attempt go to its pool to try
     for the probe lock (one at a time, see :meth:`rare_celery.worker.RareConsumerStep`)."""
 
-    def __init__(self, settings: dict[str, br.Settings], kind: str, board: Board) -> None:
-        self.settings, self.kind, self.board = settings, kind, board
+    def __init__(self, settings: dict[str, br.Settings], board: Board) -> None:
+        self.settings, self.board = settings, board
         self.states = {name: br.State(name) for name in settings}
         self.candidates: dict[str, float] = {}
         board.write(self.states)

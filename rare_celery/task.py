@@ -326,12 +326,12 @@ class RareTask(Task):
     def _breaker_gate(self, current: Current) -> None:
         """Let the attempt run (the breaker is closed), make it the probe (the breaker is due for one
         and this process took its lock), or send it to wait, unrun, nothing counted."""
-        req, name, kind = self.request, self.breaker, own_kind(self.app)
+        req, name = self.request, self.breaker
         now = time.time()
         state = breaker_io.board_state(name) or br.State(name)
         action, until = br.verdict(state, now)
         if action == br.PROBE:
-            lock, last = breaker_io.try_probe(self.app, name, kind)
+            lock, last = breaker_io.try_probe(self.app, name)
             if lock is None:  # another attempt probes (or the broker cannot say): look again soon
                 action, until = br.WAIT, now + br.PROBE_WAIT
             else:  # the broker's last state, newer than this worker's board if a note is on its way
@@ -339,7 +339,7 @@ class RareTask(Task):
                 action, until = br.verdict(state, time.time())
                 if action == br.PROBE:
                     state = br.probing(state, req.hostname or "", req.id, time.time())
-                    breaker_io.announce(self.app, state.as_note(req.hostname or "", req.id), kind)
+                    breaker_io.announce(self.app, state.as_note(req.hostname or "", req.id))
                     req.rare_probe = (lock, state)
                 else:
                     lock.release()
@@ -355,19 +355,19 @@ class RareTask(Task):
         if gen is None:
             return
         req.rare_breaker_gen = None
-        by, kind, now = req.hostname or "", own_kind(self.app), time.time()
+        by, now = req.hostname or "", time.time()
         probe = getattr(req, "rare_probe", None)
         if probe is not None:
             req.rare_probe = None
             lock, state = probe
             try:
                 after = br.after_probe(state, self.rare_breaker, failed=failed, now=now)
-                breaker_io.announce(self.app, after.as_note(by, req.id), kind)
+                breaker_io.announce(self.app, after.as_note(by, req.id))
             finally:
                 lock.release()
         elif failed or req.rare_breaker_failures:
             note = br.count_note(self.breaker, br.FAILURE if failed else br.SUCCESS, gen, now, by, req.id)
-            breaker_io.announce(self.app, note, kind)
+            breaker_io.announce(self.app, note)
 
     def _dispatch(self, args, kwargs) -> tuple[Policy, Callable]:
         """The policy and function for this message: the task's own, or its payload handler's."""

@@ -241,7 +241,7 @@ class BreakerStep(bootsteps.ConsumerStep):
         if settings:
             board = breaker_io.Board.for_this_worker()
             breaker_io.BOARD = board  # pool processes forked from here read it
-            c.rare_breakers = self.watch = breaker_io.Watch(settings, own_kind(c.app), board)
+            c.rare_breakers = self.watch = breaker_io.Watch(settings, board)
 
     def start(self, c):
         self.consumers = []
@@ -281,7 +281,7 @@ def report_change(c, change: br.Change) -> None:
     """Log, announce (a trip: its state note), signal and send the event of a change this worker made."""
     state, note = change.state, change.note
     if change.kind == br.OPENED and note["kind"] == br.FAILURE:
-        breaker_io.announce(c.app, state.as_note(c.hostname, note.get("task")), own_kind(c.app))
+        breaker_io.announce(c.app, state.as_note(c.hostname, note.get("task")))
     fields = {"breaker": state.name, "gen": state.gen}
     if change.kind == br.OPENED:
         fields.update(until=state.until, open_for=state.open_for, reopened=note["kind"] != br.FAILURE)

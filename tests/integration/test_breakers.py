@@ -126,14 +126,14 @@ def test_a_shelf_life_ending_while_the_breaker_holds_it_ends_expired_and_a_late_
 def test_the_probe_lock_is_held_by_one_connection_and_goes_with_it(app):
     from rare_celery import breaker_io
 
-    first, _ = breaker_io.try_probe(app.app, "lock-test", "classic")
+    first, _ = breaker_io.try_probe(app.app, "lock-test")
     assert first is not None
     try:
-        second, state = breaker_io.try_probe(app.app, "lock-test", "classic")
+        second, state = breaker_io.try_probe(app.app, "lock-test")
         assert second is None and state is None  # RESOURCE_LOCKED: the other attempt waits
     finally:
         first.release()
-    third, _ = breaker_io.try_probe(app.app, "lock-test", "classic")
+    third, _ = breaker_io.try_probe(app.app, "lock-test")
     assert third is not None  # released with its connection
     third.release()
 
