@@ -141,7 +141,8 @@ def try_probe(app, name: str) -> tuple[ProbeLock | None, br.State | None]:
                               arguments={"x-queue-type": "classic"})
         state = read_state(connection, name)
     except ResourceLocked:
-        connection.release()
+        with contextlib.suppress(Exception):
+            connection.release()
         return None, None
     except Exception as exc:  # noqa: BLE001 - no probe from here; the attempt waits and looks again
         log.warning("rare_celery: could not take the probe lock of breaker %s: %s", name, exc)
