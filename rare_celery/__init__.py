@@ -5,6 +5,7 @@
 
 from . import backoff, signals
 from .batch import bulk
+from .endings import HOPPED
 from .exceptions import (
     Bug,
     ConfigurationError,
@@ -16,7 +17,7 @@ from .exceptions import (
     PublishRefused,
     TopologyError,
 )
-from .task import HOPPED, RareTask
+from .task import RareTask
 
 __all__ = [
     "HOPPED", "Bug", "ConfigurationError", "Exhausted", "Expired", "Hop", "HopLimit", "NoHandler",

@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from . import durations
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -26,7 +28,7 @@ __all__ = ["MAX_DELAY", "Backoff", "as_backoff", "constant", "exponential"]
 __all__ += ["fibonacci", "full_jitter", "jitter", "linear", "logarithmic", "manual"]
 
 #: Longest delay in seconds: 10 years, RabbitMQ's largest TTL (315,360,000,000 ms).
-MAX_DELAY = 315_360_000.0
+MAX_DELAY = durations.MAX_DELAY
 
 
 def _is_number(value: object) -> bool:
@@ -35,24 +37,7 @@ def _is_number(value: object) -> bool:
 
 def _seconds(where: str, name: str, value: object, positive: bool = False) -> float:
     """Validate one duration parameter and return it as float seconds."""
-    must = f"backoff.{where}: {name} must be"
-    if isinstance(value, timedelta):
-        secs = value.total_seconds()
-    elif _is_number(value):
-        try:
-            secs = float(value)
-        except OverflowError:  # an int too large for a float
-            secs = math.inf
-    else:
-        raise ValueError(f"{must} a number of seconds or a timedelta, got {value!r}")
-    if math.isnan(secs) or (math.isinf(secs) and isinstance(value, float)):
-        raise ValueError(f"{must} a finite number of seconds, got {value!r}")
-    if secs < 0 or (positive and secs == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{must} a {kind} number of seconds, got {value!r}")
-    if secs > MAX_DELAY:
-        raise ValueError(f"{must} at most 10 years ({MAX_DELAY:.0f} s), got {value!r}")
-    return secs
+    return durations.seconds(f"backoff.{where}: {name}", value, positive=positive)
 
 
 def _fmt(secs: float) -> str:

@@ -76,7 +76,7 @@ class Settings:
             out = cls(failures, _seconds("breaker_within", within), _seconds("breaker_open", open_for),
                       _seconds("breaker_max_open", max_open))
             if out.max_open < out.open_for:
-                raise ValueError(f"breaker_max_open ({max_open!r}) is shorter than breaker_open ({open_for!r})")
+                raise ValueError(f"breaker_max_open ({out.max_open:g}) is shorter than breaker_open ({out.open_for:g})")
             return out
         except ValueError as exc:
             raise ValueError(f"{owner}: {exc}") from None
@@ -84,6 +84,9 @@ class Settings:
     def reopen_for(self, open_for: float | None) -> float:
         """How long the breaker stays open after a failed probe of a period that lasted ``open_for``."""
         return min(self.max_open, 2 * (open_for or self.open_for))
+
+
+DEFAULTS = Settings()  # what a RareTask with a breaker gets unless it says otherwise
 
 
 def _seconds(option: str, value: object) -> float:

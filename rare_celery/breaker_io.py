@@ -30,6 +30,7 @@ from dataclasses import asdict
 from amqp.exceptions import NotFound, ResourceLocked
 
 from . import breaker as br
+from . import context, declare
 from .publish import producer_for
 from .topology import (
     BREAKER_EXCHANGE,
@@ -37,7 +38,6 @@ from .topology import (
     STATE_KEY,
     breaker_key,
     breaker_state_queue,
-    for_broker,
     own_kind,
     probe_lock_name,
 )
@@ -53,15 +53,9 @@ def announce(app, note: dict) -> bool:
     key = breaker_key(note["breaker"], STATE_KEY if change else COUNT_KEY)
     try:
         with producer_for(app, NOTE_TIMEOUT) as producer:
-            channel = producer.channel
-            done = channel.connection.client.declared_entities
-            version = str((channel.connection.server_properties or {}).get("version", ""))
-            wanted = [BREAKER_EXCHANGE] + ([for_broker(breaker_state_queue(note["breaker"], own_kind(app)), version)]
-                                           if change else [])
-            for entity in wanted:
-                if hash(entity) not in done:
-                    entity.bind(channel).declare()
-                    done.add(hash(entity))
+            declare.once(producer.channel, BREAKER_EXCHANGE)
+            if change:
+                declare.once(producer.channel, breaker_state_queue(note["breaker"], own_kind(app)))
             producer.publish(json.dumps(note), exchange=BREAKER_EXCHANGE.name, routing_key=key,
                              delivery_mode=2 if change else 1, retry=False, timeout=NOTE_TIMEOUT, **CONTENT)
         return True
@@ -195,12 +189,12 @@ class Board:
             os.unlink(self.path)
 
 
-BOARD: Board | None = None  # set in the worker's main process; its pool processes inherit it
-
-
-def board_state(name: str) -> br.State | None:
-    """Breaker ``name`` as this worker knows it (``None``: unknown, or no worker board here)."""
-    return BOARD.read().get(name) if BOARD is not None else None
+def board_state(app, name: str) -> br.State | None:
+    """Breaker ``name`` as this worker knows it (``None``: unknown, or no worker board here); the
+    board is the worker context's (:mod:`rare_celery.context`), inherited by its pool processes."""
+    ctx = context.of(app)
+    board = ctx.board if ctx is not None else None
+    return board.read().get(name) if board is not None else None
 
 
 def lost_attempt(task, task_id: str, by: str, *, timed_out: bool) -> None:
@@ -208,7 +202,7 @@ def lost_attempt(task, task_id: str, by: str, *, timed_out: bool) -> None:
     (killed, out of memory) or by a hard time limit. The probe's own loss opens the breaker again
     (for longer); a hard time limit of another attempt counts as a failure (a service that hangs)."""
     name, now = task.breaker, time.time()
-    state = board_state(name) or br.State(name)
+    state = board_state(task.app, name) or br.State(name)
     if state.phase == br.PROBING and state.task == task_id:
         announce(task.app, br.after_probe(state, task.rare_breaker, failed=True, now=now).as_note(by, task_id))
     elif timed_out and state.phase == br.CLOSED:

@@ -84,6 +84,31 @@ def learn_types(connection, queues: list[Queue]) -> list[str]:
     return quorum
 
 
+def once(channel, entity) -> None:
+    """Declare ``entity`` (an exchange, or a queue as this broker's version needs it) unless this
+    connection did already: kombu's per-connection cache, emptied when the connection is renewed."""
+    done, key = channel.connection.client.declared_entities, hash(entity)
+    if key in done:
+        return
+    if isinstance(entity, Queue):
+        entity = for_broker(entity, str((channel.connection.server_properties or {}).get("version", "")))
+    entity.bind(channel).declare()
+    done.add(key)
+
+
+def forget(channel) -> None:
+    """Declare everything again on this connection (someone deleted what it declared)."""
+    channel.connection.client.declared_entities.clear()
+
+
+def bind_return_once(channel, work_queue: str) -> None:
+    """:func:`bind_return`, once per connection."""
+    done = channel.connection.client.declared_entities
+    if (RETURN_EXCHANGE.name, work_queue) not in done:
+        bind_return(channel, work_queue)
+        done.add((RETURN_EXCHANGE.name, work_queue))
+
+
 def bind_return(channel, work_queue: str) -> None:
     """Bind ``work_queue`` to ``rare.return`` by its name: due messages come back to it."""
     channel.queue_bind(queue=work_queue, exchange=RETURN_EXCHANGE.name, routing_key=work_queue)

@@ -56,29 +56,37 @@ BREAKER = {"open": BREAKER_OPEN, "probe": BREAKER_PROBE, "close": BREAKER_CLOSE}
 TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT, BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE)
 HOPPED_EVENT, WAITING_EVENT = "task-hopped", "task-waiting"
 ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the run, sent along
-MAX_ERROR = 200  # characters of the exception's message an event carries
+ERROR_CHARS = 200  # characters of the exception's message an event carries
 
 
 def failure(exc: BaseException | None) -> dict:
     """The ``exception`` and ``error`` fields of an event about ``exc`` (see above)."""
     if exc is None:
         return {"exception": None, "error": None}
-    return {"exception": f"{type(exc).__module__}.{type(exc).__qualname__}", "error": str(exc)[:MAX_ERROR]}
+    return {"exception": f"{type(exc).__module__}.{type(exc).__qualname__}", "error": str(exc)[:ERROR_CHARS]}
 
 
-def emit(task, kind: str, task_id: str, **fields) -> None:
-    """Send event ``kind`` for ``task_id`` if the worker sends task events; never raises."""
+def send(sender, kind: str, task_id: str | None, name: str | None, *, ends_run: bool = True, **fields) -> None:
+    """Send event ``kind`` for ``task_id`` through ``sender(type, **fields)``, and, when it ends a run
+    Celery announced (``task-started``), the task event that ends it (``task-hopped``,
+    ``task-waiting``; see above)."""
+    if kind == HOP:
+        fields.setdefault("source", name)
+    sender(kind, uuid=task_id, name=name, **fields)
+    end = ENDS.get(kind) if ends_run else None
+    if end == HOPPED_EVENT:  # no name: the row keeps the target's, whichever event comes first
+        sender(end, uuid=task_id, exception=None, traceback=None, **fields)
+    elif end is not None:
+        sender(end, uuid=task_id, name=name, **fields)
+
+
+def emit(task, kind: str, task_id: str | None, **fields) -> None:
+    """From the pool process: send event ``kind`` for ``task_id`` if the worker sends task events;
+    never raises."""
     if not getattr(task, "send_events", True) or not task.app.conf.worker_send_task_events:
         return
     try:
         with task.app.events.default_dispatcher(hostname=getattr(task.request, "hostname", None)) as dispatcher:
-            if kind == HOP:
-                fields.setdefault("source", task.name)
-            dispatcher.send(kind, uuid=task_id, name=task.name, **fields)
-            end = ENDS.get(kind)
-            if end == HOPPED_EVENT:  # no name: the row keeps the target's, whichever event comes first
-                dispatcher.send(end, uuid=task_id, exception=None, traceback=None, **fields)
-            elif end is not None:
-                dispatcher.send(end, uuid=task_id, name=task.name, **fields)
+            send(dispatcher.send, kind, task_id, task.name, **fields)
     except Exception as exc:  # noqa: BLE001 - an event is a report; the message is safe either way
         log.warning("rare_celery: could not send the %s event for %s: %r", kind, task_id, exc)

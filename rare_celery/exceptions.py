@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from celery.exceptions import Ignore, ImproperlyConfigured, Reject
 
+from . import reasons
+
 
 class Bug(Exception):
     """Raise from a task: no retries, the message goes straight to the bug queue (reason ``bug``)."""
@@ -55,13 +57,13 @@ class Hop(Exception):
 class NoHandler(Bug):
     """A payload with no handler for its kind (reason ``no_handler``)."""
 
-    rare_reason = "no_handler"
+    rare_reason = reasons.NO_HANDLER
 
 
 class HopLimit(Bug):
     """A hop that would loop (a -> b -> a) or pass ``max_hops`` (reason ``hop_limit``)."""
 
-    rare_reason = "hop_limit"
+    rare_reason = reasons.HOP_LIMIT
 
 
 class RoutingFailed(Reject):

@@ -37,14 +37,14 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .durations import EPOCH_MAX, MAX_DELAY
+
 PREFIX = "x-rare-"
 MAX_ERROR = 1000
 MAX_TRACEBACK = 4000
 MAX_ATTEMPT = 1_000_000
 HEADER_BUDGET = 64 * 1024  # the broker's frame is 128 KB; headers of a republish stay under half
-MAX_DELAY = 315_360_000.0  # seconds: RabbitMQ's largest TTL, the longest wait anything can ask for
 MAX_DEPTH = 32  # lists and tables in headers nest at most this deep (rare_celery's own: 2)
-_EPOCH_MAX = 32_503_680_000.0  # year 3000: anything later is nonsense
 MAX_SKEW = 3600.0  # a first-at this far ahead of the worker's clock is nonsense, not clock skew
 # Every x-rare-* key, named once (the table above says what each means).
 ATTEMPT, FIRST_AT, DEADLINE, DUE, QUEUE = (PREFIX + k for k in ("attempt", "first-at", "deadline", "due", "queue"))
@@ -56,6 +56,9 @@ LAST_ERROR = (EXCEPTION, ERROR, TRACEBACK)
 BUG_ONLY = (REASON, ATTEMPTS, FAILED_AT, TASK)  # written when a message goes to a bug queue
 DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
          "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
+# The broker's bookkeeping, never part of a copy; and kombu's "compression": a copy's body is the
+# decompressed one.
+BROKER_KEYS = frozenset(("x-delivery-count", "BCC", "compression", *DEATH))
 
 
 class HeaderError(ValueError):
@@ -95,7 +98,7 @@ def read(headers: Mapping | None, now: float | None = None) -> Attempt:
     if queue is not None and (not isinstance(queue, str) or not 0 < len(queue) <= 255):
         raise HeaderError(f"header {QUEUE} has an invalid value {_clip(repr(queue), 80)}")
     first_at = _number(headers, FIRST_AT, 0, now + MAX_SKEW)
-    deadline = _number(headers, DEADLINE, 0, _EPOCH_MAX)
+    deadline = _number(headers, DEADLINE, 0, EPOCH_MAX)
     due = _number(headers, DUE, 0, now + MAX_DELAY + MAX_SKEW)
     if due is not None and deadline is not None and due > deadline:
         raise HeaderError(f"header {DUE} ({due}) is after {DEADLINE} ({deadline}): the message could never run")
@@ -214,12 +217,20 @@ def _size(value: object) -> int:
         return 1 << 30
 
 
+def received(headers: object) -> dict:
+    """A received message's headers, the broker's bookkeeping left out (``{}`` when it has none)."""
+    return {k: v for k, v in headers.items() if k not in BROKER_KEYS} if isinstance(headers, Mapping) else {}
+
+
 def carried(headers: Mapping | None) -> dict:
-    """A message's headers that travel unchanged: its own and the hop history (``x-rare-hops``),
-    without rare_celery's per-attempt headers, RabbitMQ's dead-letter bookkeeping and kombu's
-    ``compression`` (a copy's body is serialized again, uncompressed)."""
-    return {k: v for k, v in (headers or {}).items()
-            if (k == HOPS or not k.startswith(PREFIX)) and k not in DEATH and k not in ("BCC", "compression")}
+    """A message's headers that travel unchanged to its next place: its own and the hop history
+    (``x-rare-hops``), without rare_celery's per-attempt headers and the broker's bookkeeping."""
+    return {k: v for k, v in received(headers).items() if k == HOPS or not k.startswith(PREFIX)}
+
+
+def kept(headers: Mapping | None, keys: tuple) -> dict:
+    """The ``keys`` of ``headers`` that it has (a wait keeps the last error)."""
+    return {k: v for k, v in received(headers).items() if k in keys}
 
 
 def _clip(text: str, limit: int) -> str:

@@ -1,15 +1,122 @@
-"""Rebuilding the message a worker is running, for a republish (retry, bug queue, hop).
+"""One delivery of a rare task's message, read-only (:class:`Delivery`), and the copies made of it.
 
-Inside the pool process there is no raw message, only Celery's request; this puts the same task
-id, arguments, canvas (callbacks, errbacks, chain, chord), root/parent/group ids, reply_to,
-correlation_id, priority, stamps and custom headers back into a Celery protocol-2 message.
+Every ending (:mod:`rare_celery.endings`) is built from a :class:`Delivery`: the message's headers
+and their ``x-rare-*`` state, the queue it came from, its task, and how a copy of it is made:
+
+* in the pool process there is no raw message, only Celery's request: :func:`rebuild` puts the same
+  task id, arguments, canvas (callbacks, errbacks, chain, chord), root/parent/group ids, reply_to,
+  correlation_id, priority, stamps and custom headers back into a Celery protocol-2 message
+  (:meth:`Delivery.running`);
+* in the worker's main process the copy is the message's own bytes and properties, its headers
+  changed (:meth:`Delivery.received`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery.utils.objects import Bunch
 
 from . import headers as hdr
+from .inventory import work_queue_of
+from .topology import bug_queue_name
+
+KEPT = ("correlation_id", "reply_to", "priority", "message_id", "timestamp", "type", "app_id", "user_id")
+QUEUE_KEY = "rare_queue"  # in delivery_info: the queue a delivery came from, as the worker's consumer knows it
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a message, read-only.
+
+    ``app`` is the Celery app, ``task`` the RareTask (``None``: the message names no task this worker knows); ``queue`` the
+    queue it came from as the worker's consumer knows it (``x-rare-queue`` is never trusted for
+    routing); ``headers`` its headers without the broker's bookkeeping; ``request`` what reports
+    give as the request (Celery's in the pool process, a stand-in in the main process); ``body``
+    the raw body (main process), or ``None`` where copies are rebuilt from the request.
+    """
+
+    app: Any
+    task: Any
+    task_id: str | None
+    task_name: str
+    queue: str | None
+    headers: Mapping[str, Any]
+    request: Any
+    body: bytes | str | None = None
+    properties: Mapping[str, Any] | None = None
+    retries: int = 0
+
+    @classmethod
+    def running(cls, task: Any) -> Delivery:
+        """The delivery ``task`` runs now, in the pool process (or an eager run)."""
+        req = task.request
+        info = req.delivery_info if isinstance(req.delivery_info, dict) else {}
+        queue = info.get(QUEUE_KEY) or work_queue_of(task, info)
+        return cls(task.app, task, req.id, task.name, queue, hdr.received(req.headers), req, retries=req.retries or 0)
+
+    @classmethod
+    def received(cls, app: Any, task: Any, message: Any, queue: str | None, request: Any = None) -> Delivery:
+        """A message the worker's main process holds (``task``: its RareTask, or ``None``)."""
+        headers = hdr.received(message.headers)
+        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+        name = getattr(task, "name", None) or (headers.get("task") if isinstance(headers.get("task"), str) else "")
+        retries = headers.get("retries")
+        retries = retries if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0 else 0
+        if request is None:
+            request = stand_in(message, headers)
+        return cls(app, task, task_id, name, queue, headers, request, message.body, properties_of(message), retries)
+
+    def state(self, now: float | None = None) -> hdr.Attempt:
+        """Its ``x-rare-*`` state; :class:`~rare_celery.headers.HeaderError` on nonsense."""
+        return hdr.read(self.headers, now)
+
+    @property
+    def bug_queue(self) -> str:
+        own = getattr(self.task, "bug_queue", None)
+        return own or bug_queue_name(self.queue or "")
+
+    def copy(self, extra: dict, *, name: str | None = None, args: Any = None, kwargs: Any = None,
+             retries: int | None = None, keep: tuple = ()) -> tuple[Any, dict, dict]:
+        """``(body, headers, properties)`` of a copy for the next place: the headers that travel
+        (:func:`rare_celery.headers.carried`), the ``keep`` ones of this delivery, and ``extra``;
+        as task ``name`` with ``args``/``kwargs`` if given (the pool process only)."""
+        retries = self.retries if retries is None else retries
+        extra = {**hdr.kept(self.headers, keep), **extra}
+        if self.body is None:
+            return rebuild(self.task, name=name, args=args, kwargs=kwargs, retries=retries, extra=extra)
+        if args is not None or kwargs is not None:
+            raise ValueError("new arguments need the running task's request (the pool process)")
+        headers = {**hdr.carried(self.headers), **extra, "retries": retries}
+        if name is not None:
+            headers["task"] = name
+        return self.body, hdr.fit(headers), dict(self.properties or {})
+
+    def same(self, extra: dict) -> tuple[Any, dict, dict]:
+        """``(body, headers, properties)`` of this very message with ``extra`` headers (a put-back)."""
+        if self.body is None:
+            raise ValueError("the message itself is held by the worker's main process")
+        return self.body, hdr.fit({**self.headers, **extra}), dict(self.properties or {})
+
+
+def properties_of(message: Any) -> dict:
+    """The properties of a received message that a copy of it keeps (not ``expiration``)."""
+    props = {k: v for k, v in (message.properties or {}).items() if k in KEPT and v is not None}
+    props["content_type"] = message.content_type or "application/octet-stream"
+    props["content_encoding"] = message.content_encoding or "binary"
+    return props
+
+
+def stand_in(message: Any, headers: Mapping) -> Bunch:
+    """What a result backend and a signal receiver need of a request, for a message the main process holds."""
+    props = message.properties or {}
+    return Bunch(id=headers.get("id"), name=headers.get("task"), chord=None, root_id=headers.get("root_id"),
+                 errbacks=None, correlation_id=props.get("correlation_id"), reply_to=props.get("reply_to"),
+                 group=headers.get("group"), ignore_result=False, delivery_info=message.delivery_info,
+                 args=None, kwargs=None)
 
 _BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

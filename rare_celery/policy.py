@@ -6,16 +6,14 @@ turns (attempt state, exception, clock) into a :class:`RetryIn` or a :class:`Giv
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from datetime import timedelta
 
 from . import backoff as _backoff
+from . import durations
 from .exceptions import Bug
 from .headers import Attempt
+from .reasons import BUG, EXHAUSTED, EXPIRED, WORKER_LOST
 
-EXHAUSTED, EXPIRED, BUG, UNREGISTERED, REJECTED = "exhausted", "expired", "bug", "unregistered", "rejected"
-WORKER_LOST, TIME_LIMIT, UNROUTABLE = "worker_lost", "time_limit", "unroutable"
 # The shortest wait before a retry: Celery stores RETRY just after the retry is published, and the
 # next attempt must not finish (and store SUCCESS) before that.
 MIN_DELAY = 0.05
@@ -44,17 +42,7 @@ class HopTo:
 
 
 def _duration(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        secs = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        secs = float(value)
-    else:
-        raise ValueError(f"{name} must be a number of seconds or a timedelta, got {value!r}")  # noqa: TRY004
-    if not math.isfinite(secs) or secs <= 0 or secs > _backoff.MAX_DELAY:
-        raise ValueError(f"{name} must be more than 0 and at most 10 years, got {value!r}")
-    return secs
+    return None if value is None else durations.seconds(name, value)
 
 
 def _retry_on(value: object) -> tuple[type[BaseException], ...]:

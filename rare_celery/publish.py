@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -28,7 +27,7 @@ from amqp.exceptions import ChannelError, MessageNacked
 from kombu import Queue
 from kombu.exceptions import OperationalError
 
-from .declare import bind_return
+from . import context, declare
 from .exceptions import PublishRefused
 from .topology import (
     CLASSIC,
@@ -38,7 +37,6 @@ from .topology import (
     UNROUTED_QUEUE,
     bug_queue,
     delay_queue,
-    for_broker,
     grid_floor,
     name_problem,
     unrouted_queue,
@@ -48,8 +46,7 @@ log = logging.getLogger(__name__)
 NO_ROUTE, NOT_FOUND = 312, 404
 CONFIRM_TIMEOUT = 30.0  # seconds a publish waits for the broker's confirm before it counts as refused
 PATIENCE = 240.0  # seconds a refused publish is tried again for, at most
-FIRST_PAUSE, MAX_PAUSE = 1.0, 30.0
-KEPT = ("correlation_id", "reply_to", "priority", "message_id", "timestamp", "type", "app_id", "user_id")
+FIRST_PAUSE, LONGEST_PAUSE = 1.0, 30.0  # between tries of a refused publish
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,8 @@ def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
                 raise PublishRefused(f"the broker did not take the message for {copy.where}: {_why(exc)}",
                                      transient=code in (NO_ROUTE, NOT_FOUND)) from None
             log.warning("rare_celery: %s was missing; declaring it again", copy.where)
-            _forget(producer)
+            with contextlib.suppress(Exception):
+                declare.forget(producer.channel)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the caller must keep the original
             # kombu renews the connection after a nack (py-amqp files MessageNacked under connection
             # errors) and then re-raises it as OperationalError: look for the nack behind it.
@@ -155,23 +153,13 @@ def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
 def _prepare(producer, copy: Copy) -> None:
     """Declare what ``copy`` needs, once per connection: its target; for a delay copy, the way back."""
     channel = producer.channel
-    done = channel.connection.client.declared_entities  # kombu empties it when the connection is renewed
-    wanted = [copy.target] if copy.target is not None else []
     if copy.returns_to is not None:
-        wanted[:0] = [copy.unrouted, RETURN_EXCHANGE]
-    version = str((channel.connection.server_properties or {}).get("version", ""))
-    for entity in wanted:
-        if hash(entity) not in done:
-            (for_broker(entity, version) if isinstance(entity, Queue) else entity).bind(channel).declare()
-            done.add(hash(entity))
-    if copy.returns_to is not None and (RETURN_EXCHANGE.name, copy.returns_to) not in done:
-        bind_return(channel, copy.returns_to)
-        done.add((RETURN_EXCHANGE.name, copy.returns_to))
-
-
-def _forget(producer) -> None:
-    with contextlib.suppress(Exception):
-        producer.channel.connection.client.declared_entities.clear()
+        declare.once(channel, copy.unrouted)
+        declare.once(channel, RETURN_EXCHANGE)
+    if copy.target is not None:
+        declare.once(channel, copy.target)
+    if copy.returns_to is not None:
+        declare.bind_return_once(channel, copy.returns_to)
 
 
 def _why(exc: BaseException) -> str:
@@ -199,50 +187,33 @@ def send_patiently(app, copy: Copy, *, budget: float = PATIENCE, timeout: float 
             if not again:
                 raise
             time.sleep(pause)
-            pause = min(pause * 2, MAX_PAUSE)
-
-
-_MAIN: dict = {}  # pid -> (app, producer) of the worker's main process (see producer_for)
-
-
-def main_process(app) -> None:
-    """Say that this process is the worker's main process: its publishes use a connection of their
-    own, which the pool processes it forks never touch (the app's producer pool is reset in every
-    new pool process, and with it the connections the main process shares with it)."""
-    _MAIN[os.getpid()] = [app, None, threading.Lock()]
+            pause = min(pause * 2, LONGEST_PAUSE)
 
 
 @contextlib.contextmanager
 def producer_for(app, timeout: float) -> Iterator:
-    """A producer to publish with: the main process's own (see :func:`main_process`), else one of
-    the app's producer pool."""
-    mine = _MAIN.get(os.getpid())
-    if mine is None or mine[0] is not app:
+    """A producer to publish with: in a worker's main process its own (see
+    :class:`rare_celery.context.WorkerContext`: a connection the pool processes it forks never touch,
+    as the app's producer pool is reset in every new pool process), else one of the app's pool."""
+    ctx = context.of(app)
+    if ctx is None or not ctx.in_main():
         with app.producer_pool.acquire(block=True, timeout=timeout) as producer:
             yield producer
         return
-    with mine[2]:  # one publish at a time (solo, threads or greenlet pools run tasks here too)
-        if mine[1] is None:
-            mine[1] = app.amqp.Producer(app.connection_for_write())
+    with ctx.lock:  # one publish at a time (solo, threads or greenlet pools run tasks here too)
+        if ctx.producer is None:
+            ctx.producer = app.amqp.Producer(app.connection_for_write())
         try:
-            yield mine[1]
+            yield ctx.producer
         except Exception:
             # A failed publish may leave the producer on a channel of a connection kombu gave up
             # renewing (Connection.ensure collects it, then fails to connect: a failover URL whose next
             # node is down), and it is never revived: every later publish of this process would fail
             # (AttributeError: 'NoneType' object has no attribute 'client'). The next one starts afresh.
-            producer, mine[1] = mine[1], None
+            producer, ctx.producer = ctx.producer, None
             with contextlib.suppress(Exception):
                 producer.connection.release()
             raise
-
-
-def properties_of(message) -> dict:
-    """The properties of a received message that a copy of it keeps (not ``expiration``)."""
-    props = {k: v for k, v in (message.properties or {}).items() if k in KEPT and v is not None}
-    props["content_type"] = message.content_type or "application/octet-stream"
-    props["content_encoding"] = message.content_encoding or "binary"
-    return props
 
 
 # -- soft time limits ---------------------------------------------------------------------------

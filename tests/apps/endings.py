@@ -31,7 +31,6 @@ import rare_celery.hops
 import rare_celery.message
 import rare_celery.policy
 import rare_celery.publish
-import rare_celery.task
 from rare_celery import Bug, Hop, RareTask
 from rare_celery import signals as rare_signals
 from tests.support import AtomicFS
@@ -350,11 +349,11 @@ class Injected(RuntimeError):
 
 
 STEPS = {  # step -> (module, attribute)
-    "read": (rare_celery.task.hdr, "read"),
+    "read": (rare_celery.headers, "read"),
     "decide": (rare_celery.policy.Policy, "decide"),
-    "rebuild": (rare_celery.task, "rebuild"),
-    "error": (rare_celery.task.hdr, "error"),
-    "hop-entry": (rare_celery.task.hops, "entry"),
+    "rebuild": (rare_celery.message, "rebuild"),
+    "error": (rare_celery.headers, "error"),
+    "hop-entry": (rare_celery.hops, "entry"),
     "send": (rare_celery.publish, "send"),
     "mark-retry": (FilesystemBackend, "mark_as_retry"),
     "mark-done": (FilesystemBackend, "mark_as_done"),

@@ -3,12 +3,11 @@ node: the address of a stopped node is a port nothing listens on."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 from kombu import Connection
 
-from rare_celery import publish
+from rare_celery import context, publish
 from rare_celery.exceptions import PublishRefused
 from tests.cluster.conftest import PORTS
 
@@ -38,7 +37,7 @@ def test_main_process_publishes_again_after_a_renewal_that_failed_over_to_a_stop
     app = Celery("failover", broker=f"{up};{down}", set_as_current=False)
     app.conf.broker_transport_options = {"confirm_publish": True}
     props = {"content_type": "text/plain", "content_encoding": "utf-8"}
-    publish.main_process(app)
+    ctx = context.start(app)  # this process plays the worker's main process
     outcomes = []
     try:
         for queue in ("takes", "refuses", "takes", "takes"):
@@ -48,9 +47,9 @@ def test_main_process_publishes_again_after_a_renewal_that_failed_over_to_a_stop
             except PublishRefused as exc:
                 outcomes.append(str(exc))
     finally:
-        mine = publish._MAIN.pop(os.getpid(), None)
-        if mine and mine[1] is not None:
-            mine[1].connection.release()
+        context.stop(app)
+        if ctx.producer is not None:
+            ctx.producer.connection.release()
     assert outcomes[0] == "confirmed" and outcomes[2:] == ["confirmed", "confirmed"], outcomes
     assert "refused" in outcomes[1] or "failed" in outcomes[1], outcomes
     with Connection(up) as conn:

@@ -18,7 +18,7 @@ from celery import chord
 from click.testing import CliRunner
 from kombu import Connection, Queue
 
-from rare_celery.request import MAX_DELIVERIES
+from rare_celery.endings import MAX_DELIVERIES
 from rare_celery.tools.cli import main as cli
 from rare_celery.topology import UNROUTED_QUEUE, delay_queue
 from tests.support import (

@@ -525,11 +525,15 @@ def test_policy_shortening_a_delay_queue_ttl_never_makes_a_retry_early(faults, f
     """The queue's name is its TTL (rare.wait.3s), so a declaration can never disagree with it; a policy
     with a shorter message-ttl can. The message then comes back early and the worker sends it round
     again until its x-rare-due: late by a few hops, never early."""
-    rabbitmqctl("set_policy", "-p", broker.name, "--apply-to", "queues", "short-ttl", r"^rare\.delay\.3s$",
+    three = delay_queue(3000).name
+    rabbitmqctl("set_policy", "-p", broker.name, "--apply-to", "queues", "short-ttl", f"^{re.escape(three)}$",
                 '{"message-ttl": 500}')
     try:
         result = faults.TASKS["classic"]["patient"].delay(1)
         assert result.get(timeout=20) == ["patient", 2]
+        policies = dict(line.split("\t")[:2] for line in rabbitmqctl(
+            "list_queues", "-p", broker.name, "--no-table-headers", "-q", "name", "policy").splitlines() if "\t" in line)
+        assert policies.get(three) == "short-ttl", policies  # the retry waited where the policy applies
     finally:
         rabbitmqctl("clear_policy", "-p", broker.name, "short-ttl")
     first, second = records.of(result.id, "run")

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 
-from ... import events
+from ... import events, reasons
 from ...policy import MIN_DELAY
 from ...topology import MAX_DELAY_MS, grid_floor
 from ..breakers import PHASE_VALUES
@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_SERIES = 1000
 LABEL_WIDTH = 200
-REASONS = ("exhausted", "expired", "bug", "no_handler", "hop_limit", "worker_lost", "time_limit", "unregistered",
-           "rejected", "unroutable")
+REASONS = reasons.ALL
 OVERVIEW_CACHE = 2.0  # seconds a scrape reuses the queue depths of the previous one
 
 COUNTERS = {  # event type -> (metric name, help, label names, fields the labels come from)

@@ -1,0 +1,338 @@
+"""One delivery of a RareTask, inside the pool process that runs it::
+
+    admit   headers nonsense?        -> bug queue (rejected)
+            a copy of a success?     -> acked, not run (the worker lost its ack before)
+            early (x-rare-due)?      -> delay queue for the rest, not run, nothing counted
+            shelf life over?         -> fallback task, or bug queue (expired)
+            its breaker open?        -> delay queue until the probe time, not run, nothing counted
+    run()   Policy.decide()          -> RetryIn: delay queue   GiveUp: bug queue   HopTo: fallback
+            raise Hop(...)           -> the next task's queue
+
+Every way out goes through :func:`end`: the ending is built (:mod:`rare_celery.endings`), its copy
+published, confirmed and mandatory, and only then is Celery told what to do (``Retry``, the
+exception, or ``Ignore``), which makes it ack. A delivery ends once. Anything that fails before the
+broker confirmed the copy raises :class:`~rare_celery.exceptions.RoutingFailed`: the message is not
+acked, and the worker's main process puts it back (:mod:`rare_celery.worker.request`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, NamedTuple, NoReturn
+
+from celery.exceptions import Ignore, Reject, Retry
+
+from .. import breaker as br
+from .. import breaker_io, endings, signals
+from .. import headers as hdr
+from ..durations import iso
+from ..exceptions import Bug, Exhausted, Expired, Hop, NoHandler, PublishRefused, RoutingFailed
+from ..message import Delivery, retry_call
+from ..policy import EARLY_SLEEP, Policy, RetryIn
+from ..publish import PATIENCE, send_patiently, shielded
+from ..reasons import BUG, EXPIRED, REJECTED
+from .tracer import ending_of
+
+log = logging.getLogger(__name__)
+ROUTING_PAUSE = 1.0  # after a failed ending, before the message is put back: never a hot loop
+
+
+class Current(NamedTuple):
+    """The attempt running now and the policy that decides what follows it."""
+
+    attempt: hdr.Attempt
+    policy: Policy
+
+
+def current(task: Any) -> Current:
+    """The attempt running now (read from the headers when admission did not run)."""
+    found = getattr(task.request, "rare_current", None)
+    return found or Current(hdr.read(task.request.headers), task.rare_policy)
+
+
+# -- the way out -------------------------------------------------------------------------------------
+
+def end(task: Any, build: Callable[[], endings.Ending]) -> NoReturn:
+    """The pool process's one way out of a delivery: build the ending, store the result state that
+    must come first (best effort), publish its copy (confirmed, mandatory), then raise its outcome,
+    which makes Celery ack. Reports (signals, events, logs) come after.
+
+    A delivery ends once: asked again (a Hop inside autoretry, ``retry(throw=False)``), the first
+    ending is raised again and nothing is published twice. Whatever fails before the broker has
+    confirmed the copy, of any exception type, raises RoutingFailed: the message stays unacked.
+    """
+    req = task.request
+    ended_before(task)
+    reporter = endings.Reporter(send=_sender(task), celery_reports=False, stores=endings.stores_results(task))
+    with shielded():
+        try:
+            ending = build()
+            try:
+                endings.store_first(ending, reporter)
+                if ending.first == endings.RETRY_STATE and reporter.stores:
+                    req.rare_retry_stored = True
+            except Exception as exc:  # noqa: BLE001 - a result state is a report, the copy is what counts
+                log.warning("rare_celery: %s[%s]: could not store its state first: %r", task.name, req.id, exc)
+            if ending.copy is not None:
+                send_patiently(task.app, ending.copy, budget=patience(task),
+                               on_refused=lambda exc, pause: _refused(task, exc, pause))
+        except BaseException as exc:  # noqa: BLE001 - ours, Celery's, the broker's: the message is kept
+            why = f"{type(exc).__name__}: {exc}"[: hdr.MAX_ERROR]
+            log.error("rare_celery: %s[%s] could not go to its next place (%s); it stays unacked and the "
+                      "worker puts it back", task.name, req.id, why)
+            time.sleep(ROUTING_PAUSE)
+            raise RoutingFailed(why) from None
+        ending_of(req).append(ending.outcome)
+    endings.report(ending, reporter)
+    raise ending.outcome
+
+
+def ended_before(task: Any) -> None:
+    """Raise this delivery's ending again if it has one already."""
+    ending = ending_of(task.request)
+    if ending:
+        raise ending[0]
+
+
+def end_here(retry: Callable[..., Any], exc: BaseException | None) -> NoReturn:
+    """``retry(exc=exc)`` for a failed attempt, shielded from the soft time limit (the attempt has
+    failed: the limit changes nothing now). Its ending is raised from here with the traceback it
+    had when the task raised it: rare_celery's own frames stay out of the tracebacks Celery formats
+    and stores (less to show, and less to format on every retry)."""
+    tb = exc.__traceback__ if exc is not None else None
+    with shielded():
+        try:
+            retry(exc=exc)
+        except BaseException as outcome:  # noqa: BLE001 - re-raised at once
+            if outcome is exc:  # the bug queue: Celery stores the task's own exception and traceback
+                raise outcome.with_traceback(tb) from None
+            raise outcome.with_traceback(None) from None
+    raise AssertionError("unreachable: retry() raises")
+
+
+def _sender(task: Any) -> Callable[..., None] | None:
+    """How the pool process sends a Celery event (``None``: the worker sends no task events)."""
+    if not getattr(task, "send_events", True) or not task.app.conf.worker_send_task_events:
+        return None
+
+    def send(kind: str, **fields: Any) -> None:
+        with task.app.events.default_dispatcher(hostname=getattr(task.request, "hostname", None)) as dispatcher:
+            dispatcher.send(kind, **fields)
+    return send
+
+
+def patience(task: Any) -> float:
+    """How long a refused publish may be tried again: the back-off, within the hard time limit."""
+    req = task.request
+    hard = (req.timelimit or (None, None))[0] if getattr(req, "timelimit", None) else None
+    hard = hard or task.time_limit or task.app.conf.task_time_limit
+    if not hard:
+        return PATIENCE
+    spent = time.monotonic() - getattr(req, "rare_started", time.monotonic())
+    return max(0.0, min(PATIENCE, hard - spent - 2.0))
+
+
+def _refused(task: Any, exc: PublishRefused, pause: float | None) -> None:
+    log.error("rare_celery: %s[%s] kept in its queue (not acked): %s; %s", task.name, task.request.id, exc,
+              f"trying again in {pause:g} s" if pause is not None else "giving up on it for this delivery")
+
+
+# -- admission -----------------------------------------------------------------------------------
+
+def admit(task: Any, args: Any, kwargs: Any) -> Callable[..., Any]:
+    """Check a delivery before it runs; end it elsewhere (raising) when it must not run now. Returns
+    the function that runs it (the task's, or its payload handler's)."""
+    req, now = task.request, time.time()
+    d = Delivery.running(task)
+    try:
+        state = d.state(now)
+    except hdr.HeaderError as exc:
+        bad = exc
+        end(task, lambda: endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad))
+    if hdr.deliveries(req.headers) and succeeded_before(task):
+        end(task, lambda: endings.done(d))
+    try:
+        policy, fn = dispatch(task, args, kwargs)
+    except NoHandler as exc:
+        missing = exc
+        end(task, lambda: endings.bugs(d, state, missing.rare_reason, missing))
+    if state.deadline is None and policy.expires_in is not None:
+        state = replace(state, deadline=policy.deadline(state.first_at))
+    req.rare_current = Current(state, policy)
+    if state.due is not None and state.deadline is not None and state.due > state.deadline:
+        never = hdr.HeaderError(f"header {hdr.DUE} is after the end of the shelf life ({iso(state.deadline)}): "
+                                f"the message could never run")
+        end(task, lambda: endings.bugs(d, state, REJECTED, never))
+    if state.due is not None and state.due > now:
+        if state.due - now > EARLY_SLEEP:
+            due = state.due
+            end(task, lambda: endings.wait(d, state, due))
+        time.sleep(state.due - now)
+    if state.deadline is not None and time.time() > state.deadline:
+        late = Expired(f"shelf life ended at {iso(state.deadline)} before attempt {state.number}")
+        end(task, lambda: endings.next_place(d, state, policy.out_of(EXPIRED), late, keep_error=True))
+    if task.rare_breaker is not None:
+        _breaker_gate(task, d, state)
+    return fn
+
+
+def dispatch(task: Any, args: Any, kwargs: Any) -> tuple[Policy, Callable[..., Any]]:
+    """The policy and function for this message: the task's own, or its payload handler's."""
+    if not task.dispatch_on:
+        return task.rare_policy, task.run
+    payload = args[0] if args else (kwargs or {}).get("payload")
+    kind = payload.get(task.dispatch_on) if isinstance(payload, dict) else None
+    handler = task.handlers.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        raise NoHandler(f"{task.name}: no handler for {task.dispatch_on}={_short(kind)} "
+                        f"(payload {_short(payload)}); handlers: {sorted(task.handlers)}")
+    return handler.policy, handler.fn
+
+
+def succeeded_before(task: Any) -> bool:
+    """Whether the result backend holds SUCCESS for this task id (a lost ack, not a lost run)."""
+    if not endings.stores_results(task) or "rpc" in type(task.backend).__name__.lower():
+        return False
+    try:
+        return bool(task.backend.get_state(task.request.id) == "SUCCESS")
+    except Exception:  # noqa: BLE001 - unknown: run it (at least once)
+        return False
+
+
+# -- the circuit breaker (rare_celery.breaker): run, probe or wait; then tell it the outcome -----------
+
+def _breaker_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
+    """Let the attempt run (the breaker is closed), make it the probe (the breaker is due for one
+    and this process took its lock), or send it to wait, unrun, nothing counted."""
+    req, name = task.request, task.breaker
+    now = time.time()
+    state = breaker_io.board_state(task.app, name) or br.State(name)
+    action, until = br.verdict(state, now)
+    if action == br.PROBE:
+        lock, last = breaker_io.try_probe(task.app, name)
+        if lock is None:  # another attempt probes (or the broker cannot say): look again soon
+            action, until = br.WAIT, now + br.PROBE_WAIT
+        else:  # the broker's last state, newer than this worker's board if a note is on its way
+            state = last if last is not None and last.order() > state.order() else state
+            action, until = br.verdict(state, time.time())
+            if action == br.PROBE:
+                state = br.probing(state, req.hostname or "", req.id, time.time())
+                breaker_io.announce(task.app, state.as_note(req.hostname or "", req.id))
+                req.rare_probe = (lock, state)
+            else:
+                lock.release()
+    if action == br.WAIT:
+        end(task, lambda: endings.wait(d, attempt, until, breaker=name))
+    req.rare_breaker_gen, req.rare_breaker_failures = state.gen, bool(state.failures)
+
+
+def breaker_told(task: Any, failed: bool) -> None:
+    """Tell the breaker how this delivery's attempt went, once: a probe announces the new state
+    and lets its lock go; another attempt sends a failure (or, after failures, a success) note."""
+    req = task.request
+    gen = getattr(req, "rare_breaker_gen", None)
+    if gen is None:
+        return
+    req.rare_breaker_gen = None
+    by, now = req.hostname or "", time.time()
+    probe = getattr(req, "rare_probe", None)
+    if probe is not None:
+        req.rare_probe = None
+        lock, state = probe
+        try:
+            after = br.after_probe(state, task.rare_breaker, failed=failed, now=now)
+            breaker_io.announce(task.app, after.as_note(by, req.id))
+        finally:
+            lock.release()
+    elif failed or req.rare_breaker_failures:
+        note = br.count_note(task.breaker, br.FAILURE if failed else br.SUCCESS, gen, now, by, req.id)
+        breaker_io.announce(task.app, note)
+
+
+# -- the attempt ---------------------------------------------------------------------------------
+
+def run(task: Any, args: Any, kwargs: Any) -> Any:
+    """Admit the delivery, run the attempt, and end it: the result, or the ending a failure makes."""
+    req = task.request
+    req.rare_started = time.monotonic()
+    fn = admit(task, args, kwargs)
+    try:
+        return _attempt(task, fn, args, kwargs)
+    finally:  # a breaker hears of every attempt; all but a retryable failure (told in retry) say it answered
+        breaker_told(task, failed=False)
+
+
+def _attempt(task: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    req = task.request
+    signals.attempt_started.send(sender=task, request=req, attempt=req.rare_current.attempt.number)
+    try:
+        result = fn(*args, **kwargs)
+    except (Ignore, Reject):
+        raise  # the task's own choice (Task.replace raises Ignore): Celery acks or rejects
+    except Hop as hop:
+        hop_raised(task, hop)
+    except Retry as r:  # a Retry raised by hand, not through self.retry()
+        ended_before(task)
+        end_here(task.retry, r.exc)
+    except Exception as exc:  # noqa: BLE001 - every failure is the policy's to decide
+        ended_before(task)
+        if isinstance(exc, TypeError) and not accepts(fn, args, kwargs):  # never retried: a bug
+            wrong = TypeError(f"wrong arguments for {task.name}: {exc}").with_traceback(exc.__traceback__)
+            d, state = Delivery.running(task), req.rare_current.attempt
+            end_here(lambda exc: end(task, lambda: endings.bugs(d, state, BUG, exc)), wrong)
+        end_here(task.retry, exc)
+    ended_before(task)  # retry(throw=False), then returned: the retry is this delivery's ending
+    return result
+
+
+def retry(task: Any, exc: BaseException | None, *, args: Any = None, kwargs: Any = None,
+          countdown: float | None = None, limit: int | None = None) -> NoReturn:
+    """``RareTask.retry`` in the pool process: the policy decides; a retry, a hop to the fallback or
+    the bug queue ends the delivery."""
+    req = task.request
+    if isinstance(exc, Hop):  # autoretry_for=(Exception,) caught a Hop: it is a hop, not a failure
+        hop_raised(task, exc)
+    if args is not None or kwargs is not None:
+        args, kwargs = retry_call(task.run, req.args, req.kwargs, args, kwargs)
+    ended_before(task)
+    now = time.time()
+    current_state = current(task)
+    breaker_told(task, failed=exc is not None and not isinstance(exc, Bug)
+                 and isinstance(exc, current_state.policy.retry_on))
+    state = current_state.attempt
+    decision = current_state.policy.decide(state, exc=exc, now=now, countdown=countdown, max_attempts=limit)
+    if not isinstance(decision, RetryIn) and exc is None:
+        exc = (Expired if decision.reason == EXPIRED else Exhausted)(
+            f"{task.name}[{req.id}]: {decision.reason} after {state.number} attempts")
+    d = Delivery.running(task)
+    end(task, lambda: endings.next_place(d, state, decision, exc, args=args, kwargs=kwargs, now=now))
+
+
+def hop_raised(task: Any, hop: Hop) -> NoReturn:
+    """``raise Hop(...)`` (or ``self.hop``): the work moves on now."""
+    ended_before(task)
+    state = current(task).attempt
+    new = hop.args or hop.kwargs  # no arguments given: the current ones go along
+    d = Delivery.running(task)
+    end(task, lambda: endings.hop(d, state, hop.target, hop.reason, args=hop.args if new else None,
+                                  kwargs=hop.kwargs if new else None))
+
+
+def accepts(fn: Callable[..., Any], args: Any, kwargs: Any) -> bool:
+    """Whether ``fn`` can be called with these arguments (a TypeError from a wrong call is a bug)."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -1,0 +1,247 @@
+"""The worker's main process's side of a delivery: the endings the pool process cannot make.
+
+The pool process runs the attempt and ends the delivery (:func:`rare_celery.pool.attempt.end`). The
+worker's main process holds the message itself: its bytes, headers and delivery tag. It ends a
+delivery from those bytes, through :mod:`rare_celery.endings`, in the cases the pool process cannot:
+
+* **The attempt started and its pool process died** (killed, ``os._exit``, out of memory) or a
+  **hard time limit** ended it: the attempt counts as failed. The next attempt is scheduled
+  through a delay queue (RETRY), or the message goes to the fallback task or the bug queue
+  (``worker_lost`` / ``time_limit``), with one ending: Celery's own FAILURE-then-requeue is not used.
+* **The pool process could not end the delivery** (:class:`~rare_celery.exceptions.RoutingFailed`:
+  the copy could not be built or the broker refused it; or Celery's own bookkeeping failed before
+  anything was published): the message is **put back**, see :func:`put_back`.
+* **A redelivered message** (RabbitMQ's ``redelivered`` flag: a worker stopped, crashed or lost its
+  connection while the message was unacked). Nobody knows whether its attempt started, so it
+  counts no attempt: it is put back too (:mod:`rare_celery.worker.screen` calls :func:`put_back`
+  before anything runs).
+* **The task asked to be requeued** (``raise Reject(requeue=True)``).
+
+**Putting back** publishes the message again to the queue it came from with ``x-rare-deliveries``
+one higher (and ``x-rare-returned`` saying why), confirmed, then acks the original. The count lives
+in the message the broker holds, so it survives a copy that can never be published and a worker
+that dies each time. Past :data:`~rare_celery.endings.MAX_DELIVERIES` the message goes to its bug
+queue instead, reason ``unroutable`` (or ``worker_lost`` for redeliveries), with the last error.
+If the broker refuses that too, the message is rejected back into its queue after a pause
+(1, 2, 4 ... 60 s, counted in the worker's context), with one log line each time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
+from celery.worker.request import Request
+from celery.worker.state import task_ready
+
+from .. import breaker_io, context, endings
+from .. import headers as hdr
+from ..exceptions import PublishRefused, RoutingFailed, WorkerLost
+from ..message import QUEUE_KEY, Delivery
+from ..publish import send_patiently
+from ..reasons import REJECTED, TIME_LIMIT, WORKER_LOST
+
+log = logging.getLogger(__name__)
+MAIN_TIMEOUT = 5.0  # the main process runs the worker's event loop: its publishes wait at most this long
+LONGEST_REQUEUE_PAUSE = 60.0  # seconds before a message whose put-back the broker refused is rejected back
+
+
+class RareRequest(Request):
+    """Celery's worker request for a RareTask: passes the delivering queue to the pool process and
+    ends the deliveries the pool process cannot (see the module documentation)."""
+
+    rare_done = False
+
+    def __init__(self, message, *args, **kwargs):
+        super().__init__(message, *args, **kwargs)
+        self.rare_queue = (message.delivery_info or {}).get(QUEUE_KEY)
+        self._delivery_info[QUEUE_KEY] = self.rare_queue  # for the pool process (request.delivery_info)
+
+    def info(self, safe=False):
+        """Celery's view of the request (``celery inspect active``/``query_task``), without the
+        delivering queue rare_celery passes to the pool process in ``delivery_info``."""
+        out = super().info(safe)
+        delivery = out.get("delivery_info")
+        if isinstance(delivery, dict) and QUEUE_KEY in delivery:
+            out["delivery_info"] = {k: v for k, v in delivery.items() if k != QUEUE_KEY}
+        return out
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        if self.rare_done:
+            return None
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, RoutingFailed):
+            return self._put_back(exc.why)
+        if isinstance(exc, TimeLimitExceeded):
+            return self._lost(exc, TIME_LIMIT)
+        if isinstance(exc, Reject) and exc.requeue:
+            return self._requeue_asked()
+        lost = isinstance(exc, WorkerLostError) or (
+            isinstance(exc, (SystemExit, KeyboardInterrupt))  # billiard >= 4.3 reports the exit first
+            and not (getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False)))
+        if lost:
+            return self._lost(exc if isinstance(exc, WorkerLostError) else WorkerLostError(repr(exc)), WORKER_LOST)
+        if return_ok or isinstance(exc, (Retry, Ignore, Reject, MemoryError)) or type(exc).__name__ == "Terminated":
+            return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        # the pool process failed outside the task's tracer: nothing was routed
+        return self._put_back(f"the pool process failed: {type(exc).__name__}: {exc}"[: hdr.MAX_ERROR])
+
+    def on_timeout(self, soft, timeout):
+        if soft:
+            return super().on_timeout(soft, timeout)
+        return self._lost(TimeLimitExceeded(timeout), TIME_LIMIT)
+
+    # -- endings from the main process ------------------------------------------------------
+
+    def _delivery(self, celerys: bool = True) -> Delivery:
+        """The delivery, with Celery's request for reports (``celerys``) or, for a message that may be
+        what failed (a put-back), a stand-in made of its plainest headers."""
+        return Delivery.received(self.task.app, self.task, self._message, self.rare_queue,
+                                 self._context if celerys else None)
+
+    def _reporter(self) -> endings.Reporter:
+        return endings.Reporter(send=_sender(self), celery_reports=True, stores=bool(self.store_errors))
+
+    def _finish(self) -> bool:
+        """This request ends here (once)."""
+        task_ready(self)
+        if self.rare_done:
+            return False
+        self.rare_done = True
+        return True
+
+    def _put_back(self, why: str) -> None:
+        if self._finish():
+            put_back(self._delivery(celerys=False), why, lost=False, ack=self.acknowledge, requeue=lambda: self.reject(requeue=True),
+                     reporter=self._reporter())
+
+    def _requeue_asked(self) -> None:
+        """``raise Reject(requeue=True)``: the task asked for its message to go back to its queue. It
+        goes back as a copy marked ``x-rare-requeued`` (confirmed, then the original is acked), so that
+        no worker takes its return for a lost delivery; Celery's ``task-rejected`` event is sent."""
+        if not self._finish():
+            return
+        try:
+            settle(endings.requeue(self._delivery()), self.acknowledge, self._reporter())
+        except Exception as exc:  # noqa: BLE001 - the broker's own requeue, then (it comes back redelivered)
+            log.warning("rare_celery: %s[%s] asked to be requeued; copying it back failed (%s): rejected with "
+                        "requeue instead", self.name, self.id, exc)
+            self.reject(requeue=True)
+
+    def _lost(self, exc: Exception, reason: str) -> None:
+        """The attempt started and did not finish: end it as a failed attempt from the raw message."""
+        if not self._finish():
+            return
+        if reason == TIME_LIMIT:
+            log.error("rare_celery: hard time limit (%ss) exceeded for %s[%s]", exc, self.name, self.id)
+        d = self._delivery()
+        try:
+            settle(self._lost_ending(d, exc, reason), self.acknowledge, self._reporter())
+        except Exception as err:  # noqa: BLE001 - never acked without a copy
+            put_back(self._delivery(celerys=False), f"{reason}: {exc!r}; routing it failed: {err!r}"[: hdr.MAX_ERROR],
+                     lost=False,
+                     ack=self.acknowledge, requeue=lambda: self.reject(requeue=True), reporter=self._reporter())
+        if getattr(self.task, "rare_breaker", None) is not None:
+            try:
+                breaker_io.lost_attempt(self.task, self.id, self.hostname or "", timed_out=reason == TIME_LIMIT)
+            except Exception as err:  # noqa: BLE001 - a report
+                log.warning("rare_celery: could not tell the breaker: %r", err)
+
+    def _lost_ending(self, d: Delivery, exc: Exception, reason: str) -> endings.Ending:
+        if succeeded(self.task, self.id):
+            log.warning("rare_celery: %s[%s] succeeded before its pool process was lost", self.name, self.id)
+            return endings.done(d)
+        now = time.time()
+        try:
+            state = d.state(now)
+        except hdr.HeaderError as bad:
+            return endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad, now=now)
+        policy = self.task.policy_for(self.args, self.kwargs)
+        if state.deadline is None and policy.expires_in is not None:
+            state = replace(state, deadline=policy.deadline(state.first_at))
+        if reason == WORKER_LOST:
+            exc = WorkerLost(f"attempt {state.number} was never acked: its pool process died ({exc})")
+        decision = policy.after_loss(state, now=now, reason=reason)
+        return endings.next_place(d, state, decision, exc, now=now)
+
+
+def settle(ending: endings.Ending, ack: Callable[[], None], reporter: endings.Reporter) -> None:
+    """From the main process: store what must come first, publish the ending's copy (confirmed), then
+    ``ack()`` the original and report. Raises if the copy was not confirmed (nothing acked)."""
+    try:
+        endings.store_first(ending, reporter)
+    except Exception as exc:  # noqa: BLE001 - a result state is a report, the copy is what counts
+        log.warning("rare_celery: %s[%s]: could not store its state first: %r", ending.delivery.task_name,
+                    ending.delivery.task_id, exc)
+    if ending.copy is not None:
+        if not ending.copy.routing_key and ending.copy.target is None:
+            raise PublishRefused("the queue it came from is unknown")
+        send_patiently(ending.delivery.app, ending.copy, budget=0, timeout=MAIN_TIMEOUT)
+    ack()
+    endings.report(ending, reporter)
+
+
+# -- putting a message back -----------------------------------------------------------------------
+
+def put_back(d: Delivery, why: str, *, lost: bool, ack: Callable[[], None], requeue: Callable[[], None],
+             reporter: endings.Reporter) -> None:
+    """End a delivery that has no next place (:func:`rare_celery.endings.put_back`); if the broker
+    refuses, ``requeue()`` after a pause (counted in the worker's context). Never raises."""
+    ctx = context.of(d.app)
+    key = (d.queue, d.task_id, d.headers.get(hdr.ATTEMPT))
+    count = max(hdr.deliveries(d.headers), ctx.refused(key) if ctx is not None else 0) + 1
+    try:
+        if not d.queue:
+            raise PublishRefused("the queue it came from is unknown")
+        settle(endings.put_back(d, why, lost=lost, count=count, succeeded=lambda: succeeded(d.task, d.task_id)),
+               ack, reporter)
+        if ctx is not None:
+            ctx.forget_refusal(key)
+    except Exception as exc:  # kept unacked: requeued after a pause
+        if ctx is not None:
+            ctx.note_refusal(key, count)
+        pause = min(LONGEST_REQUEUE_PAUSE, 2.0 ** (count - 1))
+        log.error("rare_celery: %s[%s] stays in %s (not acked): putting it back failed (%s); "
+                  "it is delivered again in %g s", d.task_name or "?", d.task_id, d.queue, exc, pause)
+        log.debug("rare_celery: putting it back failed", exc_info=True)
+        timer = ctx.timer if ctx is not None else None
+        if timer is not None:
+            timer.call_after(pause, _requeue, (requeue, d.task_id))
+        else:
+            _requeue(requeue, d.task_id)
+
+
+def _requeue(requeue: Callable[[], None], task_id: str | None) -> None:
+    """``requeue()`` that never raises. It may run after the connection the message came on was lost
+    (from the consumer's timer): the broker has requeued the message already, and an error raised here
+    would look like a loss of the new connection and restart the consumer again."""
+    try:
+        requeue()
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.info("rare_celery: %s was not rejected (%s): the broker requeued it when its connection closed",
+                 task_id, f"{type(exc).__name__}: {exc}")
+
+
+def succeeded(task: Any, task_id: str | None) -> bool:
+    """Whether the result backend holds SUCCESS for ``task_id`` (``False`` when it cannot say)."""
+    if task is None or not task_id:
+        return False
+    try:
+        return endings.stores_results(task) and task.backend.get_state(task_id) == "SUCCESS"
+    except Exception:  # noqa: BLE001 - unknown: treat as not succeeded (at least once)
+        return False
+
+
+def _sender(request: Request) -> Callable[..., None] | None:
+    """How a request sends a Celery event from the main process (``None``: events are off)."""
+    eventer = request._eventer
+    if not (eventer and eventer.enabled and request.task.send_events):
+        return None
+    return eventer.send

@@ -1,0 +1,86 @@
+"""The endings the worker's main process builds from a message it holds (rare_celery.endings with
+Delivery.received): what each copy is, without a broker (the real-broker tests are tests/integration)."""
+
+from __future__ import annotations
+
+import time
+
+from celery import Celery
+from kombu import Message
+
+from rare_celery import RareTask, endings
+from rare_celery import headers as hdr
+from rare_celery.message import Delivery
+from rare_celery.policy import GiveUp, HopTo, RetryIn
+from rare_celery.topology import bug_queue_name, delay_queue
+
+app = Celery("endings-unit", broker="memory://", set_as_current=False)
+
+
+@app.task(base=RareTask, bind=True, name="endings-unit.t", max_attempts=3)
+def t(self):
+    return None
+
+
+@app.task(base=RareTask, bind=True, name="endings-unit.target")
+def target(self):
+    return None
+
+
+def held(headers: dict | None = None) -> Delivery:
+    message = Message(body=b'[[], {}, {"callbacks": null}]', content_type="application/json",
+                      content_encoding="utf-8", headers={"id": "id-1", "task": t.name, "retries": 0,
+                                                         "x-delivery-count": 3, "x-death": [{"count": 1}],
+                                                         **(headers or {})})
+    return Delivery.received(app, t, message, "work")
+
+
+def test_a_put_back_is_the_same_message_with_one_more_delivery():
+    ending = endings.put_back(held({hdr.ATTEMPT: 2}), "lost", lost=True, count=2, succeeded=lambda: False)
+    assert ending.kind == endings.PUT_BACK and ending.copy.routing_key == "work" and ending.copy.target is None
+    h = ending.copy.headers
+    assert h[hdr.DELIVERIES] == 2 and h[hdr.RETURNED] == "lost" and h[hdr.ATTEMPT] == 2
+    assert "x-delivery-count" not in h and "x-death" not in h  # the broker's bookkeeping stays out
+    assert ending.copy.body == held().body
+
+
+def test_past_the_limit_a_put_back_ends_in_the_bug_queue_with_why():
+    d = held()
+    lost = endings.put_back(d, "lost", lost=True, count=endings.MAX_DELIVERIES + 1, succeeded=lambda: False)
+    assert lost.kind == endings.BUGS and lost.copy.target.name == bug_queue_name("work")
+    assert lost.copy.headers[hdr.REASON] == "worker_lost"
+    refused = endings.put_back(d, "nack", lost=False, count=endings.MAX_DELIVERIES + 1, succeeded=lambda: False)
+    assert refused.copy.headers[hdr.REASON] == "unroutable"
+    assert endings.put_back(d, "lost", lost=True, count=9, succeeded=lambda: True).kind == endings.DONE
+
+
+def test_a_lost_attempt_is_retried_hopped_or_given_up_from_the_raw_message():
+    d = held({hdr.ATTEMPT: 1})
+    state = d.state()
+    retry = endings.next_place(d, state, RetryIn(5.0), ConnectionError("gone"))
+    assert retry.copy.target.name == delay_queue(5000).name
+    assert retry.copy.headers[hdr.ATTEMPT] == 2 and retry.copy.headers["retries"] == 1
+    hop = endings.next_place(d, state, HopTo("endings-unit.target", "exhausted"), None)
+    assert hop.copy.headers["task"] == "endings-unit.target" and hop.copy.headers[hdr.ATTEMPT] == 1
+    bugs = endings.next_place(d, state, GiveUp("time_limit"), TimeoutError("slow"))
+    assert bugs.copy.headers[hdr.REASON] == "time_limit" and bugs.outcome.args == ("slow",)
+
+
+def test_a_wait_keeps_the_attempt_its_bookkeeping_and_its_last_error():
+    d = held({hdr.ATTEMPT: 2, hdr.DELIVERIES: 1, hdr.ERROR: "before", hdr.REASON: "stale"})
+    due = time.time() + 60
+    ending = endings.wait(d, d.state(), due)
+    h = ending.copy.headers
+    assert h[hdr.ATTEMPT] == 2 and h[hdr.DUE] == due and h[hdr.DELIVERIES] == 1 and h[hdr.ERROR] == "before"
+    assert hdr.REASON not in h
+
+
+def test_a_wait_never_passes_the_deadline():
+    now = time.time()
+    d = held({hdr.DEADLINE: now + 10})
+    assert endings.wait(d, d.state(now), now + 3600, now=now).copy.headers[hdr.DUE] == now + 10
+
+
+def test_a_requeue_is_marked_so_no_worker_takes_it_for_a_loss():
+    ending = endings.requeue(held())
+    assert ending.copy.headers[hdr.REQUEUED] is True and ending.copy.routing_key == "work"
