@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RETRY, WAIT, HOP, BUGS, PUT_BACK, REQUEUE, DONE = "retry", "wait", "hop", "bugs", "put_back", "requeue", "done"
 MAX_DELIVERIES = 5  # deliveries of one attempt that may end without a next place; then the bug queue
+SUCCEEDED = "rare-copy-succeeded-"  # result-backend key of a copy that succeeded (after the backend's prefix)
 HOPPED = "HOPPED"  # result state of a task whose work moved on (not ready: .get() waits for the target)
 RETRY_STATE = "RETRY"
 
@@ -224,6 +225,42 @@ def stores_results(task: Any) -> bool:
     req = task.request
     ignore = req.ignore_result if getattr(req, "ignore_result", None) is not None else task.ignore_result
     return not ignore and not isinstance(task.backend, DisabledBackend)
+
+
+def record_success(task: Any, headers: Any) -> None:
+    """After ``task`` stored SUCCESS for a delivery: record its copy (``x-rare-copy``) as a success, so
+    that the same copy coming back (its ack was lost) is acked unrun (:func:`copy_succeeded`). Only
+    key-value result backends (redis, memcached, file, ...) can keep it; best effort."""
+    backend, copy = _successes(task), hdr.copy_id(headers)
+    if backend is None or copy is None:
+        return
+    try:
+        backend.set(backend.get_key_for_task(SUCCEEDED + copy), "1")
+    except Exception as exc:  # noqa: BLE001 - without it, a lost ack means one more run (at least once)
+        log.warning("rare_celery: could not record copy %s as a success: %r", copy, exc)
+
+
+def copy_succeeded(task: Any, headers: Any) -> bool:
+    """Whether this copy of a message (its ``x-rare-copy``) succeeded before: certain when true.
+    A task id is not a message (new work may reuse one); without a record, ``False`` (it runs)."""
+    backend, copy = _successes(task), hdr.copy_id(headers)
+    if backend is None or copy is None:
+        return False
+    try:
+        return backend.get(backend.get_key_for_task(SUCCEEDED + copy)) is not None
+    except Exception as exc:  # noqa: BLE001 - unknown: run it (at least once)
+        log.warning("rare_celery: could not look up copy %s: %r", copy, exc)
+        return False
+
+
+def _successes(task: Any) -> Any:
+    """``task``'s result backend if it stores results and can keep a key of rare_celery's."""
+    from celery.backends.base import KeyValueStoreBackend
+
+    if task is None or not stores_results(task):
+        return None
+    backend = getattr(task.backend, "rare_raw", task.backend)
+    return backend if isinstance(backend, KeyValueStoreBackend) else None
 
 
 def store_first(ending: Ending, reporter: Reporter) -> None:

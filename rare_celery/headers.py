@@ -14,6 +14,9 @@ header                 meaning
 ``x-rare-deliveries``  deliveries of this attempt that ended without a next place (a crash, a lost
                        connection, a copy that could not be published), counted by the worker
 ``x-rare-returned``    why the last such delivery ended so
+``x-rare-copy``        an id of this copy of the message: new for every copy published as new work
+                       (the first publish, a retry, a wait, a hop, a bug-queue entry), the same
+                       after a put-back; a success is recorded by it, never by the task id
 ``x-rare-requeued``    ``true``: put back because the task raised ``Reject(requeue=True)``; the next
                        run sees ``delivery_info["redelivered"]`` as with Celery, and no loss is counted
 ``x-rare-exception``   last error: exception type (``module.Name``)
@@ -33,6 +36,7 @@ import linecache
 import math
 import time
 import traceback as tb
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,11 +53,13 @@ MAX_SKEW = 3600.0  # a first-at this far ahead of the worker's clock is nonsense
 # Every x-rare-* key, named once (the table above says what each means).
 ATTEMPT, FIRST_AT, DEADLINE, DUE, QUEUE = (PREFIX + k for k in ("attempt", "first-at", "deadline", "due", "queue"))
 DELIVERIES, RETURNED, REQUEUED = PREFIX + "deliveries", PREFIX + "returned", PREFIX + "requeued"
+COPY = PREFIX + "copy"
 HOPS = PREFIX + "hops"  # the hop history, see rare_celery.hops
 EXCEPTION, ERROR, TRACEBACK = PREFIX + "exception", PREFIX + "error", PREFIX + "traceback"
 REASON, ATTEMPTS, FAILED_AT, TASK = (PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))
 LAST_ERROR = (EXCEPTION, ERROR, TRACEBACK)
 BUG_ONLY = (REASON, ATTEMPTS, FAILED_AT, TASK)  # written when a message goes to a bug queue
+PER_DELIVERY = (DELIVERIES, RETURNED, REQUEUED)  # what one delivery's worker wrote: a requeue starts them over
 DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
          "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 # The broker's bookkeeping, never part of a copy; and kombu's "compression": a copy's body is the
@@ -115,6 +121,17 @@ def deliveries(headers: Mapping | None) -> int:
     """``x-rare-deliveries`` of a message (0 when absent or not a small whole number)."""
     value = (headers or {}).get(DELIVERIES) if isinstance(headers, Mapping) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ATTEMPT else 0
+
+
+def new_copy() -> dict:
+    """The ``x-rare-copy`` header of a copy published as new work (a fresh id)."""
+    return {COPY: uuid.uuid4().hex}
+
+
+def copy_id(headers: Mapping | None) -> str | None:
+    """A message's ``x-rare-copy`` (``None`` when it has none, or not one rare_celery wrote)."""
+    value = (headers or {}).get(COPY) if isinstance(headers, Mapping) else None
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
 def write(attempt: Attempt) -> dict:

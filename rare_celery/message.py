@@ -82,10 +82,10 @@ class Delivery:
     def copy(self, extra: dict, *, name: str | None = None, args: Any = None, kwargs: Any = None,
              retries: int | None = None, keep: tuple = ()) -> tuple[Any, dict, dict]:
         """``(body, headers, properties)`` of a copy for the next place: the headers that travel
-        (:func:`rare_celery.headers.carried`), the ``keep`` ones of this delivery, and ``extra``;
-        as task ``name`` with ``args``/``kwargs`` if given (the pool process only)."""
+        (:func:`rare_celery.headers.carried`), the ``keep`` ones of this delivery, ``extra`` and a new
+        ``x-rare-copy``; as task ``name`` with ``args``/``kwargs`` if given (the pool process only)."""
         retries = self.retries if retries is None else retries
-        extra = {**hdr.kept(self.headers, keep), **extra}
+        extra = {**hdr.kept(self.headers, keep), **extra, **hdr.new_copy()}
         if self.body is None:
             return rebuild(self.task, name=name, args=args, kwargs=kwargs, retries=retries, extra=extra)
         if args is not None or kwargs is not None:
@@ -96,7 +96,8 @@ class Delivery:
         return self.body, hdr.fit(headers), dict(self.properties or {})
 
     def same(self, extra: dict) -> tuple[Any, dict, dict]:
-        """``(body, headers, properties)`` of this very message with ``extra`` headers (a put-back)."""
+        """``(body, headers, properties)`` of this very message with ``extra`` headers (a put-back:
+        its ``x-rare-copy`` stays)."""
         if self.body is None:
             raise ValueError("the message itself is held by the worker's main process")
         return self.body, hdr.fit({**self.headers, **extra}), dict(self.properties or {})

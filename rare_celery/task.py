@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, NoReturn
 
 from celery import Task
+from celery.backends.base import DisabledBackend
 from celery.exceptions import Retry
 
 from . import backoff as _backoff
@@ -21,6 +22,7 @@ from . import breaker as br
 from . import headers as hdr
 from .app import setup_app
 from .durations import MAX_DELAY, epoch
+from .endings import record_success
 from .exceptions import Hop
 from .policy import Policy
 from .pool import attempt as pool
@@ -181,11 +183,12 @@ class RareTask(Task):
 
     @property
     def backend(self):
-        """Celery's result backend, except that the RETRY a retry stored before its publish is not
-        stored again after it (a next attempt that already finished would lose its SUCCESS)."""
+        """Celery's result backend; during an attempt on a worker, as :class:`_AttemptBackend` sees it."""
         backend = self._backend if self._backend is not None else self.app.backend
         req = self.request_stack.top
-        return _RetryStored(backend) if getattr(req, "rare_retry_stored", False) else backend
+        if req is None or req.called_directly or req.is_eager or isinstance(backend, DisabledBackend):
+            return backend
+        return _AttemptBackend(backend, self, req)
 
     @backend.setter
     def backend(self, value):
@@ -205,6 +208,7 @@ class RareTask(Task):
         now = time.time()
         headers = dict(options.pop("headers", None) or {})
         headers.setdefault(hdr.FIRST_AT, now)
+        headers.update(hdr.new_copy())
         countdown, eta = options.pop("countdown", None), options.pop("eta", None)
         delay = epoch(eta, now) - now if eta is not None else countdown
         if delay is not None and delay >= 0.001:
@@ -273,14 +277,25 @@ class RareTask(Task):
             return ret
 
 
-class _RetryStored:
-    """A result backend whose ``mark_as_retry`` does nothing: the retry stored it before its publish."""
+class _AttemptBackend:
+    """The result backend as an attempt on a worker uses it: a RETRY stored before the retry's publish
+    is not stored again after it (a next attempt that already finished would lose its SUCCESS), and
+    a SUCCESS is recorded for the message's copy too (:func:`rare_celery.endings.record_success`), as
+    soon as it is stored: the same copy coming back after a lost ack is acked unrun."""
 
-    def __init__(self, backend) -> None:
-        self._backend = backend
+    def __init__(self, backend: Any, task: Any, req: Any) -> None:
+        self.rare_raw, self._task, self._req = backend, task, req
 
-    def mark_as_retry(self, *args, **kwargs) -> None:
-        return None
+    def mark_as_retry(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._req, "rare_retry_stored", False):
+            return None
+        return self.rare_raw.mark_as_retry(*args, **kwargs)
 
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
+    def mark_as_done(self, task_id: str, result: Any, request: Any = None, *args: Any, **kwargs: Any) -> Any:
+        out = self.rare_raw.mark_as_done(task_id, result, request, *args, **kwargs)
+        if kwargs.get("store_result", args[0] if args else True):
+            record_success(self._task, self._req.headers)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rare_raw, name)

@@ -153,7 +153,7 @@ def admit(task: Any, args: Any, kwargs: Any) -> Callable[..., Any]:
     except hdr.HeaderError as exc:
         bad = exc
         end(task, lambda: endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad))
-    if hdr.deliveries(req.headers) and succeeded_before(task):
+    if hdr.deliveries(req.headers) and endings.copy_succeeded(task, req.headers):
         end(task, lambda: endings.done(d))
     try:
         policy, fn = dispatch(task, args, kwargs)
@@ -191,16 +191,6 @@ def dispatch(task: Any, args: Any, kwargs: Any) -> tuple[Policy, Callable[..., A
         raise NoHandler(f"{task.name}: no handler for {task.dispatch_on}={_short(kind)} "
                         f"(payload {_short(payload)}); handlers: {sorted(task.handlers)}")
     return handler.policy, handler.fn
-
-
-def succeeded_before(task: Any) -> bool:
-    """Whether the result backend holds SUCCESS for this task id (a lost ack, not a lost run)."""
-    if not endings.stores_results(task) or "rpc" in type(task.backend).__name__.lower():
-        return False
-    try:
-        return bool(task.backend.get_state(task.request.id) == "SUCCESS")
-    except Exception:  # noqa: BLE001 - unknown: run it (at least once)
-        return False
 
 
 # -- the circuit breaker (rare_celery.breaker): run, probe or wait; then tell it the outcome -----------

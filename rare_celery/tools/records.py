@@ -135,13 +135,15 @@ class Selector:
 def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: str | None = None) -> dict:
     """The headers of a message sent back from a bug queue to a work queue.
 
-    The bug-queue headers and RabbitMQ's dead-letter bookkeeping go. With ``reset`` it starts over:
+    The bug-queue headers, the delivery count (``x-rare-deliveries``: a requeue starts it over) and
+    RabbitMQ's dead-letter bookkeeping go; it is a new copy (``x-rare-copy``). With ``reset`` it starts over:
     attempt 1, first-at ``now``, no deadline or due time (the worker applies the task's shelf life
     from the new first-at); without, it keeps its attempt count, first-at and deadline. ``queue``
     becomes its ``x-rare-queue`` (a message moved elsewhere with ``--to`` retries there).
     """
     out = {k: v for k, v in (headers or {}).items()
-           if k not in hdr.BUG_ONLY and k not in hdr.DEATH and k not in UNSTABLE and k != "BCC"}
+           if k not in hdr.BUG_ONLY and k not in hdr.BROKER_KEYS and k not in hdr.PER_DELIVERY}
+    out.update(hdr.new_copy())
     if reset:
         for key in RESET:
             out.pop(key, None)

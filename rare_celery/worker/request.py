@@ -32,7 +32,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
@@ -155,7 +154,7 @@ class RareRequest(Request):
                 log.warning("rare_celery: could not tell the breaker: %r", err)
 
     def _lost_ending(self, d: Delivery, exc: Exception, reason: str) -> endings.Ending:
-        if succeeded(self.task, self.id):
+        if endings.copy_succeeded(self.task, d.headers):
             log.warning("rare_celery: %s[%s] succeeded before its pool process was lost", self.name, self.id)
             return endings.done(d)
         now = time.time()
@@ -200,7 +199,8 @@ def put_back(d: Delivery, why: str, *, lost: bool, ack: Callable[[], None], requ
     try:
         if not d.queue:
             raise PublishRefused("the queue it came from is unknown")
-        settle(endings.put_back(d, why, lost=lost, count=count, succeeded=lambda: succeeded(d.task, d.task_id)),
+        settle(endings.put_back(d, why, lost=lost, count=count,
+                                succeeded=lambda: endings.copy_succeeded(d.task, d.headers)),
                ack, reporter)
         if ctx is not None:
             ctx.forget_refusal(key)
@@ -227,16 +227,6 @@ def _requeue(requeue: Callable[[], None], task_id: str | None) -> None:
     except Exception as exc:  # noqa: BLE001 - see above
         log.info("rare_celery: %s was not rejected (%s): the broker requeued it when its connection closed",
                  task_id, f"{type(exc).__name__}: {exc}")
-
-
-def succeeded(task: Any, task_id: str | None) -> bool:
-    """Whether the result backend holds SUCCESS for ``task_id`` (``False`` when it cannot say)."""
-    if task is None or not task_id:
-        return False
-    try:
-        return endings.stores_results(task) and task.backend.get_state(task_id) == "SUCCESS"
-    except Exception:  # noqa: BLE001 - unknown: treat as not succeeded (at least once)
-        return False
 
 
 def _sender(request: Request) -> Callable[..., None] | None:

@@ -84,3 +84,15 @@ def test_a_wait_never_passes_the_deadline():
 def test_a_requeue_is_marked_so_no_worker_takes_it_for_a_loss():
     ending = endings.requeue(held())
     assert ending.copy.headers[hdr.REQUEUED] is True and ending.copy.routing_key == "work"
+
+
+def test_a_copy_for_new_work_has_a_new_copy_id_and_a_put_back_keeps_it():
+    """Issue 23, 1: a success is recognized by the copy (x-rare-copy), never by the task id."""
+    d = held({hdr.COPY: "c-1", hdr.ATTEMPT: 1})
+    state = d.state()
+    ids = {endings.next_place(d, state, RetryIn(5.0), ConnectionError("x")).copy.headers[hdr.COPY],
+           endings.wait(d, state, time.time() + 60).copy.headers[hdr.COPY],
+           endings.next_place(d, state, GiveUp("bug"), KeyError("x")).copy.headers[hdr.COPY]}
+    assert len(ids) == 3 and "c-1" not in ids
+    assert endings.put_back(d, "why", lost=True, count=1, succeeded=lambda: False).copy.headers[hdr.COPY] == "c-1"
+    assert endings.requeue(d).copy.headers[hdr.COPY] == "c-1"

@@ -13,7 +13,8 @@ JSON = {"content_type": "application/json"}
 def bug_headers() -> dict:
     return {"id": "t1", "task": "sms.send", hdr.ATTEMPT: 3, hdr.FIRST_AT: 100.0, hdr.DEADLINE: 900.0, hdr.QUEUE: "sms",
             **hdr.bug("exhausted", 3, "sms.send", now=200.0), hdr.EXCEPTION: "builtins.ConnectionError",
-            hdr.ERROR: "gateway down", "x-death": [{"count": 1}], "x-delivery-count": 2}
+            hdr.ERROR: "gateway down", "x-death": [{"count": 1}], "x-delivery-count": 2, hdr.DELIVERIES: 6,
+            hdr.RETURNED: "redelivered", hdr.COPY: "c-1"}
 
 
 def test_a_rare_message_reads_as_a_full_record():
@@ -34,6 +35,9 @@ def test_pickle_and_bad_json_are_shown_not_decoded():
 def test_requeue_headers_drop_the_bug_queue_and_broker_bookkeeping():
     kept = records.requeue_headers(bug_headers(), reset=False, now=500.0)
     assert not set(kept) & {*hdr.BUG_ONLY, "x-death", "x-delivery-count"}
+    # issue 23, 4: a requeue starts the delivery count over (a worker_lost message at 6 would go straight
+    # back to the bug queue at its next put-back), as a new copy
+    assert hdr.DELIVERIES not in kept and hdr.RETURNED not in kept and kept[hdr.COPY] != "c-1"
     assert (kept[hdr.ATTEMPT], kept[hdr.FIRST_AT], kept[hdr.DEADLINE]) == (3, 100.0, 900.0)
     fresh = records.requeue_headers(bug_headers(), reset=True, now=500.0, queue="sms.retry")
     assert (fresh[hdr.ATTEMPT], fresh[hdr.FIRST_AT], fresh[hdr.QUEUE]) == (1, 500.0, "sms.retry")
