@@ -36,6 +36,15 @@ class PublishRefused(Exception):
         self.task_ids = list(task_ids)
 
 
+class ConfirmMissing(PublishRefused):
+    """The broker took a publish and did not confirm it in time, or the connection failed before it
+    did: the copy may be in its queue or not. It is never published again to find out (that could
+    make two copies); the original message is kept, and may run twice (at least once)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message} (the message is kept: it may run twice)")
+
+
 class TopologyError(ImproperlyConfigured):
     """A broker object exists with other arguments than rare_celery needs (the text says how to fix it)."""
 

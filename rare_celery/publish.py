@@ -28,7 +28,7 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from . import context, declare
-from .exceptions import PublishRefused
+from .exceptions import ConfirmMissing, PublishRefused
 from .topology import (
     CLASSIC,
     DELAY_EXCHANGE,
@@ -110,24 +110,48 @@ def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, prop
                 returns_to=work_queue, waits=ttl / 1000, unrouted=unrouted_queue(own_kind))
 
 
-def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
+def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wait: float = 0.0) -> None:
     """Publish ``copy`` with confirms, mandatory; raises :class:`PublishRefused` if the broker does not
-    take it (or does not confirm it within ``timeout`` seconds)."""
+    take it.
+
+    A publish is never sent twice to answer one missing confirm (the first copy may be in its queue
+    already): a lost connection is renewed and the publish tried again only while nothing was
+    written. Once it is written, a confirm that does not come within ``timeout`` seconds is waited
+    for ``confirm_wait`` seconds more on the same channel; then (or if the connection is lost
+    meanwhile) :class:`~rare_celery.exceptions.ConfirmMissing`: the copy may exist or not, and the
+    connection is dropped, so that its late confirm is never taken for another publish's."""
     problem = name_problem(copy.routing_key if copy.target is None else copy.target.name)
     if problem:
         raise PublishRefused(f"cannot publish to {copy.where}: {problem}")
+
     def publish() -> None:
         _prepare(producer, copy)
-        producer.publish(copy.body, exchange=copy.exchange, routing_key=copy.routing_key, headers=copy.headers,
-                         mandatory=True, delivery_mode=2, retry=False, timeout=timeout, **copy.properties)
+        wire = producer.channel.connection  # py-amqp counts the frames it wrote (after each write)
+        before = getattr(wire, "bytes_sent", None)
+        try:
+            producer.publish(copy.body, exchange=copy.exchange, routing_key=copy.routing_key, headers=copy.headers,
+                             mandatory=True, delivery_mode=2, retry=False, timeout=timeout, **copy.properties)
+        except (MessageNacked, ChannelError):
+            raise  # certain answers: not taken (a nack, a return, a queue not found)
+        except Exception as exc:
+            if before is not None and getattr(wire, "bytes_sent", before) == before:
+                raise  # nothing written: kombu may renew the connection and publish it
+            if isinstance(exc, TimeoutError):
+                _await_confirm(producer, copy, timeout, confirm_wait)
+                return
+            _drop(producer)
+            raise ConfirmMissing(f"the connection failed before the broker confirmed the copy for {copy.where} "
+                                 f"({_why(exc)}): it may be there or not") from None
 
-    # a lost connection (also while declaring) is renewed and the whole publish tried again
+    # a lost connection (also while declaring) is renewed and the publish tried again while nothing was written
     ensured = producer.connection.ensure(producer, publish, max_retries=3, interval_start=0, interval_step=0.5,
                                          interval_max=1)
     for last_try in (False, True):
         try:
             ensured()
             return
+        except PublishRefused:
+            raise
         except ChannelError as exc:
             code = getattr(exc, "reply_code", None)
             if code == NO_ROUTE:
@@ -150,6 +174,33 @@ def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
             raise PublishRefused(f"the publish to {copy.where} failed: {_why(exc)}", transient=transient) from None
 
 
+def _await_confirm(producer, copy: Copy, waited: float, more: float) -> None:
+    """The confirm of a written publish did not come in ``waited`` s: wait ``more`` s on the same channel."""
+    def answer(method, *args) -> None:
+        if method == spec.Basic.Nack:
+            raise MessageNacked()
+
+    if more > 0:
+        log.warning("rare_celery: the broker has not confirmed the copy for %s in %g s; waiting up to %g s more "
+                    "(never publishing it again)", copy.where, waited, more)
+        try:
+            producer.channel.wait([spec.Basic.Ack, spec.Basic.Nack], callback=answer, timeout=more)
+            return
+        except MessageNacked:
+            raise
+        except Exception:  # noqa: BLE001, S110 - unknown, as below
+            pass
+    _drop(producer)
+    raise ConfirmMissing(f"the broker did not confirm the copy for {copy.where} in {waited + max(more, 0):g} s: "
+                         f"it may be there or not")
+
+
+def _drop(producer) -> None:
+    """Close the producer's connection: a confirm still to come on it must never answer another publish."""
+    with contextlib.suppress(Exception):
+        producer.connection.collect()
+
+
 def _prepare(producer, copy: Copy) -> None:
     """Declare what ``copy`` needs, once per connection: its target; for a delay copy, the way back."""
     channel = producer.channel
@@ -168,16 +219,18 @@ def _why(exc: BaseException) -> str:
 
 
 def send_patiently(app, copy: Copy, *, budget: float = PATIENCE, timeout: float = CONFIRM_TIMEOUT,
+                   confirm_wait: float = 0.0,
                    on_refused: Callable[[PublishRefused, float | None], None] | None = None) -> None:
     """:func:`send` through ``app``'s producer pool; a transient refusal is tried again (1, 2, 4 ... 30 s)
-    for at most ``budget`` seconds. Raises the last :class:`PublishRefused` when it gives up.
+    for at most ``budget`` seconds. Raises the last :class:`PublishRefused` when it gives up (a
+    :class:`~rare_celery.exceptions.ConfirmMissing` at once: it is not a refusal).
 
     ``on_refused(exc, pause)`` is told about each refusal (``pause`` is ``None`` for the last)."""
     started, pause = time.monotonic(), FIRST_PAUSE
     while True:
         try:
             with producer_for(app, timeout) as producer:
-                send(producer, copy, timeout)
+                send(producer, copy, timeout, confirm_wait)
             return
         except PublishRefused as exc:
             left = budget - (time.monotonic() - started)

@@ -78,7 +78,8 @@ def end(task: Any, build: Callable[[], endings.Ending]) -> NoReturn:
             except Exception as exc:  # noqa: BLE001 - a result state is a report, the copy is what counts
                 log.warning("rare_celery: %s[%s]: could not store its state first: %r", task.name, req.id, exc)
             if ending.copy is not None:
-                send_patiently(task.app, ending.copy, budget=patience(task),
+                budget = patience(task)
+                send_patiently(task.app, ending.copy, budget=budget, confirm_wait=budget,
                                on_refused=lambda exc, pause: _refused(task, exc, pause))
         except BaseException as exc:  # noqa: BLE001 - ours, Celery's, the broker's: the message is kept
             why = f"{type(exc).__name__}: {exc}"[: hdr.MAX_ERROR]

@@ -46,7 +46,8 @@ from ..publish import send_patiently
 from ..reasons import REJECTED, TIME_LIMIT, WORKER_LOST
 
 log = logging.getLogger(__name__)
-MAIN_TIMEOUT = 5.0  # the main process runs the worker's event loop: its publishes wait at most this long
+MAIN_TIMEOUT = 5.0  # the main process runs the worker's event loop: its publishes wait this long for a confirm,
+MAIN_CONFIRM_WAIT = 25.0  # then this much more, once written (never publishing it again), before it is unknown
 LONGEST_REQUEUE_PAUSE = 60.0  # seconds before a message whose put-back the broker refused is rejected back
 
 
@@ -182,7 +183,7 @@ def settle(ending: endings.Ending, ack: Callable[[], None], reporter: endings.Re
     if ending.copy is not None:
         if not ending.copy.routing_key and ending.copy.target is None:
             raise PublishRefused("the queue it came from is unknown")
-        send_patiently(ending.delivery.app, ending.copy, budget=0, timeout=MAIN_TIMEOUT)
+        send_patiently(ending.delivery.app, ending.copy, budget=0, timeout=MAIN_TIMEOUT, confirm_wait=MAIN_CONFIRM_WAIT)
     ack()
     endings.report(ending, reporter)
 
