@@ -23,7 +23,8 @@ class WorkerContext:
     * ``timer``: the consumer's timer (pauses without blocking the event loop), once the consumer runs;
     * ``board``: the breakers' board the main process writes and pool processes read, or ``None``;
     * ``producer``, ``lock``: the main process's own producer (made on first use) and its lock;
-    * ``refusals``: per (queue, task id, attempt), the put-backs the broker refused in this process.
+    * ``refusals``: per (queue, task id, attempt), the put-backs the broker refused in this process;
+    * ``waiting``: the requests of the main process handed to the pool and not started yet.
     """
 
     def __init__(self, app: Any) -> None:
@@ -34,6 +35,7 @@ class WorkerContext:
         self.producer: Any = None
         self.lock = threading.Lock()
         self.refusals: OrderedDict[tuple, int] = OrderedDict()
+        self.waiting: dict[int, Any] = {}
 
     def in_main(self) -> bool:
         """Whether this is the worker's main process (not a pool process forked from it)."""

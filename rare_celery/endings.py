@@ -8,9 +8,10 @@ ending         where the message goes                                           
 ``hop``        the next task's queue, as its attempt 1                             :func:`hop`
 ``bugs``       its bug queue, with the reason and the last error                   :func:`bugs`
 ``put_back``   its own queue again, ``x-rare-deliveries`` + 1 (past the limit:     :func:`put_back`
-               ``bugs``, ``worker_lost`` or ``unroutable``)
+               ``bugs``, ``unroutable``)
 ``requeue``    its own queue again, as the task asked (``Reject(requeue=True)``)   :func:`requeue`
-``done``       nowhere: it is a copy of a success (acked, not run)                 :func:`done`
+``give_back``  its own queue again, unstarted: its worker stops warm              :func:`give_back`
+``done``       nowhere: its copy ended before (a lost ack): acked, not run         :func:`done`
 =============  ==================================================================  =====================
 
 Each builder takes one :class:`~rare_celery.message.Delivery` (the message, read-only) and returns an
@@ -34,19 +35,22 @@ from celery.exceptions import Ignore, Retry
 
 from . import events, hops, signals
 from . import headers as hdr
-from .exceptions import Bug, HopLimit, PublishRefused, WorkerLost
+from .exceptions import Bug, HopLimit, PublishRefused
 from .inventory import resolve_task_name, target_queue
 from .message import Delivery
 from .policy import GiveUp, HopTo, RetryIn, slack
 from .publish import Copy, to_bugs, to_delay, to_queue
-from .reasons import BUG, EXPIRED, UNROUTABLE, WORKER_LOST
+from .reasons import BUG, EXPIRED, UNROUTABLE
 from .topology import delay_kind, own_kind
 
 log = logging.getLogger(__name__)
 
-RETRY, WAIT, HOP, BUGS, PUT_BACK, REQUEUE, DONE = "retry", "wait", "hop", "bugs", "put_back", "requeue", "done"
+RETRY, WAIT, HOP, BUGS, PUT_BACK, REQUEUE, GIVE_BACK, DONE = (
+    "retry", "wait", "hop", "bugs", "put_back", "requeue", "give_back", "done")
+NEW_WORK = (RETRY, WAIT, HOP, BUGS)  # endings whose copy is new work: the delivering copy has ended
 MAX_DELIVERIES = 5  # deliveries of one attempt that may end without a next place; then the bug queue
-SUCCEEDED = "rare-copy-succeeded-"  # result-backend key of a copy that succeeded (after the backend's prefix)
+ENDED = "rare-copy-ended-"  # result-backend key of a copy whose delivery ended (after the backend's prefix)
+SUCCESS = "success"
 HOPPED = "HOPPED"  # result state of a task whose work moved on (not ready: .get() waits for the target)
 RETRY_STATE = "RETRY"
 
@@ -177,26 +181,29 @@ def next_place(d: Delivery, state: hdr.Attempt, decision: RetryIn | GiveUp | Hop
                 expired=expired)
 
 
-def put_back(d: Delivery, why: str, *, lost: bool, count: int, succeeded: Callable[[], bool]) -> Ending:
-    """A delivery with no next place (its copy could not be made or published, or it came back from
-    a worker that died): the same message again in its queue with ``x-rare-deliveries = count``.
-    Past :data:`MAX_DELIVERIES`: the bug queue, ``worker_lost`` if ``lost`` else ``unroutable``
-    (or, if lost and ``succeeded()``, it is acked as a copy of a success)."""
+def put_back(d: Delivery, why: str, *, count: int) -> Ending:
+    """A delivery with no next place (its copy could not be made or published): the same message again
+    in its queue with ``x-rare-deliveries = count``, its copy id kept. Past :data:`MAX_DELIVERIES`:
+    the bug queue, ``unroutable``."""
     if count <= MAX_DELIVERIES:
         body, headers, props = d.same({hdr.DELIVERIES: count, hdr.RETURNED: why[: hdr.MAX_ERROR]})
         return Ending(PUT_BACK, d, Copy(body, headers, props, "", d.queue or "", None), Ignore(),
                       fields={"count": count, "why": why})
-    if lost and d.task_id and succeeded():
-        return done(d)
-    error: Exception = (WorkerLost if lost else PublishRefused)(
-        f"delivered {count} times without reaching a next place; last: {why}")
-    reason = WORKER_LOST if lost else UNROUTABLE
+    error = PublishRefused(f"delivered {count} times without reaching a next place; last: {why}")
     attempt = d.headers.get(hdr.ATTEMPT)
     attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1
-    body, headers, props = d.same({**hdr.bug(reason, attempt, d.task_name), **hdr.error(error),
+    body, headers, props = d.same({**hdr.bug(UNROUTABLE, attempt, d.task_name), **hdr.error(error),
                                    hdr.QUEUE: d.queue, hdr.DELIVERIES: count})
     copy = to_bugs(d.bug_queue, body, headers, props, own_kind(d.app))
-    return Ending(BUGS, d, copy, error, error, {"reason": reason, "attempts": attempt, "queue": d.bug_queue})
+    return Ending(BUGS, d, copy, error, error, {"reason": UNROUTABLE, "attempts": attempt, "queue": d.bug_queue})
+
+
+def give_back(d: Delivery) -> Ending:
+    """A message a worker that stops warm had prefetched and never started: the same message back in its
+    queue, nothing counted (so that a message the broker delivers again always means a worker that
+    died or lost its connection)."""
+    body, headers, props = d.same({})
+    return Ending(GIVE_BACK, d, Copy(body, headers, props, "", d.queue or "", None), Ignore())
 
 
 def requeue(d: Delivery) -> Ending:
@@ -206,9 +213,10 @@ def requeue(d: Delivery) -> Ending:
     return Ending(REQUEUE, d, Copy(body, headers, props, "", d.queue or "", None), Ignore())
 
 
-def done(d: Delivery) -> Ending:
-    """A copy of a delivery that succeeded before (its ack was lost): acked, not run again."""
-    return Ending(DONE, d, None, Ignore())
+def done(d: Delivery, how: str) -> Ending:
+    """A copy whose delivery had ended before (``how``: ``success``, or the ending that was published)
+    and came back because its ack was lost: acked, not run again."""
+    return Ending(DONE, d, None, Ignore(), fields={"how": how})
 
 
 def _expiry(state: hdr.Attempt, expired: bool) -> dict:
@@ -227,37 +235,41 @@ def stores_results(task: Any) -> bool:
     return not ignore and not isinstance(task.backend, DisabledBackend)
 
 
-def record_success(task: Any, headers: Any) -> None:
-    """After ``task`` stored SUCCESS for a delivery: record its copy (``x-rare-copy``) as a success, so
-    that the same copy coming back (its ack was lost) is acked unrun (:func:`copy_succeeded`). Only
-    key-value result backends (redis, memcached, file, ...) can keep it; best effort."""
-    backend, copy = _successes(task), hdr.copy_id(headers)
+def record_ended(task: Any, headers: Any, how: str) -> None:
+    """A delivery's copy (``x-rare-copy``) has ended (``how``: ``success``, or the ending whose copy the
+    broker confirmed): recorded in the result backend, so that the same copy coming back because its
+    ack was lost is acked unrun (:func:`copy_ended`). Only key-value result backends (redis,
+    memcached, file, ...) can keep it; best effort (without it, such a copy counts as a failed attempt)."""
+    backend, copy = _records(task), hdr.copy_id(headers)
     if backend is None or copy is None:
         return
     try:
-        backend.set(backend.get_key_for_task(SUCCEEDED + copy), "1")
-    except Exception as exc:  # noqa: BLE001 - without it, a lost ack means one more run (at least once)
-        log.warning("rare_celery: could not record copy %s as a success: %r", copy, exc)
+        backend.set(backend.get_key_for_task(ENDED + copy), how)
+    except Exception as exc:  # noqa: BLE001 - a record lost means one more attempt (at least once)
+        log.warning("rare_celery: could not record the end of copy %s: %r", copy, exc)
 
 
-def copy_succeeded(task: Any, headers: Any) -> bool:
-    """Whether this copy of a message (its ``x-rare-copy``) succeeded before: certain when true.
-    A task id is not a message (new work may reuse one); without a record, ``False`` (it runs)."""
-    backend, copy = _successes(task), hdr.copy_id(headers)
+def copy_ended(task: Any, headers: Any) -> str | None:
+    """How this copy of a message (its ``x-rare-copy``) ended before, if it did: certain when given. A
+    task id is not a message (new work may reuse one): nothing is decided from it."""
+    backend, copy = _records(task), hdr.copy_id(headers)
     if backend is None or copy is None:
-        return False
+        return None
     try:
-        return backend.get(backend.get_key_for_task(SUCCEEDED + copy)) is not None
-    except Exception as exc:  # noqa: BLE001 - unknown: run it (at least once)
+        how = backend.get(backend.get_key_for_task(ENDED + copy))
+    except Exception as exc:  # noqa: BLE001 - unknown: it runs (at least once)
         log.warning("rare_celery: could not look up copy %s: %r", copy, exc)
-        return False
+        return None
+    if how is None:
+        return None
+    return how.decode("utf-8", "replace") if isinstance(how, bytes) else str(how)
 
 
-def _successes(task: Any) -> Any:
-    """``task``'s result backend if it stores results and can keep a key of rare_celery's."""
+def _records(task: Any) -> Any:
+    """``task``'s result backend, if it can keep a key of rare_celery's (a key-value store)."""
     from celery.backends.base import KeyValueStoreBackend
 
-    if task is None or not stores_results(task):
+    if task is None:
         return None
     backend = getattr(task.backend, "rare_raw", task.backend)
     return backend if isinstance(backend, KeyValueStoreBackend) else None
@@ -326,8 +338,12 @@ def report(ending: Ending, reporter: Reporter) -> None:
         if reporter.send is not None:
             with _best_effort("send task-rejected"):
                 reporter.send("task-rejected", uuid=d.task_id, requeue=True)
+    elif ending.kind == GIVE_BACK:
+        log.info("rare_celery: %s given back to %s unstarted (the worker stops)", who, d.queue)
     elif ending.kind == DONE:
-        log.warning("rare_celery: %s came back after it had succeeded (its ack was lost): not run again", who)
+        how = f["how"]
+        log.warning("rare_celery: %s came back after %s (its ack was lost): not run again", who,
+                    "it had succeeded" if how == SUCCESS else f"its {how} was published")
 
 
 def _failed(ending: Ending, reporter: Reporter) -> None:

@@ -22,7 +22,7 @@ from . import breaker as br
 from . import headers as hdr
 from .app import setup_app
 from .durations import MAX_DELAY, epoch
-from .endings import record_success
+from .endings import SUCCESS, record_ended
 from .exceptions import Hop
 from .policy import Policy
 from .pool import attempt as pool
@@ -280,8 +280,8 @@ class RareTask(Task):
 class _AttemptBackend:
     """The result backend as an attempt on a worker uses it: a RETRY stored before the retry's publish
     is not stored again after it (a next attempt that already finished would lose its SUCCESS), and
-    a SUCCESS is recorded for the message's copy too (:func:`rare_celery.endings.record_success`), as
-    soon as it is stored: the same copy coming back after a lost ack is acked unrun."""
+    the message's copy is recorded as ended (:func:`rare_celery.endings.record_ended`) as soon as its
+    SUCCESS is stored: the same copy coming back after a lost ack is acked unrun."""
 
     def __init__(self, backend: Any, task: Any, req: Any) -> None:
         self.rare_raw, self._task, self._req = backend, task, req
@@ -293,8 +293,7 @@ class _AttemptBackend:
 
     def mark_as_done(self, task_id: str, result: Any, request: Any = None, *args: Any, **kwargs: Any) -> Any:
         out = self.rare_raw.mark_as_done(task_id, result, request, *args, **kwargs)
-        if kwargs.get("store_result", args[0] if args else True):
-            record_success(self._task, self._req.headers)
+        record_ended(self._task, self._req.headers, SUCCESS)
         return out
 
     def __getattr__(self, name: str) -> Any:

@@ -81,6 +81,8 @@ def end(task: Any, build: Callable[[], endings.Ending]) -> NoReturn:
                 budget = patience(task)
                 send_patiently(task.app, ending.copy, budget=budget, confirm_wait=budget,
                                on_refused=lambda exc, pause: _refused(task, exc, pause))
+                if ending.kind in endings.NEW_WORK:  # this copy has ended, whatever becomes of its ack
+                    endings.record_ended(task, ending.delivery.headers, ending.kind)
         except BaseException as exc:  # noqa: BLE001 - ours, Celery's, the broker's: the message is kept
             why = f"{type(exc).__name__}: {exc}"[: hdr.MAX_ERROR]
             log.error("rare_celery: %s[%s] could not go to its next place (%s); it stays unacked and the "
@@ -154,8 +156,9 @@ def admit(task: Any, args: Any, kwargs: Any) -> Callable[..., Any]:
     except hdr.HeaderError as exc:
         bad = exc
         end(task, lambda: endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad))
-    if hdr.deliveries(req.headers) and endings.copy_succeeded(task, req.headers):
-        end(task, lambda: endings.done(d))
+    how = endings.copy_ended(task, req.headers) if hdr.deliveries(req.headers) else None
+    if how is not None:  # a put-back copy of a delivery that ended (its ack was lost)
+        end(task, lambda: endings.done(d, how))
     try:
         policy, fn = dispatch(task, args, kwargs)
     except NoHandler as exc:

@@ -73,6 +73,24 @@ class RareConsumerStep(bootsteps.StartStopStep):
         declare_worker_topology(c.connection, queues, bugs, own_kind(c.app))
         log.info("rare_celery: managing %s", ", ".join(queues) or "no queue")
 
+    def close(self, c):
+        """A worker that stops warm gives back the rare tasks' messages it had received and never
+        started: each goes back to its queue as the same message, confirmed, then acked. No other
+        worker then sees it redelivered: a redelivery always means a worker that died or lost its
+        connection (:func:`rare_celery.worker.request.came_back`). The pool has closed by now (Celery
+        closes it first and drops what it had not started); what runs finishes and is acked as usual.
+        Only with the prefork pool, which drops what it had not started (a thread pool runs its queue
+        out, and solo holds nothing unstarted), and while the connection is up (else the broker returns
+        them all anyway)."""
+        waiting = list(self.context.waiting.values())
+        self.context.waiting.clear()
+        prefork = type(c.pool).__module__.endswith(".prefork") if c.pool is not None else False
+        if not prefork or c.connection is None or not c.connection.connected:
+            return
+        given = [request for request in waiting if request.give_back()]
+        if given:
+            log.info("rare_celery: gave back %d message(s) this worker received and never started", len(given))
+
 
 class BreakerStep(bootsteps.ConsumerStep):
     """The worker's main process hears every note about the breakers its tasks use (a queue of its

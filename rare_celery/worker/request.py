@@ -11,17 +11,18 @@ delivery from those bytes, through :mod:`rare_celery.endings`, in the cases the 
 * **The pool process could not end the delivery** (:class:`~rare_celery.exceptions.RoutingFailed`:
   the copy could not be built or the broker refused it; or Celery's own bookkeeping failed before
   anything was published): the message is **put back**, see :func:`put_back`.
-* **A redelivered message** (RabbitMQ's ``redelivered`` flag: a worker stopped, crashed or lost its
-  connection while the message was unacked). Nobody knows whether its attempt started, so it
-  counts no attempt: it is put back too (:mod:`rare_celery.worker.screen` calls :func:`put_back`
-  before anything runs).
+* **A redelivered message** (RabbitMQ's ``redelivered`` flag): the worker that had it died or lost its
+  connection before its ack; a worker that stops warm gives back the messages it never started
+  (:mod:`rare_celery.worker.bootsteps`), so no other worker sees them redelivered. Its attempt counts
+  as failed (:func:`came_back`, from :mod:`rare_celery.worker.screen` before anything runs), unless
+  its copy had ended before (its ack was lost): then it is acked, not run.
 * **The task asked to be requeued** (``raise Reject(requeue=True)``).
 
 **Putting back** publishes the message again to the queue it came from with ``x-rare-deliveries``
 one higher (and ``x-rare-returned`` saying why), confirmed, then acks the original. The count lives
 in the message the broker holds, so it survives a copy that can never be published and a worker
 that dies each time. Past :data:`~rare_celery.endings.MAX_DELIVERIES` the message goes to its bug
-queue instead, reason ``unroutable`` (or ``worker_lost`` for redeliveries), with the last error.
+queue instead, reason ``unroutable``, with the last error.
 If the broker refuses that too, the message is rejected back into its queue after a pause
 (1, 2, 4 ... 60 s, counted in the worker's context), with one log line each time.
 """
@@ -32,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
@@ -61,6 +63,9 @@ class RareRequest(Request):
         super().__init__(message, *args, **kwargs)
         self.rare_queue = (message.delivery_info or {}).get(QUEUE_KEY)
         self._delivery_info[QUEUE_KEY] = self.rare_queue  # for the pool process (request.delivery_info)
+        ctx = context.of(self.task.app)
+        if ctx is not None:  # until a pool process starts it, or it ends otherwise: see give_back
+            ctx.waiting[id(self)] = self
 
     def info(self, safe=False):
         """Celery's view of the request (``celery inspect active``/``query_task``), without the
@@ -71,7 +76,36 @@ class RareRequest(Request):
             out["delivery_info"] = {k: v for k, v in delivery.items() if k != QUEUE_KEY}
         return out
 
+    def on_accepted(self, pid, time_accepted):
+        self._not_waiting()
+        return super().on_accepted(pid, time_accepted)
+
+    def on_success(self, failed__retval__runtime, **kwargs):
+        self._not_waiting()
+        return super().on_success(failed__retval__runtime, **kwargs)
+
+    def _not_waiting(self) -> None:
+        ctx = context.of(self.task.app)
+        if ctx is not None:
+            ctx.waiting.pop(id(self), None)
+
+    def give_back(self) -> bool:
+        """The worker stops warm and this request never started: its message goes back to its queue as
+        it is (confirmed, then acked), counting nothing. False if it started, ended, or could not go back."""
+        self._not_waiting()
+        if self.rare_done or self.time_start or self.acknowledged:
+            return False
+        try:
+            settle(endings.give_back(self._delivery()), self.acknowledge,
+                   endings.Reporter(send=None, celery_reports=False, stores=False, ends_run=False))
+        except Exception as exc:  # noqa: BLE001 - left unacked: the broker returns it (redelivered)
+            log.warning("rare_celery: could not give back %s[%s] (%s)", self.name, self.id, exc)
+            return False
+        self._finish()
+        return True
+
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        self._not_waiting()
         if self.rare_done:
             return None
         exc = exc_info.exception
@@ -119,8 +153,8 @@ class RareRequest(Request):
 
     def _put_back(self, why: str) -> None:
         if self._finish():
-            put_back(self._delivery(celerys=False), why, lost=False, ack=self.acknowledge, requeue=lambda: self.reject(requeue=True),
-                     reporter=self._reporter())
+            put_back(self._delivery(celerys=False), why, ack=self.acknowledge,
+                     requeue=lambda: self.reject(requeue=True), reporter=self._reporter())
 
     def _requeue_asked(self) -> None:
         """``raise Reject(requeue=True)``: the task asked for its message to go back to its queue. It
@@ -142,11 +176,13 @@ class RareRequest(Request):
         if reason == TIME_LIMIT:
             log.error("rare_celery: hard time limit (%ss) exceeded for %s[%s]", exc, self.name, self.id)
         d = self._delivery()
+        if reason == WORKER_LOST:
+            exc = WorkerLost(f"the attempt was never acked: its pool process died ({exc})")
         try:
-            settle(self._lost_ending(d, exc, reason), self.acknowledge, self._reporter())
+            settle(lost_ending(d, exc, reason, self.task.policy_for(self.args, self.kwargs)), self.acknowledge,
+                   self._reporter())
         except Exception as err:  # noqa: BLE001 - never acked without a copy
             put_back(self._delivery(celerys=False), f"{reason}: {exc!r}; routing it failed: {err!r}"[: hdr.MAX_ERROR],
-                     lost=False,
                      ack=self.acknowledge, requeue=lambda: self.reject(requeue=True), reporter=self._reporter())
         if getattr(self.task, "rare_breaker", None) is not None:
             try:
@@ -154,22 +190,37 @@ class RareRequest(Request):
             except Exception as err:  # noqa: BLE001 - a report
                 log.warning("rare_celery: could not tell the breaker: %r", err)
 
-    def _lost_ending(self, d: Delivery, exc: Exception, reason: str) -> endings.Ending:
-        if endings.copy_succeeded(self.task, d.headers):
-            log.warning("rare_celery: %s[%s] succeeded before its pool process was lost", self.name, self.id)
-            return endings.done(d)
-        now = time.time()
-        try:
-            state = d.state(now)
-        except hdr.HeaderError as bad:
-            return endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad, now=now)
-        policy = self.task.policy_for(self.args, self.kwargs)
-        if state.deadline is None and policy.expires_in is not None:
-            state = replace(state, deadline=policy.deadline(state.first_at))
-        if reason == WORKER_LOST:
-            exc = WorkerLost(f"attempt {state.number} was never acked: its pool process died ({exc})")
-        decision = policy.after_loss(state, now=now, reason=reason)
-        return endings.next_place(d, state, decision, exc, now=now)
+
+
+def lost_ending(d: Delivery, exc: Exception, reason: str, policy: Any) -> endings.Ending:
+    """An attempt that started and never finished (``reason``: ``worker_lost``, ``time_limit``) counts as
+    failed: its next place as ``policy`` decides; unless its copy had ended before (a lost ack only)."""
+    how = endings.copy_ended(d.task, d.headers)
+    if how is not None:
+        return endings.done(d, how)
+    now = time.time()
+    try:
+        state = d.state(now)
+    except hdr.HeaderError as bad:
+        return endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad, now=now)
+    if state.deadline is None and policy.expires_in is not None:
+        state = replace(state, deadline=policy.deadline(state.first_at))
+    return endings.next_place(d, state, policy.after_loss(state, now=now, reason=reason), exc, now=now)
+
+
+def came_back(d: Delivery, *, ack: Callable[[], None], requeue: Callable[[], None], reporter: endings.Reporter,
+              args: Any = None, kwargs: Any = None) -> None:
+    """A message the broker delivered again (``redelivered``): the worker that had it died or lost its
+    connection before its ack (a worker that stops warm gives back what it never started, see
+    :mod:`rare_celery.worker.bootsteps`). Its attempt counts as failed (``worker_lost`` after the last),
+    unless its copy had ended before (a lost ack). Never raises."""
+    exc = WorkerLost("the attempt came back unacked: its worker died or lost its connection")
+    policy = d.task.policy_for(args, kwargs) if args is not None or kwargs is not None else d.task.rare_policy
+    try:
+        settle(lost_ending(d, exc, WORKER_LOST, policy), ack, reporter)
+    except Exception as err:  # noqa: BLE001 - never acked without a copy
+        put_back(d, f"redelivered; routing it failed: {err!r}"[: hdr.MAX_ERROR], ack=ack, requeue=requeue,
+                 reporter=reporter)
 
 
 def settle(ending: endings.Ending, ack: Callable[[], None], reporter: endings.Reporter) -> None:
@@ -184,13 +235,15 @@ def settle(ending: endings.Ending, ack: Callable[[], None], reporter: endings.Re
         if not ending.copy.routing_key and ending.copy.target is None:
             raise PublishRefused("the queue it came from is unknown")
         send_patiently(ending.delivery.app, ending.copy, budget=0, timeout=MAIN_TIMEOUT, confirm_wait=MAIN_CONFIRM_WAIT)
+        if ending.kind in endings.NEW_WORK:  # this copy has ended, whatever becomes of its ack
+            endings.record_ended(ending.delivery.task, ending.delivery.headers, ending.kind)
     ack()
     endings.report(ending, reporter)
 
 
 # -- putting a message back -----------------------------------------------------------------------
 
-def put_back(d: Delivery, why: str, *, lost: bool, ack: Callable[[], None], requeue: Callable[[], None],
+def put_back(d: Delivery, why: str, *, ack: Callable[[], None], requeue: Callable[[], None],
              reporter: endings.Reporter) -> None:
     """End a delivery that has no next place (:func:`rare_celery.endings.put_back`); if the broker
     refuses, ``requeue()`` after a pause (counted in the worker's context). Never raises."""
@@ -200,9 +253,7 @@ def put_back(d: Delivery, why: str, *, lost: bool, ack: Callable[[], None], requ
     try:
         if not d.queue:
             raise PublishRefused("the queue it came from is unknown")
-        settle(endings.put_back(d, why, lost=lost, count=count,
-                                succeeded=lambda: endings.copy_succeeded(d.task, d.headers)),
-               ack, reporter)
+        settle(endings.put_back(d, why, count=count), ack, reporter)
         if ctx is not None:
             ctx.forget_refusal(key)
     except Exception as exc:  # kept unacked: requeued after a pause

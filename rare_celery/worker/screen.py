@@ -1,7 +1,8 @@
 """A look at each message of a rare queue before Celery's, in the worker's main process.
 
 * which queue it came from (for the pool process and every ending);
-* a **redelivered** message is put back (:func:`rare_celery.worker.request.put_back`) before anything runs;
+* a **redelivered** message (its worker died or lost its connection) counts as a failed attempt, unless
+  its copy had ended (:func:`rare_celery.worker.request.came_back`), before anything runs;
 * headers nested too deep for the pool process (billiard pickles them: a list nested ~500 deep
   fails, and the worker with it) -> the bug queue, ``rejected``;
 * Celery's ``expires`` folded into the deadline;
@@ -30,7 +31,7 @@ from ..app import fold_expires
 from ..message import QUEUE_KEY, Delivery
 from ..policy import EARLY_SLEEP
 from ..reasons import REJECTED
-from .request import put_back, settle
+from .request import came_back, settle
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ class Screen:
             if isinstance(headers, dict) and hdr.too_deep(headers):
                 return self._too_deep(task, message, queue)
             if (message.delivery_info or {}).get("redelivered"):
-                put_back(Delivery.received(self.c.app, task, message, queue),
-                         "redelivered: a worker stopped, died or lost its connection with it unacked", lost=True,
-                         ack=message.ack, requeue=lambda: message.reject(requeue=True),
-                         reporter=self.reporter(celery_reports=True))
+                args, kwargs = _arguments(message)
+                came_back(Delivery.received(self.c.app, task, message, queue), ack=message.ack,
+                          requeue=lambda: message.reject(requeue=True), reporter=self.reporter(celery_reports=True),
+                          args=args, kwargs=kwargs)
                 return None
             if isinstance(headers, dict) and headers.get(hdr.REQUEUED) is True and isinstance(message.delivery_info, dict):
                 message.delivery_info["redelivered"] = True  # Reject(requeue=True): as Celery shows it
@@ -173,6 +174,15 @@ class Screen:
                       "it stays unacked", queue, err)
             return False
         return True
+
+
+def _arguments(message: Any) -> tuple[Any, Any]:
+    """A task message's ``(args, kwargs)`` (for a payload handler's policy), or ``(None, None)``."""
+    try:
+        body = message.decode()
+        return (body[0], body[1]) if isinstance(body, (list, tuple)) and len(body) >= 2 else (None, None)
+    except Exception:  # noqa: BLE001 - the task's own policy decides
+        return None, None
 
 
 def queue_of(c: Any, message: Any) -> str | None:

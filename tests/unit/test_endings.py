@@ -36,7 +36,7 @@ def held(headers: dict | None = None) -> Delivery:
 
 
 def test_a_put_back_is_the_same_message_with_one_more_delivery():
-    ending = endings.put_back(held({hdr.ATTEMPT: 2}), "lost", lost=True, count=2, succeeded=lambda: False)
+    ending = endings.put_back(held({hdr.ATTEMPT: 2}), "lost", count=2)
     assert ending.kind == endings.PUT_BACK and ending.copy.routing_key == "work" and ending.copy.target is None
     h = ending.copy.headers
     assert h[hdr.DELIVERIES] == 2 and h[hdr.RETURNED] == "lost" and h[hdr.ATTEMPT] == 2
@@ -45,13 +45,15 @@ def test_a_put_back_is_the_same_message_with_one_more_delivery():
 
 
 def test_past_the_limit_a_put_back_ends_in_the_bug_queue_with_why():
-    d = held()
-    lost = endings.put_back(d, "lost", lost=True, count=endings.MAX_DELIVERIES + 1, succeeded=lambda: False)
-    assert lost.kind == endings.BUGS and lost.copy.target.name == bug_queue_name("work")
-    assert lost.copy.headers[hdr.REASON] == "worker_lost"
-    refused = endings.put_back(d, "nack", lost=False, count=endings.MAX_DELIVERIES + 1, succeeded=lambda: False)
-    assert refused.copy.headers[hdr.REASON] == "unroutable"
-    assert endings.put_back(d, "lost", lost=True, count=9, succeeded=lambda: True).kind == endings.DONE
+    refused = endings.put_back(held(), "nack", count=endings.MAX_DELIVERIES + 1)
+    assert refused.kind == endings.BUGS and refused.copy.target.name == bug_queue_name("work")
+    assert refused.copy.headers[hdr.REASON] == "unroutable" and "nack" in refused.copy.headers[hdr.ERROR]
+
+
+def test_a_give_back_is_the_same_message_counting_nothing():
+    ending = endings.give_back(held({hdr.COPY: "c-9", hdr.ATTEMPT: 2}))
+    assert ending.copy.routing_key == "work" and ending.copy.headers[hdr.COPY] == "c-9"
+    assert ending.copy.headers[hdr.ATTEMPT] == 2 and hdr.DELIVERIES not in ending.copy.headers
 
 
 def test_a_lost_attempt_is_retried_hopped_or_given_up_from_the_raw_message():
@@ -94,5 +96,5 @@ def test_a_copy_for_new_work_has_a_new_copy_id_and_a_put_back_keeps_it():
            endings.wait(d, state, time.time() + 60).copy.headers[hdr.COPY],
            endings.next_place(d, state, GiveUp("bug"), KeyError("x")).copy.headers[hdr.COPY]}
     assert len(ids) == 3 and "c-1" not in ids
-    assert endings.put_back(d, "why", lost=True, count=1, succeeded=lambda: False).copy.headers[hdr.COPY] == "c-1"
+    assert endings.put_back(d, "why", count=1).copy.headers[hdr.COPY] == "c-1"
     assert endings.requeue(d).copy.headers[hdr.COPY] == "c-1"

@@ -178,4 +178,5 @@ def test_a_copy_the_broker_refuses_leaves_the_message_unacked(monkeypatch):
 def test_every_ending_kind_is_built_by_the_endings_module():
     """The kinds the endings module knows are the ones the design names (docs/design.md)."""
     assert {endings.RETRY, endings.WAIT, endings.HOP, endings.BUGS, endings.PUT_BACK, endings.REQUEUE,
-            endings.DONE} == {"retry", "wait", "hop", "bugs", "put_back", "requeue", "done"}
+            endings.GIVE_BACK, endings.DONE} == {"retry", "wait", "hop", "bugs", "put_back", "requeue", "give_back",
+                                                 "done"}

@@ -39,7 +39,7 @@ def test_a_refused_put_back_leaves_the_message_and_its_later_reject_never_raises
     message = Message(body=b"[[], {}, {}]", headers={"id": "t-1", "task": "put-back.t"},
                       content_type="application/json", content_encoding="utf-8")
     try:
-        put_back(Delivery.received(app, task, message, "somewhere"), "redelivered", lost=True,
+        put_back(Delivery.received(app, task, message, "somewhere"), "redelivered",
                  ack=lambda: acked.append(1), requeue=reject_on_a_closed_connection,
                  reporter=endings.Reporter(send=None, celery_reports=True, stores=False))
     finally:
