@@ -62,9 +62,9 @@ def locks(lenv):
 def worker(locks, lenv, lvhost, version, tmp_path_factory):
     if version >= (4, 3):  # the broker takes a delivery back after 2 s, unless the consumer says otherwise
         rabbitmqctl("set_policy", "-p", lvhost.name, "short-lock", r"^locks\.q$", '{"consumer-timeout": 2000}',
-                    "--apply-to", "quorum_queues")
+                    "--apply-to", "queues")
     rabbitmqctl("set_policy", "-p", lvhost.name, "one-return", r"^locks\.limited$", '{"delivery-limit": 1}',
-                "--apply-to", "quorum_queues")
+                "--apply-to", "queues")
     w = Worker("tests.apps.locks", ["locks.q", "locks.free", "locks.limited"], lenv,
                tmp_path_factory.mktemp("locks-worker"), name="locks", concurrency=1).wait_ready()
     yield w
