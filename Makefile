@@ -65,7 +65,8 @@ $(SUITE_VENV)/.ready:
 test-celery-suite: $(SUITE_VENV)/.ready
 	RARE_CELERY_SUITE_CACHE=$(SUITE_CACHE) $(SUITE_VENV)/bin/python scripts/celery-suite $(SUITE_ARGS)
 
-# Three RabbitMQ 3.10 nodes clustered beside the default one (127.0.0.1:5673-5675; scripts/cluster).
+# Three RabbitMQ nodes clustered beside the default one (scripts/cluster): 4.3 from the sid root of scripts/rabbitmq4
+# (127.0.0.1:5693-5695, built when missing), or RARE_CLUSTER_VERSION=3.10 for the host's 3.10 (127.0.0.1:5673-5675).
 .PHONY: cluster cluster-stop test-cluster
 cluster:
 	scripts/cluster start
