@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test` (what CI runs, with test-rabbitmq4 and test-quorum-vhost).
+# Two commands: `make demo` and `make test` (what CI runs, with test-rabbitmq43, test-quorum-vhost and test-cluster).
 # Each makes its own virtual environment.
 PYTHON ?= python3
 TOOLS := .venv-tools
@@ -14,7 +14,7 @@ $(DEMO)/bin/rare-celery: setup.cfg
 	$(DEMO)/bin/pip install --quiet -e .
 	touch $@
 
-.PHONY: test test-rabbitmq4 test-quorum-vhost lint demo bench
+.PHONY: test test-rabbitmq4 test-rabbitmq43 test-quorum-vhost lint demo bench
 test: $(TOOLS)/bin/tox
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench
 	$(TOOLS)/bin/tox -e celery54,celery57
@@ -24,6 +24,12 @@ test: $(TOOLS)/bin/tox
 test-rabbitmq4: $(TOOLS)/bin/tox
 	scripts/rabbitmq4 start
 	PATH="$$(scripts/rabbitmq4 bin):$$PATH" RARE_TEST_HOST=127.0.0.1:5690 $(TOOLS)/bin/tox -e celery57
+
+# The whole suite on RabbitMQ 4.3 (Debian sid's rabbitmq-server in a debootstrap root, 127.0.0.1:5691),
+# newest Celery: the newest line, which CI runs beside 3.10.
+test-rabbitmq43: $(TOOLS)/bin/tox
+	scripts/rabbitmq4 start 4.3
+	PATH="$$(scripts/rabbitmq4 bin 4.3):$$PATH" RARE_TEST_HOST=127.0.0.1:5691 $(TOOLS)/bin/tox -e celery57
 
 # The core tests, unchanged, on a vhost whose default queue type is quorum (as Amazon MQ 4.2 makes them).
 test-quorum-vhost: $(TOOLS)/bin/tox
@@ -59,7 +65,8 @@ $(SUITE_VENV)/.ready:
 test-celery-suite: $(SUITE_VENV)/.ready
 	RARE_CELERY_SUITE_CACHE=$(SUITE_CACHE) $(SUITE_VENV)/bin/python scripts/celery-suite $(SUITE_ARGS)
 
-# Three RabbitMQ 3.10 nodes clustered beside the default one (127.0.0.1:5673-5675; scripts/cluster).
+# Three RabbitMQ nodes clustered beside the default one (scripts/cluster): 4.3 from the sid root of scripts/rabbitmq4
+# (127.0.0.1:5693-5695, built when missing), or RARE_CLUSTER_VERSION=3.10 for the host's 3.10 (127.0.0.1:5673-5675).
 .PHONY: cluster cluster-stop test-cluster
 cluster:
 	scripts/cluster start

@@ -1,5 +1,6 @@
 """What rare_celery needs from a Celery app: publisher confirms, JSON, its worker bootstep, and
-Celery's ``expires`` folded into the deadline of every rare task message the app publishes."""
+Celery's ``expires`` folded into the deadline of every rare task message the app publishes; and what
+it does not: Celery's native delayed delivery (5.5+), whose queues it keeps out of the app's vhost."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ log = logging.getLogger(__name__)
 def setup_app(app, *steps) -> None:
     """Called when a RareTask is bound to ``app``: add the worker bootsteps ``steps``
     (:class:`rare_celery.worker.RareConsumerStep`, :class:`~rare_celery.worker.BreakerStep`), turn
-    on confirms, and fold ``expires`` into the deadline on publish."""
+    on confirms, fold ``expires`` into the deadline on publish, leave out Celery's native delayed
+    delivery, and consume rare quorum work queues with an ``x-consumer-timeout`` that covers the
+    longest hold (:mod:`rare_celery.locks`)."""
     if getattr(app, "_rare_setup", False):
         return
     app._rare_setup = True
     for step in steps:
         app.steps["consumer"].add(step)
+    skip_native_delayed_delivery()
     if app.configured:
         enable_confirms(app)
     else:
@@ -35,6 +39,40 @@ def setup_app(app, *steps) -> None:
             fold_expires(headers, properties)
 
     signals.before_task_publish.connect(fold, weak=False)
+
+    def hold_limits(sender=None, instance=None, **kw):  # after the consumer steps' __init__, before they start
+        if getattr(instance, "app", None) is app:
+            from .locks import set_consumer_timeouts
+
+            set_consumer_timeouts(app)
+
+    signals.celeryd_after_setup.connect(hold_limits, weak=False)
+
+
+def skip_native_delayed_delivery() -> None:
+    """Celery 5.5+ starts its ``DelayedDelivery`` consumer step in every worker with a quorum queue: it
+    declares 28 ``celery_delayed_*`` quorum queues and exchanges in the vhost, and logs a warning for each
+    direct exchange, whose queues it cannot serve. rare_celery never asks the broker to hold a message
+    until a countdown or ETA (its retries wait in its own delay queues), and Celery publishes through that
+    mechanism only to topic and fanout exchanges: the step is left out of a rare app's worker whose
+    queues all have direct exchanges (Celery's default). Celery has no setting for this; the step's
+    ``include_if`` is wrapped once, and answers as before for every other app."""
+    try:
+        from celery.worker.consumer.delayed_delivery import DelayedDelivery
+    except ImportError:  # Celery < 5.5
+        return
+    if getattr(DelayedDelivery, "_rare_wrapped", False):
+        return
+    original = DelayedDelivery.include_if
+
+    def include_if(self, c) -> bool:
+        if getattr(c.app, "_rare_setup", False) and all(
+                q.exchange is None or q.exchange.type == "direct" for q in c.app.amqp.queues.values()):
+            return False
+        return original(self, c)
+
+    DelayedDelivery.include_if = include_if
+    DelayedDelivery._rare_wrapped = True
 
 
 def fold_expires(headers: dict, properties: dict | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Fixtures for tests against the three-node RabbitMQ 3.10 cluster of scripts/cluster (rabbit-a, rabbit-b,
-rabbit-c on 127.0.0.1:5673-5675): the cluster, a vhost on it, the test app tests/apps/cluster.py.
+"""Fixtures for tests against the three-node RabbitMQ cluster of scripts/cluster (``RARE_CLUSTER_VERSION``:
+4.3, the default, rabbit43-a/b/c on 127.0.0.1:5693-5695; 3.10, rabbit-a/b/c on 127.0.0.1:5673-5675): the
+cluster, a vhost on it, the test app tests/apps/cluster.py.
 
 Skipped, with the reason, when none of the three nodes listens (the default ``pytest`` and ``make test``
 runs), or on Celery < 5.5 (quorum queues); with ``RARE_REQUIRE_CLUSTER=1`` (``make test-cluster``) those
@@ -23,19 +24,25 @@ from rare_celery.topology import is_delay_queue
 from tests.support import QUORUM_OK, ROOT, app_module, restore_env
 
 SCRIPT = ROOT / "scripts" / "cluster"
-STATE = Path(os.environ.get("RARE_CLUSTER_ROOT", "/var/lib/rare-celery/cluster"))
+VERSION = os.environ.get("RARE_CLUSTER_VERSION", "4.3")  # as scripts/cluster reads it
+if VERSION == "3.10":
+    STATE = Path(os.environ.get("RARE_CLUSTER_ROOT", "/var/lib/rare-celery/cluster"))
+    PREFIX, BASE_PORT = "rabbit-", 5673
+else:
+    STATE = Path(os.environ.get("RARE_RABBITMQ43_ROOT", "/var/lib/rare-celery/rabbitmq43") + "/var/lib/rare-celery-cluster")
+    PREFIX, BASE_PORT = "rabbit43-", 5693
 NODES = ("a", "b", "c")
-PORTS = {"a": 5673, "b": 5674, "c": 5675}
+PORTS = {"a": BASE_PORT, "b": BASE_PORT + 1, "c": BASE_PORT + 2}
 LOCK_WAIT = 1200  # seconds another run may hold the cluster before this one gives up
 REPORT: list[str] = []  # report lines, printed at the end of the run (pytest_terminal_summary)
 
 
 def node_name(node: str) -> str:
-    return f"rabbit-{node}@localhost"
+    return f"{PREFIX}{node}@localhost"
 
 
 def node_of(erlang_name: str) -> str | None:
-    """``rabbit-b@localhost`` (or a pid ``<rabbit-b@localhost.1.2.3>``) -> ``b``."""
+    """``rabbit43-b@localhost`` (or a pid ``<rabbit43-b@localhost.1.2.3>``) -> ``b``."""
     for node in NODES:
         if node_name(node) in erlang_name:
             return node
@@ -202,7 +209,8 @@ def cluster():
     if not QUORUM_OK:
         _unavailable("the cluster tests use quorum queues, which Celery < 5.5 cannot consume")
     if not any(listening(p) for p in PORTS.values()):
-        _unavailable("the three-node RabbitMQ cluster is not running (nothing on 127.0.0.1:5673-5675): "
+        _unavailable(f"the three-node RabbitMQ {VERSION} cluster is not running (nothing on 127.0.0.1:"
+                     f"{PORTS['a']}-{PORTS['c']}): "
                      "`scripts/cluster start`, or `make test-cluster`")
     if os.geteuid() != 0:
         _unavailable("scripts/cluster needs root (rabbitmqctl and rabbitmq-server switch to the rabbitmq user)")

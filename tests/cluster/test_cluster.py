@@ -1,4 +1,4 @@
-"""The leader of a quorum work queue stopped mid-run on a three-node RabbitMQ 3.10 cluster
+"""The leader of a quorum work queue stopped mid-run on a three-node RabbitMQ cluster (4.3 by default, or 3.10)
 (scripts/cluster): nothing lost, nothing stuck, duplicates only where at-least-once delivery allows them,
 and retries resume soon after the leader changes.
 

@@ -60,3 +60,32 @@ def test_quorum_bug_queues_have_no_delivery_limit_on_rabbitmq_4_only():
     assert for_broker(bug_queue("sms.bugs"), "4.0.5").queue_arguments == {"x-queue-type": "classic"}
     work = Queue("sms", queue_arguments={"x-queue-type": "quorum"})  # the app's own: declared as it says
     assert for_broker(work, "4.0.5") is work
+
+
+def _app(name: str, rare: bool, exchange_type: str = "direct") -> Celery:
+    from kombu import Exchange
+
+    from rare_celery import RareTask
+
+    app = Celery(name, broker="amqp://guest:guest@127.0.0.1:1//", set_as_current=False)
+    app.conf.task_queues = [Queue("q", Exchange("ex", type=exchange_type), routing_key="q",
+                                  queue_arguments={"x-queue-type": "quorum"})]
+
+    def t():
+        return None
+
+    if rare:  # a plain app is not finalized: shared RareTasks of other tests would join it
+        app.task(name=f"{name}.t", shared=False, base=RareTask)(t)
+        app.finalize()
+    return app
+
+
+def test_celerys_native_delayed_delivery_is_left_out_of_rare_apps_whose_exchanges_are_direct():
+    """Celery 5.5+'s DelayedDelivery step, included for any worker with a quorum queue: a rare app with
+    direct exchanges only (which Celery never routes through it) leaves it out; other apps keep it."""
+    delayed = pytest.importorskip("celery.worker.consumer.delayed_delivery")
+    step = delayed.DelayedDelivery.__new__(delayed.DelayedDelivery)
+    include = lambda app: step.include_if(type("C", (), {"app": app})())
+    assert include(_app("rare", rare=True)) is False
+    assert include(_app("plain", rare=False)) is True
+    assert include(_app("rare_topic", rare=True, exchange_type="topic")) is True
