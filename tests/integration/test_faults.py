@@ -196,14 +196,14 @@ def test_a_message_that_kills_its_whole_worker_ends_as_worker_lost_after_max_att
         pytest.skip("quorum work queues need Celery 5.5+")
     own = Vhost()  # its own vhost: this message kills the workers that take it
     env = {**fenv, "RARE_FAULTS_BROKER": own.url}
-    module, saved = app_module("tests.apps.faults", env)
     deaths, worker = 0, None
     try:
-        result = module.TASKS[kind]["poison"].delay(99)
+        with Connection(own.url, transport_options={"confirm_publish": True}) as conn:
+            result = faults.TASKS[kind]["poison"].apply_async((99,), connection=conn)
         deadline = time.monotonic() + 120
         found: list = []
         while time.monotonic() < deadline and not found and deaths <= 2 * faults.MAX_ATTEMPTS["poison"]:
-            worker = Worker("tests.apps.faults", module.queues_of(kind), env, fdir, name=f"solo-{kind}-{deaths}",
+            worker = Worker("tests.apps.faults", faults.queues_of(kind), env, fdir, name=f"solo-{kind}-{deaths}",
                             pool="solo", concurrency=1)
             while time.monotonic() < deadline and worker.proc.poll() is None and not found:
                 found = in_bugs(own.url, work_queue(kind) + ".bugs", result.id)
@@ -218,7 +218,6 @@ def test_a_message_that_kills_its_whole_worker_ends_as_worker_lost_after_max_att
     finally:
         if worker is not None:
             worker.stop()
-        restore_env(saved)
         own.delete()
 
 
