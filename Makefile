@@ -6,7 +6,7 @@ DEMO := .venv-demo
 
 $(TOOLS)/bin/tox:
 	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/pip install --quiet --upgrade pip tox ruff
+	$(TOOLS)/bin/pip install --quiet --upgrade pip tox ruff mypy
 
 $(DEMO)/bin/rare-celery: setup.cfg
 	$(PYTHON) -m venv $(DEMO)
@@ -17,6 +17,7 @@ $(DEMO)/bin/rare-celery: setup.cfg
 .PHONY: test test-rabbitmq4 test-quorum-vhost lint demo bench
 test: $(TOOLS)/bin/tox
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench
+	$(TOOLS)/bin/mypy rare_celery
 	$(TOOLS)/bin/tox -e celery54,celery57
 
 # The whole suite on RabbitMQ 4.0 (Debian 13's rabbitmq-server in a debootstrap root, 127.0.0.1:5690),
@@ -32,6 +33,7 @@ test-quorum-vhost: $(TOOLS)/bin/tox
 
 lint: $(TOOLS)/bin/tox
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench
+	$(TOOLS)/bin/mypy rare_celery
 
 demo: $(DEMO)/bin/rare-celery
 	$(DEMO)/bin/python -m example_project.demo
