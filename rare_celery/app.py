@@ -29,7 +29,7 @@ def setup_app(app, *steps) -> None:
     else:
         app.on_after_configure.connect(lambda sender, **kw: enable_confirms(sender), weak=False)
 
-    def fold(sender=None, headers=None, properties=None, **kw):
+    def fold(sender=None, headers=None, properties=None, **kw) -> None:
         task = app.tasks.get(sender) if isinstance(sender, str) else None
         if task is not None and getattr(task, "rare_policy", None) is not None and isinstance(headers, dict):
             fold_expires(headers, properties)

@@ -127,7 +127,7 @@ class RareTask(Task):
                                               retry_on=(Exception,))
     handlers: ClassVar[dict[str, Handler]] = {}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if str(cls.__dict__.get("name") or "").startswith("celery."):  # a built-in made from task_cls
             for attr in _CELERYS_OWN:
@@ -176,7 +176,7 @@ class RareTask(Task):
         return self.__dict__.get("_rare_tracer")
 
     @__trace__.setter
-    def __trace__(self, tracer):
+    def __trace__(self, tracer) -> None:
         self.__dict__["_rare_tracer"] = None if tracer is None else tracer_for(self, tracer)
 
     @property
@@ -188,7 +188,7 @@ class RareTask(Task):
         return _RetryStored(backend) if getattr(req, "rare_retry_stored", False) else backend
 
     @backend.setter
-    def backend(self, value):
+    def backend(self, value) -> None:
         self._backend = value
 
     # -- publisher side ------------------------------------------------------------------------

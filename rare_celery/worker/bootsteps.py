@@ -45,7 +45,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
     name = "rare_celery"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, c, **kwargs):
+    def __init__(self, c, **kwargs) -> None:
         super().__init__(c, **kwargs)
         if sys.version_info >= (3, 11):  # py-amqp decodes header tables recursively; a 128 KB frame can
             sys.setrecursionlimit(max(sys.getrecursionlimit(), 30_000))  # nest ~26,000 deep (3.11+: no C stack)
@@ -61,7 +61,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
         c.on_unknown_message = self.screen.guard_body(c.on_unknown_message, REJECTED, "not a Celery task message")
         c.on_decode_error = self.screen.guard_decode(c.on_decode_error, REJECTED, "body could not be decoded: {exc}")
 
-    def start(self, c):
+    def start(self, c) -> None:
         for name, task in c.app.tasks.items():  # Celery made new strategies for this connection
             if is_rare(task) and name in c.strategies:
                 c.strategies[name] = self.screen.strategy(task, c.strategies[name])
@@ -83,7 +83,7 @@ class BreakerStep(bootsteps.ConsumerStep):
     name = "rare_celery.breakers"
     requires = ("celery.worker.consumer:Connection", "celery.worker.consumer.tasks:Tasks")
 
-    def __init__(self, c, **kwargs):
+    def __init__(self, c, **kwargs) -> None:
         super().__init__(c, **kwargs)
         c.rare_breakers = self.watch = None
         try:
@@ -94,7 +94,7 @@ class BreakerStep(bootsteps.ConsumerStep):
             board = context.start(c.app).board = breaker_io.Board.for_this_worker()  # pool processes read it
             c.rare_breakers = self.watch = breaker_io.Watch(settings, board)
 
-    def start(self, c):
+    def start(self, c) -> None:
         self.consumers = []
         if self.watch is None:
             return
@@ -109,7 +109,7 @@ class BreakerStep(bootsteps.ConsumerStep):
         self.watch.load(c.connection)
         log.info("rare_celery: breakers %s", ", ".join(f"{n} {s.phase}" for n, s in sorted(self.watch.states.items())))
 
-    def shutdown(self, c):
+    def shutdown(self, c) -> None:
         super().shutdown(c)
         if self.watch is not None:
             self.watch.board.remove()

@@ -57,7 +57,7 @@ class RareRequest(Request):
 
     rare_done = False
 
-    def __init__(self, message, *args, **kwargs):
+    def __init__(self, message, *args, **kwargs) -> None:
         super().__init__(message, *args, **kwargs)
         self.rare_queue = (message.delivery_info or {}).get(QUEUE_KEY)
         self._delivery_info[QUEUE_KEY] = self.rare_queue  # for the pool process (request.delivery_info)

@@ -172,7 +172,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
                 raise Refused("no message chosen: tick the messages first")
             words = "this message" if scope == "one" else f"the {len(chosen)} messages ticked"
 
-            def wanted(held, chosen=chosen):
+            def wanted(held, chosen=chosen) -> bool:
                 return held.fingerprint in chosen
         elif scope == "matching":
             filters = Filters.from_args(form)
