@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime, timezone
+from typing import Any
 
 from celery import signals
 
@@ -15,7 +16,7 @@ from .exceptions import ConfigurationError
 log = logging.getLogger(__name__)
 
 
-def setup_app(app, *steps) -> None:
+def setup_app(app: Any, *steps: Any) -> None:
     """Called when a RareTask is bound to ``app``: add the worker bootsteps ``steps``
     (:class:`rare_celery.worker.RareConsumerStep`, :class:`~rare_celery.worker.BreakerStep`), turn
     on confirms, and fold ``expires`` into the deadline on publish."""
@@ -29,7 +30,7 @@ def setup_app(app, *steps) -> None:
     else:
         app.on_after_configure.connect(lambda sender, **kw: enable_confirms(sender), weak=False)
 
-    def fold(sender=None, headers=None, properties=None, **kw) -> None:
+    def fold(sender: Any = None, headers=None, properties=None, **kw: Any) -> None:
         task = app.tasks.get(sender) if isinstance(sender, str) else None
         if task is not None and getattr(task, "rare_policy", None) is not None and isinstance(headers, dict):
             fold_expires(headers, properties)
@@ -63,7 +64,7 @@ def fold_expires(headers: dict, properties: dict | None = None) -> None:
     headers[hdr.DEADLINE] = deadline
 
 
-def enable_confirms(app) -> None:
+def enable_confirms(app: Any) -> None:
     """Turn on publisher confirms unless the app turned them off on purpose (then :func:`check` refuses)."""
     options = dict(app.conf.broker_transport_options or {})
     if "confirm_publish" not in options:
@@ -87,7 +88,7 @@ def pickles(kinds) -> list[str]:
     return out
 
 
-def check(app) -> None:
+def check(app: Any) -> None:
     """Refuse to start a worker that could lose or unpickle messages; the error says what to change."""
     enable_confirms(app)
     if app.conf.broker_transport_options.get("confirm_publish") is not True:

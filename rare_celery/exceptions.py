@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery.exceptions import Ignore, ImproperlyConfigured, Reject
 
 from . import reasons
@@ -49,7 +51,7 @@ class Hop(Exception):
     reason="card expired")``. Without arguments the current ones go along. The target runs on its own
     queue with its own policy and a fresh attempt count; the task id stays the same."""
 
-    def __init__(self, target, *args, reason: str = "", **kwargs) -> None:
+    def __init__(self, target, *args: Any, reason: str = "", **kwargs: Any) -> None:
         super().__init__(target, reason)
         self.target, self.args, self.kwargs, self.reason = target, args, kwargs, reason
 

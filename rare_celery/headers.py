@@ -36,6 +36,7 @@ import traceback as tb
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .durations import EPOCH_MAX, MAX_DELAY
 
@@ -138,7 +139,7 @@ def error(exc: BaseException | None) -> dict:
     return {EXCEPTION: name, ERROR: message, TRACEBACK: (frames + last)[-MAX_TRACEBACK:]}
 
 
-def _frames(trace, keep: int = 100) -> str:
+def _frames(trace: Any, keep: int = 100) -> str:
     """The innermost ``keep`` frames of ``trace`` as :func:`traceback.format_tb` writes them, without
     its per-frame work that a header does not need (the source file's ``stat`` and, on Python
     3.11+, parsing each line for the ``^^^`` markers): a retry formats one traceback."""

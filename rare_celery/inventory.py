@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .exceptions import ConfigurationError
 from .hops import MAX_HOPS
@@ -36,20 +37,20 @@ class RareTaskInfo:
         return [(self.name, self.policy)]
 
 
-def is_rare(task) -> bool:
+def is_rare(task: Any) -> bool:
     """Whether ``task`` is a RareTask that retries through delay queues: it has a rare policy (Celery's
     built-ins made from a RareTask ``task_cls`` have none, and keep Celery's behaviour)."""
     return getattr(task, "rare_policy", None) is not None
 
 
-def target_queue(app, name: str, task):
+def target_queue(app: Any, name: str, task: Any):
     """The kombu Queue a message of task ``name`` goes to: the task's ``queue``, or Celery's routing
     (``task_routes``). The one place rare_celery asks Celery's router."""
     wanted = {"queue": task.queue} if getattr(task, "queue", None) else {}
     return app.amqp.router.route(wanted, name, task_type=task)["queue"]
 
 
-def rare_tasks(app) -> list[RareTaskInfo]:
+def rare_tasks(app: Any) -> list[RareTaskInfo]:
     """Every RareTask of ``app``, by name, with the queue Celery's router gives it."""
     out = []
     for task in sorted(app.tasks.values(), key=lambda t: t.name):
@@ -64,7 +65,7 @@ def rare_tasks(app) -> list[RareTaskInfo]:
     return out
 
 
-def resolve_task_name(app, target: object) -> str:
+def resolve_task_name(app: Any, target: object) -> str:
     """A fallback or hop target as a task name: a name, a task, or a task class registered in ``app``;
     ``ValueError`` when it is none of them."""
     if isinstance(target, str):
@@ -79,7 +80,7 @@ def resolve_task_name(app, target: object) -> str:
     return name
 
 
-def task_name(app, target: object) -> str:
+def task_name(app: Any, target: object) -> str:
     """A fallback as the name the worker hops to, for display (``repr`` when it names no task)."""
     try:
         return resolve_task_name(app, target)
@@ -87,7 +88,7 @@ def task_name(app, target: object) -> str:
         return repr(target)
 
 
-def work_queue_of(task, delivery_info) -> str:
+def work_queue_of(task: Any, delivery_info: Any) -> str:
     """The queue a delivery's exchange and routing key lead to, when the worker did not say."""
     info = delivery_info or {}
     exchange, key = info.get("exchange"), info.get("routing_key")
@@ -99,7 +100,7 @@ def work_queue_of(task, delivery_info) -> str:
     return getattr(task, "queue", None) or task.app.conf.task_default_queue
 
 
-def breakers(app) -> dict:
+def breakers(app: Any) -> dict:
     """Breaker name -> its settings (:class:`rare_celery.breaker.Settings`), for the RareTasks of ``app``
     that name one; tasks that share a breaker must set it up the same way (else ConfigurationError)."""
     out: dict = {}

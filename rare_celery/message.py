@@ -159,7 +159,7 @@ def _parameters(fn) -> list | None:
         return None
 
 
-def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: int, extra: dict):
+def rebuild(task: Any, *, name: str | None = None, args=None, kwargs=None, retries: int, extra: dict):
     """(body, headers, properties) of ``task``'s current message, as task ``name`` with ``extra`` headers."""
     req = task.request
     opts = req.as_execution_options()
@@ -185,6 +185,6 @@ def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: i
     return msg.body, headers, props
 
 
-def _repr(req, key: str) -> str | None:
+def _repr(req: Any, key: str) -> str | None:
     value = getattr(req, key, None)
     return value if isinstance(value, str) else None

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from amqp import spec
 from amqp.exceptions import ChannelError, MessageNacked
@@ -76,17 +77,17 @@ class Copy:
         return f"exchange {self.exchange!r} key {self.routing_key!r}"
 
 
-def to_queue(queue: Queue, body, headers: dict, properties: dict) -> Copy:
+def to_queue(queue: Queue, body: Any, headers: dict, properties: dict) -> Copy:
     """A copy for ``queue`` itself, through the default exchange (a hop, a message put back)."""
     return Copy(body, headers, properties, "", queue.name, queue)
 
 
-def to_bugs(name: str, body, headers: dict, properties: dict, kind: str = CLASSIC) -> Copy:
+def to_bugs(name: str, body: Any, headers: dict, properties: dict, kind: str = CLASSIC) -> Copy:
     """A copy for the bug queue ``name`` (durable, classic unless ``kind`` says, declared if missing)."""
     return Copy(body, headers, properties, "", name, bug_queue(name, kind))
 
 
-def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, properties: dict,
+def to_delay(work_queue: str, delay: float, kind: str, body: Any, headers: dict, properties: dict,
              slack: float = 0.0, own_kind: str = CLASSIC) -> Copy:
     """A copy that waits ``delay`` seconds (at most; see ``Copy.waits``) and comes back to ``work_queue``.
 
@@ -110,7 +111,7 @@ def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, prop
                 returns_to=work_queue, waits=ttl / 1000, unrouted=unrouted_queue(own_kind))
 
 
-def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
+def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
     """Publish ``copy`` with confirms, mandatory; raises :class:`PublishRefused` if the broker does not
     take it (or does not confirm it within ``timeout`` seconds)."""
     problem = name_problem(copy.routing_key if copy.target is None else copy.target.name)
@@ -150,7 +151,7 @@ def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT) -> None:
             raise PublishRefused(f"the publish to {copy.where} failed: {_why(exc)}", transient=transient) from None
 
 
-def _prepare(producer, copy: Copy) -> None:
+def _prepare(producer: Any, copy: Copy) -> None:
     """Declare what ``copy`` needs, once per connection: its target; for a delay copy, the way back."""
     channel = producer.channel
     if copy.returns_to is not None:
@@ -167,7 +168,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def send_patiently(app, copy: Copy, *, budget: float = PATIENCE, timeout: float = CONFIRM_TIMEOUT,
+def send_patiently(app: Any, copy: Copy, *, budget: float = PATIENCE, timeout: float = CONFIRM_TIMEOUT,
                    on_refused: Callable[[PublishRefused, float | None], None] | None = None) -> None:
     """:func:`send` through ``app``'s producer pool; a transient refusal is tried again (1, 2, 4 ... 30 s)
     for at most ``budget`` seconds. Raises the last :class:`PublishRefused` when it gives up.
@@ -191,7 +192,7 @@ def send_patiently(app, copy: Copy, *, budget: float = PATIENCE, timeout: float 
 
 
 @contextlib.contextmanager
-def producer_for(app, timeout: float) -> Iterator:
+def producer_for(app: Any, timeout: float) -> Iterator:
     """A producer to publish with: in a worker's main process its own (see
     :class:`rare_celery.context.WorkerContext`: a connection the pool processes it forks never touch,
     as the app's producer pool is reset in every new pool process), else one of the app's pool."""
@@ -247,7 +248,7 @@ class shielded:
         shielded._outer = self
         return self.fired
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         if shielded._outer is self:
             shielded._outer = None
             if self.previous is not None:

@@ -48,7 +48,7 @@ class _AttemptNumber:
     at 1). Read-only for rare_celery, yet a task's own ``self.attempt = ...`` (or ``del``) is its own
     attribute and wins: a non-data descriptor never takes a user's attribute over."""
 
-    def __get__(self, task, owner=None):
+    def __get__(self, task: Any, owner: Any = None):
         if task is None:
             return self
         found = getattr(task.request, "rare_current", None)
@@ -127,7 +127,7 @@ class RareTask(Task):
                                               retry_on=(Exception,))
     handlers: ClassVar[dict[str, Handler]] = {}
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if str(cls.__dict__.get("name") or "").startswith("celery."):  # a built-in made from task_cls
             for attr in _CELERYS_OWN:
@@ -147,7 +147,7 @@ class RareTask(Task):
         return cls.__dict__.get("name") or cls.__name__
 
     @classmethod
-    def handler(cls, key: str, **overrides) -> Callable[[Callable], Callable]:
+    def handler(cls, key: str, **overrides: Any) -> Callable[[Callable], Callable]:
         """Register ``fn(payload)`` for payloads whose ``dispatch_on`` key equals ``key``.
 
         ``overrides`` may set ``max_attempts``, ``backoff``, ``expires_in``, ``retry_on``, ``fallback``.
@@ -165,7 +165,7 @@ class RareTask(Task):
         return register
 
     @classmethod
-    def bind(cls, app):
+    def bind(cls, app: Any):
         setup_app(app, RareConsumerStep, BreakerStep)
         return super().bind(app)
 
@@ -176,7 +176,7 @@ class RareTask(Task):
         return self.__dict__.get("_rare_tracer")
 
     @__trace__.setter
-    def __trace__(self, tracer) -> None:
+    def __trace__(self, tracer: Any) -> None:
         self.__dict__["_rare_tracer"] = None if tracer is None else tracer_for(self, tracer)
 
     @property
@@ -193,8 +193,8 @@ class RareTask(Task):
 
     # -- publisher side ------------------------------------------------------------------------
 
-    def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None,
-                    link_error=None, shadow=None, **options):
+    def apply_async(self, args=None, kwargs=None, task_id=None, producer: Any = None, link=None,
+                    link_error=None, shadow=None, **options: Any):
         """Celery's ``apply_async``, with the first-publish time in headers.
 
         ``countdown``/``eta`` become a due time (``x-rare-due``): the first worker to see the message
@@ -224,7 +224,7 @@ class RareTask(Task):
 
     # -- worker side ---------------------------------------------------------------------------
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any):
         req = self.request
         if req.called_directly:
             return self.run(*args, **kwargs)
@@ -242,12 +242,12 @@ class RareTask(Task):
         except Exception:  # noqa: BLE001 - no handler: the task's own policy decides
             return self.rare_policy
 
-    def hop(self, target, *args, reason: str = "", **kwargs) -> NoReturn:
+    def hop(self, target, *args: Any, reason: str = "", **kwargs: Any) -> NoReturn:
         """Move the work to ``target`` now (see :class:`~rare_celery.Hop`); does not return."""
         raise Hop(target, *args, reason=reason, **kwargs)
 
-    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
-              max_retries=None, **options):
+    def retry(self, args=None, kwargs=None, exc: BaseException | None=None, throw=True, eta=None, countdown=None,
+              max_retries=None, **options: Any):
         """Schedule the next attempt through a delay queue, or route to the bug queue or fallback.
 
         Same signature as Celery's ``Task.retry``: ``countdown``/``eta`` override the backoff
@@ -276,10 +276,10 @@ class RareTask(Task):
 class _RetryStored:
     """A result backend whose ``mark_as_retry`` does nothing: the retry stored it before its publish."""
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend: Any) -> None:
         self._backend = backend
 
-    def mark_as_retry(self, *args, **kwargs) -> None:
+    def mark_as_retry(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     def __getattr__(self, name):

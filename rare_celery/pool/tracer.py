@@ -45,7 +45,7 @@ class RetryInfo(TraceInfo):
     traceback and whose ``tb`` is ``None``.
     """
 
-    def handle_retry(self, task, req, store_errors=True, **kwargs):
+    def handle_retry(self, task: Any, req: Any, store_errors=True, **kwargs: Any):
         retry = self.retval
         text = getattr(retry, "rare_traceback", None)
         if text is None:  # not a retry rare_celery made (never for a RareTask): Celery's own
@@ -61,7 +61,7 @@ class RetryInfo(TraceInfo):
         return einfo
 
 
-def tracer_for(task, tracer):
+def tracer_for(task: Any, tracer: Any):
     """The tracer a RareTask runs with: Celery's, as ``tracer`` was built (same host name), with
     :class:`RetryInfo`; guarded. A tracer that is not Celery's own is only guarded."""
     try:
@@ -71,11 +71,11 @@ def tracer_for(task, tracer):
     return guard_tracer(celery_trace.build_tracer(task.name, task, hostname=hostname, app=task.app, Info=RetryInfo))
 
 
-def guard_tracer(tracer):
+def guard_tracer(tracer: Any):
     """Celery's tracer for a RareTask, made to report every delivery that did not end through
     ``rare_celery.pool.attempt.end`` as :class:`RoutingFailed` (the main process then puts the message back)."""
 
-    def traced(uuid, args, kwargs, request=None, *rest, **options):
+    def traced(uuid, args, kwargs, request: Any = None, *rest: Any, **options: Any):
         request = {} if request is None else request
         # in delivery_info, not at the top of the request: those keys would become the task's custom headers
         info = request.get("delivery_info")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from amqp.exceptions import ChannelError
 
@@ -48,7 +48,7 @@ class Reading(NamedTuple):
     problem: str | None = None
 
 
-def uses(app, tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Uses:
+def uses(app: Any, tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Uses:
     """The breakers the rare ``tasks`` of ``app`` name (with ``queues``: those used by a task of one
     of them), by name; ``{}`` when none does. Raises ConfigurationError as
     :func:`rare_celery.inventory.breakers` does."""
@@ -64,7 +64,7 @@ def uses(app, tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Uses:
     return {name: Use(settings[name], tuple(sorted(t.name for t in users))) for name, users in sorted(wanted.items())}
 
 
-def read(conn, name: str) -> Reading:
+def read(conn: Any, name: str) -> Reading:
     """Breaker ``name``'s last state note, read from the broker and put back (see the module's docstring)."""
     try:
         note, problem = last_note(conn, name)
@@ -80,7 +80,7 @@ def reading(note: dict | None, problem: str | None) -> Reading:
     return Reading(br.from_note(note), note.get("by") or None)
 
 
-def report(conn, breaker_uses: Uses) -> list[dict]:
+def report(conn: Any, breaker_uses: Uses) -> list[dict]:
     """One row per breaker, by name: what ``status --json`` and ``/api/overview`` give as ``breakers``."""
     return [row(name, use, read(conn, name)) for name, use in sorted(breaker_uses.items())]
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from functools import cached_property
+from typing import Any
 
 import click
 
@@ -80,7 +81,7 @@ class Duration(click.ParamType):
 class Env:
     """What a command works on: a Celery app (``-A``), a broker URL (``--broker``), or both."""
 
-    def __init__(self, app_name: str | None = None, broker: str | None = None, app=None) -> None:
+    def __init__(self, app_name: str | None = None, broker: str | None = None, app: Any = None) -> None:
         self.app_name, self.broker, self._app = app_name, broker, app
 
     @cached_property
@@ -177,7 +178,7 @@ def load_app(name: str):
     return _prepare(app, name)
 
 
-def _prepare(app, name: str):
+def _prepare(app: Any, name: str):
     from celery import Celery
 
     if not isinstance(app, Celery):
@@ -326,7 +327,7 @@ def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
 Plan = moves.Plan  # the plan-then-take logic is shared with the web console
 
 
-def plan(conn, queue: str, select: records.Selector, to: str | None = None, rows: bool = False,
+def plan(conn: Any, queue: str, select: records.Selector, to: str | None = None, rows: bool = False,
          moving: bool = True) -> Plan:
     """First read of ``queue``: which messages match, and (``moving``) where each would go."""
     return moves.plan(conn, queue, lambda held: select.matches(held.record), to, moving,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import bugs, records
 
@@ -36,7 +37,7 @@ class Plan:
         return True
 
 
-def plan(conn, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None = None, moving: bool = True,
+def plan(conn: Any, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None = None, moving: bool = True,
          on_row: Callable[[records.Record], None] | None = None, browse=bugs.browse) -> Plan:
     """First read of ``queue``: which messages are ``wanted``, and (``moving``) where each would go.
 
@@ -70,6 +71,6 @@ def requeue_sender(to: str | None, reset: bool, now: float) -> Callable[[bugs.He
     return send
 
 
-def missing_targets(conn, found: Plan) -> list[str]:
+def missing_targets(conn: Any, found: Plan) -> list[str]:
     """The queues ``found`` would send messages to that do not exist."""
     return [target for target in found.targets if bugs.depth(conn, target) is None]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import hops
 from ..headers import Attempt
@@ -98,7 +98,7 @@ def describe(info: RareTaskInfo, find: Callable[[object], tuple[str, RareTaskInf
         yield from _segment(info, label, policy, find, rows, [info.name], 0.0)
 
 
-def _segment(info, label: str, policy: Policy, find, rows: int, chain: list[str], start: float) -> Iterator[str]:
+def _segment(info: RareTaskInfo, label: str, policy: Policy, find, rows: int, chain: list[str], start: float) -> Iterator[str]:
     t = timeline(policy)
     life = "none" if policy.expires_in is None else durations.short(policy.expires_in)
     to = "" if policy.fallback is None else f", fallback {find(policy.fallback)[0]}"

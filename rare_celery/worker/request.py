@@ -57,7 +57,7 @@ class RareRequest(Request):
 
     rare_done = False
 
-    def __init__(self, message, *args, **kwargs) -> None:
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
         self.rare_queue = (message.delivery_info or {}).get(QUEUE_KEY)
         self._delivery_info[QUEUE_KEY] = self.rare_queue  # for the pool process (request.delivery_info)
@@ -71,7 +71,7 @@ class RareRequest(Request):
             out["delivery_info"] = {k: v for k, v in delivery.items() if k != QUEUE_KEY}
         return out
 
-    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+    def on_failure(self, exc_info: Any, send_failed_event=True, return_ok=False):
         if self.rare_done:
             return None
         exc = exc_info.exception

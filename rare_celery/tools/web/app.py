@@ -6,6 +6,7 @@ import json
 import math
 import time
 from datetime import datetime, timezone
+from typing import Any
 from urllib.parse import urlencode
 
 from amqp.exceptions import AMQPError
@@ -26,7 +27,7 @@ FIRST_WAIT = 1.5  # seconds a page waits for a read to finish before it shows it
 REFRESH_SECONDS = 5
 
 
-def create_app(console: Console, guard: Guard, registry=None, pages: bool = True) -> Flask:
+def create_app(console: Console, guard: Guard, registry: Any = None, pages: bool = True) -> Flask:
     """The WSGI app: every page when ``pages``, else only ``/metrics`` (``rare-celery metrics``)."""
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=1 << 20, JSON_SORT_KEYS=False)
@@ -264,7 +265,7 @@ class Filters:
         return records.Selector(frozenset(self.ids), self.tasks, frozenset(self.reasons),
                                 None if since is None else now - since, None if older is None else now - older)
 
-    def args(self, **extra) -> dict:
+    def args(self, **extra: Any) -> dict:
         out = {"task": " ".join(self.tasks) or None, "reason": list(self.reasons) or None,
                "id": " ".join(self.ids) or None, "since": self.since or None, "older": self.older or None,
                "per": self.per if self.per != PER_PAGE[0] else None}

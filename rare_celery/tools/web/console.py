@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...inventory import RareTaskInfo, rare_tasks, task_name
 from ...topology import UNROUTED_QUEUE, bug_queue_name
@@ -67,7 +68,7 @@ class PendingPlan:
 class Console:
     """What the pages and the metrics work on: the app (or a broker URL), its queues, the jobs."""
 
-    def __init__(self, connect: Callable[[], object], app=None, where: str = "") -> None:
+    def __init__(self, connect: Callable[[], object], app: Any = None, where: str = "") -> None:
         self.connect, self.app, self.where = connect, app, where
         self.tasks: list[RareTaskInfo] = rare_tasks(app) if app is not None else []
         self.breakers: breakers.Uses = breakers.uses(app, self.tasks) if app is not None else {}

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 from ... import events, reasons
 from ...policy import MIN_DELAY
@@ -104,7 +105,7 @@ class EventCounter:
     """A thread that receives the ``rare-*`` events of the broker's vhost and counts them; it
     reconnects after a broker restart."""
 
-    def __init__(self, app, counters: Counters, connect=None) -> None:
+    def __init__(self, app: Any, counters: Counters, connect=None) -> None:
         self.app, self.counters = app, counters
         self.connect = connect or app.connection_for_read
         self.receiver = None
@@ -176,7 +177,7 @@ def breaker_gauges(rows: list[dict]) -> list:
     return [state, periods, probe_at]
 
 
-def registry(console, counters: Counters):
+def registry(console: Any, counters: Counters):
     """A prometheus_client registry with the console's collector."""
     from prometheus_client import CollectorRegistry
 
@@ -188,7 +189,7 @@ def registry(console, counters: Counters):
 class Collector:
     """Gauges from passive declares (cached :data:`OVERVIEW_CACHE` s), counters from the events."""
 
-    def __init__(self, console, counters: Counters) -> None:
+    def __init__(self, console: Any, counters: Counters) -> None:
         self.console, self.counters = console, counters
         self._cached: tuple[float, dict] | None = None
         self._lock = threading.Lock()

@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from amqp.exceptions import NotFound
 
@@ -83,7 +83,7 @@ class Progress:
 class Reader:
     """The held messages of one read, delivered in queue order (see the module's docstring)."""
 
-    def __init__(self, conn, queue: str, limit: int = READ_LIMIT, deadline: float = READ_DEADLINE) -> None:
+    def __init__(self, conn: Any, queue: str, limit: int = READ_LIMIT, deadline: float = READ_DEADLINE) -> None:
         self.conn, self.queue, self.limit, self.deadline = conn, queue, limit, deadline
         self.depth = 0
         self.complete = True
@@ -103,7 +103,7 @@ class Reader:
             with contextlib.suppress(Exception):  # a closed channel puts every unacked message back
                 channel.close()
 
-    def _read(self, channel) -> Iterator[bugs.Held]:
+    def _read(self, channel: Any) -> Iterator[bugs.Held]:
         want = min(self.depth, self.limit)
         self.complete = want == self.depth
         if not want:
@@ -146,7 +146,7 @@ class Reader:
                 channel.close()
 
 
-def browse(conn, queue: str, limit: int = READ_LIMIT):
+def browse(conn: Any, queue: str, limit: int = READ_LIMIT):
     """A drop-in for :func:`rare_celery.tools.bugs.browse` (same guarantees, faster): for :func:`rare_celery.tools.moves.plan`."""
     return Reader(conn, queue, limit).open()
 
@@ -164,7 +164,7 @@ def entry(held: bugs.Held, intern: Callable) -> Entry:
                  r.first_attempt_at, intern(r.queue), intern(r.one_line_error(ERROR_WIDTH)), r.body_error is None)
 
 
-def scan(conn, queue: str, progress: Progress | None = None, limit: int = READ_LIMIT,
+def scan(conn: Any, queue: str, progress: Progress | None = None, limit: int = READ_LIMIT,
          deadline: float = READ_DEADLINE) -> Snapshot:
     """Read all of ``queue`` (up to ``limit`` messages) into a :class:`Snapshot`, then let go of it."""
     reader = Reader(conn, queue, limit, deadline)
@@ -181,7 +181,7 @@ def scan(conn, queue: str, progress: Progress | None = None, limit: int = READ_L
     return Snapshot(queue, entries, reader.depth, time.time(), time.monotonic() - started, reader.complete)
 
 
-def find(conn, queue: str, fingerprint: str, message_id: str | None = None,
+def find(conn: Any, queue: str, fingerprint: str, message_id: str | None = None,
          limit: int = READ_LIMIT) -> tuple[records.Record, bugs.Held] | None:
     """The record of the message with ``fingerprint`` (the first one, from the head), or ``None``.
 

@@ -6,6 +6,7 @@ import contextlib
 import signal
 import sys
 import threading
+from typing import Any
 
 import click
 
@@ -14,7 +15,7 @@ THREADS = 8
 NEEDS = 'the web console needs its extra: pip install "rare-celery[web]"'
 
 
-def build(e, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True):
+def build(e: Any, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True):
     """The WSGI app for the CLI's :class:`~rare_celery.tools.cli.Env` ``e``, and what to stop at the end."""
     from .app import create_app
     from .console import Console
@@ -41,7 +42,7 @@ def _plain_app(broker: str):
     return Celery("rare-celery-web", broker=broker, set_as_current=False)
 
 
-def serve(e, bind: str, port: int, auth_text: str | None, pages: bool, fail) -> None:
+def serve(e: Any, bind: str, port: int, auth_text: str | None, pages: bool, fail) -> None:
     try:
         import flask  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -76,7 +77,7 @@ def serve(e, bind: str, port: int, auth_text: str | None, pages: bool, fail) -> 
 
     stopping = threading.Event()
 
-    def stop(signum=None, frame=None) -> None:
+    def stop(signum: int | None = None, frame: Any = None) -> None:
         if not stopping.is_set():
             stopping.set()
             raise KeyboardInterrupt
