@@ -248,7 +248,7 @@ class shielded:
         shielded._outer = self
         return self.fired
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if shielded._outer is self:
             shielded._outer = None
             if self.previous is not None:
