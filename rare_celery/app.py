@@ -38,7 +38,7 @@ def setup_app(app: Any, *steps: Any) -> None:
     signals.before_task_publish.connect(fold, weak=False)
 
 
-def fold_expires(headers: dict, properties: dict | None = None) -> None:
+def fold_expires(headers: dict[str, Any], properties: dict[str, Any] | None = None) -> None:
     """A rare task message's Celery ``expires`` (header) becomes its ``x-rare-deadline`` (the earlier
     of the two), and the AMQP ``expiration`` goes: the broker never drops it, Celery never revokes
     it; past the deadline it is routed as ``expired`` (fallback or bug queue) like any shelf life."""

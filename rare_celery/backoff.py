@@ -14,7 +14,7 @@ import math
 import random
 from abc import ABC, abstractmethod
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import durations
 
@@ -102,7 +102,7 @@ def _addend(value: object) -> Backoff | None:
 class _Formula(Backoff):
     """A named schedule computed by ``formula(attempt)``; built by the constructors."""
 
-    def __init__(self, name: str, args: list[str], formula: Callable, cap: object) -> None:
+    def __init__(self, name: str, args: list[str], formula: Callable[..., Any], cap: object) -> None:
         self.name, self.args, self.formula = name, args, formula
         self.cap = None if cap is None else _seconds(name, "cap", cap, True)
 

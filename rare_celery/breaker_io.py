@@ -48,7 +48,7 @@ NOTE_TIMEOUT = 5.0  # seconds a note's publish may take
 CONTENT = {"content_type": "application/json", "content_encoding": "utf-8"}
 
 
-def announce(app: Any, note: dict) -> bool:
+def announce(app: Any, note: dict[str, Any]) -> bool:
     """Publish ``note`` (confirmed; a change of state declares the state queue first). Never raises."""
     change = note["kind"] in br.CHANGES
     key = breaker_key(note["breaker"], STATE_KEY if change else COUNT_KEY)
@@ -66,7 +66,7 @@ def announce(app: Any, note: dict) -> bool:
         return False
 
 
-def last_note(connection: Any, name: str) -> tuple[dict | None, str | None]:
+def last_note(connection: Any, name: str) -> tuple[dict[str, Any] | None, str | None]:
     """The last state note of breaker ``name`` as the broker keeps it, read with ``basic.get`` and put
     back at once: ``(note, None)``; ``(None, None)`` when the breaker never changed (its queue does
     not exist: nothing is created); ``(None, why)`` when the message there is not a state note, or
@@ -91,7 +91,7 @@ def last_note(connection: Any, name: str) -> tuple[dict | None, str | None]:
             channel.close()
 
 
-def state_note(body: Any) -> tuple[dict | None, str | None]:
+def state_note(body: Any) -> tuple[dict[str, Any] | None, str | None]:
     """A state queue's message body as ``(note, None)``, or ``(None, why)`` when it is not a state note."""
     try:
         note = json.loads(body)
@@ -154,7 +154,7 @@ class Board:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._seen: tuple | None = None
+        self._seen: tuple[Any, ...] | None = None
         self._states: dict[str, br.State] = {}
 
     @classmethod

@@ -60,7 +60,7 @@ ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the 
 ERROR_CHARS = 200  # characters of the exception's message an event carries
 
 
-def failure(exc: BaseException | None) -> dict:
+def failure(exc: BaseException | None) -> dict[str, Any]:
     """The ``exception`` and ``error`` fields of an event about ``exc`` (see above)."""
     if exc is None:
         return {"exception": None, "error": None}

@@ -77,7 +77,7 @@ class Attempt:
     queue: str | None = None
 
 
-def _number(headers: Mapping, key: str, lo: float, hi: float, integer: bool = False):
+def _number(headers: Mapping[str, Any], key: str, lo: float, hi: float, integer: bool = False):
     value = headers.get(key)
     if value is None:
         return None
@@ -91,7 +91,7 @@ def _number(headers: Mapping, key: str, lo: float, hi: float, integer: bool = Fa
     return value
 
 
-def read(headers: Mapping | None, now: float | None = None) -> Attempt:
+def read(headers: Mapping[str, Any] | None, now: float | None = None) -> Attempt:
     """Read the attempt state from a message's headers; raise :class:`HeaderError` on nonsense."""
     headers = headers or {}
     now = time.time() if now is None else now
@@ -112,13 +112,13 @@ def read(headers: Mapping | None, now: float | None = None) -> Attempt:
     )
 
 
-def deliveries(headers: Mapping | None) -> int:
+def deliveries(headers: Mapping[str, Any] | None) -> int:
     """``x-rare-deliveries`` of a message (0 when absent or not a small whole number)."""
     value = (headers or {}).get(DELIVERIES) if isinstance(headers, Mapping) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ATTEMPT else 0
 
 
-def write(attempt: Attempt) -> dict:
+def write(attempt: Attempt) -> dict[str, Any]:
     """Headers that carry ``attempt`` on the next publish."""
     out = {ATTEMPT: attempt.number, FIRST_AT: attempt.first_at}
     for key, value in ((DEADLINE, attempt.deadline), (DUE, attempt.due), (QUEUE, attempt.queue)):
@@ -127,7 +127,7 @@ def write(attempt: Attempt) -> dict:
     return out
 
 
-def error(exc: BaseException | None) -> dict:
+def error(exc: BaseException | None) -> dict[str, Any]:
     """The last error as bounded headers: type, message and the tail of the traceback."""
     if exc is None:
         return {}
@@ -152,13 +152,13 @@ def _frames(trace: Any, keep: int = 100) -> str:
     return "".join(out)
 
 
-def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict:
+def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict[str, Any]:
     """The headers a message gets when it is routed to the bug queue."""
     return {REASON: reason, ATTEMPTS: attempts, FAILED_AT: time.time() if now is None else now,
             TASK: _clip(task or "", 255)}
 
 
-def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
+def fit(headers: dict[str, Any], budget: int = HEADER_BUDGET) -> dict[str, Any]:
     """``headers`` cut down to about ``budget`` bytes, so a republish never exceeds the broker's
     frame size (128 KB) because of what was added to it: first the last error's traceback and
     message, then the largest values, each replaced by a note saying how big it was."""
@@ -176,7 +176,7 @@ def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
     return out
 
 
-def _fits(headers: dict, budget: int) -> bool:
+def _fits(headers: dict[str, Any], budget: int) -> bool:
     """Whether ``headers`` certainly fit in ``budget`` bytes and nest no deeper than allowed: an
     upper bound of the size, without encoding the strings (a retry's headers are far below it)."""
     total = 0
@@ -218,18 +218,18 @@ def _size(value: object) -> int:
         return 1 << 30
 
 
-def received(headers: object) -> dict:
+def received(headers: object) -> dict[str, Any]:
     """A received message's headers, the broker's bookkeeping left out (``{}`` when it has none)."""
     return {k: v for k, v in headers.items() if k not in BROKER_KEYS} if isinstance(headers, Mapping) else {}
 
 
-def carried(headers: Mapping | None) -> dict:
+def carried(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     """A message's headers that travel unchanged to its next place: its own and the hop history
     (``x-rare-hops``), without rare_celery's per-attempt headers and the broker's bookkeeping."""
     return {k: v for k, v in received(headers).items() if k == HOPS or not k.startswith(PREFIX)}
 
 
-def kept(headers: Mapping | None, keys: tuple) -> dict:
+def kept(headers: Mapping[str, Any] | None, keys: tuple[Any, ...]) -> dict[str, Any]:
     """The ``keys`` of ``headers`` that it has (a wait keeps the last error)."""
     return {k: v for k, v in received(headers).items() if k in keys}
 

@@ -100,10 +100,10 @@ def work_queue_of(task: Any, delivery_info: Any) -> str:
     return getattr(task, "queue", None) or task.app.conf.task_default_queue
 
 
-def breakers(app: Any) -> dict:
+def breakers(app: Any) -> dict[str, Any]:
     """Breaker name -> its settings (:class:`rare_celery.breaker.Settings`), for the RareTasks of ``app``
     that name one; tasks that share a breaker must set it up the same way (else ConfigurationError)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     owners: dict[str, str] = {}
     for info in rare_tasks(app):
         settings = getattr(info.task, "rare_breaker", None)

@@ -59,8 +59,8 @@ class Copy:
     """
 
     body: bytes | str
-    headers: dict
-    properties: dict
+    headers: dict[str, Any]
+    properties: dict[str, Any]
     exchange: str
     routing_key: str
     target: Queue | None
@@ -77,17 +77,17 @@ class Copy:
         return f"exchange {self.exchange!r} key {self.routing_key!r}"
 
 
-def to_queue(queue: Queue, body: Any, headers: dict, properties: dict) -> Copy:
+def to_queue(queue: Queue, body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> Copy:
     """A copy for ``queue`` itself, through the default exchange (a hop, a message put back)."""
     return Copy(body, headers, properties, "", queue.name, queue)
 
 
-def to_bugs(name: str, body: Any, headers: dict, properties: dict, kind: str = CLASSIC) -> Copy:
+def to_bugs(name: str, body: Any, headers: dict[str, Any], properties: dict[str, Any], kind: str = CLASSIC) -> Copy:
     """A copy for the bug queue ``name`` (durable, classic unless ``kind`` says, declared if missing)."""
     return Copy(body, headers, properties, "", name, bug_queue(name, kind))
 
 
-def to_delay(work_queue: str, delay: float, kind: str, body: Any, headers: dict, properties: dict,
+def to_delay(work_queue: str, delay: float, kind: str, body: Any, headers: dict[str, Any], properties: dict[str, Any],
              slack: float = 0.0, own_kind: str = CLASSIC) -> Copy:
     """A copy that waits ``delay`` seconds (at most; see ``Copy.waits``) and comes back to ``work_queue``.
 
@@ -192,7 +192,7 @@ def send_patiently(app: Any, copy: Copy, *, budget: float = PATIENCE, timeout: f
 
 
 @contextlib.contextmanager
-def producer_for(app: Any, timeout: float) -> Iterator:
+def producer_for(app: Any, timeout: float) -> Iterator[Any]:
     """A producer to publish with: in a worker's main process its own (see
     :class:`rare_celery.context.WorkerContext`: a connection the pool processes it forks never touch,
     as the app's producer pool is reset in every new pool process), else one of the app's pool."""
@@ -233,10 +233,10 @@ class shielded:
     _outer: shielded | None = None  # the shield in force (main thread only)
 
     def __init__(self) -> None:
-        self.fired: list = []
+        self.fired: list[Any] = []
         self.previous = None
 
-    def __enter__(self) -> list:
+    def __enter__(self) -> list[Any]:
         if _SOFT is None or threading.current_thread() is not threading.main_thread():
             return self.fired
         if shielded._outer is not None:

@@ -39,7 +39,7 @@ class Handler:
     """A payload handler: the function and its policy (the task's, with the handler's overrides)."""
 
     key: str
-    fn: Callable
+    fn: Callable[..., Any]
     policy: Policy
 
 
@@ -147,7 +147,7 @@ class RareTask(Task):
         return cls.__dict__.get("name") or cls.__name__
 
     @classmethod
-    def handler(cls, key: str, **overrides: Any) -> Callable[[Callable], Callable]:
+    def handler(cls, key: str, **overrides: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register ``fn(payload)`` for payloads whose ``dispatch_on`` key equals ``key``.
 
         ``overrides`` may set ``max_attempts``, ``backoff``, ``expires_in``, ``retry_on``, ``fallback``.
@@ -159,7 +159,7 @@ class RareTask(Task):
         settings = {k: overrides.get(k, getattr(cls, k)) for k in _OVERRIDABLE}
         policy = Policy.build(f"{cls._owner()}[{key}]", **settings)
 
-        def register(fn: Callable) -> Callable:
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             cls.handlers[key] = Handler(key, fn, policy)
             return fn
         return register

@@ -133,7 +133,7 @@ def _read_by_people(queue: Queue) -> Queue:
     return queue
 
 
-def _typed(kind: str) -> dict:
+def _typed(kind: str) -> dict[str, Any]:
     """Every queue rare_celery owns says its type: a vhost's or node's default queue type never
     decides it (on RabbitMQ 4.x a quorum queue drops a message read 20 times; see ``for_broker``)."""
     return {"x-queue-type": kind}

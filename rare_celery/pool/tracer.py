@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 ENDING_KEY = "rare_ending"  # in delivery_info: the outcome of this delivery's ending, once it has one
 
 
-def ending_of(req: Any) -> list:
+def ending_of(req: Any) -> list[Any]:
     """The list this delivery's ending is recorded in (put in delivery_info by the guarded tracer)."""
     if not isinstance(req.delivery_info, dict):
         req.delivery_info = {}

@@ -101,7 +101,7 @@ class Publisher:
         self._returned: list[str] = []
         self.channel.events["basic_return"].add(lambda exc, *rest: self._returned.append(str(exc)))
 
-    def send(self, message: amqp.Message, queue: str, headers: dict) -> None:
+    def send(self, message: amqp.Message, queue: str, headers: dict[str, Any]) -> None:
         """``message`` (same body and properties, ``headers`` instead of its own) to ``queue``."""
         props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "expiration")}
         self._returned.clear()
@@ -149,7 +149,7 @@ def take(conn: Any, queue: str, wanted: Callable[[Held], bool], send: Callable[[
     return done
 
 
-def headers_of(held: Held) -> Mapping:
+def headers_of(held: Held) -> Mapping[str, Any]:
     headers = held.message.headers
     return headers if isinstance(headers, Mapping) else {}
 

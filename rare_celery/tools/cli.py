@@ -135,7 +135,7 @@ class Env:
         raise Failure("say where the broker is: pass -A/--app APP (a Celery app) or --broker URL")
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator:
+    def connection(self) -> Iterator[Any]:
         """A connected kombu Connection; broker problems become one-line :class:`Failure` s."""
         from amqp.exceptions import AMQPError
         from kombu.exceptions import KombuError
@@ -266,8 +266,8 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def summary(reasons: Counter, tasks: Counter) -> str:
-    def top(counter: Counter, most: int = 8) -> str:
+def summary(reasons: Counter[Any], tasks: Counter[Any]) -> str:
+    def top(counter: Counter[Any], most: int = 8) -> str:
         items = sorted(((k or "-", v) for k, v in counter.items()), key=lambda kv: (-kv[1], kv[0]))
         text = ", ".join(f"{k} {v}" for k, v in items[:most])
         return text + (f", {len(items) - most} more" if len(items) > most else "")
@@ -335,7 +335,7 @@ def plan(conn: Any, queue: str, select: records.Selector, to: str | None = None,
 
 
 @contextlib.contextmanager
-def progress(count: int, label: str) -> Iterator:
+def progress(count: int, label: str) -> Iterator[Any]:
     """A progress bar on stderr when the messages would not fit on one screen."""
     if count <= shutil.get_terminal_size().lines:
         yield lambda held: None
@@ -350,7 +350,7 @@ def _need_selection(select: records.Selector, everything: bool, what: str) -> No
                       (", --older-than" if what == "purge" else "") + ", or --all for every message")
 
 
-def _targets(targets: Counter) -> str:
+def _targets(targets: Counter[Any]) -> str:
     return ", ".join(f"{q} ({n})" for q, n in sorted(targets.items()))
 
 

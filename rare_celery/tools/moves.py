@@ -22,8 +22,8 @@ from . import bugs, records
 class Plan:
     """What a first read found: the chosen messages by content, and where each goes."""
 
-    chosen: Counter
-    targets: Counter
+    chosen: Counter[Any]
+    targets: Counter[Any]
     without_target: int = 0
 
     @property

@@ -47,7 +47,7 @@ def delay_users(tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Delays
 
 
 def probe(conn: Any, works: Works, delays: Delays, scan: bool = False, extra: Delays | None = None,
-          breaker_uses: breakers.Uses | None = None) -> dict:
+          breaker_uses: breakers.Uses | None = None) -> dict[str, Any]:
     """The report: ``{"work_queues": [...], "delay_queues": [...], "unrouted": {...}}``, read from the
     broker now, and ``"breakers": [...]`` when ``breaker_uses`` names any.
 
@@ -82,6 +82,6 @@ def probe(conn: Any, works: Works, delays: Delays, scan: bool = False, extra: De
     return report
 
 
-def bug_depth(conn: Any, name: str) -> dict:
+def bug_depth(conn: Any, name: str) -> dict[str, Any]:
     found = bugs.depth(conn, name)
     return {"queue": name, "exists": found is not None, "messages": found and found[0]}

@@ -265,7 +265,7 @@ class Filters:
         return records.Selector(frozenset(self.ids), self.tasks, frozenset(self.reasons),
                                 None if since is None else now - since, None if older is None else now - older)
 
-    def args(self, **extra: Any) -> dict:
+    def args(self, **extra: Any) -> dict[str, Any]:
         out = {"task": " ".join(self.tasks) or None, "reason": list(self.reasons) or None,
                "id": " ".join(self.ids) or None, "since": self.since or None, "older": self.older or None,
                "per": self.per if self.per != PER_PAGE[0] else None}
@@ -299,7 +299,7 @@ def _query(text: str) -> str:
 
 # -- helpers for the templates -------------------------------------------------------------------
 
-def _overview(console: Console) -> dict:
+def _overview(console: Console) -> dict[str, Any]:
     return console.overview()
 
 
@@ -343,7 +343,7 @@ def number(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else ("-" if value is None else str(value))
 
 
-def _hops(hops: list) -> list[dict]:
+def _hops(hops: list[Any]) -> list[dict[str, Any]]:
     """``x-rare-hops`` entries as rows; anything that is not an entry is shown as text."""
     out = []
     for h in hops:

@@ -62,12 +62,12 @@ class Counters:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.counts: dict[str, Counter] = {kind: Counter() for kind in COUNTERS}
+        self.counts: dict[str, Counter[Any]] = {kind: Counter() for kind in COUNTERS}
         self.received = 0
         self.connected = False
         self.delays: dict[tuple[str, int], set[str]] = {}  # delay queues seen in rare-retry events
 
-    def add(self, event: dict) -> None:
+    def add(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         spec = COUNTERS.get(kind)
         if spec is None:
@@ -88,7 +88,7 @@ class Counters:
             if kind == events.RETRY:
                 self._saw_delay(event)
 
-    def _saw_delay(self, event: dict) -> None:
+    def _saw_delay(self, event: dict[str, Any]) -> None:
         delay, queue = event.get("delay"), event.get("queue")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not isinstance(queue, str):
             return
@@ -96,7 +96,7 @@ class Counters:
         if ms >= 1 and len(self.delays) < MAX_SERIES:
             self.delays.setdefault(("classic", grid_floor(ms)), set()).add(queue[:LABEL_WIDTH])
 
-    def snapshot(self) -> dict[str, Counter]:
+    def snapshot(self) -> dict[str, Counter[Any]]:
         with self.lock:
             return {kind: Counter(c) for kind, c in self.counts.items()}
 
@@ -154,7 +154,7 @@ class EventCounter:
             pause = min(pause * 2, 30.0)
 
 
-def breaker_gauges(rows: list[dict]) -> list:
+def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
     """The state of each circuit breaker (rows of :func:`rare_celery.tools.breakers.report`); one whose
     state could not be read has no samples at this scrape."""
     from prometheus_client.core import GaugeMetricFamily
@@ -191,10 +191,10 @@ class Collector:
 
     def __init__(self, console: Any, counters: Counters) -> None:
         self.console, self.counters = console, counters
-        self._cached: tuple[float, dict] | None = None
+        self._cached: tuple[float, dict[str, Any]] | None = None
         self._lock = threading.Lock()
 
-    def _report(self) -> dict | None:
+    def _report(self) -> dict[str, Any] | None:
         with self._lock:
             if self._cached is not None and time.monotonic() - self._cached[0] < OVERVIEW_CACHE:
                 return self._cached[1]

@@ -87,7 +87,7 @@ class Reader:
         self.conn, self.queue, self.limit, self.deadline = conn, queue, limit, deadline
         self.depth = 0
         self.complete = True
-        self._pending: deque = deque()
+        self._pending: deque[Any] = deque()
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Iterator[bugs.Held]]:
@@ -151,14 +151,14 @@ def browse(conn: Any, queue: str, limit: int = READ_LIMIT):
     return Reader(conn, queue, limit).open()
 
 
-class _Interner(dict):
+class _Interner(dict[str, Any]):
     def __call__(self, value):
         if value is None:
             return None
         return self.setdefault(value, value)
 
 
-def entry(held: bugs.Held, intern: Callable) -> Entry:
+def entry(held: bugs.Held, intern: Callable[..., Any]) -> Entry:
     r = held.record
     return Entry(r.position, held.fingerprint, r.id, intern(r.task), intern(r.reason), r.attempts, r.failed_at,
                  r.first_attempt_at, intern(r.queue), intern(r.one_line_error(ERROR_WIDTH)), r.body_error is None)
@@ -197,6 +197,6 @@ def find(conn: Any, queue: str, fingerprint: str, message_id: str | None = None,
     return None
 
 
-def counts(entries: list[Entry]) -> tuple[Counter, Counter]:
+def counts(entries: list[Entry]) -> tuple[Counter[Any], Counter[Any]]:
     """Messages by reason and by task."""
     return Counter(e.reason for e in entries), Counter(e.task for e in entries)
