@@ -30,7 +30,7 @@ def setup_app(app: Any, *steps: Any) -> None:
     else:
         app.on_after_configure.connect(lambda sender, **kw: enable_confirms(sender), weak=False)
 
-    def fold(sender: Any = None, headers=None, properties=None, **kw: Any) -> None:
+    def fold(sender: Any = None, headers: Any = None, properties: Any = None, **kw: Any) -> None:
         task = app.tasks.get(sender) if isinstance(sender, str) else None
         if task is not None and getattr(task, "rare_policy", None) is not None and isinstance(headers, dict):
             fold_expires(headers, properties)
@@ -72,7 +72,7 @@ def enable_confirms(app: Any) -> None:
         app.conf.broker_transport_options = options
 
 
-def pickles(kinds) -> list[str]:
+def pickles(kinds: Any) -> list[str]:
     """The entries of an accept list or serializer setting that mean pickle, by any of its names
     (``pickle``, ``application/x-python-serialize``, ...) as kombu normalises them."""
     from kombu.serialization import registry

@@ -234,7 +234,7 @@ class Watch:
             if state is not None:
                 self.hear(state.as_note(state.probe or "", state.task))
 
-    def hear(self, note: object) -> br.Change | None:
+    def hear(self, note: Any) -> br.Change | None:  # a decoded message body, checked by note_problem
         problem = br.note_problem(note)
         if problem:
             log.warning("rare_celery: ignored a breaker note that is not one (%s)", problem)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Queue
@@ -51,7 +52,7 @@ def broker_type(connection: Any, queue: Queue) -> str | None:
     current type of any other. ``None`` when it cannot tell (another argument differs)."""
     args = dict(queue.queue_arguments or {})
     if args.get("x-queue-type"):
-        return args["x-queue-type"]
+        return cast(str, args["x-queue-type"])
     channel = connection.channel()
     try:
         channel.queue_declare(queue=queue.name, durable=queue.durable, exclusive=queue.exclusive,
@@ -126,8 +127,9 @@ def declare_worker_topology(connection: Any, work_queues: list[str], bug_queues:
     first publishes to one (see :mod:`rare_celery.publish`).
     """
     channel = connection.channel()
-    steps = [lambda ch: DELAY_EXCHANGE.declare(channel=ch), lambda ch: declare_queue(ch, unrouted_queue(kind)),
-             lambda ch: RETURN_EXCHANGE.declare(channel=ch)]
+    steps: list[Callable[..., None]] = [lambda ch: DELAY_EXCHANGE.declare(channel=ch),
+                                        lambda ch: declare_queue(ch, unrouted_queue(kind)),
+                                        lambda ch: RETURN_EXCHANGE.declare(channel=ch)]
     steps += [lambda ch, name=name: bind_return(ch, name) for name in work_queues]
     steps += [lambda ch, name=name: declare_queue(ch, bug_queue(name, kind)) for name in bug_queues]
     try:

@@ -51,7 +51,7 @@ class Hop(Exception):
     reason="card expired")``. Without arguments the current ones go along. The target runs on its own
     queue with its own policy and a fresh attempt count; the task id stays the same."""
 
-    def __init__(self, target, *args: Any, reason: str = "", **kwargs: Any) -> None:
+    def __init__(self, target: object, *args: Any, reason: str = "", **kwargs: Any) -> None:
         super().__init__(target, reason)
         self.target, self.args, self.kwargs, self.reason = target, args, kwargs, reason
 
@@ -79,7 +79,7 @@ class RoutingFailed(Reject):
         super().__init__(why, requeue=True)
         self.why = why
 
-    def __reduce__(self):  # crosses from the pool process to the main process
+    def __reduce__(self) -> tuple[type[RoutingFailed], tuple[str]]:  # crosses from the pool process to the main process
         return type(self), (self.why,)
 
 

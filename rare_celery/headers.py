@@ -77,7 +77,7 @@ class Attempt:
     queue: str | None = None
 
 
-def _number(headers: Mapping[str, Any], key: str, lo: float, hi: float, integer: bool = False):
+def _number(headers: Mapping[str, Any], key: str, lo: float, hi: float, integer: bool = False) -> Any:
     value = headers.get(key)
     if value is None:
         return None
@@ -120,7 +120,7 @@ def deliveries(headers: Mapping[str, Any] | None) -> int:
 
 def write(attempt: Attempt) -> dict[str, Any]:
     """Headers that carry ``attempt`` on the next publish."""
-    out = {ATTEMPT: attempt.number, FIRST_AT: attempt.first_at}
+    out: dict[str, Any] = {ATTEMPT: attempt.number, FIRST_AT: attempt.first_at}
     for key, value in ((DEADLINE, attempt.deadline), (DUE, attempt.due), (QUEUE, attempt.queue)):
         if value is not None:
             out[key] = value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .exceptions import ConfigurationError
 from .hops import MAX_HOPS
@@ -19,15 +19,15 @@ class RareTaskInfo:
     queue: str
     kind: str
     bug_queue: str
-    task: object
+    task: Any
 
     @property
     def policy(self) -> Policy:
-        return self.task.rare_policy
+        return cast(Policy, self.task.rare_policy)
 
     @property
     def max_hops(self) -> int:
-        return getattr(self.task, "max_hops", MAX_HOPS)
+        return cast(int, getattr(self.task, "max_hops", MAX_HOPS))
 
     def policies(self) -> list[tuple[str, Policy]]:
         """``(label, policy)``: one per payload handler (``name[key]``), else the task's own."""
@@ -43,7 +43,7 @@ def is_rare(task: Any) -> bool:
     return getattr(task, "rare_policy", None) is not None
 
 
-def target_queue(app: Any, name: str, task: Any):
+def target_queue(app: Any, name: str, task: Any) -> Any:
     """The kombu Queue a message of task ``name`` goes to: the task's ``queue``, or Celery's routing
     (``task_routes``). The one place rare_celery asks Celery's router."""
     wanted = {"queue": task.queue} if getattr(task, "queue", None) else {}
@@ -65,16 +65,16 @@ def rare_tasks(app: Any) -> list[RareTaskInfo]:
     return out
 
 
-def resolve_task_name(app: Any, target: object) -> str:
+def resolve_task_name(app: Any, target: Any) -> str:
     """A fallback or hop target as a task name: a name, a task, or a task class registered in ``app``;
     ``ValueError`` when it is none of them."""
     if isinstance(target, str):
         return target
     if isinstance(target, type):
-        found = [t.name for t in app.tasks.values() if type(t) is target]
+        found: list[str] = [t.name for t in app.tasks.values() if type(t) is target]  # type: ignore[attr-defined]
         if found:
             return found[0]
-    name = getattr(target, "name", None)
+    name: str | None = getattr(target, "name", None)
     if not name:
         raise ValueError(f"cannot hop to {target!r}: not a task name and not registered in {app.main!r}")
     return name
@@ -93,11 +93,11 @@ def work_queue_of(task: Any, delivery_info: Any) -> str:
     info = delivery_info or {}
     exchange, key = info.get("exchange"), info.get("routing_key")
     if exchange in ("", RETURN_EXCHANGE.name) and key:
-        return key
+        return cast(str, key)
     for q in task.app.amqp.queues.values():
         if q.exchange is not None and q.exchange.name == exchange and q.routing_key == key:
-            return q.name
-    return getattr(task, "queue", None) or task.app.conf.task_default_queue
+            return cast(str, q.name)
+    return cast(str, getattr(task, "queue", None) or task.app.conf.task_default_queue)
 
 
 def breakers(app: Any) -> dict[str, Any]:

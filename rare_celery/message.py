@@ -14,9 +14,9 @@ and their ``x-rare-*`` state, the queue it came from, its task, and how a copy o
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from celery.utils.objects import Bunch
 
@@ -63,7 +63,8 @@ class Delivery:
         """A message the worker's main process holds (``task``: its RareTask, or ``None``)."""
         headers = hdr.received(message.headers)
         task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
-        name = getattr(task, "name", None) or (headers.get("task") if isinstance(headers.get("task"), str) else "")
+        name = cast(str, getattr(task, "name", None)
+                    or (headers.get("task") if isinstance(headers.get("task"), str) else ""))
         retries = headers.get("retries")
         retries = retries if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0 else 0
         if request is None:
@@ -95,7 +96,7 @@ class Delivery:
             headers["task"] = name
         return self.body, hdr.fit(headers), dict(self.properties or {})
 
-    def same(self, extra: dict[str, Any]) -> tuple[Any, dict[str, Any], dict]:
+    def same(self, extra: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """``(body, headers, properties)`` of this very message with ``extra`` headers (a put-back)."""
         if self.body is None:
             raise ValueError("the message itself is held by the worker's main process")
@@ -122,7 +123,8 @@ _BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def retry_call(fn, current_args, current_kwargs, args=None, kwargs=None) -> tuple[Any, ...]:
+def retry_call(fn: Callable[..., Any], current_args: Any, current_kwargs: Any, args: Any = None,
+               kwargs: Any = None) -> tuple[Any, Any]:
     """The ``(args, kwargs)`` a ``retry(args=..., kwargs=...)`` runs with, as Celery 5.7 makes them
     (its change for issue 6494): given only ``args``, the current keywords stay except those the new
     positions now fill; given only ``kwargs``, the current positions stay except those a new keyword
@@ -152,14 +154,15 @@ def retry_call(fn, current_args, current_kwargs, args=None, kwargs=None) -> tupl
     return list(bound.args), {**bound.kwargs, **rest}
 
 
-def _parameters(fn) -> list[Any] | None:
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
     try:
         return list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return None
 
 
-def rebuild(task: Any, *, name: str | None = None, args=None, kwargs=None, retries: int, extra: dict[str, Any]):
+def rebuild(task: Any, *, name: str | None = None, args: Any = None, kwargs: Any = None, retries: int,
+            extra: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(body, headers, properties) of ``task``'s current message, as task ``name`` with ``extra`` headers."""
     req = task.request
     opts = req.as_execution_options()

@@ -21,7 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
+from typing import Any, cast
 
 from amqp import spec
 from amqp.exceptions import ChannelError, MessageNacked
@@ -71,7 +72,7 @@ class Copy:
     @property
     def where(self) -> str:
         if self.returns_to is not None:
-            return f"delay queue {self.target.name!r} (back to {self.returns_to!r})"
+            return f"delay queue {cast(Queue, self.target).name!r} (back to {self.returns_to!r})"
         if self.target is not None:
             return f"queue {self.target.name!r}"
         return f"exchange {self.exchange!r} key {self.routing_key!r}"
@@ -219,7 +220,7 @@ def producer_for(app: Any, timeout: float) -> Iterator[Any]:
 
 # -- soft time limits ---------------------------------------------------------------------------
 
-_SOFT = getattr(signal, "SIGUSR1", None)  # billiard's soft time limit signal
+_SOFT: signal.Signals | None = getattr(signal, "SIGUSR1", None)  # billiard's soft time limit signal
 
 
 class shielded:
@@ -234,7 +235,7 @@ class shielded:
 
     def __init__(self) -> None:
         self.fired: list[Any] = []
-        self.previous = None
+        self.previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def __enter__(self) -> list[Any]:
         if _SOFT is None or threading.current_thread() is not threading.main_thread():
@@ -252,4 +253,4 @@ class shielded:
         if shielded._outer is self:
             shielded._outer = None
             if self.previous is not None:
-                signal.signal(_SOFT, self.previous)
+                signal.signal(cast(signal.Signals, _SOFT), self.previous)  # set in __enter__: not None

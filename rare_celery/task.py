@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NoReturn
+from typing import Any, Callable, ClassVar, NoReturn, cast
 
 from celery import Task
 from celery.exceptions import Retry
@@ -48,7 +48,7 @@ class _AttemptNumber:
     at 1). Read-only for rare_celery, yet a task's own ``self.attempt = ...`` (or ``del``) is its own
     attribute and wins: a non-data descriptor never takes a user's attribute over."""
 
-    def __get__(self, task: Any, owner: Any = None):
+    def __get__(self, task: Any, owner: Any = None) -> Any:
         if task is None:
             return self
         found = getattr(task.request, "rare_current", None)
@@ -165,14 +165,14 @@ class RareTask(Task):
         return register
 
     @classmethod
-    def bind(cls, app: Any):
+    def bind(cls, app: Any) -> Any:
         setup_app(app, RareConsumerStep, BreakerStep)
         return super().bind(app)
 
     # -- the pool process's tracer, guarded (see rare_celery.request) -----------------------------
 
     @property
-    def __trace__(self):
+    def __trace__(self) -> Any:
         return self.__dict__.get("_rare_tracer")
 
     @__trace__.setter
@@ -180,7 +180,7 @@ class RareTask(Task):
         self.__dict__["_rare_tracer"] = None if tracer is None else tracer_for(self, tracer)
 
     @property
-    def backend(self):
+    def backend(self) -> Any:
         """Celery's result backend, except that the RETRY a retry stored before its publish is not
         stored again after it (a next attempt that already finished would lose its SUCCESS)."""
         backend = self._backend if self._backend is not None else self.app.backend
@@ -188,13 +188,13 @@ class RareTask(Task):
         return _RetryStored(backend) if getattr(req, "rare_retry_stored", False) else backend
 
     @backend.setter
-    def backend(self, value) -> None:
+    def backend(self, value: Any) -> None:
         self._backend = value
 
     # -- publisher side ------------------------------------------------------------------------
 
-    def apply_async(self, args=None, kwargs=None, task_id=None, producer: Any = None, link=None,
-                    link_error=None, shadow=None, **options: Any):
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, producer: Any = None,
+                    link: Any = None, link_error: Any = None, shadow: str | None = None, **options: Any) -> Any:
         """Celery's ``apply_async``, with the first-publish time in headers.
 
         ``countdown``/``eta`` become a due time (``x-rare-due``): the first worker to see the message
@@ -224,7 +224,7 @@ class RareTask(Task):
 
     # -- worker side ---------------------------------------------------------------------------
 
-    def __call__(self, *args: Any, **kwargs: Any):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         req = self.request
         if req.called_directly:
             return self.run(*args, **kwargs)
@@ -240,14 +240,14 @@ class RareTask(Task):
         try:
             return pool.dispatch(self, args, kwargs)[0]
         except Exception:  # noqa: BLE001 - no handler: the task's own policy decides
-            return self.rare_policy
+            return cast(Policy, self.rare_policy)
 
-    def hop(self, target, *args: Any, reason: str = "", **kwargs: Any) -> NoReturn:
+    def hop(self, target: object, *args: Any, reason: str = "", **kwargs: Any) -> NoReturn:
         """Move the work to ``target`` now (see :class:`~rare_celery.Hop`); does not return."""
         raise Hop(target, *args, reason=reason, **kwargs)
 
-    def retry(self, args=None, kwargs=None, exc: BaseException | None=None, throw=True, eta=None, countdown=None,
-              max_retries=None, **options: Any):
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
+              eta: object = None, countdown: float | None = None, max_retries: int | None = None, **options: Any) -> Any:
         """Schedule the next attempt through a delay queue, or route to the bug queue or fallback.
 
         Same signature as Celery's ``Task.retry``: ``countdown``/``eta`` override the backoff
@@ -282,5 +282,5 @@ class _RetryStored:
     def mark_as_retry(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
