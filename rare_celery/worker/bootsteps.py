@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, cast
 
 from celery import bootsteps
 from celery.utils.imports import symbol_by_name
@@ -120,7 +120,7 @@ class BreakerStep(bootsteps.ConsumerStep):
             note = json.loads(message.body)
         except (TypeError, ValueError, UnicodeDecodeError):
             note = None
-        change = self.watch.hear(note)
+        change = cast(breaker_io.Watch, self.watch).hear(note)  # listening: a watch is set
         if change is None or change.note.get("by") != c.hostname:
             return
         try:

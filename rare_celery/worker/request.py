@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from billiard.einfo import ExceptionWithTraceback
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
@@ -62,16 +62,16 @@ class RareRequest(Request):
         self.rare_queue = (message.delivery_info or {}).get(QUEUE_KEY)
         self._delivery_info[QUEUE_KEY] = self.rare_queue  # for the pool process (request.delivery_info)
 
-    def info(self, safe=False):
+    def info(self, safe: bool = False) -> dict[str, Any]:
         """Celery's view of the request (``celery inspect active``/``query_task``), without the
         delivering queue rare_celery passes to the pool process in ``delivery_info``."""
-        out = super().info(safe)
+        out: dict[str, Any] = super().info(safe)
         delivery = out.get("delivery_info")
         if isinstance(delivery, dict) and QUEUE_KEY in delivery:
             out["delivery_info"] = {k: v for k, v in delivery.items() if k != QUEUE_KEY}
         return out
 
-    def on_failure(self, exc_info: Any, send_failed_event=True, return_ok=False):
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         if self.rare_done:
             return None
         exc = exc_info.exception
@@ -93,7 +93,7 @@ class RareRequest(Request):
         # the pool process failed outside the task's tracer: nothing was routed
         return self._put_back(f"the pool process failed: {type(exc).__name__}: {exc}"[: hdr.MAX_ERROR])
 
-    def on_timeout(self, soft, timeout):
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
         if soft:
             return super().on_timeout(soft, timeout)
         return self._lost(TimeLimitExceeded(timeout), TIME_LIMIT)
@@ -244,4 +244,4 @@ def _sender(request: Request) -> Callable[..., None] | None:
     eventer = request._eventer
     if not (eventer and eventer.enabled and request.task.send_events):
         return None
-    return eventer.send
+    return cast("Callable[..., None]", eventer.send)
