@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import amqp
 from amqp.exceptions import ChannelError, MessageNacked, NotFound
@@ -135,7 +135,7 @@ def take(conn: Any, queue: str, wanted: Callable[[Held], bool], send: Callable[[
                     continue
                 if send is not None:
                     try:
-                        send(held, publisher)
+                        send(held, cast(Publisher, publisher))  # made when send is given
                     except MoveFailed as exc:
                         exc.done = done
                         raise

@@ -179,7 +179,7 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _epoch(value: object) -> float | None:
+def _epoch(value: Any) -> float | None:  # a header's value
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return float(value) if ok and 0 <= value < 32_503_680_000 else None
 

@@ -54,7 +54,7 @@ def probe(conn: Any, works: Works, delays: Delays, scan: bool = False, extra: De
     Delay queues of ``delays`` are listed whether they exist or not; those of ``extra`` (seen some
     other way) and, with ``scan``, every possible one, only if they exist.
     """
-    report = {"work_queues": [], "delay_queues": []}
+    report: dict[str, Any] = {"work_queues": [], "delay_queues": []}
     for q, (kind, bug_names) in sorted(works.items()):
         found = bugs.depth(conn, q)
         report["work_queues"].append({
