@@ -14,9 +14,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import headers as hdr
+
+if TYPE_CHECKING:
+    from .web.reading import Entry
 
 RESET = (hdr.DEADLINE, hdr.DUE)
 UNSTABLE = ("x-delivery-count",)  # quorum queues count redeliveries: not part of a message's identity
@@ -121,7 +124,7 @@ class Selector:
     def __bool__(self) -> bool:
         return bool(self.ids or self.tasks or self.reasons) or (self.failed_after, self.failed_before) != (None, None)
 
-    def matches(self, r: Record) -> bool:
+    def matches(self, r: Record | Entry) -> bool:
         if self.ids and r.id not in self.ids:
             return False
         if self.tasks and not any(fnmatch.fnmatchcase(r.task or "", pattern) for pattern in self.tasks):

@@ -68,7 +68,7 @@ class PendingPlan:
 class Console:
     """What the pages and the metrics work on: the app (or a broker URL), its queues, the jobs."""
 
-    def __init__(self, connect: Callable[[], object], app: Any = None, where: str = "") -> None:
+    def __init__(self, connect: Callable[[], Any], app: Any = None, where: str = "") -> None:
         self.connect, self.app, self.where = connect, app, where
         self.tasks: list[RareTaskInfo] = rare_tasks(app) if app is not None else []
         self.breakers: breakers.Uses = breakers.uses(app, self.tasks) if app is not None else {}
@@ -267,7 +267,7 @@ class Console:
         def work(job: Job) -> dict[str, Any]:
             job.progress.total = planned
 
-            def step(held) -> None:
+            def step(held: bugs.Held) -> None:
                 job.progress.done += 1
 
             send = moves.requeue_sender(pending.to, pending.reset, time.time()) if pending.action == "requeue" else None

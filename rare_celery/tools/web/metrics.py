@@ -19,12 +19,20 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ... import events, reasons
 from ...policy import MIN_DELAY
 from ...topology import MAX_DELAY_MS, grid_floor
 from ..breakers import PHASE_VALUES
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
+    from .console import Console
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +76,7 @@ class Counters:
         self.delays: dict[tuple[str, int], set[str]] = {}  # delay queues seen in rare-retry events
 
     def add(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
+        kind: Any = event.get("type")  # an event's field
         spec = COUNTERS.get(kind)
         if spec is None:
             return
@@ -105,7 +113,7 @@ class EventCounter:
     """A thread that receives the ``rare-*`` events of the broker's vhost and counts them; it
     reconnects after a broker restart."""
 
-    def __init__(self, app: Any, counters: Counters, connect=None) -> None:
+    def __init__(self, app: Any, counters: Counters, connect: Callable[[], Any] | None = None) -> None:
         self.app, self.counters = app, counters
         self.connect = connect or app.connection_for_read
         self.receiver = None
@@ -177,7 +185,7 @@ def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
     return [state, periods, probe_at]
 
 
-def registry(console: Any, counters: Counters):
+def registry(console: Console, counters: Counters) -> CollectorRegistry:
     """A prometheus_client registry with the console's collector."""
     from prometheus_client import CollectorRegistry
 
@@ -189,15 +197,16 @@ def registry(console: Any, counters: Counters):
 class Collector:
     """Gauges from passive declares (cached :data:`OVERVIEW_CACHE` s), counters from the events."""
 
-    def __init__(self, console: Any, counters: Counters) -> None:
+    def __init__(self, console: Console, counters: Counters) -> None:
         self.console, self.counters = console, counters
-        self._cached: tuple[float, dict[str, Any]] | None = None
+        self._cached: tuple[float, dict[str, Any] | None] | None = None
         self._lock = threading.Lock()
 
     def _report(self) -> dict[str, Any] | None:
         with self._lock:
             if self._cached is not None and time.monotonic() - self._cached[0] < OVERVIEW_CACHE:
                 return self._cached[1]
+            report: dict[str, Any] | None
             try:
                 report = self.console.overview()
             except Exception as exc:  # noqa: BLE001 - the scrape still answers: broker_up 0
@@ -206,10 +215,10 @@ class Collector:
             self._cached = (time.monotonic(), report)
             return report
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         report = self._report()

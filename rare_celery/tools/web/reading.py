@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from amqp.exceptions import NotFound
 
@@ -138,7 +138,7 @@ class Reader:
         deliveries for seconds: that is not the end)."""
         channel = self.conn.channel()
         try:
-            return channel.queue_declare(self.queue, passive=True).message_count
+            return cast(int, channel.queue_declare(self.queue, passive=True).message_count)
         except NotFound:
             return 0
         finally:
@@ -146,13 +146,13 @@ class Reader:
                 channel.close()
 
 
-def browse(conn: Any, queue: str, limit: int = READ_LIMIT):
+def browse(conn: Any, queue: str, limit: int = READ_LIMIT) -> contextlib.AbstractContextManager[Iterator[bugs.Held]]:
     """A drop-in for :func:`rare_celery.tools.bugs.browse` (same guarantees, faster): for :func:`rare_celery.tools.moves.plan`."""
     return Reader(conn, queue, limit).open()
 
 
 class _Interner(dict[str, Any]):
-    def __call__(self, value):
+    def __call__(self, value: Any) -> Any:
         if value is None:
             return None
         return self.setdefault(value, value)
