@@ -39,7 +39,8 @@ class Bulk:
         self.nacked: set[int] = set()
         publish = channel.basic_publish
 
-        def basic_publish(message: Any, *args: Any, **kwargs: Any) -> Any:  # every publish on the channel takes the next tag
+        # every publish on the channel takes the next tag
+        def basic_publish(message: Any, *args: Any, **kwargs: Any) -> Any:
             result = publish(message, *args, **kwargs)
             headers = (getattr(message, "properties", None) or {}).get("application_headers") or {}
             self.sent.append(headers.get("id") if isinstance(headers.get("id"), str) else None)

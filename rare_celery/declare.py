@@ -116,7 +116,8 @@ def bind_return(channel: Any, work_queue: str) -> None:
     channel.queue_bind(queue=work_queue, exchange=RETURN_EXCHANGE.name, routing_key=work_queue)
 
 
-def declare_worker_topology(connection: Any, work_queues: list[str], bug_queues: list[str], kind: str = CLASSIC) -> None:
+def declare_worker_topology(connection: Any, work_queues: list[str], bug_queues: list[str],
+                            kind: str = CLASSIC) -> None:
     """What a worker needs before it consumes: the delay exchange, the way back (``rare.return``,
     with ``rare.unrouted`` behind it) with its work queues bound to it, and their bug queues
     (``kind``: see :func:`rare_celery.topology.own_kind`).

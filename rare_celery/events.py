@@ -67,7 +67,8 @@ def failure(exc: BaseException | None) -> dict[str, Any]:
     return {"exception": f"{type(exc).__module__}.{type(exc).__qualname__}", "error": str(exc)[:ERROR_CHARS]}
 
 
-def send(sender: Any, kind: str, task_id: str | None, name: str | None, *, ends_run: bool = True, **fields: Any) -> None:
+def send(sender: Any, kind: str, task_id: str | None, name: str | None, *, ends_run: bool = True,
+         **fields: Any) -> None:
     """Send event ``kind`` for ``task_id`` through ``sender(type, **fields)``, and, when it ends a run
     Celery announced (``task-started``), the task event that ends it (``task-hopped``,
     ``task-waiting``; see above)."""

@@ -247,7 +247,8 @@ class RareTask(Task):
         raise Hop(target, *args, reason=reason, **kwargs)
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
-              eta: object = None, countdown: float | None = None, max_retries: int | None = None, **options: Any) -> Any:
+              eta: object = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
         """Schedule the next attempt through a delay queue, or route to the bug queue or fallback.
 
         Same signature as Celery's ``Task.retry``: ``countdown``/``eta`` override the backoff

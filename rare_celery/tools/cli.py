@@ -244,8 +244,8 @@ def select_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
-def selector(ids: Iterable[str] = (), tasks: Iterable[str] = (), reasons: Iterable[str] = (), since: float | None = None,
-             older_than: float | None = None, now: float | None = None) -> records.Selector:
+def selector(ids: Iterable[str] = (), tasks: Iterable[str] = (), reasons: Iterable[str] = (),
+             since: float | None = None, older_than: float | None = None, now: float | None = None) -> records.Selector:
     now = time.time() if now is None else now
     return records.Selector(frozenset(ids), tuple(tasks), frozenset(reasons),
                             None if since is None else now - since, None if older_than is None else now - older_than)

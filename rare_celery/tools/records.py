@@ -64,7 +64,8 @@ class Record:
         return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def read(bug_queue: str, position: int, body: bytes, properties: Mapping[str, Any], headers: Mapping[str, Any] | None) -> Record:
+def read(bug_queue: str, position: int, body: bytes, properties: Mapping[str, Any],
+         headers: Mapping[str, Any] | None) -> Record:
     """A :class:`Record` for one message; every field is ``None`` where the message says nothing sensible."""
     h = headers if isinstance(headers, Mapping) else {}
     args, kwargs, problem = decode_body(body, properties, h)
@@ -88,7 +89,8 @@ def read(bug_queue: str, position: int, body: bytes, properties: Mapping[str, An
     )
 
 
-def decode_body(body: bytes, properties: Mapping[str, Any], headers: Mapping[str, Any]) -> tuple[object, object, str | None]:
+def decode_body(body: bytes, properties: Mapping[str, Any],
+                headers: Mapping[str, Any]) -> tuple[object, object, str | None]:
     """``(args, kwargs, None)`` for a JSON Celery task body, else ``(None, None, why not)``."""
     content_type = properties.get("content_type") or ""
     if headers.get("compression"):
@@ -136,7 +138,8 @@ class Selector:
         return self.failed_before is None or (r.failed_at is not None and r.failed_at <= self.failed_before)
 
 
-def requeue_headers(headers: Mapping[str, Any] | None, *, reset: bool, now: float, queue: str | None = None) -> dict[str, Any]:
+def requeue_headers(headers: Mapping[str, Any] | None, *, reset: bool, now: float,
+                    queue: str | None = None) -> dict[str, Any]:
     """The headers of a message sent back from a bug queue to a work queue.
 
     The bug-queue headers and RabbitMQ's dead-letter bookkeeping go. With ``reset`` it starts over:

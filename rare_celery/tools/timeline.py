@@ -125,8 +125,8 @@ def _segment(info: RareTaskInfo, label: str, policy: Policy, find: Callable[[obj
         name, target = find(t.fallback)
         where = f"the work hops to {name}"
     if t.end == EXPIRED:
-        yield (f"then: attempt {last + 1} would start at {durations.offset(start + cast(float, t.refused_at))}, after the shelf "
-               f"life, so when attempt {last} fails {where} (reason: expired)")
+        yield (f"then: attempt {last + 1} would start at {durations.offset(start + cast(float, t.refused_at))}, "
+               f"after the shelf life, so when attempt {last} fails {where} (reason: expired)")
     elif t.end == EXHAUSTED:
         yield f"then: attempt {last} is the last; when it fails {where} (reason: exhausted)"
     else:
