@@ -14,12 +14,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import headers as hdr
-
-if TYPE_CHECKING:
-    from .web.reading import Entry
 
 RESET = (hdr.DEADLINE, hdr.DUE)
 UNSTABLE = ("x-delivery-count",)  # quorum queues count redeliveries: not part of a message's identity
@@ -113,6 +110,19 @@ def decode_body(body: bytes, properties: Mapping[str, Any],
     return None, None, "body is JSON but not a Celery task ([args, kwargs, embed])"
 
 
+class Matched(Protocol):
+    """What :meth:`Selector.matches` reads: a :class:`Record`, or a snapshot entry of the web console."""
+
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def task(self) -> str | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def failed_at(self) -> float | None: ...
+
+
 @dataclass(frozen=True)
 class Selector:
     """Which messages a command acts on; an empty selector matches every message."""
@@ -126,7 +136,7 @@ class Selector:
     def __bool__(self) -> bool:
         return bool(self.ids or self.tasks or self.reasons) or (self.failed_after, self.failed_before) != (None, None)
 
-    def matches(self, r: Record | Entry) -> bool:
+    def matches(self, r: Matched) -> bool:
         if self.ids and r.id not in self.ids:
             return False
         if self.tasks and not any(fnmatch.fnmatchcase(r.task or "", pattern) for pattern in self.tasks):

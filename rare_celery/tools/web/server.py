@@ -17,14 +17,13 @@ if TYPE_CHECKING:
 
     from flask import Flask
 
-    from ..cli import Env
     from .console import Console
     from .metrics import EventCounter
 
 NEEDS = 'the web console needs its extra: pip install "rare-celery[web]"'
 
 
-def build(e: Env, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True
+def build(e: Any, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True
           ) -> tuple[Flask, Console, EventCounter | None]:
     """The WSGI app for the CLI's :class:`~rare_celery.tools.cli.Env` ``e``, and what to stop at the end."""
     from .app import create_app
@@ -52,7 +51,7 @@ def _plain_app(broker: str | None) -> Any:
     return Celery("rare-celery-web", broker=broker, set_as_current=False)
 
 
-def serve(e: Env, bind: str, port: int, auth_text: str | None, pages: bool, fail: Callable[[str], Exception]) -> None:
+def serve(e: Any, bind: str, port: int, auth_text: str | None, pages: bool, fail: Callable[[str], Exception]) -> None:
     try:
         import flask  # noqa: F401
         import prometheus_client  # noqa: F401
