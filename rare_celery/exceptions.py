@@ -32,7 +32,7 @@ class PublishRefused(Exception):
     could not be published (the worker requeues it instead). ``task_ids``: from
     :func:`rare_celery.bulk`, the tasks the broker did not confirm."""
 
-    def __init__(self, message: str, transient: bool = False, task_ids: list[str] | tuple[Any, ...] = ()) -> None:
+    def __init__(self, message: str, transient: bool = False, task_ids: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.transient = transient
         self.task_ids = list(task_ids)

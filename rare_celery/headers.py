@@ -36,6 +36,7 @@ import traceback as tb
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from .durations import EPOCH_MAX, MAX_DELAY
@@ -139,7 +140,7 @@ def error(exc: BaseException | None) -> dict[str, Any]:
     return {EXCEPTION: name, ERROR: message, TRACEBACK: (frames + last)[-MAX_TRACEBACK:]}
 
 
-def _frames(trace: Any, keep: int = 100) -> str:
+def _frames(trace: TracebackType | None, keep: int = 100) -> str:
     """The innermost ``keep`` frames of ``trace`` as :func:`traceback.format_tb` writes them, without
     its per-frame work that a header does not need (the source file's ``stat`` and, on Python
     3.11+, parsing each line for the ``^^^`` markers): a retry formats one traceback."""
@@ -229,7 +230,7 @@ def carried(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in received(headers).items() if k == HOPS or not k.startswith(PREFIX)}
 
 
-def kept(headers: Mapping[str, Any] | None, keys: tuple[Any, ...]) -> dict[str, Any]:
+def kept(headers: Mapping[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:
     """The ``keys`` of ``headers`` that it has (a wait keeps the last error)."""
     return {k: v for k, v in received(headers).items() if k in keys}
 

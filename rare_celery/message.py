@@ -81,7 +81,7 @@ class Delivery:
         return own or bug_queue_name(self.queue or "")
 
     def copy(self, extra: dict[str, Any], *, name: str | None = None, args: Any = None, kwargs: Any = None,
-             retries: int | None = None, keep: tuple[Any, ...] = ()) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+             retries: int | None = None, keep: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """``(body, headers, properties)`` of a copy for the next place: the headers that travel
         (:func:`rare_celery.headers.carried`), the ``keep`` ones of this delivery, and ``extra``;
         as task ``name`` with ``args``/``kwargs`` if given (the pool process only)."""
