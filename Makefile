@@ -4,9 +4,17 @@ PYTHON ?= python3
 TOOLS := .venv-tools
 DEMO := .venv-demo
 
+# mypy (make lint, make test) reads the types click, Flask and prometheus_client ship; Celery, kombu, billiard,
+# amqp, vine and waitress ship none (pyproject.toml, [tool.mypy]).
+TYPED := click flask prometheus_client
+
 $(TOOLS)/bin/tox:
 	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/pip install --quiet --upgrade pip tox ruff
+	$(TOOLS)/bin/pip install --quiet --upgrade pip tox ruff mypy $(TYPED)
+
+# a tools venv made before mypy was part of make test
+$(TOOLS)/bin/mypy: $(TOOLS)/bin/tox
+	$(TOOLS)/bin/pip install --quiet --upgrade mypy $(TYPED)
 
 $(DEMO)/bin/rare-celery: setup.cfg
 	$(PYTHON) -m venv $(DEMO)
@@ -15,8 +23,9 @@ $(DEMO)/bin/rare-celery: setup.cfg
 	touch $@
 
 .PHONY: test test-rabbitmq4 test-rabbitmq43 test-quorum-vhost lint demo bench
-test: $(TOOLS)/bin/tox
+test: $(TOOLS)/bin/tox $(TOOLS)/bin/mypy
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench
+	$(TOOLS)/bin/mypy rare_celery
 	$(TOOLS)/bin/tox -e celery54,celery57
 
 # The whole suite on RabbitMQ 4.0 (Debian 13's rabbitmq-server in a debootstrap root, 127.0.0.1:5690),
@@ -36,8 +45,9 @@ test-quorum-vhost: $(TOOLS)/bin/tox
 	RARE_TEST_DEFAULT_QUEUE_TYPE=quorum $(TOOLS)/bin/tox -e celery57 -- tests/integration/test_core.py \
 		tests/integration/test_chains.py
 
-lint: $(TOOLS)/bin/tox
+lint: $(TOOLS)/bin/tox $(TOOLS)/bin/mypy
 	$(TOOLS)/bin/ruff check rare_celery tests example_project bench
+	$(TOOLS)/bin/mypy rare_celery
 
 demo: $(DEMO)/bin/rare-celery
 	$(DEMO)/bin/python -m example_project.demo

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime, timezone
+from typing import Any
 
 from celery import signals
 
@@ -16,7 +17,7 @@ from .exceptions import ConfigurationError
 log = logging.getLogger(__name__)
 
 
-def setup_app(app, *steps) -> None:
+def setup_app(app: Any, *steps: Any) -> None:
     """Called when a RareTask is bound to ``app``: add the worker bootsteps ``steps``
     (:class:`rare_celery.worker.RareConsumerStep`, :class:`~rare_celery.worker.BreakerStep`), turn
     on confirms, fold ``expires`` into the deadline on publish, leave out Celery's native delayed
@@ -33,14 +34,14 @@ def setup_app(app, *steps) -> None:
     else:
         app.on_after_configure.connect(lambda sender, **kw: enable_confirms(sender), weak=False)
 
-    def fold(sender=None, headers=None, properties=None, **kw):
+    def fold(sender: Any = None, headers: Any = None, properties: Any = None, **kw: Any) -> None:
         task = app.tasks.get(sender) if isinstance(sender, str) else None
         if task is not None and getattr(task, "rare_policy", None) is not None and isinstance(headers, dict):
             fold_expires(headers, properties)
 
     signals.before_task_publish.connect(fold, weak=False)
 
-    def hold_limits(sender=None, instance=None, **kw):  # after the consumer steps' __init__, before they start
+    def hold_limits(sender: Any = None, instance: Any = None, **kw: Any) -> None:  # after the consumer steps' __init__, before they start
         if getattr(instance, "app", None) is app:
             from .locks import set_consumer_timeouts
 
@@ -65,17 +66,17 @@ def skip_native_delayed_delivery() -> None:
         return
     original = DelayedDelivery.include_if
 
-    def include_if(self, c) -> bool:
+    def include_if(self: Any, c: Any) -> bool:
         if getattr(c.app, "_rare_setup", False) and all(
                 q.exchange is None or q.exchange.type == "direct" for q in c.app.amqp.queues.values()):
             return False
-        return original(self, c)
+        return bool(original(self, c))
 
     DelayedDelivery.include_if = include_if
     DelayedDelivery._rare_wrapped = True
 
 
-def fold_expires(headers: dict, properties: dict | None = None) -> None:
+def fold_expires(headers: dict[str, Any], properties: dict[str, Any] | None = None) -> None:
     """A rare task message's Celery ``expires`` (header) becomes its ``x-rare-deadline`` (the earlier
     of the two), and the AMQP ``expiration`` goes: the broker never drops it, Celery never revokes
     it; past the deadline it is routed as ``expired`` (fallback or bug queue) like any shelf life."""
@@ -101,7 +102,7 @@ def fold_expires(headers: dict, properties: dict | None = None) -> None:
     headers[hdr.DEADLINE] = deadline
 
 
-def enable_confirms(app) -> None:
+def enable_confirms(app: Any) -> None:
     """Turn on publisher confirms unless the app turned them off on purpose (then :func:`check` refuses)."""
     options = dict(app.conf.broker_transport_options or {})
     if "confirm_publish" not in options:
@@ -109,7 +110,7 @@ def enable_confirms(app) -> None:
         app.conf.broker_transport_options = options
 
 
-def pickles(kinds) -> list[str]:
+def pickles(kinds: Any) -> list[str]:
     """The entries of an accept list or serializer setting that mean pickle, by any of its names
     (``pickle``, ``application/x-python-serialize``, ...) as kombu normalises them."""
     from kombu.serialization import registry
@@ -125,7 +126,7 @@ def pickles(kinds) -> list[str]:
     return out
 
 
-def check(app) -> None:
+def check(app: Any) -> None:
     """Refuse to start a worker that could lose or unpickle messages; the error says what to change."""
     enable_confirms(app)
     if app.conf.broker_transport_options.get("confirm_publish") is not True:

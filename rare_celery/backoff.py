@@ -20,9 +20,10 @@ from . import durations
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from typing import TypeAlias, TypeGuard
 
     Seconds = int | float | timedelta
-    Schedule = "Backoff | Sequence[Seconds] | Seconds"
+    Schedule: TypeAlias = "Backoff | Sequence[Seconds] | Seconds"
 
 __all__ = ["MAX_DELAY", "Backoff", "as_backoff", "constant", "exponential"]
 __all__ += ["fibonacci", "full_jitter", "jitter", "linear", "logarithmic", "manual"]
@@ -31,7 +32,7 @@ __all__ += ["fibonacci", "full_jitter", "jitter", "linear", "logarithmic", "manu
 MAX_DELAY = durations.MAX_DELAY
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -102,7 +103,7 @@ def _addend(value: object) -> Backoff | None:
 class _Formula(Backoff):
     """A named schedule computed by ``formula(attempt)``; built by the constructors."""
 
-    def __init__(self, name: str, args: list[str], formula: Callable, cap: object):
+    def __init__(self, name: str, args: list[str], formula: Callable[[int], float], cap: object) -> None:
         self.name, self.args, self.formula = name, args, formula
         self.cap = None if cap is None else _seconds(name, "cap", cap, True)
 

@@ -20,6 +20,7 @@ import contextvars
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from .exceptions import PublishRefused
 
@@ -29,7 +30,7 @@ _current: contextvars.ContextVar[Bulk | None] = contextvars.ContextVar("rare_cel
 class Bulk:
     """The publishes of one ``with bulk(app):`` block, by delivery tag, and the broker's answers."""
 
-    def __init__(self, app, channel) -> None:
+    def __init__(self, app: Any, channel: Any) -> None:
         self.app, self.channel = app, channel
         self.producer = app.amqp.Producer(channel)
         self.sent: list[str | None] = []  # what delivery tag i + 1 carried: a task id (None: not a task)
@@ -38,7 +39,8 @@ class Bulk:
         self.nacked: set[int] = set()
         publish = channel.basic_publish
 
-        def basic_publish(message, *args, **kwargs):  # every publish on the channel takes the next tag
+        # every publish on the channel takes the next tag
+        def basic_publish(message: Any, *args: Any, **kwargs: Any) -> Any:
             result = publish(message, *args, **kwargs)
             headers = (getattr(message, "properties", None) or {}).get("application_headers") or {}
             self.sent.append(headers.get("id") if isinstance(headers.get("id"), str) else None)
@@ -84,7 +86,7 @@ class Bulk:
 
 
 @contextlib.contextmanager
-def bulk(app, timeout: float = 30.0) -> Iterator[None]:
+def bulk(app: Any, timeout: float = 30.0) -> Iterator[None]:
     """``with bulk(app):`` RareTask publishes inside the block are confirmed together when it ends
     (see the module documentation). If the block raises, its exception goes on and nothing is
     known of the publishes inside it."""
@@ -103,7 +105,7 @@ def bulk(app, timeout: float = 30.0) -> Iterator[None]:
         connection.release()
 
 
-def current(app) -> Bulk | None:
+def current(app: Any) -> Bulk | None:
     """The ``bulk(app)`` block this thread is in, if any."""
     state = _current.get()
     return state if state is not None and state.app is app else None

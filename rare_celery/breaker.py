@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 CLOSED, OPEN, PROBING = "closed", "open", "probing"
 _RANK = {OPEN: 0, PROBING: 1, CLOSED: 2}
@@ -119,7 +119,7 @@ class State:
     def order(self) -> tuple[int, int]:
         return self.gen, _RANK[self.phase]
 
-    def as_note(self, by: str, task: str | None = None) -> dict:
+    def as_note(self, by: str, task: str | None = None) -> dict[str, Any]:
         """This state as the note that announces it (and that the state queue keeps)."""
         kind = {OPEN: OPENED, PROBING: PROBE, CLOSED: CLOSE}[self.phase]
         return {"breaker": self.name, "kind": kind, "gen": self.gen, "at": self.since, "until": self.until,
@@ -132,10 +132,10 @@ class Change(NamedTuple):
 
     kind: str
     state: State
-    note: dict
+    note: dict[str, Any]
 
 
-def apply(state: State, note: dict, settings: Settings) -> tuple[State, Change | None]:
+def apply(state: State, note: dict[str, Any], settings: Settings) -> tuple[State, Change | None]:
     """The state after ``note`` (a valid note of this breaker, see :func:`note_problem`), and the
     change it made, if it made one."""
     kind, gen, at = note["kind"], note["gen"], note["at"]
@@ -189,7 +189,7 @@ def after_probe(state: State, settings: Settings, *, failed: bool, now: float) -
     return State(state.name, OPEN, state.gen + 1, until=now + open_for, open_for=open_for, since=now)
 
 
-def count_note(name: str, kind: str, gen: int, at: float, by: str, task: str | None) -> dict:
+def count_note(name: str, kind: str, gen: int, at: float, by: str, task: str | None) -> dict[str, Any]:
     """A ``failure`` or ``success`` note: an attempt's outcome, counted by every worker."""
     return {"breaker": name, "kind": kind, "gen": gen, "at": at, "by": by, "task": task}
 
@@ -220,7 +220,7 @@ def _time(value: object, limit: float = 32_503_680_000.0) -> bool:
         and 0 <= value <= limit
 
 
-def from_note(note: dict) -> State:
+def from_note(note: dict[str, Any]) -> State:
     """The state a change note (or the state queue's message) describes."""
     state, _ = apply(State(note["breaker"], OPEN, -1), note, Settings())
     return state

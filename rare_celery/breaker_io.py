@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict
+from typing import Any
 
 from amqp.exceptions import NotFound, ResourceLocked
 
@@ -47,7 +48,7 @@ NOTE_TIMEOUT = 5.0  # seconds a note's publish may take
 CONTENT = {"content_type": "application/json", "content_encoding": "utf-8"}
 
 
-def announce(app, note: dict) -> bool:
+def announce(app: Any, note: dict[str, Any]) -> bool:
     """Publish ``note`` (confirmed; a change of state declares the state queue first). Never raises."""
     change = note["kind"] in br.CHANGES
     key = breaker_key(note["breaker"], STATE_KEY if change else COUNT_KEY)
@@ -65,7 +66,7 @@ def announce(app, note: dict) -> bool:
         return False
 
 
-def last_note(connection, name: str) -> tuple[dict | None, str | None]:
+def last_note(connection: Any, name: str) -> tuple[dict[str, Any] | None, str | None]:
     """The last state note of breaker ``name`` as the broker keeps it, read with ``basic.get`` and put
     back at once: ``(note, None)``; ``(None, None)`` when the breaker never changed (its queue does
     not exist: nothing is created); ``(None, why)`` when the message there is not a state note, or
@@ -90,7 +91,7 @@ def last_note(connection, name: str) -> tuple[dict | None, str | None]:
             channel.close()
 
 
-def state_note(body) -> tuple[dict | None, str | None]:
+def state_note(body: Any) -> tuple[dict[str, Any] | None, str | None]:
     """A state queue's message body as ``(note, None)``, or ``(None, why)`` when it is not a state note."""
     try:
         note = json.loads(body)
@@ -102,7 +103,7 @@ def state_note(body) -> tuple[dict | None, str | None]:
     return (None, f"the state note is not one: {problem}") if problem else (note, None)
 
 
-def read_state(connection, name: str) -> br.State | None:
+def read_state(connection: Any, name: str) -> br.State | None:
     """Breaker ``name``'s last state (:func:`last_note`); ``None`` when there is none to read (why is logged)."""
     note, problem = last_note(connection, name)
     if problem:
@@ -113,7 +114,7 @@ def read_state(connection, name: str) -> br.State | None:
 class ProbeLock:
     """The probe lock of one breaker, held until :meth:`release` (or until its process dies)."""
 
-    def __init__(self, connection) -> None:
+    def __init__(self, connection: Any) -> None:
         self.connection = connection
 
     def release(self) -> None:
@@ -123,7 +124,7 @@ class ProbeLock:
                 connection.release()
 
 
-def try_probe(app, name: str) -> tuple[ProbeLock | None, br.State | None]:
+def try_probe(app: Any, name: str) -> tuple[ProbeLock | None, br.State | None]:
     """Take breaker ``name``'s probe lock on a connection of its own: ``(lock, last state)`` when this
     process is the probe now, ``(None, None)`` when another holds it (or the broker cannot be
     asked: then no probe runs from here)."""
@@ -153,7 +154,7 @@ class Board:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._seen: tuple | None = None
+        self._seen: tuple[Any, ...] | None = None
         self._states: dict[str, br.State] = {}
 
     @classmethod
@@ -189,7 +190,7 @@ class Board:
             os.unlink(self.path)
 
 
-def board_state(app, name: str) -> br.State | None:
+def board_state(app: Any, name: str) -> br.State | None:
     """Breaker ``name`` as this worker knows it (``None``: unknown, or no worker board here); the
     board is the worker context's (:mod:`rare_celery.context`), inherited by its pool processes."""
     ctx = context.of(app)
@@ -197,7 +198,7 @@ def board_state(app, name: str) -> br.State | None:
     return board.read().get(name) if board is not None else None
 
 
-def lost_attempt(task, task_id: str, by: str, *, timed_out: bool) -> None:
+def lost_attempt(task: Any, task_id: str, by: str, *, timed_out: bool) -> None:
     """From the worker's main process: an attempt of ``task`` (a breaker's) ended with its pool process
     (killed, out of memory) or by a hard time limit. The probe's own loss opens the breaker again
     (for longer); a hard time limit of another attempt counts as a failure (a service that hangs)."""
@@ -222,7 +223,7 @@ class Watch:
         self.candidates: dict[str, float] = {}
         board.write(self.states)
 
-    def load(self, connection) -> None:
+    def load(self, connection: Any) -> None:
         """Learn the last state of each breaker from the broker (a worker that starts late, or reconnects)."""
         for name in sorted(self.settings):
             try:
@@ -233,7 +234,7 @@ class Watch:
             if state is not None:
                 self.hear(state.as_note(state.probe or "", state.task))
 
-    def hear(self, note: object) -> br.Change | None:
+    def hear(self, note: Any) -> br.Change | None:  # a decoded message body, checked by note_problem
         problem = br.note_problem(note)
         if problem:
             log.warning("rare_celery: ignored a breaker note that is not one (%s)", problem)

@@ -34,23 +34,23 @@ class WorkerContext:
         self.board: Any = None
         self.producer: Any = None
         self.lock = threading.Lock()
-        self.refusals: OrderedDict[tuple, int] = OrderedDict()
+        self.refusals: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         self.waiting: dict[int, Any] = {}
 
     def in_main(self) -> bool:
         """Whether this is the worker's main process (not a pool process forked from it)."""
         return os.getpid() == self.pid
 
-    def refused(self, key: tuple) -> int:
+    def refused(self, key: tuple[Any, ...]) -> int:
         return self.refusals.get(key, 0)
 
-    def note_refusal(self, key: tuple, count: int) -> None:
+    def note_refusal(self, key: tuple[Any, ...], count: int) -> None:
         self.refusals[key] = count
         self.refusals.move_to_end(key)
         while len(self.refusals) > MAX_REFUSALS:
             self.refusals.popitem(last=False)
 
-    def forget_refusal(self, key: tuple) -> None:
+    def forget_refusal(self, key: tuple[Any, ...]) -> None:
         self.refusals.pop(key, None)
 
 

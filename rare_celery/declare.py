@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from typing import Any, cast
 
 from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Queue
@@ -34,7 +36,7 @@ def explain(exc: Exception) -> str:
     )
 
 
-def declare_queue(channel, queue: Queue) -> None:
+def declare_queue(channel: Any, queue: Queue) -> None:
     """Declare ``queue`` (and bind it to its exchange); a mismatch becomes a :class:`TopologyError`."""
     version = str((channel.connection.server_properties or {}).get("version", ""))
     try:
@@ -43,14 +45,14 @@ def declare_queue(channel, queue: Queue) -> None:
         raise TopologyError(explain(exc)) from None
 
 
-def broker_type(connection, queue: Queue) -> str | None:
+def broker_type(connection: Any, queue: Queue) -> str | None:
     """The type the broker gave ``queue`` (which exists), when its declaration does not say: a vhost's
     or node's default queue type makes an untyped declaration quorum. Found by declaring it again as
     ``classic`` on a channel of its own: the broker accepts that for a classic queue and names the
     current type of any other. ``None`` when it cannot tell (another argument differs)."""
     args = dict(queue.queue_arguments or {})
     if args.get("x-queue-type"):
-        return args["x-queue-type"]
+        return cast(str, args["x-queue-type"])
     channel = connection.channel()
     try:
         channel.queue_declare(queue=queue.name, durable=queue.durable, exclusive=queue.exclusive,
@@ -69,7 +71,7 @@ def broker_type(connection, queue: Queue) -> str | None:
             pass
 
 
-def learn_types(connection, queues: list[Queue]) -> list[str]:
+def learn_types(connection: Any, queues: list[Queue]) -> list[str]:
     """Write the type the broker reports, when not classic, into each untyped work queue's declaration
     (an untyped classic queue stays as the app declares it; Celery then
     consumes a quorum queue without global QoS, and rare_celery picks quorum delay queues for it).
@@ -84,7 +86,7 @@ def learn_types(connection, queues: list[Queue]) -> list[str]:
     return quorum
 
 
-def once(channel, entity) -> None:
+def once(channel: Any, entity: Any) -> None:
     """Declare ``entity`` (an exchange, or a queue as this broker's version needs it) unless this
     connection did already: kombu's per-connection cache, emptied when the connection is renewed."""
     done, key = channel.connection.client.declared_entities, hash(entity)
@@ -96,12 +98,12 @@ def once(channel, entity) -> None:
     done.add(key)
 
 
-def forget(channel) -> None:
+def forget(channel: Any) -> None:
     """Declare everything again on this connection (someone deleted what it declared)."""
     channel.connection.client.declared_entities.clear()
 
 
-def bind_return_once(channel, work_queue: str) -> None:
+def bind_return_once(channel: Any, work_queue: str) -> None:
     """:func:`bind_return`, once per connection."""
     done = channel.connection.client.declared_entities
     if (RETURN_EXCHANGE.name, work_queue) not in done:
@@ -109,12 +111,13 @@ def bind_return_once(channel, work_queue: str) -> None:
         done.add((RETURN_EXCHANGE.name, work_queue))
 
 
-def bind_return(channel, work_queue: str) -> None:
+def bind_return(channel: Any, work_queue: str) -> None:
     """Bind ``work_queue`` to ``rare.return`` by its name: due messages come back to it."""
     channel.queue_bind(queue=work_queue, exchange=RETURN_EXCHANGE.name, routing_key=work_queue)
 
 
-def declare_worker_topology(connection, work_queues: list[str], bug_queues: list[str], kind: str = CLASSIC) -> None:
+def declare_worker_topology(connection: Any, work_queues: list[str], bug_queues: list[str],
+                            kind: str = CLASSIC) -> None:
     """What a worker needs before it consumes: the delay exchange, the way back (``rare.return``,
     with ``rare.unrouted`` behind it) with its work queues bound to it, and their bug queues
     (``kind``: see :func:`rare_celery.topology.own_kind`).
@@ -125,8 +128,9 @@ def declare_worker_topology(connection, work_queues: list[str], bug_queues: list
     first publishes to one (see :mod:`rare_celery.publish`).
     """
     channel = connection.channel()
-    steps = [lambda ch: DELAY_EXCHANGE.declare(channel=ch), lambda ch: declare_queue(ch, unrouted_queue(kind)),
-             lambda ch: RETURN_EXCHANGE.declare(channel=ch)]
+    steps: list[Callable[..., None]] = [lambda ch: DELAY_EXCHANGE.declare(channel=ch),
+                                        lambda ch: declare_queue(ch, unrouted_queue(kind)),
+                                        lambda ch: RETURN_EXCHANGE.declare(channel=ch)]
     steps += [lambda ch, name=name: bind_return(ch, name) for name in work_queues]
     steps += [lambda ch, name=name: declare_queue(ch, bug_queue(name, kind)) for name in bug_queues]
     try:

@@ -141,7 +141,7 @@ def hop(d: Delivery, state: hdr.Attempt, target: object, reason: str, *, args: A
     return Ending(HOP, d, to_queue(dest, body, headers, props), Ignore(), fields=fields, first=HOPPED)
 
 
-def hop_history(d: Delivery, state: hdr.Attempt, reason: str, now: float) -> list[dict]:
+def hop_history(d: Delivery, state: hdr.Attempt, reason: str, now: float) -> list[dict[str, Any]]:
     """The message's hop history with this task's entry added (the eager loop's hops too)."""
     return [*hops.read(d.headers.get(hdr.HOPS)),
             hops.entry(d.task_name, d.queue or d.task_name, reason, state.number, state.first_at, now)]
@@ -219,7 +219,7 @@ def done(d: Delivery, how: str) -> Ending:
     return Ending(DONE, d, None, Ignore(), fields={"how": how})
 
 
-def _expiry(state: hdr.Attempt, expired: bool) -> dict:
+def _expiry(state: hdr.Attempt, expired: bool) -> dict[str, Any]:
     """The shelf life's end, for the ``expired`` report that goes before a give-up's own."""
     return {"expired": (state.deadline, state.number)} if expired else {}
 

@@ -47,6 +47,7 @@ without its exception.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,15 @@ ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the 
 ERROR_CHARS = 200  # characters of the exception's message an event carries
 
 
-def failure(exc: BaseException | None) -> dict:
+def failure(exc: BaseException | None) -> dict[str, Any]:
     """The ``exception`` and ``error`` fields of an event about ``exc`` (see above)."""
     if exc is None:
         return {"exception": None, "error": None}
     return {"exception": f"{type(exc).__module__}.{type(exc).__qualname__}", "error": str(exc)[:ERROR_CHARS]}
 
 
-def send(sender, kind: str, task_id: str | None, name: str | None, *, ends_run: bool = True, **fields) -> None:
+def send(sender: Any, kind: str, task_id: str | None, name: str | None, *, ends_run: bool = True,
+         **fields: Any) -> None:
     """Send event ``kind`` for ``task_id`` through ``sender(type, **fields)``, and, when it ends a run
     Celery announced (``task-started``), the task event that ends it (``task-hopped``,
     ``task-waiting``; see above)."""
@@ -80,7 +82,7 @@ def send(sender, kind: str, task_id: str | None, name: str | None, *, ends_run: 
         sender(end, uuid=task_id, name=name, **fields)
 
 
-def emit(task, kind: str, task_id: str | None, **fields) -> None:
+def emit(task: Any, kind: str, task_id: str | None, **fields: Any) -> None:
     """From the pool process: send event ``kind`` for ``task_id`` if the worker sends task events;
     never raises."""
     if not getattr(task, "send_events", True) or not task.app.conf.worker_send_task_events:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery.exceptions import Ignore, ImproperlyConfigured, Reject
 
 from . import reasons
@@ -30,7 +32,7 @@ class PublishRefused(Exception):
     could not be published (the worker requeues it instead). ``task_ids``: from
     :func:`rare_celery.bulk`, the tasks the broker did not confirm."""
 
-    def __init__(self, message: str, transient: bool = False, task_ids: list[str] | tuple = ()) -> None:
+    def __init__(self, message: str, transient: bool = False, task_ids: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.transient = transient
         self.task_ids = list(task_ids)
@@ -58,7 +60,7 @@ class Hop(Exception):
     reason="card expired")``. Without arguments the current ones go along. The target runs on its own
     queue with its own policy and a fresh attempt count; the task id stays the same."""
 
-    def __init__(self, target, *args, reason: str = "", **kwargs) -> None:
+    def __init__(self, target: object, *args: Any, reason: str = "", **kwargs: Any) -> None:
         super().__init__(target, reason)
         self.target, self.args, self.kwargs, self.reason = target, args, kwargs, reason
 
@@ -86,7 +88,7 @@ class RoutingFailed(Reject):
         super().__init__(why, requeue=True)
         self.why = why
 
-    def __reduce__(self):  # crosses from the pool process to the main process
+    def __reduce__(self) -> tuple[type[RoutingFailed], tuple[str]]:  # crosses from the pool process to the main process
         return type(self), (self.why,)
 
 

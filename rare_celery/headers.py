@@ -40,6 +40,8 @@ import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 from .durations import EPOCH_MAX, MAX_DELAY
 
@@ -82,7 +84,7 @@ class Attempt:
     queue: str | None = None
 
 
-def _number(headers: Mapping, key: str, lo: float, hi: float, integer: bool = False):
+def _number(headers: Mapping[str, Any], key: str, lo: float, hi: float, integer: bool = False) -> Any:
     value = headers.get(key)
     if value is None:
         return None
@@ -96,7 +98,7 @@ def _number(headers: Mapping, key: str, lo: float, hi: float, integer: bool = Fa
     return value
 
 
-def read(headers: Mapping | None, now: float | None = None) -> Attempt:
+def read(headers: Mapping[str, Any] | None, now: float | None = None) -> Attempt:
     """Read the attempt state from a message's headers; raise :class:`HeaderError` on nonsense."""
     headers = headers or {}
     now = time.time() if now is None else now
@@ -117,33 +119,33 @@ def read(headers: Mapping | None, now: float | None = None) -> Attempt:
     )
 
 
-def deliveries(headers: Mapping | None) -> int:
+def deliveries(headers: Mapping[str, Any] | None) -> int:
     """``x-rare-deliveries`` of a message (0 when absent or not a small whole number)."""
     value = (headers or {}).get(DELIVERIES) if isinstance(headers, Mapping) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ATTEMPT else 0
 
 
-def new_copy() -> dict:
+def new_copy() -> dict[str, Any]:
     """The ``x-rare-copy`` header of a copy published as new work (a fresh id)."""
     return {COPY: uuid.uuid4().hex}
 
 
-def copy_id(headers: Mapping | None) -> str | None:
+def copy_id(headers: Mapping[str, Any] | None) -> str | None:
     """A message's ``x-rare-copy`` (``None`` when it has none, or not one rare_celery wrote)."""
     value = (headers or {}).get(COPY) if isinstance(headers, Mapping) else None
     return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
-def write(attempt: Attempt) -> dict:
+def write(attempt: Attempt) -> dict[str, Any]:
     """Headers that carry ``attempt`` on the next publish."""
-    out = {ATTEMPT: attempt.number, FIRST_AT: attempt.first_at}
+    out: dict[str, Any] = {ATTEMPT: attempt.number, FIRST_AT: attempt.first_at}
     for key, value in ((DEADLINE, attempt.deadline), (DUE, attempt.due), (QUEUE, attempt.queue)):
         if value is not None:
             out[key] = value
     return out
 
 
-def error(exc: BaseException | None) -> dict:
+def error(exc: BaseException | None) -> dict[str, Any]:
     """The last error as bounded headers: type, message and the tail of the traceback."""
     if exc is None:
         return {}
@@ -155,7 +157,7 @@ def error(exc: BaseException | None) -> dict:
     return {EXCEPTION: name, ERROR: message, TRACEBACK: (frames + last)[-MAX_TRACEBACK:]}
 
 
-def _frames(trace, keep: int = 100) -> str:
+def _frames(trace: TracebackType | None, keep: int = 100) -> str:
     """The innermost ``keep`` frames of ``trace`` as :func:`traceback.format_tb` writes them, without
     its per-frame work that a header does not need (the source file's ``stat`` and, on Python
     3.11+, parsing each line for the ``^^^`` markers): a retry formats one traceback."""
@@ -168,13 +170,13 @@ def _frames(trace, keep: int = 100) -> str:
     return "".join(out)
 
 
-def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict:
+def bug(reason: str, attempts: int, task: str, now: float | None = None) -> dict[str, Any]:
     """The headers a message gets when it is routed to the bug queue."""
     return {REASON: reason, ATTEMPTS: attempts, FAILED_AT: time.time() if now is None else now,
             TASK: _clip(task or "", 255)}
 
 
-def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
+def fit(headers: dict[str, Any], budget: int = HEADER_BUDGET) -> dict[str, Any]:
     """``headers`` cut down to about ``budget`` bytes, so a republish never exceeds the broker's
     frame size (128 KB) because of what was added to it: first the last error's traceback and
     message, then the largest values, each replaced by a note saying how big it was."""
@@ -192,7 +194,7 @@ def fit(headers: dict, budget: int = HEADER_BUDGET) -> dict:
     return out
 
 
-def _fits(headers: dict, budget: int) -> bool:
+def _fits(headers: dict[str, Any], budget: int) -> bool:
     """Whether ``headers`` certainly fit in ``budget`` bytes and nest no deeper than allowed: an
     upper bound of the size, without encoding the strings (a retry's headers are far below it)."""
     total = 0
@@ -234,18 +236,18 @@ def _size(value: object) -> int:
         return 1 << 30
 
 
-def received(headers: object) -> dict:
+def received(headers: object) -> dict[str, Any]:
     """A received message's headers, the broker's bookkeeping left out (``{}`` when it has none)."""
     return {k: v for k, v in headers.items() if k not in BROKER_KEYS} if isinstance(headers, Mapping) else {}
 
 
-def carried(headers: Mapping | None) -> dict:
+def carried(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     """A message's headers that travel unchanged to its next place: its own and the hop history
     (``x-rare-hops``), without rare_celery's per-attempt headers and the broker's bookkeeping."""
     return {k: v for k, v in received(headers).items() if k == HOPS or not k.startswith(PREFIX)}
 
 
-def kept(headers: Mapping | None, keys: tuple) -> dict:
+def kept(headers: Mapping[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:
     """The ``keys`` of ``headers`` that it has (a wait keeps the last error)."""
     return {k: v for k, v in received(headers).items() if k in keys}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from .exceptions import ConfigurationError
 from .hops import MAX_HOPS
@@ -18,15 +19,15 @@ class RareTaskInfo:
     queue: str
     kind: str
     bug_queue: str
-    task: object
+    task: Any
 
     @property
     def policy(self) -> Policy:
-        return self.task.rare_policy
+        return cast(Policy, self.task.rare_policy)
 
     @property
     def max_hops(self) -> int:
-        return getattr(self.task, "max_hops", MAX_HOPS)
+        return cast(int, getattr(self.task, "max_hops", MAX_HOPS))
 
     def policies(self) -> list[tuple[str, Policy]]:
         """``(label, policy)``: one per payload handler (``name[key]``), else the task's own."""
@@ -36,20 +37,20 @@ class RareTaskInfo:
         return [(self.name, self.policy)]
 
 
-def is_rare(task) -> bool:
+def is_rare(task: Any) -> bool:
     """Whether ``task`` is a RareTask that retries through delay queues: it has a rare policy (Celery's
     built-ins made from a RareTask ``task_cls`` have none, and keep Celery's behaviour)."""
     return getattr(task, "rare_policy", None) is not None
 
 
-def target_queue(app, name: str, task):
+def target_queue(app: Any, name: str, task: Any) -> Any:
     """The kombu Queue a message of task ``name`` goes to: the task's ``queue``, or Celery's routing
     (``task_routes``). The one place rare_celery asks Celery's router."""
     wanted = {"queue": task.queue} if getattr(task, "queue", None) else {}
     return app.amqp.router.route(wanted, name, task_type=task)["queue"]
 
 
-def rare_tasks(app) -> list[RareTaskInfo]:
+def rare_tasks(app: Any) -> list[RareTaskInfo]:
     """Every RareTask of ``app``, by name, with the queue Celery's router gives it."""
     out = []
     for task in sorted(app.tasks.values(), key=lambda t: t.name):
@@ -64,22 +65,22 @@ def rare_tasks(app) -> list[RareTaskInfo]:
     return out
 
 
-def resolve_task_name(app, target: object) -> str:
+def resolve_task_name(app: Any, target: Any) -> str:
     """A fallback or hop target as a task name: a name, a task, or a task class registered in ``app``;
     ``ValueError`` when it is none of them."""
     if isinstance(target, str):
         return target
     if isinstance(target, type):
-        found = [t.name for t in app.tasks.values() if type(t) is target]
+        found: list[str] = [t.name for t in app.tasks.values() if type(t) is target]  # type: ignore[attr-defined]
         if found:
             return found[0]
-    name = getattr(target, "name", None)
+    name: str | None = getattr(target, "name", None)
     if not name:
         raise ValueError(f"cannot hop to {target!r}: not a task name and not registered in {app.main!r}")
     return name
 
 
-def task_name(app, target: object) -> str:
+def task_name(app: Any, target: object) -> str:
     """A fallback as the name the worker hops to, for display (``repr`` when it names no task)."""
     try:
         return resolve_task_name(app, target)
@@ -87,22 +88,22 @@ def task_name(app, target: object) -> str:
         return repr(target)
 
 
-def work_queue_of(task, delivery_info) -> str:
+def work_queue_of(task: Any, delivery_info: Any) -> str:
     """The queue a delivery's exchange and routing key lead to, when the worker did not say."""
     info = delivery_info or {}
     exchange, key = info.get("exchange"), info.get("routing_key")
     if exchange in ("", RETURN_EXCHANGE.name) and key:
-        return key
+        return cast(str, key)
     for q in task.app.amqp.queues.values():
         if q.exchange is not None and q.exchange.name == exchange and q.routing_key == key:
-            return q.name
-    return getattr(task, "queue", None) or task.app.conf.task_default_queue
+            return cast(str, q.name)
+    return cast(str, getattr(task, "queue", None) or task.app.conf.task_default_queue)
 
 
-def breakers(app) -> dict:
+def breakers(app: Any) -> dict[str, Any]:
     """Breaker name -> its settings (:class:`rare_celery.breaker.Settings`), for the RareTasks of ``app``
     that name one; tasks that share a breaker must set it up the same way (else ConfigurationError)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     owners: dict[str, str] = {}
     for info in rare_tasks(app):
         settings = getattr(info.task, "rare_breaker", None)

@@ -15,6 +15,7 @@ set ``x-consumer-timeout`` already is left as the app declares it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from .inventory import rare_tasks
 
@@ -23,7 +24,7 @@ CONSUMER_TIMEOUT = "x-consumer-timeout"
 MARGIN = 60.0  # seconds on top of the longest hold: the ack's way back, a busy worker
 
 
-def longest_hold(app, tasks) -> float | None:
+def longest_hold(app: Any, tasks: list[Any]) -> float | None:
     """Seconds a delivery of one of ``tasks`` can stay unacked in a worker of ``app``: it may wait in the
     prefetch behind ``worker_prefetch_multiplier - 1`` rounds of the pool, then run; ``None`` when a task
     has no hard time limit or the prefetch is unlimited."""
@@ -34,11 +35,11 @@ def longest_hold(app, tasks) -> float | None:
     return multiplier * max(float(x) for x in limits) + MARGIN
 
 
-def set_consumer_timeouts(app) -> dict[str, int]:
+def set_consumer_timeouts(app: Any) -> dict[str, int]:
     """Give each rare quorum work queue this worker consumes (typed by the app, or learned from the broker
     before the worker starts) the consumer argument ``x-consumer-timeout`` (ms): see the module text.
     Returns queue -> milliseconds set."""
-    by_queue: dict[str, list] = {}
+    by_queue: dict[str, list[Any]] = {}
     for info in rare_tasks(app):
         by_queue.setdefault(info.queue, []).append(info)
     out = {}

@@ -14,9 +14,9 @@ and their ``x-rare-*`` state, the queue it came from, its task, and how a copy o
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from celery.utils.objects import Bunch
 
@@ -63,7 +63,8 @@ class Delivery:
         """A message the worker's main process holds (``task``: its RareTask, or ``None``)."""
         headers = hdr.received(message.headers)
         task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
-        name = getattr(task, "name", None) or (headers.get("task") if isinstance(headers.get("task"), str) else "")
+        name = cast(str, getattr(task, "name", None)
+                    or (headers.get("task") if isinstance(headers.get("task"), str) else ""))
         retries = headers.get("retries")
         retries = retries if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0 else 0
         if request is None:
@@ -79,8 +80,8 @@ class Delivery:
         own = getattr(self.task, "bug_queue", None)
         return own or bug_queue_name(self.queue or "")
 
-    def copy(self, extra: dict, *, name: str | None = None, args: Any = None, kwargs: Any = None,
-             retries: int | None = None, keep: tuple = ()) -> tuple[Any, dict, dict]:
+    def copy(self, extra: dict[str, Any], *, name: str | None = None, args: Any = None, kwargs: Any = None,
+             retries: int | None = None, keep: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """``(body, headers, properties)`` of a copy for the next place: the headers that travel
         (:func:`rare_celery.headers.carried`), the ``keep`` ones of this delivery, ``extra`` and a new
         ``x-rare-copy``; as task ``name`` with ``args``/``kwargs`` if given (the pool process only)."""
@@ -95,7 +96,7 @@ class Delivery:
             headers["task"] = name
         return self.body, hdr.fit(headers), dict(self.properties or {})
 
-    def same(self, extra: dict) -> tuple[Any, dict, dict]:
+    def same(self, extra: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """``(body, headers, properties)`` of this very message with ``extra`` headers (a put-back:
         its ``x-rare-copy`` stays)."""
         if self.body is None:
@@ -103,7 +104,7 @@ class Delivery:
         return self.body, hdr.fit({**self.headers, **extra}), dict(self.properties or {})
 
 
-def properties_of(message: Any) -> dict:
+def properties_of(message: Any) -> dict[str, Any]:
     """The properties of a received message that a copy of it keeps (not ``expiration``)."""
     props = {k: v for k, v in (message.properties or {}).items() if k in KEPT and v is not None}
     props["content_type"] = message.content_type or "application/octet-stream"
@@ -111,7 +112,7 @@ def properties_of(message: Any) -> dict:
     return props
 
 
-def stand_in(message: Any, headers: Mapping) -> Bunch:
+def stand_in(message: Any, headers: Mapping[str, Any]) -> Bunch:
     """What a result backend and a signal receiver need of a request, for a message the main process holds."""
     props = message.properties or {}
     return Bunch(id=headers.get("id"), name=headers.get("task"), chord=None, root_id=headers.get("root_id"),
@@ -123,7 +124,8 @@ _BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def retry_call(fn, current_args, current_kwargs, args=None, kwargs=None) -> tuple:
+def retry_call(fn: Callable[..., Any], current_args: Any, current_kwargs: Any, args: Any = None,
+               kwargs: Any = None) -> tuple[Any, Any]:
     """The ``(args, kwargs)`` a ``retry(args=..., kwargs=...)`` runs with, as Celery 5.7 makes them
     (its change for issue 6494): given only ``args``, the current keywords stay except those the new
     positions now fill; given only ``kwargs``, the current positions stay except those a new keyword
@@ -153,14 +155,15 @@ def retry_call(fn, current_args, current_kwargs, args=None, kwargs=None) -> tupl
     return list(bound.args), {**bound.kwargs, **rest}
 
 
-def _parameters(fn) -> list | None:
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
     try:
         return list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return None
 
 
-def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: int, extra: dict):
+def rebuild(task: Any, *, name: str | None = None, args: Any = None, kwargs: Any = None, retries: int,
+            extra: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(body, headers, properties) of ``task``'s current message, as task ``name`` with ``extra`` headers."""
     req = task.request
     opts = req.as_execution_options()
@@ -186,6 +189,6 @@ def rebuild(task, *, name: str | None = None, args=None, kwargs=None, retries: i
     return msg.body, headers, props
 
 
-def _repr(req, key: str) -> str | None:
+def _repr(req: Any, key: str) -> str | None:
     value = getattr(req, key, None)
     return value if isinstance(value, str) else None

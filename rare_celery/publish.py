@@ -21,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, cast
 
 from amqp import spec
 from amqp.exceptions import ChannelError, MessageNacked
@@ -58,8 +60,8 @@ class Copy:
     """
 
     body: bytes | str
-    headers: dict
-    properties: dict
+    headers: dict[str, Any]
+    properties: dict[str, Any]
     exchange: str
     routing_key: str
     target: Queue | None
@@ -70,23 +72,23 @@ class Copy:
     @property
     def where(self) -> str:
         if self.returns_to is not None:
-            return f"delay queue {self.target.name!r} (back to {self.returns_to!r})"
+            return f"delay queue {cast(Queue, self.target).name!r} (back to {self.returns_to!r})"
         if self.target is not None:
             return f"queue {self.target.name!r}"
         return f"exchange {self.exchange!r} key {self.routing_key!r}"
 
 
-def to_queue(queue: Queue, body, headers: dict, properties: dict) -> Copy:
+def to_queue(queue: Queue, body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> Copy:
     """A copy for ``queue`` itself, through the default exchange (a hop, a message put back)."""
     return Copy(body, headers, properties, "", queue.name, queue)
 
 
-def to_bugs(name: str, body, headers: dict, properties: dict, kind: str = CLASSIC) -> Copy:
+def to_bugs(name: str, body: Any, headers: dict[str, Any], properties: dict[str, Any], kind: str = CLASSIC) -> Copy:
     """A copy for the bug queue ``name`` (durable, classic unless ``kind`` says, declared if missing)."""
     return Copy(body, headers, properties, "", name, bug_queue(name, kind))
 
 
-def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, properties: dict,
+def to_delay(work_queue: str, delay: float, kind: str, body: Any, headers: dict[str, Any], properties: dict[str, Any],
              slack: float = 0.0, own_kind: str = CLASSIC) -> Copy:
     """A copy that waits ``delay`` seconds (at most; see ``Copy.waits``) and comes back to ``work_queue``.
 
@@ -110,7 +112,7 @@ def to_delay(work_queue: str, delay: float, kind: str, body, headers: dict, prop
                 returns_to=work_queue, waits=ttl / 1000, unrouted=unrouted_queue(own_kind))
 
 
-def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wait: float = 0.0) -> None:
+def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wait: float = 0.0) -> None:
     """Publish ``copy`` with confirms, mandatory; raises :class:`PublishRefused` if the broker does not
     take it.
 
@@ -174,9 +176,9 @@ def send(producer, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wait: f
             raise PublishRefused(f"the publish to {copy.where} failed: {_why(exc)}", transient=transient) from None
 
 
-def _await_confirm(producer, copy: Copy, waited: float, more: float) -> None:
+def _await_confirm(producer: Any, copy: Copy, waited: float, more: float) -> None:
     """The confirm of a written publish did not come in ``waited`` s: wait ``more`` s on the same channel."""
-    def answer(method, *args) -> None:
+    def answer(method: Any, *args: Any) -> None:
         if method == spec.Basic.Nack:
             raise MessageNacked()
 
@@ -195,13 +197,13 @@ def _await_confirm(producer, copy: Copy, waited: float, more: float) -> None:
                          f"it may be there or not")
 
 
-def _drop(producer) -> None:
+def _drop(producer: Any) -> None:
     """Close the producer's connection: a confirm still to come on it must never answer another publish."""
     with contextlib.suppress(Exception):
         producer.connection.collect()
 
 
-def _prepare(producer, copy: Copy) -> None:
+def _prepare(producer: Any, copy: Copy) -> None:
     """Declare what ``copy`` needs, once per connection: its target; for a delay copy, the way back."""
     channel = producer.channel
     if copy.returns_to is not None:
@@ -218,7 +220,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def send_patiently(app, copy: Copy, *, budget: float = PATIENCE, timeout: float = CONFIRM_TIMEOUT,
+def send_patiently(app: Any, copy: Copy, *, budget: float = PATIENCE, timeout: float = CONFIRM_TIMEOUT,
                    confirm_wait: float = 0.0,
                    on_refused: Callable[[PublishRefused, float | None], None] | None = None) -> None:
     """:func:`send` through ``app``'s producer pool; a transient refusal is tried again (1, 2, 4 ... 30 s)
@@ -244,7 +246,7 @@ def send_patiently(app, copy: Copy, *, budget: float = PATIENCE, timeout: float 
 
 
 @contextlib.contextmanager
-def producer_for(app, timeout: float) -> Iterator:
+def producer_for(app: Any, timeout: float) -> Iterator[Any]:
     """A producer to publish with: in a worker's main process its own (see
     :class:`rare_celery.context.WorkerContext`: a connection the pool processes it forks never touch,
     as the app's producer pool is reset in every new pool process), else one of the app's pool."""
@@ -271,7 +273,7 @@ def producer_for(app, timeout: float) -> Iterator:
 
 # -- soft time limits ---------------------------------------------------------------------------
 
-_SOFT = getattr(signal, "SIGUSR1", None)  # billiard's soft time limit signal
+_SOFT: signal.Signals | None = getattr(signal, "SIGUSR1", None)  # billiard's soft time limit signal
 
 
 class shielded:
@@ -285,10 +287,10 @@ class shielded:
     _outer: shielded | None = None  # the shield in force (main thread only)
 
     def __init__(self) -> None:
-        self.fired: list = []
-        self.previous = None
+        self.fired: list[Any] = []
+        self.previous: Callable[[int, FrameType | None], Any] | int | None = None
 
-    def __enter__(self) -> list:
+    def __enter__(self) -> list[Any]:
         if _SOFT is None or threading.current_thread() is not threading.main_thread():
             return self.fired
         if shielded._outer is not None:
@@ -300,8 +302,8 @@ class shielded:
         shielded._outer = self
         return self.fired
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if shielded._outer is self:
             shielded._outer = None
             if self.previous is not None:
-                signal.signal(_SOFT, self.previous)
+                signal.signal(cast(signal.Signals, _SOFT), self.previous)  # set in __enter__: not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NoReturn
+from typing import Any, Callable, ClassVar, NoReturn, cast
 
 from celery import Task
 from celery.backends.base import DisabledBackend
@@ -41,7 +41,7 @@ class Handler:
     """A payload handler: the function and its policy (the task's, with the handler's overrides)."""
 
     key: str
-    fn: Callable
+    fn: Callable[..., Any]
     policy: Policy
 
 
@@ -50,7 +50,7 @@ class _AttemptNumber:
     at 1). Read-only for rare_celery, yet a task's own ``self.attempt = ...`` (or ``del``) is its own
     attribute and wins: a non-data descriptor never takes a user's attribute over."""
 
-    def __get__(self, task, owner=None):
+    def __get__(self, task: Any, owner: Any = None) -> Any:
         if task is None:
             return self
         found = getattr(task.request, "rare_current", None)
@@ -129,7 +129,7 @@ class RareTask(Task):
                                               retry_on=(Exception,))
     handlers: ClassVar[dict[str, Handler]] = {}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if str(cls.__dict__.get("name") or "").startswith("celery."):  # a built-in made from task_cls
             for attr in _CELERYS_OWN:
@@ -149,7 +149,7 @@ class RareTask(Task):
         return cls.__dict__.get("name") or cls.__name__
 
     @classmethod
-    def handler(cls, key: str, **overrides) -> Callable[[Callable], Callable]:
+    def handler(cls, key: str, **overrides: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register ``fn(payload)`` for payloads whose ``dispatch_on`` key equals ``key``.
 
         ``overrides`` may set ``max_attempts``, ``backoff``, ``expires_in``, ``retry_on``, ``fallback``.
@@ -161,28 +161,28 @@ class RareTask(Task):
         settings = {k: overrides.get(k, getattr(cls, k)) for k in _OVERRIDABLE}
         policy = Policy.build(f"{cls._owner()}[{key}]", **settings)
 
-        def register(fn: Callable) -> Callable:
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             cls.handlers[key] = Handler(key, fn, policy)
             return fn
         return register
 
     @classmethod
-    def bind(cls, app):
+    def bind(cls, app: Any) -> Any:
         setup_app(app, RareConsumerStep, BreakerStep)
         return super().bind(app)
 
     # -- the pool process's tracer, guarded (see rare_celery.request) -----------------------------
 
     @property
-    def __trace__(self):
+    def __trace__(self) -> Any:
         return self.__dict__.get("_rare_tracer")
 
     @__trace__.setter
-    def __trace__(self, tracer):
+    def __trace__(self, tracer: Any) -> None:
         self.__dict__["_rare_tracer"] = None if tracer is None else tracer_for(self, tracer)
 
     @property
-    def backend(self):
+    def backend(self) -> Any:
         """Celery's result backend; during an attempt on a worker, as :class:`_AttemptBackend` sees it."""
         backend = self._backend if self._backend is not None else self.app.backend
         req = self.request_stack.top
@@ -191,13 +191,13 @@ class RareTask(Task):
         return _AttemptBackend(backend, self, req)
 
     @backend.setter
-    def backend(self, value):
+    def backend(self, value: Any) -> None:
         self._backend = value
 
     # -- publisher side ------------------------------------------------------------------------
 
-    def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None,
-                    link_error=None, shadow=None, **options):
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, producer: Any = None,
+                    link: Any = None, link_error: Any = None, shadow: str | None = None, **options: Any) -> Any:
         """Celery's ``apply_async``, with the first-publish time in headers.
 
         ``countdown``/``eta`` become a due time (``x-rare-due``): the first worker to see the message
@@ -228,7 +228,7 @@ class RareTask(Task):
 
     # -- worker side ---------------------------------------------------------------------------
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         req = self.request
         if req.called_directly:
             return self.run(*args, **kwargs)
@@ -244,14 +244,15 @@ class RareTask(Task):
         try:
             return pool.dispatch(self, args, kwargs)[0]
         except Exception:  # noqa: BLE001 - no handler: the task's own policy decides
-            return self.rare_policy
+            return cast(Policy, self.rare_policy)
 
-    def hop(self, target, *args, reason: str = "", **kwargs) -> NoReturn:
+    def hop(self, target: object, *args: Any, reason: str = "", **kwargs: Any) -> NoReturn:
         """Move the work to ``target`` now (see :class:`~rare_celery.Hop`); does not return."""
         raise Hop(target, *args, reason=reason, **kwargs)
 
-    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
-              max_retries=None, **options):
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
+              eta: object = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
         """Schedule the next attempt through a delay queue, or route to the bug queue or fallback.
 
         Same signature as Celery's ``Task.retry``: ``countdown``/``eta`` override the backoff

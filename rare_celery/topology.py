@@ -29,6 +29,8 @@ ever exist in a vhost, however many messages, delays or jitter there are.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kombu import Exchange, Queue
 
 MAX_DELAY_MS = 315_360_000_000  # RabbitMQ's largest TTL: 10 years
@@ -131,7 +133,7 @@ def _read_by_people(queue: Queue) -> Queue:
     return queue
 
 
-def _typed(kind: str) -> dict:
+def _typed(kind: str) -> dict[str, Any]:
     """Every queue rare_celery owns says its type: a vhost's or node's default queue type never
     decides it (on RabbitMQ 4.x a quorum queue drops a message read 20 times; see ``for_broker``)."""
     return {"x-queue-type": kind}
@@ -158,7 +160,7 @@ def queue_kind(queue: Queue | None) -> str:
     return QUORUM if args.get("x-queue-type") == QUORUM else CLASSIC
 
 
-def delay_kind(app, work_queue: str) -> str:
+def delay_kind(app: Any, work_queue: str) -> str:
     """The kind of delay queue a message of ``work_queue`` waits in: quorum for a quorum work queue,
     and for every work queue when the app sets ``rare_queue_type = "quorum"``."""
     if own_kind(app) == QUORUM:
@@ -166,7 +168,7 @@ def delay_kind(app, work_queue: str) -> str:
     return queue_kind(app.amqp.queues.get(work_queue))
 
 
-def own_kind(app) -> str:
+def own_kind(app: Any) -> str:
     """The kind of the bug queues and ``rare.unrouted`` of ``app``: classic, or quorum when the app sets
     ``rare_queue_type = "quorum"`` (the choice for clusters: a classic queue lives on one node, and
     with that node down nothing can be routed to it)."""

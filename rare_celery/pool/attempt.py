@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, cast
 
 from celery.exceptions import Ignore, Reject, Retry
 
@@ -136,7 +136,7 @@ def patience(task: Any) -> float:
     if not hard:
         return PATIENCE
     spent = time.monotonic() - getattr(req, "rare_started", time.monotonic())
-    return max(0.0, min(PATIENCE, hard - spent - 2.0))
+    return cast(float, max(0.0, min(PATIENCE, hard - spent - 2.0)))
 
 
 def _refused(task: Any, exc: PublishRefused, pause: float | None) -> None:
@@ -220,7 +220,7 @@ def _breaker_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
             else:
                 lock.release()
     if action == br.WAIT:
-        end(task, lambda: endings.wait(d, attempt, until, breaker=name))
+        end(task, lambda: endings.wait(d, attempt, cast(float, until), breaker=name))  # a WAIT verdict has one
     req.rare_breaker_gen, req.rare_breaker_failures = state.gen, bool(state.failures)
 
 

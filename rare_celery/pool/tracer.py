@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import signals as celery_signals
@@ -25,11 +26,11 @@ log = logging.getLogger(__name__)
 ENDING_KEY = "rare_ending"  # in delivery_info: the outcome of this delivery's ending, once it has one
 
 
-def ending_of(req: Any) -> list:
+def ending_of(req: Any) -> list[Any]:
     """The list this delivery's ending is recorded in (put in delivery_info by the guarded tracer)."""
     if not isinstance(req.delivery_info, dict):
         req.delivery_info = {}
-    return req.delivery_info.setdefault(ENDING_KEY, [])
+    return cast("list[Any]", req.delivery_info.setdefault(ENDING_KEY, []))
 
 
 class RetryInfo(TraceInfo):
@@ -45,7 +46,7 @@ class RetryInfo(TraceInfo):
     traceback and whose ``tb`` is ``None``.
     """
 
-    def handle_retry(self, task, req, store_errors=True, **kwargs):
+    def handle_retry(self, task: Any, req: Any, store_errors: bool = True, **kwargs: Any) -> Any:
         retry = self.retval
         text = getattr(retry, "rare_traceback", None)
         if text is None:  # not a retry rare_celery made (never for a RareTask): Celery's own
@@ -61,7 +62,7 @@ class RetryInfo(TraceInfo):
         return einfo
 
 
-def tracer_for(task, tracer):
+def tracer_for(task: Any, tracer: Any) -> Callable[..., Any]:
     """The tracer a RareTask runs with: Celery's, as ``tracer`` was built (same host name), with
     :class:`RetryInfo`; guarded. A tracer that is not Celery's own is only guarded."""
     try:
@@ -71,11 +72,11 @@ def tracer_for(task, tracer):
     return guard_tracer(celery_trace.build_tracer(task.name, task, hostname=hostname, app=task.app, Info=RetryInfo))
 
 
-def guard_tracer(tracer):
+def guard_tracer(tracer: Any) -> Callable[..., Any]:
     """Celery's tracer for a RareTask, made to report every delivery that did not end through
     ``rare_celery.pool.attempt.end`` as :class:`RoutingFailed` (the main process then puts the message back)."""
 
-    def traced(uuid, args, kwargs, request=None, *rest, **options):
+    def traced(uuid: str, args: Any, kwargs: Any, request: Any = None, *rest: Any, **options: Any) -> Any:
         request = {} if request is None else request
         # in delivery_info, not at the top of the request: those keys would become the task's custom headers
         info = request.get("delivery_info")
@@ -98,15 +99,15 @@ def guard_tracer(tracer):
             return _report(type(result), "", ended=True)
         if info is None or state in ("REJECTED", "IGNORED"):
             return result  # success, or the task's own Reject / Ignore (Task.replace)
-        exc = getattr(result.retval, "exception", None)
-        exc = exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
+        error = getattr(result.retval, "exception", None)
+        error = error.exc if isinstance(error, ExceptionWithTraceback) else error
         return _report(type(result), f"Celery reported {state} without rare_celery's ending: "
-                       f"{type(exc).__name__}: {exc}"[: hdr.MAX_ERROR], ended=False)
+                       f"{type(error).__name__}: {error}"[: hdr.MAX_ERROR], ended=False)
 
     return traced
 
 
-def _report(result_type, why: str, ended: bool):
+def _report(result_type: Any, why: str, ended: bool) -> Any:
     """A tracer result that makes the main process ack (``ended``) or put the message back."""
     exc = Ended(why) if ended else RoutingFailed(why)
     try:

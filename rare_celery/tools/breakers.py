@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from amqp.exceptions import ChannelError
 
@@ -48,7 +48,7 @@ class Reading(NamedTuple):
     problem: str | None = None
 
 
-def uses(app, tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Uses:
+def uses(app: Any, tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Uses:
     """The breakers the rare ``tasks`` of ``app`` name (with ``queues``: those used by a task of one
     of them), by name; ``{}`` when none does. Raises ConfigurationError as
     :func:`rare_celery.inventory.breakers` does."""
@@ -64,7 +64,7 @@ def uses(app, tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Uses:
     return {name: Use(settings[name], tuple(sorted(t.name for t in users))) for name, users in sorted(wanted.items())}
 
 
-def read(conn, name: str) -> Reading:
+def read(conn: Any, name: str) -> Reading:
     """Breaker ``name``'s last state note, read from the broker and put back (see the module's docstring)."""
     try:
         note, problem = last_note(conn, name)
@@ -73,19 +73,19 @@ def read(conn, name: str) -> Reading:
     return reading(note, problem)
 
 
-def reading(note: dict | None, problem: str | None) -> Reading:
+def reading(note: dict[str, Any] | None, problem: str | None) -> Reading:
     """A state note (checked: :func:`rare_celery.breaker_io.state_note`) as a reading."""
     if note is None:
         return Reading(None, problem=problem)
     return Reading(br.from_note(note), note.get("by") or None)
 
 
-def report(conn, breaker_uses: Uses) -> list[dict]:
+def report(conn: Any, breaker_uses: Uses) -> list[dict[str, Any]]:
     """One row per breaker, by name: what ``status --json`` and ``/api/overview`` give as ``breakers``."""
     return [row(name, use, read(conn, name)) for name, use in sorted(breaker_uses.items())]
 
 
-def row(name: str, use: Use, reading: Reading) -> dict:
+def row(name: str, use: Use, reading: Reading) -> dict[str, Any]:
     """A breaker's row: ``state`` (closed, open, probing, unknown), ``gen`` (its open periods so far),
     ``since`` (when that state began, epoch s), ``until`` (an open one's probe time), ``open_for``,
     ``worker`` (who announced the state: for probing, the worker probing) and ``task`` (the attempt's
@@ -102,7 +102,7 @@ def row(name: str, use: Use, reading: Reading) -> dict:
 
 # -- as text: pure, for the CLI (which escapes each line) and the console's templates -------------
 
-def settings_text(settings: dict) -> str:
+def settings_text(settings: dict[str, Any]) -> str:
     """``trips after 5 failures in 1m, open 30s, at most 5m``."""
     n = settings["failures"]
     return (f"trips after {n} failure{'' if n == 1 else 's'} in {durations.short(settings['within'])}, "
@@ -125,7 +125,7 @@ def when(epoch: float, now: float) -> str:
     return f"{utc(epoch)} ({relative(epoch, now)})"
 
 
-def state_text(r: dict, now: float) -> str:
+def state_text(r: dict[str, Any], now: float) -> str:
     """A row's state in words: ``open until 2024-05-01 12:00:30 UTC (in 25s)``, ``probing since ...``,
     ``closed since ...``, ``closed (never opened)``, ``unknown (why)``."""
     state, since, until = r["state"], r["since"], r["until"]
@@ -142,7 +142,7 @@ def state_text(r: dict, now: float) -> str:
     return f"closed since {when(since, now)}" if since is not None else "closed"
 
 
-def change_text(r: dict) -> str:
+def change_text(r: dict[str, Any]) -> str:
     """Who made the last change, from the note (untrusted: escape it where it is shown), or ``""``."""
     worker, task = r["worker"], r["task"]
     if not worker and not task:
@@ -153,7 +153,7 @@ def change_text(r: dict) -> str:
     return f"{verb} by {worker}" + (f", task {task}" if task else "")
 
 
-def lines(rows: list[dict], now: float) -> list[str]:
+def lines(rows: list[dict[str, Any]], now: float) -> list[str]:
     """The breakers section of ``rare-celery status``: a row per breaker, then its settings and who
     made its last change."""
     out = [HEADER]

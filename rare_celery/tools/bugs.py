@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, cast
 
 import amqp
 from amqp.exceptions import ChannelError, MessageNacked, NotFound
@@ -52,7 +53,7 @@ class Held:
         self.message.channel.basic_ack(self.message.delivery_tag)
 
 
-def depth(conn, queue: str) -> tuple[int, int] | None:
+def depth(conn: Any, queue: str) -> tuple[int, int] | None:
     """``(messages ready, consumers)`` of ``queue``, or ``None`` if it does not exist (passive declare)."""
     channel = conn.channel()
     try:
@@ -65,7 +66,7 @@ def depth(conn, queue: str) -> tuple[int, int] | None:
 
 
 @contextlib.contextmanager
-def browse(conn, queue: str) -> Iterator[Iterator[Held]]:
+def browse(conn: Any, queue: str) -> Iterator[Iterator[Held]]:
     """The messages of ``queue`` from its head, held (not acked) until the ``with`` block ends.
 
     At most as many as the queue held at the start: messages published meanwhile, behind them, are
@@ -83,7 +84,7 @@ def browse(conn, queue: str) -> Iterator[Iterator[Held]]:
         _close(channel)  # RabbitMQ puts back every message not acked
 
 
-def _fetch(channel, queue: str, count: int) -> Iterator[Held]:
+def _fetch(channel: Any, queue: str, count: int) -> Iterator[Held]:
     for position in range(count):
         message = channel.basic_get(queue, no_ack=False)
         if message is None:  # another client holds the rest
@@ -94,13 +95,13 @@ def _fetch(channel, queue: str, count: int) -> Iterator[Held]:
 class Publisher:
     """Publishes on a confirm channel of its own; :meth:`send` returns once the broker has the message."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn: Any) -> None:
         self.channel = conn.channel()
         self.channel.confirm_select()
         self._returned: list[str] = []
         self.channel.events["basic_return"].add(lambda exc, *rest: self._returned.append(str(exc)))
 
-    def send(self, message: amqp.Message, queue: str, headers: dict) -> None:
+    def send(self, message: amqp.Message, queue: str, headers: dict[str, Any]) -> None:
         """``message`` (same body and properties, ``headers`` instead of its own) to ``queue``."""
         props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "expiration")}
         self._returned.clear()
@@ -118,7 +119,7 @@ class Publisher:
         _close(self.channel)
 
 
-def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held, Publisher], None] | None = None,
+def take(conn: Any, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held, Publisher], None] | None = None,
          progress: Callable[[Held], None] | None = None) -> int:
     """Remove the ``wanted`` messages of ``queue``, each after ``send`` (if given) had it confirmed.
 
@@ -134,7 +135,7 @@ def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held,
                     continue
                 if send is not None:
                     try:
-                        send(held, publisher)
+                        send(held, cast(Publisher, publisher))  # made when send is given
                     except MoveFailed as exc:
                         exc.done = done
                         raise
@@ -148,11 +149,11 @@ def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held,
     return done
 
 
-def headers_of(held: Held) -> Mapping:
+def headers_of(held: Held) -> Mapping[str, Any]:
     headers = held.message.headers
     return headers if isinstance(headers, Mapping) else {}
 
 
-def _close(channel) -> None:
+def _close(channel: Any) -> None:
     with contextlib.suppress(Exception):  # a channel the broker closed, a connection gone: all put back anyway
         channel.close()

@@ -13,8 +13,9 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
+from typing import IO, Any, cast
 
 import click
 
@@ -50,14 +51,14 @@ class Failure(click.ClickException):
 
     exit_code = 2
 
-    def show(self, file=None) -> None:
+    def show(self, file: IO[Any] | None = None) -> None:
         say(f"rare-celery: {self.format_message()}", err=True)
 
 
 class Group(click.Group):
     """A click group whose usage errors are one line too (what is wrong and where to look)."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
@@ -65,10 +66,10 @@ class Group(click.Group):
             raise Failure(f"{exc.format_message()} (see '{where} -h')") from None
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic in click >= 8.3 only, not at run time before
     name = "duration"
 
-    def convert(self, value, param, ctx) -> float:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, (int, float)):
             return float(value)
         try:
@@ -80,16 +81,16 @@ class Duration(click.ParamType):
 class Env:
     """What a command works on: a Celery app (``-A``), a broker URL (``--broker``), or both."""
 
-    def __init__(self, app_name: str | None = None, broker: str | None = None, app=None) -> None:
+    def __init__(self, app_name: str | None = None, broker: str | None = None, app: Any = None) -> None:
         self.app_name, self.broker, self._app = app_name, broker, app
 
     @cached_property
-    def app(self):
+    def app(self) -> Any:
         if self._app is not None:
             return _prepare(self._app, self.app_name or self._app.main or "app")
         return load_app(self.app_name) if self.app_name else None
 
-    def need_app(self, what: str):
+    def need_app(self, what: str) -> Any:
         if self.app is None:
             raise Failure(f"{what} needs the app: pass -A/--app APP (what you give celery -A)")
         return self.app
@@ -106,7 +107,7 @@ class Env:
     def task(self, name: str | None) -> RareTaskInfo | None:
         return next((t for t in self.tasks if t.name == name), None)
 
-    def breakers(self, queues=()) -> rare_breakers.Uses:
+    def breakers(self, queues: Iterable[str] = ()) -> rare_breakers.Uses:
         """The circuit breakers the app's rare tasks (those on ``queues``, if given) name."""
         if self.app is None:
             return {}
@@ -124,7 +125,7 @@ class Env:
             raise Failure(f"{queue!r} is not a bug queue of the app (its bug queues: {known}); "
                           f"to act on any queue, pass --broker URL without -A")
 
-    def _connection(self):
+    def _connection(self) -> Any:
         if self.app is not None:
             return self.app.connection_for_write(self.broker)
         if self.broker:
@@ -134,7 +135,7 @@ class Env:
         raise Failure("say where the broker is: pass -A/--app APP (a Celery app) or --broker URL")
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator:
+    def connection(self) -> Iterator[Any]:
         """A connected kombu Connection; broker problems become one-line :class:`Failure` s."""
         from amqp.exceptions import AMQPError
         from kombu.exceptions import KombuError
@@ -166,7 +167,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def load_app(name: str):
+def load_app(name: str) -> Any:
     """The Celery app ``name`` names, found as ``celery -A`` finds it, with its task modules imported."""
     from celery.app.utils import find_app
 
@@ -177,7 +178,7 @@ def load_app(name: str):
     return _prepare(app, name)
 
 
-def _prepare(app, name: str):
+def _prepare(app: Any, name: str) -> Any:
     from celery import Celery
 
     if not isinstance(app, Celery):
@@ -191,7 +192,7 @@ def _prepare(app, name: str):
 
 
 def env() -> Env:
-    return click.get_current_context().meta[ENV]
+    return cast(Env, click.get_current_context().meta[ENV])
 
 
 # -- the groups ------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def celery_command(ctx: click.Context) -> None:
     ctx.meta[ENV] = Env(app=ctx.obj.app)
 
 
-def command(fn):
+def command(fn: Callable[..., Any]) -> click.Command:
     """Register ``fn`` in both groups."""
     cmd = click.command(context_settings=SETTINGS)(fn)
     main.add_command(cmd)
@@ -224,7 +225,7 @@ def command(fn):
     return cmd
 
 
-def select_options(*names: str):
+def select_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     options = {
         "id": click.option("--id", "ids", multiple=True, metavar="ID", help="A task id (repeatable)."),
         "task": click.option("--task", "tasks", multiple=True, metavar="NAME",
@@ -235,7 +236,7 @@ def select_options(*names: str):
         "older": click.option("--older-than", "older_than", type=Duration(), help="Failed at least this long ago."),
     }
 
-    def decorate(fn):
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for name in reversed(names):
             fn = options[name](fn)
         return fn
@@ -243,7 +244,8 @@ def select_options(*names: str):
     return decorate
 
 
-def selector(ids=(), tasks=(), reasons=(), since=None, older_than=None, now: float | None = None) -> records.Selector:
+def selector(ids: Iterable[str] = (), tasks: Iterable[str] = (), reasons: Iterable[str] = (),
+             since: float | None = None, older_than: float | None = None, now: float | None = None) -> records.Selector:
     now = time.time() if now is None else now
     return records.Selector(frozenset(ids), tuple(tasks), frozenset(reasons),
                             None if since is None else now - since, None if older_than is None else now - older_than)
@@ -265,8 +267,8 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def summary(reasons: Counter, tasks: Counter) -> str:
-    def top(counter: Counter, most: int = 8) -> str:
+def summary(reasons: Counter[Any], tasks: Counter[Any]) -> str:
+    def top(counter: Counter[Any], most: int = 8) -> str:
         items = sorted(((k or "-", v) for k, v in counter.items()), key=lambda kv: (-kv[1], kv[0]))
         text = ", ".join(f"{k} {v}" for k, v in items[:most])
         return text + (f", {len(items) - most} more" if len(items) > most else "")
@@ -279,7 +281,8 @@ def summary(reasons: Counter, tasks: Counter) -> str:
 @click.option("--limit", type=click.IntRange(min=1), help="Show at most N matching messages.")
 @select_options("task", "reason", "since")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per message.")
-def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
+def inspect_bugs(queues: Sequence[str], limit: int | None, tasks: tuple[str, ...], reasons: tuple[str, ...],
+                 since: float | None, as_json: bool) -> None:
     """List bug-queue messages without taking them: they stay, in order.
 
     Without QUEUE, every bug queue of the app's rare tasks, and rare.unrouted.
@@ -290,6 +293,8 @@ def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
     if not queues:
         raise Failure("name a QUEUE, or pass -A/--app APP to read every bug queue of its rare tasks")
     select = selector(tasks=tasks, reasons=reasons, since=since)
+    by_reason: Counter[str | None]
+    by_task: Counter[str | None]
     shown, total, by_reason, by_task = 0, 0, Counter(), Counter()
     with e.connection() as conn:
         if not as_json:
@@ -326,7 +331,7 @@ def inspect_bugs(queues, limit, tasks, reasons, since, as_json) -> None:
 Plan = moves.Plan  # the plan-then-take logic is shared with the web console
 
 
-def plan(conn, queue: str, select: records.Selector, to: str | None = None, rows: bool = False,
+def plan(conn: Any, queue: str, select: records.Selector, to: str | None = None, rows: bool = False,
          moving: bool = True) -> Plan:
     """First read of ``queue``: which messages match, and (``moving``) where each would go."""
     return moves.plan(conn, queue, lambda held: select.matches(held.record), to, moving,
@@ -334,7 +339,7 @@ def plan(conn, queue: str, select: records.Selector, to: str | None = None, rows
 
 
 @contextlib.contextmanager
-def progress(count: int, label: str) -> Iterator:
+def progress(count: int, label: str) -> Iterator[Any]:
     """A progress bar on stderr when the messages would not fit on one screen."""
     if count <= shutil.get_terminal_size().lines:
         yield lambda held: None
@@ -349,7 +354,7 @@ def _need_selection(select: records.Selector, everything: bool, what: str) -> No
                       (", --older-than" if what == "purge" else "") + ", or --all for every message")
 
 
-def _targets(targets: Counter) -> str:
+def _targets(targets: Counter[Any]) -> str:
     return ", ".join(f"{q} ({n})" for q, n in sorted(targets.items()))
 
 
@@ -362,7 +367,8 @@ def _targets(targets: Counter) -> str:
               help="Start over at attempt 1 with a fresh shelf life, or keep count and deadline.")
 @click.option("--dry-run", is_flag=True, help="Show what would be moved; move nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def requeue_bugs(queue, ids, tasks, reasons, everything, to, reset, dry_run, yes) -> None:
+def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reasons: tuple[str, ...], everything: bool,
+                 to: str | None, reset: bool, dry_run: bool, yes: bool) -> None:
     """Move matching messages from bug queue QUEUE back to their work queue.
 
     Each is republished with publisher confirms before it is removed from QUEUE; the others stay,
@@ -403,7 +409,8 @@ def requeue_bugs(queue, ids, tasks, reasons, everything, to, reset, dry_run, yes
 @select_options("task", "reason", "older")
 @click.option("--all", "everything", is_flag=True, help="Every message of the queue.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def purge_bugs(queue, tasks, reasons, older_than, everything, yes) -> None:
+def purge_bugs(queue: str, tasks: tuple[str, ...], reasons: tuple[str, ...], older_than: float | None,
+               everything: bool, yes: bool) -> None:
     """Delete the matching messages from bug queue QUEUE; the others stay, in order."""
     e = env()
     select = selector(tasks=tasks, reasons=reasons, older_than=older_than)
@@ -427,7 +434,7 @@ def purge_bugs(queue, tasks, reasons, older_than, everything, yes) -> None:
 @click.argument("queues", nargs=-1, metavar="[QUEUE]...")
 @click.option("--scan", is_flag=True, help="Look for every possible delay queue, not only those of the schedules.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def status(queues, scan, as_json) -> None:
+def status(queues: tuple[str, ...], scan: bool, as_json: bool) -> None:
     """Ready messages and consumers of rare work queues, their bug queues, and the delay queues;
     with -A, the state of the app's circuit breakers.
 
@@ -468,7 +475,7 @@ def status(queues, scan, as_json) -> None:
             say(line)  # the worker names and task ids came from a message: say escapes them
 
 
-def _n(value, exists: bool) -> str:
+def _n(value: object, exists: bool) -> str:
     return str(value) if exists else "missing"
 
 
@@ -477,7 +484,7 @@ def _n(value, exists: bool) -> str:
 @command
 @click.argument("name", metavar="TASK")
 @click.option("--attempts", type=click.IntRange(min=1), help=f"Show at most N attempts (default {SCHEDULE_ROWS}).")
-def schedule(name, attempts) -> None:
+def schedule(name: str, attempts: int | None) -> None:
     """When each attempt of TASK runs, where its shelf life ends, and what happens then. No broker needed."""
     e = env()
     e.need_app("schedule")
@@ -487,7 +494,7 @@ def schedule(name, attempts) -> None:
         raise Failure(f"{name!r} is not a RareTask of the app (its rare tasks: {names})")
     app = e.app
 
-    def find(fallback: object):
+    def find(fallback: object) -> tuple[str, RareTaskInfo | None]:
         target = task_name(app, fallback)
         return target, e.task(target)
 
@@ -499,7 +506,7 @@ def schedule(name, attempts) -> None:
 
 @command
 @click.option("--dry-run", is_flag=True, help="Print what would be declared.")
-def declare(dry_run) -> None:
+def declare(dry_run: bool) -> None:
     """Declare the app's rare topology: the delay exchange, work, bug and delay queues.
 
     Delay queues are those of the tasks' schedules; others (explicit countdowns, jitter) are
@@ -535,8 +542,9 @@ def declare(dry_run) -> None:
     with e.connection() as conn:
         channel = conn.channel()
         try:
-            steps = [lambda: DELAY_EXCHANGE.declare(channel=channel), lambda: declare_queue(channel, unrouted_queue(own_kind(app))),
-                     lambda: RETURN_EXCHANGE.declare(channel=channel)]
+            steps: list[Callable[..., None]] = [lambda: DELAY_EXCHANGE.declare(channel=channel),
+                                                lambda: declare_queue(channel, unrouted_queue(own_kind(app))),
+                                                lambda: RETURN_EXCHANGE.declare(channel=channel)]
             steps += [lambda q=queue: declare_queue(channel, q) for queue, _ in wanted.values()]
             steps += [lambda n=name: bind_return(channel, n) for name in works]
             for line, step in zip(lines, steps):
@@ -551,9 +559,9 @@ def declare(dry_run) -> None:
 
 # -- web and metrics (pip install "rare-celery[web]") ---------------------------------------------
 
-def _serving(port: int, auth_help: str):
+def _serving(port: int, auth_help: str) -> Callable[[Callable[..., Any]], click.Command]:
     """The options of a command that serves HTTP: where, and who may read it."""
-    def options(fn):
+    def options(fn: Callable[..., Any]) -> click.Command:
         fn = click.option("--auth", metavar="USER:PASSWORD", help=auth_help)(fn)
         fn = click.option("--port", default=port, show_default=True, type=click.IntRange(0, 65535),
                           help="0: any free port.")(fn)
@@ -564,7 +572,7 @@ def _serving(port: int, auth_help: str):
 
 
 @_serving(5580, "HTTP basic auth for every page (or RARE_CELERY_WEB_AUTH).")
-def web(bind, port, auth) -> None:
+def web(bind: str, port: int, auth: str | None) -> None:
     """The web console: overview, bug queues and their messages, requeue and purge, schedules, /metrics."""
     from .web.server import serve
 
@@ -572,7 +580,7 @@ def web(bind, port, auth) -> None:
 
 
 @_serving(5581, "HTTP basic auth (or RARE_CELERY_WEB_AUTH).")
-def metrics(bind, port, auth) -> None:
+def metrics(bind: str, port: int, auth: str | None) -> None:
     """Prometheus metrics only, at /metrics: queue depths and counters of rare_celery's events."""
     from .web.server import serve
 

@@ -20,7 +20,7 @@ import unicodedata
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]|[^\x00-\x7f]")
 
 
-def _escape(match: re.Match) -> str:
+def _escape(match: re.Match[str]) -> str:
     ch = match.group()
     if ch > "\x9f" and unicodedata.category(ch) not in ("Cf", "Cc", "Zl", "Zp", "Co", "Cs", "Cn"):
         return ch

@@ -11,8 +11,10 @@ republished with publisher confirms before it is acked.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, cast
 
 from . import bugs, records
 
@@ -21,8 +23,8 @@ from . import bugs, records
 class Plan:
     """What a first read found: the chosen messages by content, and where each goes."""
 
-    chosen: Counter
-    targets: Counter
+    chosen: Counter[Any]
+    targets: Counter[Any]
     without_target: int = 0
 
     @property
@@ -36,8 +38,9 @@ class Plan:
         return True
 
 
-def plan(conn, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None = None, moving: bool = True,
-         on_row: Callable[[records.Record], None] | None = None, browse=bugs.browse) -> Plan:
+def plan(conn: Any, queue: str, wanted: Callable[[bugs.Held], bool], to: str | None = None, moving: bool = True,
+         on_row: Callable[[records.Record], None] | None = None,
+         browse: Callable[[Any, str], AbstractContextManager[Iterator[bugs.Held]]] = bugs.browse) -> Plan:
     """First read of ``queue``: which messages are ``wanted``, and (``moving``) where each would go.
 
     ``browse(conn, queue)`` reads it (:func:`rare_celery.tools.bugs.browse`, or another reader with the same
@@ -65,11 +68,11 @@ def requeue_sender(to: str | None, reset: bool, now: float) -> Callable[[bugs.He
     def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
         target = to or held.record.queue
         headers = records.requeue_headers(bugs.headers_of(held), reset=reset, now=now, queue=target if to else None)
-        publisher.send(held.message, target, headers)
+        publisher.send(held.message, cast(str, target), headers)  # plan() chose only messages with a target
 
     return send
 
 
-def missing_targets(conn, found: Plan) -> list[str]:
+def missing_targets(conn: Any, found: Plan) -> list[str]:
     """The queues ``found`` would send messages to that do not exist."""
     return [target for target in found.targets if bugs.depth(conn, target) is None]

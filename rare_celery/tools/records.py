@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, Protocol
 
 from .. import headers as hdr
 
@@ -40,11 +41,11 @@ class Record:
     failed_at: float | None
     args: object = None
     kwargs: object = None
-    hops: list = field(default_factory=list)
+    hops: list[Any] = field(default_factory=list)
     body_error: str | None = None  # why args/kwargs could not be read
     body_preview: str | None = None  # the start of an unreadable body, as text
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("id", "task", "queue", "bug_queue", "position", "reason", "attempts",
                                              "exception", "error", "traceback")}
         out["first_attempt_at"], out["failed_at"] = iso(self.first_attempt_at), iso(self.failed_at)
@@ -60,7 +61,8 @@ class Record:
         return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def read(bug_queue: str, position: int, body: bytes, properties: Mapping, headers: Mapping | None) -> Record:
+def read(bug_queue: str, position: int, body: bytes, properties: Mapping[str, Any],
+         headers: Mapping[str, Any] | None) -> Record:
     """A :class:`Record` for one message; every field is ``None`` where the message says nothing sensible."""
     h = headers if isinstance(headers, Mapping) else {}
     args, kwargs, problem = decode_body(body, properties, h)
@@ -84,7 +86,8 @@ def read(bug_queue: str, position: int, body: bytes, properties: Mapping, header
     )
 
 
-def decode_body(body: bytes, properties: Mapping, headers: Mapping) -> tuple[object, object, str | None]:
+def decode_body(body: bytes, properties: Mapping[str, Any],
+                headers: Mapping[str, Any]) -> tuple[object, object, str | None]:
     """``(args, kwargs, None)`` for a JSON Celery task body, else ``(None, None, why not)``."""
     content_type = properties.get("content_type") or ""
     if headers.get("compression"):
@@ -107,6 +110,19 @@ def decode_body(body: bytes, properties: Mapping, headers: Mapping) -> tuple[obj
     return None, None, "body is JSON but not a Celery task ([args, kwargs, embed])"
 
 
+class Matched(Protocol):
+    """What :meth:`Selector.matches` reads: a :class:`Record`, or a snapshot entry of the web console."""
+
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def task(self) -> str | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def failed_at(self) -> float | None: ...
+
+
 @dataclass(frozen=True)
 class Selector:
     """Which messages a command acts on; an empty selector matches every message."""
@@ -120,7 +136,7 @@ class Selector:
     def __bool__(self) -> bool:
         return bool(self.ids or self.tasks or self.reasons) or (self.failed_after, self.failed_before) != (None, None)
 
-    def matches(self, r: Record) -> bool:
+    def matches(self, r: Matched) -> bool:
         if self.ids and r.id not in self.ids:
             return False
         if self.tasks and not any(fnmatch.fnmatchcase(r.task or "", pattern) for pattern in self.tasks):
@@ -132,7 +148,8 @@ class Selector:
         return self.failed_before is None or (r.failed_at is not None and r.failed_at <= self.failed_before)
 
 
-def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: str | None = None) -> dict:
+def requeue_headers(headers: Mapping[str, Any] | None, *, reset: bool, now: float,
+                    queue: str | None = None) -> dict[str, Any]:
     """The headers of a message sent back from a bug queue to a work queue.
 
     The bug-queue headers, the delivery count (``x-rare-deliveries``: a requeue starts it over) and
@@ -156,7 +173,7 @@ def requeue_headers(headers: Mapping | None, *, reset: bool, now: float, queue: 
     return out
 
 
-def fingerprint(body: bytes, properties: Mapping, headers: Mapping | None) -> str:
+def fingerprint(body: bytes, properties: Mapping[str, Any], headers: Mapping[str, Any] | None) -> str:
     """The identity of a message's content, the same each time it is read (quorum's delivery count aside)."""
     h = {k: v for k, v in (headers or {}).items() if k not in UNSTABLE} if isinstance(headers, Mapping) else headers
     props = {k: v for k, v in properties.items() if k != "application_headers"}
@@ -180,7 +197,7 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _epoch(value: object) -> float | None:
+def _epoch(value: Any) -> float | None:  # a header's value
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return float(value) if ok and 0 <= value < 32_503_680_000 else None
 

@@ -9,6 +9,7 @@ queue of a vhost; they are found from the tasks' schedules, or all possible ones
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from ..inventory import RareTaskInfo
 from ..topology import CLASSIC, UNROUTED_QUEUE, bug_queue_name, delay_queue, grid_values
@@ -45,15 +46,15 @@ def delay_users(tasks: list[RareTaskInfo], queues: Iterable[str] = ()) -> Delays
     return delays
 
 
-def probe(conn, works: Works, delays: Delays, scan: bool = False, extra: Delays | None = None,
-          breaker_uses: breakers.Uses | None = None) -> dict:
+def probe(conn: Any, works: Works, delays: Delays, scan: bool = False, extra: Delays | None = None,
+          breaker_uses: breakers.Uses | None = None) -> dict[str, Any]:
     """The report: ``{"work_queues": [...], "delay_queues": [...], "unrouted": {...}}``, read from the
     broker now, and ``"breakers": [...]`` when ``breaker_uses`` names any.
 
     Delay queues of ``delays`` are listed whether they exist or not; those of ``extra`` (seen some
     other way) and, with ``scan``, every possible one, only if they exist.
     """
-    report = {"work_queues": [], "delay_queues": []}
+    report: dict[str, Any] = {"work_queues": [], "delay_queues": []}
     for q, (kind, bug_names) in sorted(works.items()):
         found = bugs.depth(conn, q)
         report["work_queues"].append({
@@ -81,6 +82,6 @@ def probe(conn, works: Works, delays: Delays, scan: bool = False, extra: Delays 
     return report
 
 
-def bug_depth(conn, name: str) -> dict:
+def bug_depth(conn: Any, name: str) -> dict[str, Any]:
     found = bugs.depth(conn, name)
     return {"queue": name, "exists": found is not None, "messages": found and found[0]}

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .. import hops
 from ..headers import Attempt
-from ..policy import EXHAUSTED, EXPIRED, MIN_DELAY, Policy, RetryIn
+from ..policy import MIN_DELAY, Policy, RetryIn
+from ..reasons import EXHAUSTED, EXPIRED
 from ..topology import MAX_DELAY_MS, delay_queue, grid_floor
 from . import durations
 
@@ -98,7 +99,8 @@ def describe(info: RareTaskInfo, find: Callable[[object], tuple[str, RareTaskInf
         yield from _segment(info, label, policy, find, rows, [info.name], 0.0)
 
 
-def _segment(info, label: str, policy: Policy, find, rows: int, chain: list[str], start: float) -> Iterator[str]:
+def _segment(info: RareTaskInfo, label: str, policy: Policy, find: Callable[[object], tuple[str, RareTaskInfo | None]],
+             rows: int, chain: list[str], start: float) -> Iterator[str]:
     t = timeline(policy)
     life = "none" if policy.expires_in is None else durations.short(policy.expires_in)
     to = "" if policy.fallback is None else f", fallback {find(policy.fallback)[0]}"
@@ -123,8 +125,8 @@ def _segment(info, label: str, policy: Policy, find, rows: int, chain: list[str]
         name, target = find(t.fallback)
         where = f"the work hops to {name}"
     if t.end == EXPIRED:
-        yield (f"then: attempt {last + 1} would start at {durations.offset(start + t.refused_at)}, after the shelf "
-               f"life, so when attempt {last} fails {where} (reason: expired)")
+        yield (f"then: attempt {last + 1} would start at {durations.offset(start + cast(float, t.refused_at))}, "
+               f"after the shelf life, so when attempt {last} fails {where} (reason: expired)")
     elif t.end == EXHAUSTED:
         yield f"then: attempt {last} is the last; when it fails {where} (reason: exhausted)"
     else:

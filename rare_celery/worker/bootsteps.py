@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Any, cast
 
 from celery import bootsteps
 from celery.utils.imports import symbol_by_name
@@ -30,7 +31,7 @@ from .screen import Screen
 log = logging.getLogger(__name__)
 
 
-def rare_queues(app) -> dict[str, set[str]]:
+def rare_queues(app: Any) -> dict[str, set[str]]:
     """Work queue -> bug queues, for every RareTask registered in ``app`` (task_routes respected)."""
     out: dict[str, set[str]] = {}
     for info in rare_tasks(app):
@@ -45,7 +46,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
     name = "rare_celery"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, c, **kwargs):
+    def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         if sys.version_info >= (3, 11):  # py-amqp decodes header tables recursively; a 128 KB frame can
             sys.setrecursionlimit(max(sys.getrecursionlimit(), 30_000))  # nest ~26,000 deep (3.11+: no C stack)
@@ -61,7 +62,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
         c.on_unknown_message = self.screen.guard_body(c.on_unknown_message, REJECTED, "not a Celery task message")
         c.on_decode_error = self.screen.guard_decode(c.on_decode_error, REJECTED, "body could not be decoded: {exc}")
 
-    def start(self, c):
+    def start(self, c: Any) -> None:
         for name, task in c.app.tasks.items():  # Celery made new strategies for this connection
             if is_rare(task) and name in c.strategies:
                 c.strategies[name] = self.screen.strategy(task, c.strategies[name])
@@ -73,7 +74,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
         declare_worker_topology(c.connection, queues, bugs, own_kind(c.app))
         log.info("rare_celery: managing %s", ", ".join(queues) or "no queue")
 
-    def close(self, c):
+    def close(self, c: Any) -> None:
         """A worker that stops warm gives back the rare tasks' messages it had received and never
         started: each goes back to its queue as the same message, confirmed, then acked. No other
         worker then sees it redelivered: a redelivery always means a worker that died or lost its
@@ -101,7 +102,7 @@ class BreakerStep(bootsteps.ConsumerStep):
     name = "rare_celery.breakers"
     requires = ("celery.worker.consumer:Connection", "celery.worker.consumer.tasks:Tasks")
 
-    def __init__(self, c, **kwargs):
+    def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         c.rare_breakers = self.watch = None
         try:
@@ -112,7 +113,7 @@ class BreakerStep(bootsteps.ConsumerStep):
             board = context.start(c.app).board = breaker_io.Board.for_this_worker()  # pool processes read it
             c.rare_breakers = self.watch = breaker_io.Watch(settings, board)
 
-    def start(self, c):
+    def start(self, c: Any) -> None:
         self.consumers = []
         if self.watch is None:
             return
@@ -127,17 +128,17 @@ class BreakerStep(bootsteps.ConsumerStep):
         self.watch.load(c.connection)
         log.info("rare_celery: breakers %s", ", ".join(f"{n} {s.phase}" for n, s in sorted(self.watch.states.items())))
 
-    def shutdown(self, c):
+    def shutdown(self, c: Any) -> None:
         super().shutdown(c)
         if self.watch is not None:
             self.watch.board.remove()
 
-    def _heard(self, c, message) -> None:
+    def _heard(self, c: Any, message: Any) -> None:
         try:
             note = json.loads(message.body)
         except (TypeError, ValueError, UnicodeDecodeError):
             note = None
-        change = self.watch.hear(note)
+        change = cast(breaker_io.Watch, self.watch).hear(note)  # listening: a watch is set
         if change is None or change.note.get("by") != c.hostname:
             return
         try:
@@ -146,7 +147,7 @@ class BreakerStep(bootsteps.ConsumerStep):
             log.warning("rare_celery: could not report breaker %s %s: %r", change.state.name, change.kind, exc)
 
 
-def report_change(c, change: br.Change) -> None:
+def report_change(c: Any, change: br.Change) -> None:
     """Log, announce (a trip: its state note), signal and send the event of a change this worker made."""
     state, note = change.state, change.note
     if change.kind == br.OPENED and note["kind"] == br.FAILURE:
@@ -169,7 +170,7 @@ def report_change(c, change: br.Change) -> None:
         dispatcher.send(events.BREAKER[change.kind], uuid=note.get("task"), name=None, **fields)
 
 
-def preflight(app) -> None:
+def preflight(app: Any) -> None:
     """Before the worker consumes: check the names of its rare queues' bug queues and declare its rare
     work queues as the app defines them, so a queue that exists with other arguments is one clear
     error now instead of a traceback in a restart loop. A broker that cannot be reached yet is left to

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from billiard.einfo import ExceptionWithTraceback
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
@@ -59,7 +59,7 @@ class RareRequest(Request):
 
     rare_done = False
 
-    def __init__(self, message, *args, **kwargs):
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
         self.rare_queue = (message.delivery_info or {}).get(QUEUE_KEY)
         self._delivery_info[QUEUE_KEY] = self.rare_queue  # for the pool process (request.delivery_info)
@@ -67,20 +67,20 @@ class RareRequest(Request):
         if ctx is not None:  # until a pool process starts it, or it ends otherwise: see give_back
             ctx.waiting[id(self)] = self
 
-    def info(self, safe=False):
+    def info(self, safe: bool = False) -> dict[str, Any]:
         """Celery's view of the request (``celery inspect active``/``query_task``), without the
         delivering queue rare_celery passes to the pool process in ``delivery_info``."""
-        out = super().info(safe)
+        out: dict[str, Any] = super().info(safe)
         delivery = out.get("delivery_info")
         if isinstance(delivery, dict) and QUEUE_KEY in delivery:
             out["delivery_info"] = {k: v for k, v in delivery.items() if k != QUEUE_KEY}
         return out
 
-    def on_accepted(self, pid, time_accepted):
+    def on_accepted(self, pid: Any, time_accepted: Any) -> Any:
         self._not_waiting()
         return super().on_accepted(pid, time_accepted)
 
-    def on_success(self, failed__retval__runtime, **kwargs):
+    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> Any:
         self._not_waiting()
         return super().on_success(failed__retval__runtime, **kwargs)
 
@@ -104,7 +104,7 @@ class RareRequest(Request):
         self._finish()
         return True
 
-    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         self._not_waiting()
         if self.rare_done:
             return None
@@ -127,7 +127,7 @@ class RareRequest(Request):
         # the pool process failed outside the task's tracer: nothing was routed
         return self._put_back(f"the pool process failed: {type(exc).__name__}: {exc}"[: hdr.MAX_ERROR])
 
-    def on_timeout(self, soft, timeout):
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
         if soft:
             return super().on_timeout(soft, timeout)
         return self._lost(TimeLimitExceeded(timeout), TIME_LIMIT)
@@ -286,4 +286,4 @@ def _sender(request: Request) -> Callable[..., None] | None:
     eventer = request._eventer
     if not (eventer and eventer.enabled and request.task.send_events):
         return None
-    return eventer.send
+    return cast("Callable[..., None]", eventer.send)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from .. import breaker as br
 from .. import breaker_io, endings
@@ -115,7 +115,7 @@ class Screen:
             state = hdr.read(message.headers, now)
         except hdr.HeaderError:
             return False
-        return self._send_round(task, message, queue, state, until, now, breaker=name)
+        return self._send_round(task, message, queue, state, cast(float, until), now, breaker=name)  # set: not RUN
 
     def _send_round(self, task: Any, message: Any, queue: str | None, state: hdr.Attempt, due: float, now: float,
                     breaker: str | None = None) -> bool:

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from amqp.exceptions import AMQPError
@@ -21,12 +22,20 @@ from . import metrics, reading
 from .console import Console, Refused
 from .security import HEADERS, Guard
 
+if TYPE_CHECKING:
+    from collections import Counter
+    from collections.abc import Iterable
+
+    from flask.typing import ResponseReturnValue
+    from prometheus_client import CollectorRegistry
+    from werkzeug.datastructures import MultiDict
+
 PER_PAGE = (50, 100, 200)
 FIRST_WAIT = 1.5  # seconds a page waits for a read to finish before it shows its progress
 REFRESH_SECONDS = 5
 
 
-def create_app(console: Console, guard: Guard, registry=None, pages: bool = True) -> Flask:
+def create_app(console: Console, guard: Guard, registry: CollectorRegistry | None = None, pages: bool = True) -> Flask:
     """The WSGI app: every page when ``pages``, else only ``/metrics`` (``rare-celery metrics``)."""
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=1 << 20, JSON_SORT_KEYS=False)
@@ -37,7 +46,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
                                  refresh_seconds=REFRESH_SECONDS)
 
     @app.before_request
-    def gatekeeper():
+    def gatekeeper() -> Response | None:
         if not guard.host_allowed(request.headers.get("Host")):
             return Response("this console answers only to 127.0.0.1, localhost or [::1]\n", 421,
                             mimetype="text/plain")
@@ -58,25 +67,25 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
         return response
 
     @app.errorhandler(Refused)
-    def refused(exc: Refused):
+    def refused(exc: Refused) -> ResponseReturnValue:
         return render_template("error.html", title="Not done", message=str(exc)), 400
 
     @app.errorhandler(bugs.QueueMissing)
-    def missing(exc: bugs.QueueMissing):
+    def missing(exc: bugs.QueueMissing) -> ResponseReturnValue:
         return render_template("error.html", title="No such queue",
                                message=f"queue {exc.args[0]!r} does not exist at {console.where}"), 404
 
     @app.errorhandler(OSError)
     @app.errorhandler(AMQPError)
     @app.errorhandler(KombuError)
-    def broker_down(exc: Exception):
+    def broker_down(exc: Exception) -> ResponseReturnValue:
         text = " ".join(str(exc).split())
         return render_template("error.html", title="Broker problem",
                                message=f"broker {console.where}: {type(exc).__name__}: {text}"), 503
 
     if registry is not None:
         @app.route("/metrics")
-        def metrics():
+        def metrics() -> Response:
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
             return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
@@ -84,7 +93,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
 
     if not pages:
         @app.route("/")
-        def metrics_only():
+        def metrics_only() -> Response:
             return Response("rare-celery metrics: see /metrics\n", mimetype="text/plain")
 
         return app
@@ -92,21 +101,21 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
     # -- overview --------------------------------------------------------------------------------
 
     @app.route("/")
-    def overview_page():
+    def overview_page() -> ResponseReturnValue:
         return render_template("overview.html", title="Overview", report=_overview(console), now=time.time())
 
     @app.route("/overview/tables")
-    def overview_tables():
+    def overview_tables() -> ResponseReturnValue:
         return render_template("_overview_tables.html", report=_overview(console), now=time.time())
 
     @app.route("/api/overview")
-    def overview_json():
+    def overview_json() -> ResponseReturnValue:
         return jsonify(_overview(console))
 
     # -- a queue ---------------------------------------------------------------------------------
 
     @app.route("/queue")
-    def queue_page():
+    def queue_page() -> ResponseReturnValue:
         queue = request.args.get("q", "")
         console.readable(queue)
         filters = Filters.from_args(request.args)
@@ -130,7 +139,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
                                reasons=REASONS, unrouted_queue=queue == UNROUTED_QUEUE.name)
 
     @app.route("/queue/rescan", methods=["POST"])
-    def rescan():
+    def rescan() -> ResponseReturnValue:
         queue = request.form.get("q", "")
         console.snapshot(queue, fresh=True)
         return redirect(url_for("queue_page", q=queue) + _query(request.form.get("back", "")))
@@ -138,7 +147,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
     # -- a message -------------------------------------------------------------------------------
 
     @app.route("/message")
-    def message_page():
+    def message_page() -> ResponseReturnValue:
         queue, fp = request.args.get("q", ""), request.args.get("fp", "")
         started = time.monotonic()
         found = console.message(queue, fp, request.args.get("id") or None)
@@ -158,7 +167,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
     # -- actions ---------------------------------------------------------------------------------
 
     @app.route("/plan", methods=["POST"])
-    def plan():
+    def plan() -> ResponseReturnValue:
         form = request.form
         queue = form.get("q", "")
         action, _, scope = form.get("do", "").partition(":")
@@ -172,7 +181,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
                 raise Refused("no message chosen: tick the messages first")
             words = "this message" if scope == "one" else f"the {len(chosen)} messages ticked"
 
-            def wanted(held, chosen=chosen):
+            def wanted(held: bugs.Held, chosen: set[str] = chosen) -> bool:
                 return held.fingerprint in chosen
         elif scope == "matching":
             filters = Filters.from_args(form)
@@ -181,7 +190,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
                 raise Refused("no filter is set: tick 'every message of the queue' to act on all of them")
             words = filters.describe() or "every message of the queue"
 
-            def wanted(held, select=select):
+            def wanted(held: bugs.Held, select: records.Selector = select) -> bool:  # type: ignore[misc]  # same call
                 return select.matches(held.record)
         else:
             raise Refused("say which messages: one, the ones ticked, or every one matching the filter")
@@ -189,26 +198,26 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
         return redirect(url_for("job_page", job_id=job.id))
 
     @app.route("/confirm", methods=["POST"])
-    def confirm():
+    def confirm() -> ResponseReturnValue:
         job = console.take(request.form.get("token", ""))
         return redirect(url_for("job_page", job_id=job.id))
 
     @app.route("/jobs/<job_id>")
-    def job_page(job_id: str):
+    def job_page(job_id: str) -> ResponseReturnValue:
         job = console.job(job_id) or abort(404)
         console.wait(job, 0.5)
         back = url_for("queue_page", q=job.queue)
         return render_template("job.html", title=job.title, job=job, back=back, now=time.time())
 
     @app.route("/jobs/<job_id>.json")
-    def job_json(job_id: str):
+    def job_json(job_id: str) -> ResponseReturnValue:
         job = console.job(job_id) or abort(404)
         return jsonify(job.as_json())
 
     # -- schedules -------------------------------------------------------------------------------
 
     @app.route("/schedules")
-    def schedules():
+    def schedules() -> ResponseReturnValue:
         tasks = []
         for info in console.tasks:
             lines = list(tl.describe(info, console.find_task, 50))
@@ -226,13 +235,14 @@ REASONS = metrics.REASONS
 class Filters:
     """The filter of a queue page, from its query string (or a form that repeats it)."""
 
-    def __init__(self, tasks=(), reasons=(), ids=(), since="", older="", page=1, per=PER_PAGE[0]) -> None:
+    def __init__(self, tasks: Iterable[str] = (), reasons: Iterable[str] = (), ids: Iterable[str] = (), since: str = "",
+                 older: str = "", page: int = 1, per: int = PER_PAGE[0]) -> None:
         self.tasks, self.reasons, self.ids = tuple(tasks), tuple(reasons), tuple(ids)
         self.since, self.older, self.page, self.per = since, older, page, per
         self.problems: list[str] = []
 
     @classmethod
-    def from_args(cls, args) -> Filters:
+    def from_args(cls, args: MultiDict[str, str]) -> Filters:
         def words(name: str) -> list[str]:
             return [w for value in args.getlist(name) for w in value.replace(",", " ").split()]
 
@@ -264,7 +274,7 @@ class Filters:
         return records.Selector(frozenset(self.ids), self.tasks, frozenset(self.reasons),
                                 None if since is None else now - since, None if older is None else now - older)
 
-    def args(self, **extra) -> dict:
+    def args(self, **extra: Any) -> dict[str, Any]:
         out = {"task": " ".join(self.tasks) or None, "reason": list(self.reasons) or None,
                "id": " ".join(self.ids) or None, "since": self.since or None, "older": self.older or None,
                "per": self.per if self.per != PER_PAGE[0] else None}
@@ -298,11 +308,11 @@ def _query(text: str) -> str:
 
 # -- helpers for the templates -------------------------------------------------------------------
 
-def _overview(console: Console) -> dict:
+def _overview(console: Console) -> dict[str, Any]:
     return console.overview()
 
 
-def top(counter, most: int = 12) -> list[tuple[str | None, int]]:
+def top(counter: Counter[str | None], most: int = 12) -> list[tuple[str | None, int]]:
     return sorted(counter.items(), key=lambda kv: (-kv[1], kv[0] or ""))[:most]
 
 
@@ -342,7 +352,7 @@ def number(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else ("-" if value is None else str(value))
 
 
-def _hops(hops: list) -> list[dict]:
+def _hops(hops: list[Any]) -> list[dict[str, Any]]:
     """``x-rare-hops`` entries as rows; anything that is not an entry is shown as text."""
     out = []
     for h in hops:

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...inventory import RareTaskInfo, rare_tasks, task_name
 from ...topology import UNROUTED_QUEUE, bug_queue_name
@@ -45,7 +46,7 @@ class Job:
     error: str | None = None
     finished: float | None = None
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "queue": self.queue, "title": self.title, "state": self.state,
                 "total": self.progress.total, "done": self.progress.done, "error": self.error,
                 "seconds": round((self.finished or time.time()) - self.progress.started, 1),
@@ -67,7 +68,7 @@ class PendingPlan:
 class Console:
     """What the pages and the metrics work on: the app (or a broker URL), its queues, the jobs."""
 
-    def __init__(self, connect: Callable[[], object], app=None, where: str = "") -> None:
+    def __init__(self, connect: Callable[[], Any], app: Any = None, where: str = "") -> None:
         self.connect, self.app, self.where = connect, app, where
         self.tasks: list[RareTaskInfo] = rare_tasks(app) if app is not None else []
         self.breakers: breakers.Uses = breakers.uses(app, self.tasks) if app is not None else {}
@@ -101,7 +102,7 @@ class Console:
         return target, self.task(target)
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator:
+    def connection(self) -> Iterator[Any]:
         conn = self.connect()
         try:
             conn.connect()
@@ -110,7 +111,7 @@ class Console:
             with contextlib.suppress(Exception):
                 conn.release()
 
-    def overview(self, scan: bool = False) -> dict:
+    def overview(self, scan: bool = False) -> dict[str, Any]:
         """The status report of every rare work queue, bug queue and delay queue, plus ``rare.unrouted``
         and the app's circuit breakers (when it has any)."""
         works = status.work_queues(self.tasks)
@@ -199,7 +200,7 @@ class Console:
             return False
         return self.depth(snap.queue) != snap.depth
 
-    def _scan(self, queue: str, job: Job) -> dict:
+    def _scan(self, queue: str, job: Job) -> dict[str, Any]:
         with self.connection() as conn:
             snap = reading.scan(conn, queue, job.progress)
         with self._lock:
@@ -228,7 +229,7 @@ class Console:
             if problem:
                 raise Refused(problem)
 
-        def work(job: Job) -> dict:
+        def work(job: Job) -> dict[str, Any]:
             with self.connection() as conn:
                 def counted(held: bugs.Held) -> bool:
                     job.progress.done += 1
@@ -263,10 +264,10 @@ class Console:
         planned = found.count
         targets = dict(found.targets)
 
-        def work(job: Job) -> dict:
+        def work(job: Job) -> dict[str, Any]:
             job.progress.total = planned
 
-            def step(held) -> None:
+            def step(held: bugs.Held) -> None:
                 job.progress.done += 1
 
             send = moves.requeue_sender(pending.to, pending.reset, time.time()) if pending.action == "requeue" else None

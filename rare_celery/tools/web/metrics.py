@@ -19,11 +19,20 @@ import logging
 import threading
 import time
 from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 from ... import events, reasons
 from ...policy import MIN_DELAY
 from ...topology import MAX_DELAY_MS, grid_floor
 from ..breakers import PHASE_VALUES
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
+    from .console import Console
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +70,13 @@ class Counters:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.counts: dict[str, Counter] = {kind: Counter() for kind in COUNTERS}
+        self.counts: dict[str, Counter[Any]] = {kind: Counter() for kind in COUNTERS}
         self.received = 0
         self.connected = False
         self.delays: dict[tuple[str, int], set[str]] = {}  # delay queues seen in rare-retry events
 
-    def add(self, event: dict) -> None:
-        kind = event.get("type")
+    def add(self, event: dict[str, Any]) -> None:
+        kind: Any = event.get("type")  # an event's field
         spec = COUNTERS.get(kind)
         if spec is None:
             return
@@ -87,7 +96,7 @@ class Counters:
             if kind == events.RETRY:
                 self._saw_delay(event)
 
-    def _saw_delay(self, event: dict) -> None:
+    def _saw_delay(self, event: dict[str, Any]) -> None:
         delay, queue = event.get("delay"), event.get("queue")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not isinstance(queue, str):
             return
@@ -95,7 +104,7 @@ class Counters:
         if ms >= 1 and len(self.delays) < MAX_SERIES:
             self.delays.setdefault(("classic", grid_floor(ms)), set()).add(queue[:LABEL_WIDTH])
 
-    def snapshot(self) -> dict[str, Counter]:
+    def snapshot(self) -> dict[str, Counter[Any]]:
         with self.lock:
             return {kind: Counter(c) for kind, c in self.counts.items()}
 
@@ -104,7 +113,7 @@ class EventCounter:
     """A thread that receives the ``rare-*`` events of the broker's vhost and counts them; it
     reconnects after a broker restart."""
 
-    def __init__(self, app, counters: Counters, connect=None) -> None:
+    def __init__(self, app: Any, counters: Counters, connect: Callable[[], Any] | None = None) -> None:
         self.app, self.counters = app, counters
         self.connect = connect or app.connection_for_read
         self.receiver = None
@@ -153,7 +162,7 @@ class EventCounter:
             pause = min(pause * 2, 30.0)
 
 
-def breaker_gauges(rows: list[dict]) -> list:
+def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
     """The state of each circuit breaker (rows of :func:`rare_celery.tools.breakers.report`); one whose
     state could not be read has no samples at this scrape."""
     from prometheus_client.core import GaugeMetricFamily
@@ -176,7 +185,7 @@ def breaker_gauges(rows: list[dict]) -> list:
     return [state, periods, probe_at]
 
 
-def registry(console, counters: Counters):
+def registry(console: Console, counters: Counters) -> CollectorRegistry:
     """A prometheus_client registry with the console's collector."""
     from prometheus_client import CollectorRegistry
 
@@ -188,15 +197,16 @@ def registry(console, counters: Counters):
 class Collector:
     """Gauges from passive declares (cached :data:`OVERVIEW_CACHE` s), counters from the events."""
 
-    def __init__(self, console, counters: Counters) -> None:
+    def __init__(self, console: Console, counters: Counters) -> None:
         self.console, self.counters = console, counters
-        self._cached: tuple[float, dict] | None = None
+        self._cached: tuple[float, dict[str, Any] | None] | None = None
         self._lock = threading.Lock()
 
-    def _report(self) -> dict | None:
+    def _report(self) -> dict[str, Any] | None:
         with self._lock:
             if self._cached is not None and time.monotonic() - self._cached[0] < OVERVIEW_CACHE:
                 return self._cached[1]
+            report: dict[str, Any] | None
             try:
                 report = self.console.overview()
             except Exception as exc:  # noqa: BLE001 - the scrape still answers: broker_up 0
@@ -205,10 +215,10 @@ class Collector:
             self._cached = (time.monotonic(), report)
             return report
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         report = self._report()

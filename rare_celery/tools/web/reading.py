@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 from amqp.exceptions import NotFound
 
@@ -83,11 +83,11 @@ class Progress:
 class Reader:
     """The held messages of one read, delivered in queue order (see the module's docstring)."""
 
-    def __init__(self, conn, queue: str, limit: int = READ_LIMIT, deadline: float = READ_DEADLINE) -> None:
+    def __init__(self, conn: Any, queue: str, limit: int = READ_LIMIT, deadline: float = READ_DEADLINE) -> None:
         self.conn, self.queue, self.limit, self.deadline = conn, queue, limit, deadline
         self.depth = 0
         self.complete = True
-        self._pending: deque = deque()
+        self._pending: deque[Any] = deque()
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Iterator[bugs.Held]]:
@@ -103,7 +103,7 @@ class Reader:
             with contextlib.suppress(Exception):  # a closed channel puts every unacked message back
                 channel.close()
 
-    def _read(self, channel) -> Iterator[bugs.Held]:
+    def _read(self, channel: Any) -> Iterator[bugs.Held]:
         want = min(self.depth, self.limit)
         self.complete = want == self.depth
         if not want:
@@ -138,7 +138,7 @@ class Reader:
         deliveries for seconds: that is not the end)."""
         channel = self.conn.channel()
         try:
-            return channel.queue_declare(self.queue, passive=True).message_count
+            return cast(int, channel.queue_declare(self.queue, passive=True).message_count)
         except NotFound:
             return 0
         finally:
@@ -146,25 +146,25 @@ class Reader:
                 channel.close()
 
 
-def browse(conn, queue: str, limit: int = READ_LIMIT):
+def browse(conn: Any, queue: str, limit: int = READ_LIMIT) -> contextlib.AbstractContextManager[Iterator[bugs.Held]]:
     """A drop-in for :func:`rare_celery.tools.bugs.browse` (same guarantees, faster): for :func:`rare_celery.tools.moves.plan`."""
     return Reader(conn, queue, limit).open()
 
 
-class _Interner(dict):
-    def __call__(self, value):
+class _Interner(dict[str, Any]):
+    def __call__(self, value: Any) -> Any:
         if value is None:
             return None
         return self.setdefault(value, value)
 
 
-def entry(held: bugs.Held, intern: Callable) -> Entry:
+def entry(held: bugs.Held, intern: Callable[..., Any]) -> Entry:
     r = held.record
     return Entry(r.position, held.fingerprint, r.id, intern(r.task), intern(r.reason), r.attempts, r.failed_at,
                  r.first_attempt_at, intern(r.queue), intern(r.one_line_error(ERROR_WIDTH)), r.body_error is None)
 
 
-def scan(conn, queue: str, progress: Progress | None = None, limit: int = READ_LIMIT,
+def scan(conn: Any, queue: str, progress: Progress | None = None, limit: int = READ_LIMIT,
          deadline: float = READ_DEADLINE) -> Snapshot:
     """Read all of ``queue`` (up to ``limit`` messages) into a :class:`Snapshot`, then let go of it."""
     reader = Reader(conn, queue, limit, deadline)
@@ -181,7 +181,7 @@ def scan(conn, queue: str, progress: Progress | None = None, limit: int = READ_L
     return Snapshot(queue, entries, reader.depth, time.time(), time.monotonic() - started, reader.complete)
 
 
-def find(conn, queue: str, fingerprint: str, message_id: str | None = None,
+def find(conn: Any, queue: str, fingerprint: str, message_id: str | None = None,
          limit: int = READ_LIMIT) -> tuple[records.Record, bugs.Held] | None:
     """The record of the message with ``fingerprint`` (the first one, from the head), or ``None``.
 
@@ -197,6 +197,6 @@ def find(conn, queue: str, fingerprint: str, message_id: str | None = None,
     return None
 
 
-def counts(entries: list[Entry]) -> tuple[Counter, Counter]:
+def counts(entries: list[Entry]) -> tuple[Counter[Any], Counter[Any]]:
     """Messages by reason and by task."""
     return Counter(e.reason for e in entries), Counter(e.task for e in entries)

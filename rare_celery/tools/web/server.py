@@ -6,15 +6,25 @@ import contextlib
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING, Any
 
 import click
 
 DEFAULT_PORT, METRICS_PORT = 5580, 5581
 THREADS = 8
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from flask import Flask
+
+    from .console import Console
+    from .metrics import EventCounter
+
 NEEDS = 'the web console needs its extra: pip install "rare-celery[web]"'
 
 
-def build(e, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True):
+def build(e: Any, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True
+          ) -> tuple[Flask, Console, EventCounter | None]:
     """The WSGI app for the CLI's :class:`~rare_celery.tools.cli.Env` ``e``, and what to stop at the end."""
     from .app import create_app
     from .console import Console
@@ -35,13 +45,13 @@ def build(e, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, e
     return wsgi, console, receiver
 
 
-def _plain_app(broker: str):
+def _plain_app(broker: str | None) -> Any:
     from celery import Celery
 
     return Celery("rare-celery-web", broker=broker, set_as_current=False)
 
 
-def serve(e, bind: str, port: int, auth_text: str | None, pages: bool, fail) -> None:
+def serve(e: Any, bind: str, port: int, auth_text: str | None, pages: bool, fail: Callable[[str], Exception]) -> None:
     try:
         import flask  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -76,7 +86,7 @@ def serve(e, bind: str, port: int, auth_text: str | None, pages: bool, fail) -> 
 
     stopping = threading.Event()
 
-    def stop(signum=None, frame=None) -> None:
+    def stop(signum: int | None = None, frame: Any = None) -> None:
         if not stopping.is_set():
             stopping.set()
             raise KeyboardInterrupt
