@@ -117,8 +117,12 @@ class RareConsumerStep(bootsteps.StartStopStep):
         request = Bunch(name=headers.get("task"), chord=None, root_id=headers.get("root_id"), errbacks=None,
                         correlation_id=message.properties.get("correlation_id"),
                         reply_to=message.properties.get("reply_to"))
-        c.app.backend.mark_as_failure(headers.get("id"), exc, request=request)  # .get() must not hang
-        return
+        if not isinstance(headers.get("id"), str):  # no task id: no result to mark (a key-value backend raises)
+            return
+        try:
+            c.app.backend.mark_as_failure(headers["id"], exc, request=request)  # .get() must not hang
+        except Exception as err:  # noqa: BLE001 - the message is in the bug queue; the worker goes on
+            log.warning("rare_celery: could not store the failure of %s: %r", headers["id"], err)
 
     def _guard_body(self, c, original, reason: str, why: str):
         """Wrap one of Celery's handlers of bad task messages, ``(body, message[, exc])``: copy the
