@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import os
 import re
@@ -110,3 +111,14 @@ def until(predicate, timeout: float = 30, what: str = "condition"):
 
 def now() -> float:
     return time.time()
+
+
+@contextlib.contextmanager
+def console_client(broker_url: str):
+    """The console of ``rare-celery --broker URL web`` in this process (no event receiver), as a Flask
+    test client that sends what a browser that opened the printed address would."""
+    from rare_celery.tools.cli import Env
+    from rare_celery.tools.web.server import build
+
+    wsgi, console, _ = build(Env(None, broker_url), None, True, events=False)
+    yield wsgi.test_client()

@@ -111,6 +111,7 @@ def browse(conn, queue: str) -> Iterator[Iterator[Held]]:
     At most as many as the queue held at the start: messages published meanwhile, behind them, are
     not read. Raises :class:`QueueMissing`.
     """
+    records.allow_deep_headers()
     channel = conn.channel()
     channel.auto_decode = False  # py-amqp would turn bodies with a content_encoding into str: keep the bytes
     try:
@@ -138,6 +139,7 @@ class Publisher:
     """Publishes on a confirm channel of its own; :meth:`send` returns once the broker has the message."""
 
     def __init__(self, conn) -> None:
+        records.allow_deep_headers()  # a message read with a deep header is written back with it
         self.channel = conn.channel()
         self.channel.confirm_select()
         self._returned: list[str] = []
@@ -198,6 +200,7 @@ def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held,
 
 
 def headers_of(held: Held) -> Mapping:
+    """The message's own headers (a requeue keeps them, however deep they nest)."""
     headers = held.message.headers
     return headers if isinstance(headers, Mapping) else {}
 

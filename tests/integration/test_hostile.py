@@ -3,10 +3,12 @@ broker). The worker side: tests/integration/test_faults.py and test_fuzz.py; the
 
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 
 import pytest
+from kombu import Connection
 
 from rare_celery.tools import bugs
 from tests.integration.test_cli import bug_message, cli, drain, one_line_error, publish, script, settled
@@ -87,3 +89,75 @@ def test_a_password_with_an_unescaped_character_is_one_line_exit_2_without_it(vh
     assert "percent-encoded" in text, text
     for piece in (password, *password.replace("?", "/").replace("#", "/").split("/")):
         assert piece not in text, (piece, text)
+
+
+# -- item 2: a header nested ~1,500 deep at the head of a bug queue --------------------------------------
+
+def deep_message(depth: int, task_id: str):
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return bug_message(task_id=task_id, extra={"x-deep": value})
+
+
+def test_a_deeply_nested_header_at_the_head_does_not_stop_the_tools(vhost, env, queue):
+    """inspect-bugs lists it and what is behind it, requeue-bugs moves it, purge-bugs deletes it; the
+    console reads the queue and shows the header as unreadable."""
+    target = f"{queue}.work"
+    messages = [deep_message(1500, "deep"), bug_message(task_id="second", queue=target),
+                bug_message(task_id="third", queue=target)]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # to encode it here; the tools below run with the limit they set
+    try:
+        publish(vhost.url, queue, messages)
+    finally:
+        sys.setrecursionlimit(limit)
+    publish(vhost.url, target, [])
+    ran = cli("--broker", vhost.url, "inspect-bugs", queue, "--json")
+    assert ran.code == 0, ran.err
+    assert [r["id"] for r in ran.json_lines()] == ["deep", "second", "third"]
+    settled(vhost, queue, 3)
+
+    from rare_celery.tools.web import reading
+    from tests.web_support import console_client  # the console, in process
+
+    with console_client(vhost.url) as client:
+        with Connection(vhost.url) as conn:
+            snap = reading.scan(conn, queue)
+        assert [e.id for e in snap.entries] == ["deep", "second", "third"]
+        page = client.get(f"/message?q={queue}&fp={snap.entries[0].fingerprint}")
+        assert page.status_code == 200, page.text[:2000]
+        assert "unreadable: nested deeper than 32 levels" in page.text
+    settled(vhost, queue, 3)
+
+    ran = cli("--broker", vhost.url, "requeue-bugs", queue, "--all", "--to", target, "--yes")
+    assert ran.code == 0, ran.err
+    assert f"requeued 3 messages from {queue}" in ran.out
+    assert sorted(m.headers["id"] for m in drain(vhost.url, target)) == ["deep", "second", "third"]
+    sys.setrecursionlimit(10_000)
+    try:
+        publish(vhost.url, queue, messages)  # again, for the purge
+    finally:
+        sys.setrecursionlimit(limit)
+    ran = cli("--broker", vhost.url, "purge-bugs", queue, "--all", "--yes")
+    assert ran.code == 0 and f"deleted 3 messages from {queue}" in ran.out, ran.err
+    settled(vhost, queue, 0)
+
+
+# -- item 8: task arguments on the message page go through the control-character filter -------------------
+
+def test_task_arguments_on_the_message_page_show_control_characters_as_escapes(vhost, env, queue):
+    from tests.web_support import console_client
+
+    publish(vhost.url, queue, [bug_message(args=["tab\u202eexe.txt", "\x1b[2J"], task_id="rlo")])
+    with console_client(vhost.url) as client:
+        with Connection(vhost.url) as conn:
+            from rare_celery.tools.web import reading
+
+            snap = reading.scan(conn, queue)
+        page = client.get(f"/message?q={queue}&fp={snap.entries[0].fingerprint}")
+        assert page.status_code == 200
+        text = page.get_data(as_text=True)
+        assert "\u202e" not in text and "\x1b" not in text
+        assert "tab\\u202eexe.txt" in text
+    drain(vhost.url, queue)

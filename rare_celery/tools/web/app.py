@@ -148,8 +148,7 @@ def create_app(console: Console, guard: Guard, registry=None, pages: bool = True
                                            f"or its headers changed)"), 404
         record, held = found
         return render_template("message.html", title=record.task or "message", queue=queue, r=record, fp=fp,
-                               headers=sorted((held.message.headers or {}).items()) if isinstance(
-                                   held.message.headers, dict) else [],
+                               headers=sorted(records.shown_headers(held.message.headers).items()),
                                properties=sorted((k, v) for k, v in held.message.properties.items()
                                                  if k != "application_headers"),
                                hops=_hops(record.hops), now=time.time(), seconds=time.monotonic() - started,

@@ -156,6 +156,10 @@ class Console:
                 job.state, job.error = "failed", str(exc)
             except bugs.QueueMissing:
                 job.state, job.error = "failed", f"queue {queue!r} does not exist"
+            except bugs.Interrupted as exc:
+                job.state = "failed"
+                job.error = exc.describe()
+                job.result = {"summary": job.error, "moved": exc.done}
             except bugs.MoveFailed as exc:
                 job.state = "failed"
                 job.error = f"{exc}; stopped after {exc.done}, the rest stays in {queue}"

@@ -16,6 +16,7 @@ NEEDS = 'the web console needs its extra: pip install "rare-celery[web]"'
 
 def build(e, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True):
     """The WSGI app for the CLI's :class:`~rare_celery.tools.cli.Env` ``e``, and what to stop at the end."""
+    from .. import bugs
     from .app import create_app
     from .console import Console
     from .metrics import Counters, EventCounter, registry
@@ -28,7 +29,7 @@ def build(e, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, e
     receiver = None
     if events:
         app = e.app if e.app is not None else _plain_app(e.broker)
-        connect = (lambda: app.connection_for_read(e.broker)) if e.broker else app.connection_for_read
+        connect = lambda: app.connection_for_read(e.broker, heartbeat=bugs.HEARTBEAT)  # noqa: E731
         receiver = EventCounter(app, counters, connect).start()
     guard = Guard(auth, loopback)
     wsgi = create_app(console, guard, registry(console, counters), pages=pages)
