@@ -120,5 +120,5 @@ def console_client(broker_url: str):
     from rare_celery.tools.cli import Env
     from rare_celery.tools.web.server import build
 
-    wsgi, console, _ = build(Env(None, broker_url), None, True, events=False)
+    wsgi, _, _ = build(Env(None, broker_url), None, True, events=False)
     yield wsgi.test_client()

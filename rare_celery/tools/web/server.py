@@ -29,7 +29,7 @@ def build(e, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, e
     receiver = None
     if events:
         app = e.app if e.app is not None else _plain_app(e.broker)
-        connect = lambda: app.connection_for_read(e.broker, heartbeat=bugs.HEARTBEAT)  # noqa: E731
+        connect = lambda: app.connection_for_read(e.broker, heartbeat=bugs.HEARTBEAT)
         receiver = EventCounter(app, counters, connect).start()
     guard = Guard(auth, loopback)
     wsgi = create_app(console, guard, registry(console, counters), pages=pages)
