@@ -161,3 +161,28 @@ def test_task_arguments_on_the_message_page_show_control_characters_as_escapes(v
         assert "\u202e" not in text and "\x1b" not in text
         assert "tab\\u202eexe.txt" in text
     drain(vhost.url, queue)
+
+
+# -- item 5: the console answers only to whoever has the address it printed ---------------------------------
+
+def test_the_console_needs_the_token_it_printed_and_says_it_can_purge_any_queue(vhost, env):
+    from tests.web_support import WebServer
+
+    server = WebServer("--broker", vhost.url)
+    try:
+        assert server.token and len(server.token) >= 24
+        stranger = {"Cookie": "x=1"}  # another local process: it knows the port, not the token
+        assert server.get("/", **stranger).status == 403
+        assert server.get("/queue?q=anything", **stranger).status == 403
+        assert server.get("/?token=" + "x" * len(server.token), **stranger).status == 403
+        assert server.post("/plan", {"q": "work", "do": "purge:matching", "everything": "yes"}, **stranger).status == 403
+        assert server.get("/metrics", **stranger).status == 200  # read only, for scrapers
+        first = server.get(server.start_url[len(server.url):], **stranger)  # a browser opening the printed address
+        assert first.status == 302 and first.headers["Location"].endswith("/")
+        cookie = first.headers["Set-Cookie"]
+        assert server.token in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        page = server.get("/")  # with the cookie
+        assert page.status == 200 and 'id="any-queue"' in page.text and "live work queues" in page.text
+    finally:
+        out = server.stop()
+    assert "can read, requeue from and purge any queue" in out

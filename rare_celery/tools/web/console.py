@@ -12,6 +12,7 @@ import contextlib
 import secrets
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ PLAN_TTL = 900.0  # seconds a confirmation stays valid
 SNAPSHOT_REUSE = 5.0  # seconds a snapshot is used as it is
 AUTO_RESCAN_BELOW = 20_000  # older snapshots of smaller queues are read again when their depth changed
 KEEP_JOBS = 50
+KEEP_SNAPSHOTS = 50  # queues whose last read is kept (the oldest goes first)
+LOCKS = 64
 
 
 class Refused(Exception):
@@ -72,10 +75,11 @@ class Console:
         self.tasks: list[RareTaskInfo] = rare_tasks(app) if app is not None else []
         self.breakers: breakers.Uses = breakers.uses(app, self.tasks) if app is not None else {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.snapshots: dict[str, reading.Snapshot] = {}
+        # bounded, whatever queue names are asked for: the newest snapshots, the scans running, a fixed set of locks
+        self.snapshots: OrderedDict[str, reading.Snapshot] = OrderedDict()
         self.scans: dict[str, Job] = {}
         self.plans: dict[str, PendingPlan] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks = tuple(threading.Lock() for _ in range(LOCKS))
         self._lock = threading.Lock()
         self.seen_delays: status.Delays = {}  # delay queues seen in events (the metrics' receiver)
 
@@ -137,8 +141,9 @@ class Console:
     # -- jobs ------------------------------------------------------------------------------------
 
     def queue_lock(self, queue: str) -> threading.Lock:
-        with self._lock:
-            return self._locks.setdefault(queue, threading.Lock())
+        """The lock that serializes reads and moves of ``queue`` (one of :data:`LOCKS`, by the name's hash:
+        two queues may share one, and then wait for each other)."""
+        return self._locks[zlib.crc32(queue.encode("utf-8", "surrogatepass")) % LOCKS]
 
     def start(self, kind: str, queue: str, title: str, work: Callable[[Job], object]) -> Job:
         job = Job(secrets.token_hex(8), kind, queue, title)
@@ -195,6 +200,7 @@ class Console:
             return snap, None
         job = self.start("scan", queue, f"reading {queue}", lambda job: self._scan(queue, job))
         with self._lock:
+            self.scans = {q: j for q, j in self.scans.items() if j.state == "running"}
             self.scans[queue] = job
         return snap, job
 
@@ -207,7 +213,10 @@ class Console:
         with self.connection() as conn:
             snap = reading.scan(conn, queue, job.progress)
         with self._lock:
+            self.snapshots.pop(queue, None)
             self.snapshots[queue] = snap
+            while len(self.snapshots) > KEEP_SNAPSHOTS:
+                self.snapshots.popitem(last=False)
         return {"summary": f"read {len(snap.entries)} messages of {queue} in {snap.seconds:.1f} s"}
 
     def forget(self, queue: str) -> None:
