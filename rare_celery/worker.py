@@ -11,9 +11,11 @@ import sys
 import time
 
 from celery import bootsteps
+from celery.exceptions import InvalidTaskError
 from celery.utils.imports import symbol_by_name
 from celery.utils.objects import Bunch
 from kombu import Consumer, Queue, binding
+from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.utils.uuid import uuid
 
 from . import breaker as br
@@ -86,6 +88,8 @@ class RareConsumerStep(bootsteps.StartStopStep):
                 message.delivery_info[rare_request.QUEUE] = queue
             if isinstance(headers, dict) and hdr.too_deep(headers):
                 return self._too_deep(c, message, queue)
+            if isinstance(headers, dict) and hdr.protocol_problem(headers):
+                return self._too_deep(c, message, queue, hdr.protocol_problem(headers))
             if (message.delivery_info or {}).get("redelivered"):
                 rare_request.put_back(task, message, queue, "redelivered: a worker stopped, died or lost its "
                                       "connection with it unacked", lost=True, ack=message.ack,
@@ -100,13 +104,20 @@ class RareConsumerStep(bootsteps.StartStopStep):
             watch = getattr(c, "rare_breakers", None)
             if watch is not None and task.rare_breaker is not None and wait_for_breaker(c, task, message, queue, watch):
                 return None
-            return strategy(message, *args, **kwargs)
+            try:
+                return strategy(message, *args, **kwargs)
+            except (InvalidTaskError, ContentDisallowed, DecodeError):
+                raise
+            except Exception as exc:  # Celery cannot make a request of it (a body not [args, kwargs, embed]):
+                raise InvalidTaskError(f"{type(exc).__name__}: {exc}") from exc  # to the bug queue, not a crash
         return screened
 
-    def _too_deep(self, c, message, queue):
+    def _too_deep(self, c, message, queue, problem: str | None = None):
         headers = message.headers
-        key = next(k for k, v in headers.items() if hdr.too_deep(v, hdr.MAX_DEPTH - 1))
-        exc = hdr.HeaderError(f"header {key} is nested deeper than {hdr.MAX_DEPTH} levels")
+        if problem is None:
+            key = next(k for k, v in headers.items() if hdr.too_deep(v, hdr.MAX_DEPTH - 1))
+            problem = f"header {key} is nested deeper than {hdr.MAX_DEPTH} levels"
+        exc = hdr.HeaderError(problem)
         try:
             _copy_to_bugs(c.app, message, queue, REJECTED, str(exc))
         except Exception as err:  # noqa: BLE001 - kept unacked: redelivered after a reconnect
