@@ -228,9 +228,9 @@ def _protocol_ok(value: object, kind: object) -> bool:
             v is None or (isinstance(v, number) and not isinstance(v, bool) and math.isfinite(v) and v >= 0) for v in value)
     if kind == "names":
         return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-    if kind == "stamps":
+    if kind == "stamps":  # (a string: Celery's request takes it; a copy of the message cannot be built: put back)
         scalar = (str, int, float, bool)
-        return isinstance(value, dict) and all(
+        return isinstance(value, str) or isinstance(value, dict) and all(
             isinstance(k, str) and (isinstance(v, scalar) or v is None or isinstance(v, (list, tuple)) and all(
                 isinstance(x, scalar) or x is None for x in v)) for k, v in value.items())
     return isinstance(value, kind)
