@@ -12,7 +12,7 @@ from kombu import Connection
 
 from rare_celery.tools import bugs
 from tests.integration.test_cli import bug_message, cli, drain, one_line_error, publish, script, settled
-from tests.support import StallingProxy
+from tests.support import StallingProxy, wait_for
 
 
 @pytest.fixture()
@@ -186,3 +186,28 @@ def test_the_console_needs_the_token_it_printed_and_says_it_can_purge_any_queue(
     finally:
         out = server.stop()
     assert "can read, requeue from and purge any queue" in out
+
+
+def test_a_silent_connection_ends_the_consoles_read_and_lets_go_of_the_queue(vhost, env, queue, monkeypatch):
+    """The console reads through a connection that goes silent mid-read: the read fails within its
+    timeouts, says why, and the queue's lock is free again (before: the read, and the lock, for ever)."""
+    from rare_celery.tools.cli import Env
+    from rare_celery.tools.web.server import build
+
+    monkeypatch.setattr(bugs, "READ_TIMEOUT", 1.0)
+    publish(vhost.url, queue, [bug_message(task_id=f"m{i}", error="e" * 2000) for i in range(3000)])
+    proxy = StallingProxy()
+    try:
+        _, console, _ = build(Env(None, proxy.url(vhost.name)), None, True, events=False)
+        _, job = console.snapshot(queue)
+        wait_for(lambda: job.progress.done > 0 or job.state != "running", 20, 0.01, "the read to start")
+        proxy.stalled.set()
+        assert console.wait(job, 20), "the read still runs"
+        assert job.state == "failed" and "the broker stopped answering (nothing for 1 s)" in job.error, job.error
+        lock = console.queue_lock(queue)
+        assert lock.acquire(timeout=1)
+        lock.release()
+    finally:
+        proxy.close()
+    settled(vhost, queue, 3000)
+    drain(vhost.url, queue)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 import threading
 import time
 import zlib
@@ -161,6 +162,8 @@ class Console:
                 job.state, job.error = "failed", str(exc)
             except bugs.QueueMissing:
                 job.state, job.error = "failed", f"queue {queue!r} does not exist"
+            except socket.timeout:
+                job.state, job.error = "failed", f"the broker stopped answering (nothing for {bugs.READ_TIMEOUT:g} s)"
             except bugs.Interrupted as exc:
                 job.state = "failed"
                 job.error = exc.describe()

@@ -117,7 +117,11 @@ class Reader:
         transport = self.conn.connection
         ends = time.monotonic() + self.deadline
         position = quiet = 0
+        beat = time.monotonic()
         while position < want:
+            if time.monotonic() - beat > 1.0:  # a read sends nothing: heartbeats keep the broker from closing it
+                beat = time.monotonic()
+                self.conn.heartbeat_check()
             if not self._pending:
                 if time.monotonic() > ends:
                     self.complete = False
