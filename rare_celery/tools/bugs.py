@@ -74,6 +74,8 @@ class Interrupted(RuntimeError):
         if self.unsure and self.moving:
             text += ("; the message being moved then may now be in both queues (its copy was sent, its removal "
                      "may not have arrived): look for it with inspect-bugs before moving it again")
+        elif self.done and not self.moving:
+            text += " (the last removal may not have arrived: that message may still be there)"
         return text
 
 
