@@ -193,7 +193,7 @@ def take(conn, queue: str, wanted: Callable[[Held], bool], send: Callable[[Held,
                 done += 1
                 if progress is not None:
                     progress(held)
-    except (OSError, AMQPError) as exc:
+    except (OSError, AMQPError, RecursionError) as exc:  # (RecursionError: a deep header, Python < 3.11)
         raise Interrupted(exc, queue, done, unsure, send is not None) from None
     finally:
         if publisher is not None:

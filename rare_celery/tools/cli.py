@@ -172,6 +172,10 @@ class Env:
         except socket.timeout:
             dead = True
             raise Failure(f"broker {where}: the broker stopped answering (nothing for {bugs.READ_TIMEOUT:g} s)") from None
+        except RecursionError:  # py-amqp decodes header tables recursively (see records.allow_deep_headers)
+            dead = True
+            raise Failure(f"broker {where}: a message's headers nest deeper than Python "
+                          f"{sys.version_info[0]}.{sys.version_info[1]} can read (3.11 and later read them)") from None
         except (OSError, AMQPError, KombuError) as exc:
             raise Failure(f"broker {where}: {_why(exc)}") from None
         finally:
