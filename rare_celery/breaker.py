@@ -18,6 +18,10 @@ Notes are ordered by ``(gen, phase)``: within a generation open < probing < clos
 generation is later than all of the one before, so workers agree whatever order the notes
 arrive in, and an old note never undoes a newer state. Two opens of the same generation (two
 workers saw the tripping failure at once) agree on the later probe time: never early.
+
+Clocks. Notes are validated (a bad one is dropped with one log line) and read on the receiver's
+clock (:func:`localize`): a note counts from when it is heard, an open period is the duration it
+carries. A worker whose clock runs ahead does not stretch anyone else's open period.
 """
 
 from __future__ import annotations
@@ -207,12 +211,33 @@ def note_problem(note: object) -> str | None:
         return "no valid gen"
     if not _time(at):
         return "no valid time"
-    if kind == OPENED and not (_time(note.get("until")) and _time(note.get("open_for"), 1e9)):
+    if kind == OPENED and not (_time(note.get("until")) and _time(note.get("open_for"), _MAX_SECONDS)):
         return "an open note without until and open_for"
+    if kind in CHANGES:  # a probe note carries the period it ends: a failed probe doubles it
+        if note.get("until") is not None and not _time(note["until"]):
+            return "no valid until"
+        if note.get("open_for") is not None and not (_time(note["open_for"], _MAX_SECONDS) and note["open_for"] > 0):
+            return "no valid open_for"
     for key in ("by", "task"):
         if note.get(key) is not None and (not isinstance(note[key], str) or len(note[key]) > 255):
             return f"no valid {key}"
     return None
+
+
+def localize(note: dict[str, Any], now: float) -> dict[str, Any]:
+    """A valid ``note`` with its times on the receiving worker's clock, ``now`` being when it was heard:
+    ``at`` becomes ``now``, and an open note's probe time ``now`` plus what was left of its period when
+    it was sent (``until - at``: both read on the sender's clock, so a sender whose clock is off does not
+    change it; at most ``open_for``). Workers' clocks need not agree: every period is a duration, and
+    each worker counts it on its own clock. (A note read later from the state queue has aged unseen:
+    its period counts from when it is read, never shorter.)"""
+    out = {**note, "at": now}
+    if note.get("until") is not None:
+        left = note["until"] - note["at"]
+        if note.get("open_for") is not None:
+            left = min(left, note["open_for"])
+        out["until"] = now + max(0.0, left)
+    return out
 
 
 def _time(value: object, limit: float = 32_503_680_000.0) -> bool:

@@ -11,7 +11,10 @@
   connection of the process running the probe and goes with it: when the probe ends, and when that
   process dies. No lock server: the broker already is one.
 * **The board**: a worker's main process writes the states it knows to a file that its pool
-  processes read before each attempt of a breaker's task (one ``stat`` when nothing changed).
+  processes read before each attempt of a breaker's task (one ``stat`` when nothing changed). The
+  file is in a private directory made for the worker (``mkdtemp``), not at a path anyone can guess.
+* **Clocks**: every note is validated and read on the receiving worker's clock
+  (:func:`rare_celery.breaker.localize`): open periods are durations, not the sender's times.
 
 Notes are reports, never the message's safety: publishing one that fails is logged, and the
 attempt's message ends as it would without a breaker.
@@ -108,7 +111,7 @@ def read_state(connection: Any, name: str) -> br.State | None:
     note, problem = last_note(connection, name)
     if problem:
         log.warning("rare_celery: breaker %s: %s", name, problem)
-    return br.from_note(note) if note is not None else None
+    return br.from_note(br.localize(note, time.time())) if note is not None else None
 
 
 class ProbeLock:
@@ -159,7 +162,10 @@ class Board:
 
     @classmethod
     def for_this_worker(cls) -> Board:
-        return cls(os.path.join(tempfile.gettempdir(), f"rare-celery-breakers-{os.getpid()}.json"))
+        """A board in a directory of its own, made for this worker (``tempfile.mkdtemp``: a name nobody
+        can guess or take first, mode 0700): only this worker's processes know it (the pool processes
+        inherit the path), whoever else shares ``/tmp`` or the pid."""
+        return cls(os.path.join(tempfile.mkdtemp(prefix="rare-celery-breakers-"), "board.json"))
 
     def write(self, states: dict[str, br.State]) -> None:
         data = json.dumps({name: {**asdict(s), "failures": list(s.failures)} for name, s in states.items()})
@@ -188,6 +194,8 @@ class Board:
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.path))  # its own directory; left alone if anything else is in it
 
 
 def board_state(app: Any, name: str) -> br.State | None:
@@ -242,6 +250,7 @@ class Watch:
         settings = self.settings.get(note["breaker"])
         if settings is None:
             return None
+        note = br.localize(note, time.time())  # on this worker's clock (see rare_celery.breaker)
         old = self.states[note["breaker"]]
         new, change = br.apply(old, note, settings)
         if new != old:

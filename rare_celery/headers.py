@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from .durations import EPOCH_MAX, MAX_DELAY
 
@@ -211,6 +211,51 @@ def _fits(headers: dict[str, Any], budget: int) -> bool:
         if total > budget:
             return _size(headers) <= budget and not too_deep(headers)
     return True
+
+
+_TEXT, _COUNT = "text", "count"
+# Celery's protocol 2 headers whose type Celery's worker relies on (a wrong one makes its consumer raise
+# outside any handler: the worker stops): key -> what it must be when present and not null
+PROTOCOL = {"id": _TEXT, "task": _TEXT, "root_id": _TEXT, "parent_id": _TEXT, "group": _TEXT, "shadow": _TEXT,
+            "argsrepr": _TEXT, "kwargsrepr": _TEXT, "origin": _TEXT, "lang": _TEXT, "retries": _COUNT,
+            "group_index": _COUNT, "replaced_task_nesting": _COUNT, "ignore_result": bool,
+            "timelimit": "limits", "stamped_headers": "names", "stamps": "stamps"}
+
+
+def protocol_problem(headers: Mapping[str, Any]) -> str | None:
+    """Why a task message's Celery headers (protocol 2) cannot be run as Celery reads them, or ``None``:
+    a task id that is not a non-empty string, a count that is not a whole number, a time limit that is not
+    two numbers, stamps that are not names and scalar values. (Protocol 1, without a ``task`` header: not
+    looked at.)"""
+    if "task" not in headers:
+        return None
+    if not isinstance(headers.get("id"), str) or not headers["id"]:
+        return "header id (the task id) is not a non-empty string"
+    for key, kind in PROTOCOL.items():
+        value = headers.get(key)
+        if value is None or _protocol_ok(value, kind):
+            continue
+        return f"header {key} is not what Celery's protocol says ({_clip(repr(value), 60)})"
+    return None
+
+
+def _protocol_ok(value: object, kind: object) -> bool:
+    number = (int, float)
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _COUNT:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ATTEMPT
+    if kind == "limits":
+        return isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            v is None or (isinstance(v, number) and not isinstance(v, bool) and math.isfinite(v) and v >= 0) for v in value)
+    if kind == "names":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if kind == "stamps":  # (a string: Celery's request takes it; a copy of the message cannot be built: put back)
+        scalar = (str, int, float, bool)
+        return isinstance(value, str) or isinstance(value, dict) and all(
+            isinstance(k, str) and (isinstance(v, scalar) or v is None or isinstance(v, (list, tuple)) and all(
+                isinstance(x, scalar) or x is None for x in v)) for k, v in value.items())
+    return isinstance(value, cast(type, kind))
 
 
 def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:

@@ -553,3 +553,90 @@ class Workload:
             waiting = peek_ids(self.vhost.url, queues) & (self.jobs.keys() - ended)
         return tally(self.jobs, self.records.all(), bug_reasons(self.bug_messages), self.faults.MAX_ATTEMPTS,
                      waiting)
+
+
+# -- a TCP proxy on loopback that can go silent (issue 24: a dead connection that is not closed) ------------
+
+class StallingProxy:
+    """Forwards TCP connections from 127.0.0.1:``port`` to the broker; after the client has sent
+    ``stall_after_acks`` ``basic.ack`` frames it stops forwarding anything, either way, without closing
+    (a cable pulled, a NAT entry dropped): the broker and the client each see a silent peer. ``close()``
+    ends every connection (the broker then puts back what it had handed out)."""
+
+    BASIC_ACK = (60, 80)
+
+    def __init__(self, stall_after_acks: int | None = None, target: str = HOST) -> None:
+        import socket
+        import threading
+
+        self.stall_after_acks, self.acks, self.stalled = stall_after_acks, 0, threading.Event()
+        host, _, port = target.partition(":")
+        self.target = (host, int(port or 5672))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, vhost: str, user: str = "guest", password: str = "guest") -> str:
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/{vhost}"
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, from_client: bool) -> None:
+        import struct
+
+        buffer, header_seen = b"", not from_client
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if self.stalled.is_set():
+                continue  # read and dropped: nothing arrives, nothing is refused
+            out = data
+            if from_client and self.stall_after_acks is not None:
+                buffer += data
+                out = b""
+                if not header_seen and len(buffer) >= 8:
+                    out, buffer, header_seen = buffer[:8], buffer[8:], True
+                while header_seen and len(buffer) >= 7:
+                    kind, _, size = struct.unpack(">BHI", buffer[:7])
+                    if len(buffer) < 8 + size:
+                        break
+                    frame, buffer = buffer[:8 + size], buffer[8 + size:]
+                    if kind == 1 and struct.unpack(">HH", frame[7:11]) == self.BASIC_ACK:
+                        self.acks += 1
+                        if self.acks >= self.stall_after_acks:
+                            self.stalled.set()
+                            break
+                    out += frame
+            try:
+                dst.sendall(out)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        import socket
+
+        self._closed = True
+        for s in [self.listener, *self.sockets]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import os
 import re
@@ -43,15 +44,21 @@ class WebServer:
                                      text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                                      start_new_session=True)
         self.first_line = self.proc.stdout.readline()
-        found = re.search(r"(http://\S+?)/(metrics)? ", self.first_line)
+        found = re.search(r"(http://[^/\s]+)(/\S*) ", self.first_line)
         if not found:
             self.proc.kill()
             raise AssertionError(f"no address printed: {self.first_line!r} {self.proc.stderr.read()[-2000:]}")
-        self.url = found.group(1)
+        self.url = found.group(1)  # without the token
+        self.start_url = found.group(1) + found.group(2)  # as printed: a browser opens this first
+        token = re.search(r"[?&]token=([^&\s]+)", found.group(2))
+        self.token = token.group(1) if token else None
+        self.cookie = f"rare_celery_token_{self.url.rsplit(':', 1)[1]}={self.token}" if self.token else None
 
     def _request(self, path: str, data: dict | list | None = None, headers: dict | None = None) -> Page:
         body = None if data is None else urllib.parse.urlencode(data, doseq=True).encode()
         request = urllib.request.Request(self.url + path, data=body, headers=dict(headers or {}))
+        if self.cookie and "Cookie" not in request.headers:  # what a browser that opened start_url sends
+            request.add_header("Cookie", self.cookie)
         if self.auth and "Authorization" not in request.headers:
             token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
@@ -110,3 +117,16 @@ def until(predicate, timeout: float = 30, what: str = "condition"):
 
 def now() -> float:
     return time.time()
+
+
+@contextlib.contextmanager
+def console_client(broker_url: str):
+    """The console of ``rare-celery --broker URL web`` in this process (no event receiver), as a Flask
+    test client that sends what a browser that opened the printed address would."""
+    from rare_celery.tools.cli import Env
+    from rare_celery.tools.web.server import build
+
+    wsgi, _, _ = build(Env(None, broker_url), None, True, events=False)
+    client = wsgi.test_client()
+    client.get("/?token=" + wsgi.extensions["rare_celery_guard"].token)  # its cookie, as a browser gets it
+    yield client

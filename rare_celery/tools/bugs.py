@@ -12,20 +12,37 @@ Moving is the same read: a chosen message is published with publisher confirms (
 then acked from the bug queue; the others are put back in order. New messages that workers publish
 while this runs are behind the ones read and are not touched. If the command dies between the confirm
 and the ack, that one message exists in both queues: at least once, never lost.
+
+A connection that dies silently (no reset, nothing more arrives) does not hang a tool: every
+connection the tools open has a read timeout (:data:`READ_TIMEOUT`) and asks for heartbeats
+(:data:`HEARTBEAT`; the broker then sends one every ``HEARTBEAT / 2`` s, so a live but idle connection
+is never silent that long). A connection given up on is dropped without the closing handshake;
+:class:`Interrupted` says how many messages were moved before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, cast
 
 import amqp
-from amqp.exceptions import ChannelError, MessageNacked, NotFound
+from amqp.exceptions import AMQPError, ChannelError, MessageNacked, NotFound
 
 from . import records
+
+CONNECT_TIMEOUT = 5.0  # seconds to connect and log in
+READ_TIMEOUT = 20.0  # seconds without a byte from the broker before a connection is given up
+HEARTBEAT = 30  # seconds asked for (the broker may ask for less)
+
+
+def connection_options() -> dict[str, Any]:
+    """What every connection of the tools is made with (kombu ``Connection`` / Celery ``connection_for_*``)."""
+    return {"connect_timeout": CONNECT_TIMEOUT, "heartbeat": HEARTBEAT,
+            "transport_options": {"read_timeout": READ_TIMEOUT, "write_timeout": READ_TIMEOUT}}
 
 
 class QueueMissing(LookupError):
@@ -36,6 +53,31 @@ class MoveFailed(RuntimeError):
     """The broker did not take a message where it was sent; it stays in the bug queue."""
 
     done = 0  # messages moved before this one
+
+
+class Interrupted(RuntimeError):
+    """The connection failed (timed out, reset, closed) in the middle of :func:`take`: ``done`` messages
+    were taken before; ``unsure`` when a message was being moved then, its copy maybe published and
+    its ack maybe lost: it may now be in both queues (at least once, never lost)."""
+
+    def __init__(self, cause: BaseException, queue: str, done: int, unsure: bool, moving: bool) -> None:
+        silent = isinstance(cause, socket.timeout)
+        text = " ".join(str(cause).split())
+        why = (f"the broker stopped answering (nothing for {READ_TIMEOUT:g} s)" if silent
+               else f"the connection failed ({type(cause).__name__}{': ' + text if text else ''})")
+        super().__init__(why)
+        self.queue, self.done, self.unsure, self.moving = queue, done, unsure, moving
+
+    def describe(self) -> str:
+        """What was done before the failure, and what the failure may have left, in one line."""
+        verb = "moving" if self.moving else "deleting"
+        text = f"{self.args[0]}: stopped after {verb} {self.done} messages of {self.queue}; the rest stays there"
+        if self.unsure and self.moving:
+            text += ("; the message being moved then may now be in both queues (its copy was sent, its removal "
+                     "may not have arrived): look for it with inspect-bugs before moving it again")
+        elif self.done and not self.moving:
+            text += " (the last removal may not have arrived: that message may still be there)"
+        return text
 
 
 @dataclass
@@ -72,6 +114,7 @@ def browse(conn: Any, queue: str) -> Iterator[Iterator[Held]]:
     At most as many as the queue held at the start: messages published meanwhile, behind them, are
     not read. Raises :class:`QueueMissing`.
     """
+    records.allow_deep_headers()
     channel = conn.channel()
     channel.auto_decode = False  # py-amqp would turn bodies with a content_encoding into str: keep the bytes
     try:
@@ -80,6 +123,9 @@ def browse(conn: Any, queue: str) -> Iterator[Iterator[Held]]:
         except NotFound:
             raise QueueMissing(queue) from None
         yield _fetch(channel, queue, count)
+    except OSError:  # timed out or reset: no closing handshake on a connection that does not answer
+        abandon(channel)
+        raise
     finally:
         _close(channel)  # RabbitMQ puts back every message not acked
 
@@ -96,6 +142,7 @@ class Publisher:
     """Publishes on a confirm channel of its own; :meth:`send` returns once the broker has the message."""
 
     def __init__(self, conn: Any) -> None:
+        records.allow_deep_headers()  # a message read with a deep header is written back with it
         self.channel = conn.channel()
         self.channel.confirm_select()
         self._returned: list[str] = []
@@ -124,16 +171,20 @@ def take(conn: Any, queue: str, wanted: Callable[[Held], bool], send: Callable[[
     """Remove the ``wanted`` messages of ``queue``, each after ``send`` (if given) had it confirmed.
 
     Returns how many were removed; the others stay where they were. A :class:`MoveFailed` stops it
-    (its ``done`` says how many were moved before): that message and every later one stay.
+    (its ``done`` says how many were moved before): that message and every later one stay. A
+    connection that fails raises :class:`Interrupted` (how many were taken, whether one may be in
+    both queues).
     """
     publisher = Publisher(conn) if send is not None else None
-    done = 0
+    done, unsure = 0, False
     try:
         with browse(conn, queue) as messages:
             for held in messages:
+                unsure = False
                 if not wanted(held):
                     continue
                 if send is not None:
+                    unsure = True  # from here the copy may exist and the ack may be lost
                     try:
                         send(held, cast(Publisher, publisher))  # made when send is given
                     except MoveFailed as exc:
@@ -143,6 +194,8 @@ def take(conn: Any, queue: str, wanted: Callable[[Held], bool], send: Callable[[
                 done += 1
                 if progress is not None:
                     progress(held)
+    except (OSError, AMQPError, RecursionError) as exc:  # (RecursionError: a deep header, Python < 3.11)
+        raise Interrupted(exc, queue, done, unsure, send is not None) from None
     finally:
         if publisher is not None:
             publisher.close()
@@ -150,8 +203,18 @@ def take(conn: Any, queue: str, wanted: Callable[[Held], bool], send: Callable[[
 
 
 def headers_of(held: Held) -> Mapping[str, Any]:
+    """The message's own headers (a requeue keeps them, however deep they nest)."""
     headers = held.message.headers
     return headers if isinstance(headers, Mapping) else {}
+
+
+def abandon(channel: Any) -> None:
+    """Drop ``channel``'s connection at once (no closing handshake: it does not answer); the broker puts
+    back what it held when it notices the connection is gone (heartbeats: within ``2 * HEARTBEAT`` s)."""
+    connection = getattr(channel, "connection", None)
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            connection.collect()
 
 
 def _close(channel: Any) -> None:

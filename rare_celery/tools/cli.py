@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections import Counter
@@ -126,13 +127,23 @@ class Env:
                           f"to act on any queue, pass --broker URL without -A")
 
     def _connection(self) -> Any:
-        if self.app is not None:
-            return self.app.connection_for_write(self.broker)
-        if self.broker:
-            from kombu import Connection
+        """A kombu Connection (not connected yet) to the broker; a URL that cannot be read is a :class:`Failure`
+        that shows none of it (what cannot be parsed may be a piece of the password)."""
+        try:
+            if self.app is not None:
+                _check_url(self.broker or self.app.conf.broker_url)
+                conn = self.app.connection_for_write(self.broker, **bugs.connection_options())
+            elif self.broker:
+                from kombu import Connection
 
-            return Connection(self.broker, connect_timeout=5)
-        raise Failure("say where the broker is: pass -A/--app APP (a Celery app) or --broker URL")
+                _check_url(self.broker)
+                conn = Connection(self.broker, **bugs.connection_options())
+            else:
+                raise Failure("say where the broker is: pass -A/--app APP (a Celery app) or --broker URL")
+            conn.as_uri()
+        except ValueError:
+            raise Failure(BAD_URL) from None
+        return conn
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
@@ -142,6 +153,7 @@ class Env:
 
         conn = self._connection()
         where = conn.as_uri()  # password masked
+        dead = False
         try:
             try:
                 conn.connect()
@@ -155,11 +167,38 @@ class Env:
             raise Failure(f"queue {exc.args[0]!r} does not exist at {where}") from None
         except bugs.MoveFailed as exc:
             raise Failure(f"{exc}; stopped after moving {exc.done}, the rest stays in the bug queue ({where})") from None
+        except bugs.Interrupted as exc:
+            dead = True
+            raise Failure(f"broker {where}: {exc.describe()}") from None
+        except socket.timeout:
+            dead = True
+            raise Failure(f"broker {where}: the broker stopped answering (nothing for {bugs.READ_TIMEOUT:g} s)") from None
+        except RecursionError:  # py-amqp decodes header tables recursively (see records.allow_deep_headers)
+            dead = True
+            raise Failure(f"broker {where}: a message's headers nest deeper than Python "
+                          f"{sys.version_info[0]}.{sys.version_info[1]} can read (3.11 and later read them)") from None
         except (OSError, AMQPError, KombuError) as exc:
             raise Failure(f"broker {where}: {_why(exc)}") from None
         finally:
             with contextlib.suppress(Exception):
-                conn.release()
+                conn.collect() if dead else conn.release()  # no closing handshake with a broker that is silent
+
+
+BAD_URL = ("the broker URL cannot be read: a '/', '?', '#' or '@' in its user name or password must be "
+           "percent-encoded (%2F, %3F, %23, %40), and its port must be a number")
+
+
+def _check_url(url: object) -> None:
+    """``ValueError`` when ``url`` (or one of a ``;``-separated list) has an ``@`` after its host part:
+    a user name or password with an unescaped ``/``, ``?`` or ``#`` (the rest would be read as a host)."""
+    if not isinstance(url, str):
+        return
+    from urllib.parse import urlsplit
+
+    for one in url.split(";"):
+        rest = one.split("://", 1)[1] if "://" in one else ""
+        if "@" in rest and "@" not in urlsplit(one).netloc:
+            raise ValueError("unescaped user information")
 
 
 def _why(exc: BaseException) -> str:
@@ -390,15 +429,15 @@ def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reaso
             if bugs.depth(conn, target) is None:
                 raise Failure(f"queue {target!r} ({found.targets[target]} messages go there) does not exist: "
                               f"declare it (rare-celery declare) or choose another with --to")
-        if dry_run:
-            say(f"would requeue {found.count} messages from {queue} to {_targets(found.targets)}")
-            return
-        if not yes:
-            click.confirm(terminal(f"Requeue {found.count} messages from {queue} to {_targets(found.targets)}?"), abort=True)
-        send = moves.requeue_sender(to, reset, time.time())
-        planned = found.count
-        with progress(planned, "requeueing") as step:
-            moved = bugs.take(conn, queue, found.take, send, step)
+    if dry_run:
+        say(f"would requeue {found.count} messages from {queue} to {_targets(found.targets)}")
+        return
+    if not yes:  # no connection is held while a person thinks
+        click.confirm(terminal(f"Requeue {found.count} messages from {queue} to {_targets(found.targets)}?"), abort=True)
+    send = moves.requeue_sender(to, reset, time.time())
+    planned = found.count
+    with e.connection() as conn, progress(planned, "requeueing") as step:
+        moved = bugs.take(conn, queue, found.take, send, step)
     gone = planned - moved
     say(f"requeued {moved} messages from {queue} to {_targets(found.targets)}"
                + (f"; {gone} of those counted were no longer there" if gone else ""))
@@ -421,10 +460,10 @@ def purge_bugs(queue: str, tasks: tuple[str, ...], reasons: tuple[str, ...], old
         if not found.count:
             say(f"nothing to purge in {queue}", err=True)
             sys.exit(1)
-        if not yes:
-            click.confirm(terminal(f"Delete {found.count} messages from {queue} for good?"), abort=True)
-        with progress(found.count, "purging") as step:
-            deleted = bugs.take(conn, queue, found.take, None, step)
+    if not yes:  # no connection is held while a person thinks
+        click.confirm(terminal(f"Delete {found.count} messages from {queue} for good?"), abort=True)
+    with e.connection() as conn, progress(found.count, "purging") as step:
+        deleted = bugs.take(conn, queue, found.take, None, step)
     say(f"deleted {deleted} messages from {queue}")
 
 

@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +22,8 @@ from .. import headers as hdr
 RESET = (hdr.DEADLINE, hdr.DUE)
 UNSTABLE = ("x-delivery-count",)  # quorum queues count redeliveries: not part of a message's identity
 PREVIEW = 300
+MAX_BODY_DEPTH = 100  # args and kwargs nested deeper are not decoded (shown as text)
+DEEP = f"<unreadable: nested deeper than {hdr.MAX_DEPTH} levels>"
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,28 @@ class Record:
         return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def allow_deep_headers() -> None:
+    """Let py-amqp read (and write back) any header table a broker frame can carry. It decodes them
+    recursively: a header nested ~1,500 deep passes Python's default recursion limit, and the read dies
+    with it (nothing behind that message could be read, moved or purged). A 128 KB frame nests at most
+    ~26,000 deep; from Python 3.11 on, Python calls do not use the C stack, so a higher limit is safe
+    (the worker does the same, :class:`rare_celery.worker.RareConsumerStep`)."""
+    if sys.version_info >= (3, 11):
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 30_000))
+
+
+def shown_headers(headers: object) -> dict[str, Any]:
+    """``headers`` with every value nested deeper than :data:`rare_celery.headers.MAX_DEPTH` replaced by a
+    note (:data:`DEEP`): what is read, shown, or encoded as JSON never recurses that deep."""
+    if not isinstance(headers, Mapping):
+        return {}
+    return {k: (DEEP if hdr.too_deep(v, hdr.MAX_DEPTH - 1) else v) for k, v in headers.items()}
+
+
 def read(bug_queue: str, position: int, body: bytes, properties: Mapping[str, Any],
          headers: Mapping[str, Any] | None) -> Record:
     """A :class:`Record` for one message; every field is ``None`` where the message says nothing sensible."""
-    h = headers if isinstance(headers, Mapping) else {}
+    h = shown_headers(headers)
     args, kwargs, problem = decode_body(body, properties, h)
     hops = h.get(hdr.HOPS)
     return Record(
@@ -101,8 +122,10 @@ def decode_body(body: bytes, properties: Mapping[str, Any],
         return None, None, f"body is {content_type or 'without a content type'}, not JSON: not decoded"
     try:
         data = json.loads(body)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         return None, None, f"body is not valid JSON: {exc}"
+    if hdr.too_deep(data, MAX_BODY_DEPTH):
+        return None, None, f"body nests deeper than {MAX_BODY_DEPTH} levels: not decoded"
     if isinstance(data, list) and len(data) == 3 and isinstance(data[0], list) and isinstance(data[1], dict):
         return data[0], data[1], None
     if isinstance(data, dict) and "args" in data:  # Celery protocol 1
@@ -175,10 +198,30 @@ def requeue_headers(headers: Mapping[str, Any] | None, *, reset: bool, now: floa
 
 def fingerprint(body: bytes, properties: Mapping[str, Any], headers: Mapping[str, Any] | None) -> str:
     """The identity of a message's content, the same each time it is read (quorum's delivery count aside)."""
-    h = {k: v for k, v in (headers or {}).items() if k not in UNSTABLE} if isinstance(headers, Mapping) else headers
+    h = ({k: (_digest(v) if hdr.too_deep(v, hdr.MAX_DEPTH - 1) else v) for k, v in headers.items() if k not in UNSTABLE}
+         if isinstance(headers, Mapping) else headers)
     props = {k: v for k, v in properties.items() if k != "application_headers"}
     text = json.dumps([h, props], sort_keys=True, default=repr)
     return hashlib.sha256(bytes(body) + b"\0" + text.encode()).hexdigest()
+
+
+def _digest(value: object) -> str:
+    """A deeply nested value's identity, computed without recursion."""
+    digest = hashlib.sha256()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            digest.update(b"{%d" % len(item))
+            for k in sorted(item, key=str):
+                digest.update(repr(k).encode())
+                stack.append(item[k])
+        elif isinstance(item, (list, tuple)):
+            digest.update(b"[%d" % len(item))
+            stack.extend(reversed(item))
+        else:
+            digest.update(repr(item).encode("utf-8", "backslashreplace") + b"\0")
+    return "<nested: " + digest.hexdigest() + ">"
 
 
 def iso(epoch: float | None) -> str | None:

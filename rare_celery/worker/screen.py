@@ -24,6 +24,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
+from celery.exceptions import InvalidTaskError
+from kombu.exceptions import ContentDisallowed, DecodeError
+
 from .. import breaker as br
 from .. import breaker_io, endings
 from .. import headers as hdr
@@ -58,6 +61,9 @@ class Screen:
                 message.delivery_info[QUEUE_KEY] = queue
             if isinstance(headers, dict) and hdr.too_deep(headers):
                 return self._too_deep(task, message, queue)
+            problem = hdr.protocol_problem(headers) if isinstance(headers, dict) else None
+            if problem is not None:  # Celery's headers of the wrong type: Celery's request would fail on them
+                return self._too_deep(task, message, queue, problem)
             if (message.delivery_info or {}).get("redelivered"):
                 args, kwargs = _arguments(message)
                 came_back(Delivery.received(self.c.app, task, message, queue), ack=message.ack,
@@ -73,13 +79,22 @@ class Screen:
             watch = getattr(self.c, "rare_breakers", None)
             if watch is not None and task.rare_breaker is not None and self._hold(task, message, queue, watch):
                 return None
-            return strategy(message, *args, **kwargs)
+            try:
+                return strategy(message, *args, **kwargs)
+            except (InvalidTaskError, ContentDisallowed, DecodeError):
+                raise
+            except Exception as exc:  # Celery cannot make a request of it (a body not [args, kwargs, embed]):
+                raise InvalidTaskError(f"{type(exc).__name__}: {exc}") from exc  # to the bug queue, not a crash
         return screened
 
-    def _too_deep(self, task: Any, message: Any, queue: str | None) -> None:
+    def _too_deep(self, task: Any, message: Any, queue: str | None, problem: str | None = None) -> None:
+        """A message the pool process must not see (headers nested too deep, or ``problem``): the bug
+        queue, ``rejected``; its failure stored if it has a task id."""
         headers = message.headers
-        key = next(k for k, v in headers.items() if hdr.too_deep(v, hdr.MAX_DEPTH - 1))
-        exc = hdr.HeaderError(f"header {key} is nested deeper than {hdr.MAX_DEPTH} levels")
+        if problem is None:
+            key = next(k for k, v in headers.items() if hdr.too_deep(v, hdr.MAX_DEPTH - 1))
+            problem = f"header {key} is nested deeper than {hdr.MAX_DEPTH} levels"
+        exc = hdr.HeaderError(problem)
         d = Delivery.received(self.c.app, task, message, queue)
         try:
             settle(endings.bugs(d, hdr.Attempt(1, time.time()), REJECTED, exc, attempts=0), message.ack,

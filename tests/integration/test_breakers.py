@@ -155,3 +155,32 @@ def test_hard_time_limits_trip_it_and_a_probe_lost_with_its_process_opens_it_aga
     assert opens[0]["reopened"] is False and opens[1]["reopened"] is True and opens[1]["open_for"] == 2
     stuck = [e for e in record.all() if e["kind"] == "request" and e["service"] == "hang" and not e["up"]]
     assert 2 <= len(stuck) <= 2 + 2 + len(opens) - 1, stuck  # the 2 that trip it, those under way, one per probe
+
+
+def test_a_note_from_a_fast_clock_or_with_a_bad_period_does_not_hold_the_breaker(app, env, workdir, record, vhost):
+    """Issue 24, item 6, on the real broker. A worker whose clock is an hour ahead announces ``svc`` open
+    for 2 s; another note, a probe whose ``open_for`` is not a number, follows. The workers count the 2 s on
+    their own clock (before: an hour), drop the bad note with one log line, and the next attempt probes
+    and runs within seconds."""
+    from tests.integration.test_cli import breaker_notes
+
+    worker = Worker("tests.apps.breakers", ["breakers"], env, workdir, name="clock").wait_ready()
+    try:
+        with breaker_notes(vhost.url, "svc") as announce:
+            ahead = time.time() + 3600
+            announce({"breaker": "svc", "kind": "open", "gen": 50, "at": ahead, "until": ahead + 2, "open_for": 2,
+                      "by": "fast-clock@host", "task": "t-fast"})
+            announce({"breaker": "svc", "kind": "probe", "gen": 50, "at": ahead, "open_for": "two", "by": "bad@host",
+                      "task": "t-bad"})
+            def heard():  # the notes were confirmed, so they reached the worker's queue; now it has them
+                stats = vhost.queue_stats()
+                mine = [s for q, s in stats.items() if q.startswith("rare.breakers.clock-")]
+                return mine and all(s["ready"] == 0 and s["unacked"] == 0 for s in mine)
+            wait_for(heard, 10, 0.1, "the worker to hear the notes")
+            sent = time.time()
+            result = app.translate.delay("after-the-clock")
+            done = wait_for(lambda: kinds(record, "done", id=result.id), 20, 0.1, "the attempt to run")
+            assert done[0]["t"] - sent < 15
+            assert worker.text().count("ignored a breaker note that is not one (no valid open_for)") == 1
+    finally:
+        worker.stop()

@@ -458,6 +458,40 @@ def test_deeply_nested_header_does_not_crash_the_worker(faults, fenv, fdir, dept
         own.delete()
 
 
+def test_nested_header_without_a_task_id_does_not_stop_the_worker(faults, fenv, fdir):
+    """Messages naming a RareTask with no ``id`` header and a header nested past 32 levels go to the bug
+    queue, once each; the worker (file result backend: a key-value store, which refuses a task id None)
+    stores no failure for them, stays up and runs every message published with them."""
+    own = Vhost()
+    worker = Worker("tests.apps.faults", faults.queues_of("classic"), {**fenv, "RARE_FAULTS_BROKER": own.url},
+                    fdir, name="deep-no-id", concurrency=1)
+    try:
+        worker.wait_ready()
+        rounds, results = 6, []
+        with Connection(own.url, transport_options={"confirm_publish": True}) as conn:
+            producer = conn.Producer()
+            for n in range(rounds):
+                producer.publish(json.dumps([["ok"], {}, {}]), routing_key="faults", content_type="application/json",
+                                 content_encoding="utf-8",
+                                 headers={"task": "faults.classic.work", "x-junk": nested(40), "x-n": n})
+                results.append(faults.TASKS["classic"]["work"].apply_async(("ok",), connection=conn))
+        bugs: list = []
+
+        def bugged():
+            assert worker.proc.poll() is None, f"the worker died: {worker.text()[-2000:]}"
+            bugs.extend(drain(own.url, "faults.bugs"))
+            return len(bugs) >= rounds
+        wait_for(bugged, 15, 0.2, "the messages in the bug queue")
+        assert sorted(m.headers["x-n"] for m in bugs) == list(range(rounds))
+        assert {m.headers["x-rare-reason"] for m in bugs} == {"rejected"}
+        for result in results:
+            assert result.get(timeout=15) == ["ok", 1]
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        own.delete()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_headers_near_the_frame_size_are_not_lost_on_retry(faults, fleet, records, fbugs, kind):
     result = faults.TASKS[kind]["work"].apply_async(("flaky", 1), headers={"x-junk": "j" * 130_300})

@@ -111,7 +111,7 @@ def test_find_filter_open_and_requeue_in_a_browser(vhost, browser, console, work
         except (StaleElementReferenceException, NoSuchElementException):
             return None
 
-    d.get(console.url + "/")
+    d.get(console.start_url)  # the address it printed, with its token: the browser keeps it as a cookie
     bugs_cell = "//a[@data-queue='web.work.bugs']/../following-sibling::td[1]"
     wait_for(lambda: "5" in (now(By.XPATH, bugs_cell, lambda cell: cell.text) or ""), 30, 0.2,
              "the overview to show 5 bugs")

@@ -126,3 +126,63 @@ def test_settings_are_checked_when_the_class_is_defined():
     for attrs, text in bad:
         with pytest.raises(ValueError, match="^" + re.escape(f"unit.breaker.bad: {text}")):
             type("Bad", (RareTask,), {"name": "unit.breaker.bad", **attrs})
+
+
+# -- issue 24, item 6: notes are validated and read on the receiver's clock ------------------------------
+
+def watch(tmp_path):
+    from rare_celery.breaker_io import Board, Watch
+
+    return Watch({"deepl": S}, Board(str(tmp_path / "board.json")))
+
+
+@pytest.mark.parametrize("bad", ["30", None, [], float("inf"), -1, 10**12])
+def test_a_probe_note_with_a_bad_open_for_is_dropped_and_a_failed_probe_still_reopens(tmp_path, caplog, bad):
+    import time
+
+    w = watch(tmp_path)
+    now = time.time()
+    w.hear({"breaker": "deepl", "kind": "open", "gen": 1, "at": now, "until": now + 30, "open_for": 30, "by": "w1"})
+    caplog.clear()
+    w.hear({"breaker": "deepl", "kind": "probe", "gen": 1, "at": now, "open_for": bad, "by": "w2", "task": "t"})
+    if bad is not None:
+        assert w.states["deepl"].phase == br.OPEN
+        assert len(caplog.records) == 1 and "ignored a breaker note" in caplog.text
+    after = br.after_probe(w.states["deepl"], S, failed=True, now=now)  # what a failed probe announces
+    assert after.phase == br.OPEN and after.open_for == 60
+
+
+def test_a_sender_with_a_fast_clock_does_not_stretch_the_open_period(tmp_path):
+    import time
+
+    w = watch(tmp_path)
+    ahead = time.time() + 3600  # the sender's clock is an hour ahead
+    w.hear({"breaker": "deepl", "kind": "open", "gen": 1, "at": ahead, "until": ahead + 30, "open_for": 30, "by": "w1"})
+    state = w.states["deepl"]
+    assert state.phase == br.OPEN and abs(state.until - (time.time() + 30)) < 2
+    assert br.verdict(state, time.time() + 31).action == br.PROBE
+    # and a failure note from the future counts now: the window is this worker's
+    w.hear({"breaker": "deepl", "kind": "close", "gen": 1, "at": ahead, "by": "w1"})
+    w.hear(br.count_note("deepl", br.FAILURE, 1, ahead + 100, "w1", "t"))
+    assert abs(w.states["deepl"].failures[-1] - time.time()) < 2
+
+
+# -- issue 24, item 7: the board is at a private path nobody can take first ------------------------------
+
+def test_the_board_is_in_a_private_directory_and_a_squatted_old_path_does_not_stop_it(tmp_path, monkeypatch):
+    import os
+    import stat
+    import tempfile
+
+    from rare_celery.breaker_io import Board
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    os.mkdir(tmp_path / f"rare-celery-breakers-{os.getpid()}.json")  # another user got there first
+    board = Board.for_this_worker()
+    board.write({"deepl": br.State("deepl", br.OPEN, 1, until=1.0, open_for=30.0)})
+    assert board.read()["deepl"].phase == br.OPEN
+    directory = os.path.dirname(board.path)
+    assert directory != str(tmp_path) and stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert Board.for_this_worker().path != board.path
+    board.remove()
+    assert not os.path.exists(directory)

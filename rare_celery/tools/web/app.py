@@ -43,16 +43,27 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
     app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number,
                                  breaker_settings=breakers.settings_text)
     app.jinja_env.globals.update(version=__version__, where=console.where, csrf=guard.csrf, unrouted=UNROUTED_QUEUE.name,
-                                 refresh_seconds=REFRESH_SECONDS)
+                                 refresh_seconds=REFRESH_SECONDS, any_queue=console.app is None)
+    app.extensions["rare_celery_guard"] = guard
 
     @app.before_request
-    def gatekeeper() -> Response | None:
+    def gatekeeper() -> Any:
         if not guard.host_allowed(request.headers.get("Host")):
             return Response("this console answers only to 127.0.0.1, localhost or [::1]\n", 421,
                             mimetype="text/plain")
         if not guard.authorized(request.headers.get("Authorization")):
             return Response("authentication required\n", 401, {"WWW-Authenticate": 'Basic realm="rare-celery"'},
                             mimetype="text/plain")
+        if guard.token is not None and request.path != "/metrics":
+            cookie = guard.cookie(request.environ.get("SERVER_PORT", ""))
+            if "token" in request.args and guard.token_ok(request.args["token"]):
+                rest = urlencode([(k, v) for k, v in request.args.items(multi=True) if k != "token"])
+                response = redirect(request.path + ("?" + rest if rest else ""))
+                response.set_cookie(cookie, guard.token, httponly=True, samesite="Strict", path="/")
+                return response
+            if not guard.token_ok(request.cookies.get(cookie)):
+                return Response("this console answers only to the address with ?token=... that it printed when it "
+                                "started\n", 403, mimetype="text/plain")
         if request.method == "POST" and not guard.post_allowed(request.form.get("csrf"), request.headers.get("Origin"),
                                                                request.headers.get("Sec-Fetch-Site"),
                                                                request.headers.get("Host")):
@@ -157,8 +168,7 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
                                            f"or its headers changed)"), 404
         record, held = found
         return render_template("message.html", title=record.task or "message", queue=queue, r=record, fp=fp,
-                               headers=sorted((held.message.headers or {}).items()) if isinstance(
-                                   held.message.headers, dict) else [],
+                               headers=sorted(records.shown_headers(held.message.headers).items()),
                                properties=sorted((k, v) for k, v in held.message.properties.items()
                                                  if k != "application_headers"),
                                hops=_hops(record.hops), now=time.time(), seconds=time.monotonic() - started,

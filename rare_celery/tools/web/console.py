@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ PLAN_TTL = 900.0  # seconds a confirmation stays valid
 SNAPSHOT_REUSE = 5.0  # seconds a snapshot is used as it is
 AUTO_RESCAN_BELOW = 20_000  # older snapshots of smaller queues are read again when their depth changed
 KEEP_JOBS = 50
+KEEP_SNAPSHOTS = 50  # queues whose last read is kept (the oldest goes first)
+LOCKS = 64
 
 
 class Refused(Exception):
@@ -73,10 +77,11 @@ class Console:
         self.tasks: list[RareTaskInfo] = rare_tasks(app) if app is not None else []
         self.breakers: breakers.Uses = breakers.uses(app, self.tasks) if app is not None else {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.snapshots: dict[str, reading.Snapshot] = {}
+        # bounded, whatever queue names are asked for: the newest snapshots, the scans running, a fixed set of locks
+        self.snapshots: OrderedDict[str, reading.Snapshot] = OrderedDict()
         self.scans: dict[str, Job] = {}
         self.plans: dict[str, PendingPlan] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks = tuple(threading.Lock() for _ in range(LOCKS))
         self._lock = threading.Lock()
         self.seen_delays: status.Delays = {}  # delay queues seen in events (the metrics' receiver)
 
@@ -138,8 +143,9 @@ class Console:
     # -- jobs ------------------------------------------------------------------------------------
 
     def queue_lock(self, queue: str) -> threading.Lock:
-        with self._lock:
-            return self._locks.setdefault(queue, threading.Lock())
+        """The lock that serializes reads and moves of ``queue`` (one of :data:`LOCKS`, by the name's hash:
+        two queues may share one, and then wait for each other)."""
+        return self._locks[zlib.crc32(queue.encode("utf-8", "surrogatepass")) % LOCKS]
 
     def start(self, kind: str, queue: str, title: str, work: Callable[[Job], object]) -> Job:
         job = Job(secrets.token_hex(8), kind, queue, title)
@@ -157,6 +163,12 @@ class Console:
                 job.state, job.error = "failed", str(exc)
             except bugs.QueueMissing:
                 job.state, job.error = "failed", f"queue {queue!r} does not exist"
+            except socket.timeout:
+                job.state, job.error = "failed", f"the broker stopped answering (nothing for {bugs.READ_TIMEOUT:g} s)"
+            except bugs.Interrupted as exc:
+                job.state = "failed"
+                job.error = exc.describe()
+                job.result = {"summary": job.error, "moved": exc.done}
             except bugs.MoveFailed as exc:
                 job.state = "failed"
                 job.error = f"{exc}; stopped after {exc.done}, the rest stays in {queue}"
@@ -192,6 +204,7 @@ class Console:
             return snap, None
         job = self.start("scan", queue, f"reading {queue}", lambda job: self._scan(queue, job))
         with self._lock:
+            self.scans = {q: j for q, j in self.scans.items() if j.state == "running"}
             self.scans[queue] = job
         return snap, job
 
@@ -204,7 +217,10 @@ class Console:
         with self.connection() as conn:
             snap = reading.scan(conn, queue, job.progress)
         with self._lock:
+            self.snapshots.pop(queue, None)
             self.snapshots[queue] = snap
+            while len(self.snapshots) > KEEP_SNAPSHOTS:
+                self.snapshots.popitem(last=False)
         return {"summary": f"read {len(snap.entries)} messages of {queue} in {snap.seconds:.1f} s"}
 
     def forget(self, queue: str) -> None:

@@ -19,11 +19,12 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ... import events, reasons
 from ...policy import MIN_DELAY
-from ...topology import MAX_DELAY_MS, grid_floor
+from ...topology import CLASSIC, MAX_DELAY_MS, QUORUM, grid_floor
 from ..breakers import PHASE_VALUES
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SERIES = 1000
+MAX_USERS = 50  # work queues listed for one delay queue learned from events
 LABEL_WIDTH = 200
 REASONS = reasons.ALL
 OVERVIEW_CACHE = 2.0  # seconds a scrape reuses the queue depths of the previous one
@@ -68,12 +70,15 @@ def _label(value: object) -> str:
 class Counters:
     """Event counts by type and label values; fed by :class:`EventCounter`, read by the collector."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: Callable[[str], tuple[str, ...]] | None = None) -> None:
         self.lock = threading.Lock()
         self.counts: dict[str, Counter[Any]] = {kind: Counter() for kind in COUNTERS}
         self.received = 0
         self.connected = False
         self.delays: dict[tuple[str, int], set[str]] = {}  # delay queues seen in rare-retry events
+        # the kinds of delay queue a work queue's retries may wait in: the app's answer, or (no app) both,
+        # and the overview lists the ones that exist
+        self.kinds = kinds or (lambda queue: (CLASSIC, QUORUM))
 
     def add(self, event: dict[str, Any]) -> None:
         kind: Any = event.get("type")  # an event's field
@@ -101,8 +106,15 @@ class Counters:
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not isinstance(queue, str):
             return
         ms = min(int(max(delay, MIN_DELAY) * 1000), MAX_DELAY_MS)
-        if ms >= 1 and len(self.delays) < MAX_SERIES:
-            self.delays.setdefault(("classic", grid_floor(ms)), set()).add(queue[:LABEL_WIDTH])
+        if ms < 1:
+            return
+        for kind in self.kinds(queue):
+            key = (kind, grid_floor(ms))
+            if key not in self.delays and len(self.delays) >= MAX_SERIES:
+                continue
+            users = self.delays.setdefault(key, set())
+            if len(users) < MAX_USERS:  # event fields are anyone's: a bounded list of work queues per delay queue
+                users.add(queue[:LABEL_WIDTH])
 
     def snapshot(self) -> dict[str, Counter[Any]]:
         with self.lock:

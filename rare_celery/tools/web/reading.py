@@ -91,6 +91,7 @@ class Reader:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Iterator[bugs.Held]]:
+        records.allow_deep_headers()
         channel = self.conn.channel()
         channel.auto_decode = False  # keep the bytes (py-amqp would decode bodies with a content_encoding)
         try:
@@ -99,6 +100,9 @@ class Reader:
             except NotFound:
                 raise bugs.QueueMissing(self.queue) from None
             yield self._read(channel)
+        except OSError:  # timed out or reset: no closing handshake on a connection that does not answer
+            bugs.abandon(channel)
+            raise
         finally:
             with contextlib.suppress(Exception):  # a closed channel puts every unacked message back
                 channel.close()
@@ -113,7 +117,11 @@ class Reader:
         transport = self.conn.connection
         ends = time.monotonic() + self.deadline
         position = quiet = 0
+        beat = time.monotonic()
         while position < want:
+            if time.monotonic() - beat > 1.0:  # a read sends nothing: heartbeats keep the broker from closing it
+                beat = time.monotonic()
+                self.conn.heartbeat_check()
             if not self._pending:
                 if time.monotonic() > ends:
                     self.complete = False

@@ -5,6 +5,12 @@
 * **Auth.** HTTP basic auth on every path (pages, static files, ``/metrics``) when set, compared in
   constant time. Basic auth sends the password with each request: put TLS in front of anything that
   is not loopback.
+* **Token.** Without ``--auth``, every request (but ``/metrics``, read only) needs the random token
+  of this process that the command prints in its address (``http://127.0.0.1:5580/?token=...``, as
+  Jupyter does): the first visit with it gets it as a cookie (HttpOnly, SameSite=Strict) and is sent
+  on to the address without it. Any other process on the host, or a user on it, has neither; without
+  it a local process could fetch a page, read its CSRF token and purge. With ``--auth``, basic auth
+  is the credential.
 * **Host.** Bound to loopback, only requests for a loopback host name are served (``127.0.0.1``,
   ``localhost``, ``[::1]``): a web page elsewhere cannot reach the console through DNS rebinding.
 * **CSRF.** Every POST carries a token that only the console's own pages contain (a random secret
@@ -72,10 +78,19 @@ def check_bind(host: str, auth: tuple[str, str] | None) -> None:
 class Guard:
     """The per-process secrets and the checks every request goes through."""
 
-    def __init__(self, auth: tuple[str, str] | None, loopback_only: bool) -> None:
+    def __init__(self, auth: tuple[str, str] | None, loopback_only: bool, pages: bool = True) -> None:
         self.auth = auth
         self.loopback_only = loopback_only
         self.csrf = secrets.token_urlsafe(32)
+        self.token = secrets.token_urlsafe(24) if pages and auth is None else None
+
+    @staticmethod
+    def cookie(port: str) -> str:
+        """The token's cookie name: one per port (cookies do not tell ports apart; two consoles may run)."""
+        return f"rare_celery_token_{port}"
+
+    def token_ok(self, given: str | None) -> bool:
+        return self.token is None or (given is not None and hmac.compare_digest(given.encode(), self.token.encode()))
 
     def authorized(self, header: str | None) -> bool:
         if self.auth is None:

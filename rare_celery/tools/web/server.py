@@ -26,6 +26,8 @@ NEEDS = 'the web console needs its extra: pip install "rare-celery[web]"'
 def build(e: Any, auth: tuple[str, str] | None, loopback: bool, pages: bool = True, events: bool = True
           ) -> tuple[Flask, Console, EventCounter | None]:
     """The WSGI app for the CLI's :class:`~rare_celery.tools.cli.Env` ``e``, and what to stop at the end."""
+    from ...topology import delay_kind
+    from .. import bugs
     from .app import create_app
     from .console import Console
     from .metrics import Counters, EventCounter, registry
@@ -33,14 +35,14 @@ def build(e: Any, auth: tuple[str, str] | None, loopback: bool, pages: bool = Tr
 
     where = e._connection().as_uri()  # password masked
     console = Console(e._connection, e.app, where)
-    counters = Counters()
+    counters = Counters((lambda queue: (delay_kind(e.app, queue),)) if e.app is not None else None)
     console.seen_delays = counters.delays
     receiver = None
     if events:
         app = e.app if e.app is not None else _plain_app(e.broker)
-        connect = (lambda: app.connection_for_read(e.broker)) if e.broker else app.connection_for_read
+        connect = lambda: app.connection_for_read(e.broker, heartbeat=bugs.HEARTBEAT)
         receiver = EventCounter(app, counters, connect).start()
-    guard = Guard(auth, loopback)
+    guard = Guard(auth, loopback, pages)
     wsgi = create_app(console, guard, registry(console, counters), pages=pages)
     return wsgi, console, receiver
 
@@ -78,10 +80,14 @@ def serve(e: Any, bind: str, port: int, auth_text: str | None, pages: bool, fail
         raise fail(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
     host = f"[{bind}]" if ":" in bind else bind
     what = "web console" if pages else "metrics"
-    path = "/" if pages else "/metrics"
+    token = wsgi.extensions["rare_celery_guard"].token
+    path = ("/" + (f"?token={token}" if token else "")) if pages else "/metrics"
     app_name = f", app {e.app.main}" if e.app is not None else ""
     click.echo(f"rare-celery {what}: http://{host}:{server.effective_port}{path} (broker {console.where}{app_name}"
                f"{', basic auth' if auth else ''}); Ctrl-C stops it", err=False)
+    if pages and e.app is None:
+        click.echo(f"rare-celery {what}: without -A it can read, requeue from and purge any queue of {console.where}, "
+                   f"live work queues included (-A APP limits it to the app's bug queues)", err=True)
     sys.stdout.flush()
 
     stopping = threading.Event()

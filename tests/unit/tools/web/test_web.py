@@ -77,7 +77,10 @@ def client(entries):
     console.snapshots["q.bugs"] = reading.Snapshot("q.bugs", entries, len(entries), time.time(), 0.1, True)
     guard = security.Guard(None, loopback_only=True)
     app = create_app(console, guard, metrics.registry(console, metrics.Counters()))
-    return app.test_client(), guard
+    test = app.test_client()
+    for host in ("127.0.0.1", "localhost"):  # the cookie, for each host name the tests use (as a browser keeps it)
+        assert test.get("/?token=" + guard.token, headers={"Host": host}).status_code == 302
+    return test, guard
 
 
 def test_a_snapshot_page_escapes_hostile_messages_and_paginates():
@@ -110,7 +113,36 @@ def test_event_counters_keep_labels_bounded():
     counts = counters.snapshot()
     assert counts["rare-bugs"] == {("t", "exhausted", "q.bugs"): 1, ("t", "other", "q.bugs"): 1}
     assert len(counts["rare-expired"]) == metrics.MAX_SERIES + 1 and counts["rare-expired"][("other",)] == 10
-    assert counters.delays == {("classic", 1900): {"q"}}  # the delay queue the retry waits in
+    # the delay queue the retry waits in: without an app, either kind (the overview lists the one that exists)
+    assert counters.delays == {("classic", 1900): {"q"}, ("quorum", 1900): {"q"}}
+
+
+def test_a_retry_learned_from_events_is_filed_under_the_kind_of_delay_queue_it_waits_in():
+    counters = metrics.Counters(lambda queue: ("quorum",) if queue.endswith(".q") else ("classic",))
+    counters.add({"type": "rare-retry", "name": "t", "queue": "work.q", "delay": 7.3})  # jitter: off the schedule
+    counters.add({"type": "rare-retry", "name": "t", "queue": "work", "delay": 30})
+    assert counters.delays == {("quorum", 7300): {"work.q"}, ("classic", 30000): {"work"}}
+
+
+def test_console_structures_stay_bounded_whatever_queue_names_are_asked_for(monkeypatch):
+    import contextlib
+
+    from rare_celery.tools.web import console as console_module
+
+    counters = metrics.Counters()
+    for i in range(5000):
+        counters.add({"type": "rare-retry", "name": "t", "queue": f"q{i}", "delay": 5})
+    assert all(len(users) <= metrics.MAX_USERS for users in counters.delays.values())
+    console = Console(lambda: None)
+    assert len({id(console.queue_lock(f"q{i}")) for i in range(5000)}) <= console_module.LOCKS
+    assert console.queue_lock("same") is console.queue_lock("same")
+    monkeypatch.setattr(console, "connection", contextlib.nullcontext)
+    monkeypatch.setattr(reading, "scan", lambda conn, queue, progress: reading.Snapshot(queue, [], 0, time.time(), 0, True))
+    for i in range(300):
+        _, job = console.snapshot(f"q{i}")
+        console.wait(job, 5)
+    assert len(console.snapshots) <= console_module.KEEP_SNAPSHOTS and "q299" in console.snapshots
+    assert len(console.scans) <= 1
 
 
 def breaker_report(now: float) -> dict:
