@@ -10,7 +10,8 @@ every worker because every worker applies the same *notes* (see :mod:`rare_celer
              (``until``), no attempt counted, the shelf life still running.
     (due)    from ``until`` on, one attempt may become the *probe*: the one whose worker holds the
              breaker's probe lock (an exclusive queue on the broker).
-    probing  the probe runs; the others wait :data:`PROBE_WAIT` seconds at a time. Its success (or
+    probing  the probe runs; the others wait for its verdict, until its lease ends (:data:`PROBE_LEASE`
+             after it started: one round through a delay queue, not one a second). Its success (or
              any outcome that is not a retryable failure) closes the breaker; a retryable failure
              opens it again for twice as long, at most ``max_open`` seconds (generation + 1).
 
@@ -38,7 +39,7 @@ _RANK = {OPEN: 0, PROBING: 1, CLOSED: 2}
 FAILURE, SUCCESS, OPENED, PROBE, CLOSE = "failure", "success", "open", "probe", "close"
 COUNTS, CHANGES = (FAILURE, SUCCESS), (OPENED, PROBE, CLOSE)
 RUN, WAIT = "run", "wait"  # verdicts, with PROBE: try to become the probe
-PROBE_WAIT = 1.0  # seconds an attempt waits while a probe runs: a closed breaker lets it run this soon
+PROBE_WAIT = 1.0  # seconds between attempts a worker lets try for the probe lock when a probe is due
 PROBE_LEASE = 10.0  # a probe silent this long is presumed lost: the lock (not the note) then decides
 MAX_NAME = 100
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -175,8 +176,8 @@ def verdict(state: State | None, now: float) -> Verdict:
         return Verdict(RUN)
     if state.phase == OPEN:
         return Verdict(WAIT, state.until) if now < (state.until or 0) else Verdict(PROBE)
-    if now - (state.since or 0) < PROBE_LEASE:
-        return Verdict(WAIT, now + PROBE_WAIT)
+    if now - (state.since or 0) < PROBE_LEASE:  # a probe runs: wait for its verdict, at most its lease
+        return Verdict(WAIT, (state.since or 0) + PROBE_LEASE)
     return Verdict(PROBE)
 
 

@@ -208,8 +208,8 @@ def _breaker_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
     action, until = br.verdict(state, now)
     if action == br.PROBE:
         lock, last = breaker_io.try_probe(task.app, name)
-        if lock is None:  # another attempt probes (or the broker cannot say): look again soon
-            action, until = br.WAIT, now + br.PROBE_WAIT
+        if lock is None:  # another attempt probes (or the broker cannot say): wait for its verdict, at most its lease
+            action, until = br.WAIT, now + br.PROBE_LEASE
         else:  # the broker's last state, newer than this worker's board if a note is on its way
             state = last if last is not None and last.order() > state.order() else state
             action, until = br.verdict(state, time.time())

@@ -116,7 +116,8 @@ class Screen:
     def _hold(self, task: Any, message: Any, queue: str | None, watch: breaker_io.Watch) -> bool:
         """An attempt whose breaker is open: to a delay queue until the probe time. When the breaker is
         due for a probe, one attempt at a time goes on to the pool to try for the probe lock; the
-        others wait :data:`~rare_celery.breaker.PROBE_WAIT` s."""
+        others wait for the probe's verdict: at most its lease (:data:`~rare_celery.breaker.PROBE_LEASE`), one
+        round, not one a second."""
         name, now = task.breaker, time.time()
         action, until = br.verdict(watch.states.get(name), now)
         if action == br.RUN:
@@ -125,7 +126,7 @@ class Screen:
             if now - watch.candidates.get(name, 0.0) > 2 * br.PROBE_WAIT:
                 watch.candidates[name] = now
                 return False
-            until = now + br.PROBE_WAIT
+            until = now + br.PROBE_LEASE
         try:
             state = hdr.read(message.headers, now)
         except hdr.HeaderError:

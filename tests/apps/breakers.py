@@ -24,7 +24,7 @@ app = Celery("breakers", broker=os.environ["RARE_TEST_BROKER"],
              backend=f"tests.support:AtomicFS+file://{DIR}/results")
 app.conf.update(
     task_default_queue="breakers",
-    task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang")],
+    task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang"), Queue("breakers.slowprobe")],
     worker_send_task_events=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
@@ -78,6 +78,20 @@ def hang(self, key: str):
     while not up and os.path.exists(down_file("hang")):  # hangs while down: its 1.5 s time limit ends it
         time.sleep(0.05)
     record("done", self.request.id, service="hang", attempt=self.attempt, key=key)
+    return key
+
+
+@app.task(base=RareTask, bind=True, name="breakers.slowprobe", queue="breakers.slowprobe", breaker="slowp",
+          breaker_failures=1, breaker_open=1, breaker_max_open=1, max_attempts=None, expires_in=120, backoff=0.2,
+          retry_on=(Down,))
+def slowprobe(self, key: str):
+    """A service that takes 6 s to answer 503 while it is down: a long probe, with attempts held meanwhile."""
+    up = not os.path.exists(down_file("slowp"))
+    record("request", self.request.id, service="slowp", up=up, attempt=self.attempt, key=key)
+    if not up:
+        time.sleep(6)
+        raise Down("slowp answered 503 after 6 s")
+    record("done", self.request.id, service="slowp", attempt=self.attempt, key=key)
     return key
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 import re
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from kombu import Connection
 
+from rare_celery.breaker import PROBE_LEASE
 from tests.support import BugQueues, Events, Worker, wait_for
 
 PROCESSES = 4  # two workers, -c 2 each
@@ -38,6 +41,13 @@ def test_an_outage_trips_the_breaker_one_probe_per_open_period_and_a_good_probe_
                                                                                                record, vhost):
     down = Path(app.down_file("svc"))
     down.touch()
+    waits: list[dict] = []  # rare-wait events: each is one round of a held attempt through a delay queue
+    conn = Connection(vhost.url)
+    receiver = app.app.events.Receiver(conn, handlers={"rare-wait": waits.append})
+    listening = threading.Event()
+    receiver.on_iteration = listening.set
+    threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True).start()
+    assert listening.wait(10)
     workers = [Worker("tests.apps.breakers", ["breakers"], env, workdir, name=f"bk{i}") for i in (1, 2)]
     try:
         for w in workers:
@@ -54,6 +64,8 @@ def test_an_outage_trips_the_breaker_one_probe_per_open_period_and_a_good_probe_
         for w in workers:
             w.stop()
         down.unlink(missing_ok=True)
+        receiver.should_stop = True
+        conn.release()
 
     events = record.all()
     requests = [e for e in events if e["kind"] == "request" and e["service"] == "svc"]
@@ -79,10 +91,54 @@ def test_an_outage_trips_the_breaker_one_probe_per_open_period_and_a_good_probe_
         mine = [r for r in requests if r["id"] == task_id]
         assert [r["attempt"] for r in mine] == list(range(1, len(mine) + 1)), mine
     last = max(e["t"] for e in events if e["kind"] == "done" and e["id"] in ids)
-    assert last - close[0]["t"] < 3.0, "a closed breaker lets the waiting tasks run within a second or two"
+    # held attempts wait for a probe's verdict (at most its lease), not a second at a time
+    assert last - close[0]["t"] < PROBE_LEASE + 3.0, "a closed breaker lets the waiting tasks run within the lease"
+    # issue 23, 6: rounds through a delay queue per held attempt and open period (one a second while a probe
+    # ran, before): at most 2, one until the probe time and one for the probe's verdict
+    rounds = Counter(w["uuid"] for w in waits if w.get("breaker") == "svc")
+    periods = len(opens)  # the last one ends with the good probe
+    print(f"breaker rounds: {sum(rounds.values())} for {len(rounds)} held tasks, {periods} open periods; "
+          f"most for one task {max(rounds.values())}, per task and period {sum(rounds.values()) / len(rounds) / periods:.2f}")
+    assert max(rounds.values()) <= 2 * periods, rounds.most_common(3)
     stats = vhost.queue_stats()
     assert stats["breakers"]["ready"] + stats["breakers"]["unacked"] == 0
     assert stats.get("breakers.bugs", {"ready": 0})["ready"] == 0
+
+
+def test_attempts_held_while_a_long_probe_runs_wait_for_its_verdict_not_a_second_at_a_time(app, env, workdir, record,
+                                                                                          vhost):
+    """Issue 23, item 6. The probe takes 6 s to fail; 20 attempts are held meanwhile. Each waits for the
+    probe's verdict (at most its lease) in one round through a delay queue: at most 2 rounds per held
+    attempt and open period (before: one round a second while the probe ran, ~8 in that period)."""
+    down = Path(app.down_file("slowp"))
+    down.touch()
+    waits: list[dict] = []
+    conn = Connection(vhost.url)
+    receiver = app.app.events.Receiver(conn, handlers={"rare-wait": waits.append})
+    listening = threading.Event()
+    receiver.on_iteration = listening.set
+    threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True).start()
+    assert listening.wait(10)
+    worker = Worker("tests.apps.breakers", ["breakers.slowprobe"], env, workdir, name="slowp")
+    try:
+        worker.wait_ready()
+        first = app.slowprobe.delay("trip")  # trips it (one failure), then its retries are held
+        wait_for(lambda: kinds(record, "breaker-open", breaker="slowp", gen=1), 20, 0.1, "the trip")
+        ids = [first.id] + [app.slowprobe.delay(f"held{i}").id for i in range(20)]
+        wait_for(lambda: kinds(record, "breaker-open", breaker="slowp", gen=2), 30, 0.1, "the slow probe to fail")
+        down.unlink()
+        wait_for(lambda: {e["id"] for e in kinds(record, "done", service="slowp")} >= set(ids), 60, 0.2,
+                 "every task done")
+    finally:
+        worker.stop()
+        down.unlink(missing_ok=True)
+        receiver.should_stop = True
+        conn.release()
+    periods = len(kinds(record, "breaker-open", breaker="slowp"))
+    rounds = Counter(w["uuid"] for w in waits if w.get("breaker") == "slowp" and w["uuid"] in ids)
+    print(f"slow probe: {sum(rounds.values())} rounds for {len(rounds)} held tasks, {periods} open periods; "
+          f"most for one task {max(rounds.values())}")
+    assert max(rounds.values()) <= 2 * periods, rounds.most_common(3)
 
 
 def test_a_shelf_life_ending_while_the_breaker_holds_it_ends_expired_and_a_late_worker_knows_it_is_open(

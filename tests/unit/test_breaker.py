@@ -52,7 +52,8 @@ def test_verdicts_run_wait_until_the_probe_time_then_probe():
     assert br.verdict(opened, 199.9) == (br.WAIT, 200)
     assert br.verdict(opened, 200).action == br.PROBE
     probing = br.probing(opened, "w1", "t", 200)
-    assert br.verdict(probing, 200.5) == (br.WAIT, 200.5 + br.PROBE_WAIT)
+    # held attempts wait for the probe's verdict, at most its lease: one round, not one a second (issue 23, 6)
+    assert br.verdict(probing, 200.5) == (br.WAIT, 200 + br.PROBE_LEASE)
     assert br.verdict(probing, 200 + br.PROBE_LEASE).action == br.PROBE  # a silent probe: the lock decides
 
 
