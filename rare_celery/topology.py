@@ -43,6 +43,9 @@ UNROUTED = "rare.unrouted"
 RETURN_EXCHANGE = Exchange("rare.return", type="direct", durable=True,
                            arguments={"alternate-exchange": UNROUTED_EXCHANGE.name})
 BUG_SUFFIX = ".bugs"
+NOT_A_BUG_QUEUE = ("is not a bug queue (a name ending in .bugs, rare.unrouted, or with -A a bug_queue of the app's "
+                   "tasks): reading a work queue hands its messages back redelivered, and a worker takes a "
+                   "redelivered message for one whose worker died (a failed attempt)")
 _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
 # Grid values: whole numbers of ms, s, minutes, hours or days with two significant digits
 # (1..99, 100, 110, ... 990, 1000, 1100, ...), up to 10 years. Counted in tests/unit/test_topology.py.
@@ -111,6 +114,12 @@ def name_problem(name: object) -> str | None:
 
 def is_delay_queue(name: str) -> bool:
     return name.startswith("rare.wait.")
+
+
+def looks_like_bug_queue(name: str) -> bool:
+    """Whether ``name`` is one of the queues rare_celery ends messages in by default: ``<queue>.bugs`` or
+    ``rare.unrouted`` (a task's own ``bug_queue`` is known only from its app)."""
+    return name.endswith(BUG_SUFFIX) or name == UNROUTED
 
 
 def bug_queue(name: str, kind: str = CLASSIC) -> Queue:

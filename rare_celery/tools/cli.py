@@ -23,11 +23,13 @@ import click
 from ..inventory import RareTaskInfo, rare_tasks, task_name
 from ..topology import (
     DELAY_EXCHANGE,
+    NOT_A_BUG_QUEUE,
     RETURN_EXCHANGE,
     UNROUTED_QUEUE,
     bug_queue,
     bug_queue_name,
     delay_queue,
+    looks_like_bug_queue,
     own_kind,
     unrouted_queue,
 )
@@ -124,7 +126,13 @@ class Env:
         if self.app is not None and queue not in self.bug_queues():
             known = ", ".join(self.bug_queues()) or "none"
             raise Failure(f"{queue!r} is not a bug queue of the app (its bug queues: {known}); "
-                          f"to act on any queue, pass --broker URL without -A")
+                          f"to act on another bug queue, pass --broker URL without -A")
+        self.check_readable(queue)
+
+    def check_readable(self, queue: str) -> None:
+        """The tools read bug queues only: never a work queue, whose messages a read makes redelivered."""
+        if not looks_like_bug_queue(queue) and queue not in self.bug_queues():
+            raise Failure(f"{queue!r} {NOT_A_BUG_QUEUE}")
 
     def _connection(self) -> Any:
         """A kombu Connection (not connected yet) to the broker; a URL that cannot be read is a :class:`Failure`
@@ -336,6 +344,8 @@ def inspect_bugs(queues: Sequence[str], limit: int | None, tasks: tuple[str, ...
     by_task: Counter[str | None]
     shown, total, by_reason, by_task = 0, 0, Counter(), Counter()
     with e.connection() as conn:
+        for queue in queues if explicit else ():
+            e.check_readable(queue)
         if not as_json:
             say(ROW.format(failed="FAILED (UTC)", task="TASK", id="ID", reason="REASON", attempts="ATT",
                                   error="ERROR"))

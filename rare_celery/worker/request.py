@@ -213,7 +213,12 @@ def came_back(d: Delivery, *, ack: Callable[[], None], requeue: Callable[[], Non
     """A message the broker delivered again (``redelivered``): the worker that had it died or lost its
     connection before its ack (a worker that stops warm gives back what it never started, see
     :mod:`rare_celery.worker.bootsteps`). Its attempt counts as failed (``worker_lost`` after the last),
-    unless its copy had ended before (a lost ack). Never raises."""
+    unless its copy had ended before (a lost ack), or this very worker still has it (its connection was
+    lost, not the worker): then it is put back, counting nothing, and the attempt that runs here ends it.
+    Never raises."""
+    if _held_here(d):
+        return put_back(d, "redelivered while this worker still has it (its connection was lost)", ack=ack,
+                        requeue=requeue, reporter=reporter)
     exc = WorkerLost("the attempt came back unacked: its worker died or lost its connection")
     policy = d.task.policy_for(args, kwargs) if args is not None or kwargs is not None else d.task.rare_policy
     try:
@@ -268,6 +273,16 @@ def put_back(d: Delivery, why: str, *, ack: Callable[[], None], requeue: Callabl
             timer.call_after(pause, _requeue, (requeue, d.task_id))
         else:
             _requeue(requeue, d.task_id)
+
+
+def _held_here(d: Delivery) -> bool:
+    """Whether this worker runs (or holds) a delivery of the same copy of the message."""
+    from celery.worker.state import active_requests, reserved_requests
+
+    copy = hdr.copy_id(d.headers)
+    return copy is not None and any(
+        hdr.copy_id(getattr(getattr(r, "_message", None), "headers", None)) == copy
+        for r in [*active_requests, *reserved_requests])
 
 
 def _requeue(requeue: Callable[[], None], task_id: str | None) -> None:

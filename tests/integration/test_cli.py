@@ -213,7 +213,7 @@ def cli_events(workdir):
 
 @pytest.fixture()
 def queue_name():
-    return f"cli.t.{uuid.uuid4().hex[:8]}"
+    return f"cli.t.{uuid.uuid4().hex[:8]}.bugs"  # the tools read bug queues only
 
 
 def mixed(n: int) -> list[Msg]:
@@ -346,6 +346,20 @@ def test_real_bug_from_the_worker_is_inspected_then_requeued_and_runs_again(vhos
     runs = wait_for(lambda: len(r := cli_events.of(result.id, "run")) == 2 and r, 20, what="the second run")
     assert runs[1]["attempt"] == 1 and runs[1]["reason"] is None
     assert message_count(vhost.url, "cli.real.dead") == 0
+
+
+def test_the_tools_never_read_a_work_queue(vhost, env):
+    """Issue 23, item 3. A read hands messages back ``redelivered``, and a worker takes a redelivered
+    message for one whose worker died (a failed attempt): inspect-bugs, requeue-bugs and purge-bugs
+    refuse a queue that is not a bug queue, with or without -A, and leave its messages untouched."""
+    work = f"cli.t.{uuid.uuid4().hex[:8]}"
+    publish(vhost.url, work, [bug_message("cli.record", [1])])
+    for args in (["inspect-bugs", work], ["requeue-bugs", work, "--all", "-y"], ["purge-bugs", work, "--all", "-y"]):
+        assert "is not a bug queue" in one_line_error(cli("--broker", vhost.url, *args)), args
+    assert "is not a bug queue" in one_line_error(cli("-A", APP, "inspect-bugs", "cli.requeue"))
+    with Connection(vhost.url) as conn:
+        message = conn.default_channel.basic_get(work, no_ack=True)
+    assert message is not None and not message.delivery_info["redelivered"]
 
 
 # -- requeue-bugs ----------------------------------------------------------------------------------
@@ -684,14 +698,14 @@ def test_declare_creates_the_topology_and_explains_a_clash(env):
 
 @pytest.mark.parametrize("run", [cli, script], ids=["runner", "script"])
 def test_errors_are_one_line_with_the_password_masked(vhost, env, run):
-    text = one_line_error(run("--broker", "amqp://guest:s3cret@127.0.0.1:1/x", "inspect-bugs", "q"))
+    text = one_line_error(run("--broker", "amqp://guest:s3cret@127.0.0.1:1/x", "inspect-bugs", "q.bugs"))
     assert "cannot connect to amqp://guest:**@127.0.0.1:1/x" in text and "s3cret" not in text
     bad = vhost.url.replace("guest:guest", "guest:wrong")
     text = one_line_error(run("--broker", bad, "status", "q"))
     assert "ACCESS_REFUSED" in text and "wrong" not in text
-    assert "queue 'no.such.q' does not exist at amqp://guest:**@" in one_line_error(
-        run("--broker", vhost.url, "inspect-bugs", "no.such.q"))
-    assert "not a duration: '1hour'" in one_line_error(run("--broker", vhost.url, "inspect-bugs", "q",
+    assert "queue 'no.such.q.bugs' does not exist at amqp://guest:**@" in one_line_error(
+        run("--broker", vhost.url, "inspect-bugs", "no.such.q.bugs"))
+    assert "not a duration: '1hour'" in one_line_error(run("--broker", vhost.url, "inspect-bugs", "q.bugs",
                                                            "--since", "1hour"))
     assert "cannot load the app 'tests.apps.nope'" in one_line_error(run("-A", "tests.apps.nope", "status"))
     assert "pass -A/--app APP" in one_line_error(run("inspect-bugs", "q"))

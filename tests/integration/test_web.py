@@ -60,7 +60,7 @@ def app_console(web_app, vhost):
 
 @pytest.fixture()
 def queue_name():
-    return f"web.t.{uuid.uuid4().hex[:8]}"
+    return f"web.t.{uuid.uuid4().hex[:8]}.bugs"  # the tools read bug queues only
 
 
 def form(page, **fields) -> dict:
@@ -86,6 +86,18 @@ def mixed(n: int, queue: str = "web.t") -> list:
 
 def rows(page) -> list[str]:
     return re.findall(r'<tr class="message-row" data-task="([^"]*)"', page.text)
+
+
+def test_a_console_without_an_app_never_reads_a_work_queue(vhost, any_queue):
+    """Issue 23, item 3: one cross-site GET of a work queue's page made its messages come back redelivered,
+    which workers count as failed attempts. The console reads bug queues only, and says why."""
+    work = f"web.t.{uuid.uuid4().hex[:8]}"
+    publish(vhost.url, work, [bug_message("web.record", [1], queue=work)])
+    page = any_queue.get(f"/queue?q={work}")
+    assert page.status == 400 and "is not a bug queue" in page.text
+    with Connection(vhost.url) as conn:
+        message = conn.default_channel.basic_get(work, no_ack=True)
+    assert message is not None and not message.delivery_info["redelivered"]
 
 
 def test_a_queue_page_reads_pages_and_filters_and_leaves_every_message_in_place(vhost, any_queue, queue_name):
@@ -399,8 +411,8 @@ def test_starting_binding_auth_and_what_a_request_must_be(vhost, web_app):
         assert "basic auth" in server.first_line and "pa55word" not in server.first_line and "guest:**@" in server.first_line
         assert server.get("/", Authorization="Basic bm86bm8=").status == 401
         assert server.get("/").status == 200
-        publish(secret_url, "web.t.auth", [])
-        page = server.page("/queue?q=web.t.auth")
+        publish(secret_url, "web.t.auth.bugs", [])
+        page = server.page("/queue?q=web.t.auth.bugs")
         assert page.status == 200
         assert server.get("/", Host="evil.example:5580").status == 421  # DNS rebinding
         assert server.post("/plan", {"q": "x", "do": "purge:matching"}).status == 403  # no CSRF token

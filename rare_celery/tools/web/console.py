@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...inventory import RareTaskInfo, rare_tasks, task_name
-from ...topology import UNROUTED_QUEUE, bug_queue_name
+from ...topology import NOT_A_BUG_QUEUE, UNROUTED_QUEUE, bug_queue_name, looks_like_bug_queue
 from .. import breakers, bugs, moves, records, status
 from . import reading
 
@@ -96,8 +96,10 @@ class Console:
         if not queue or len(queue.encode()) > 255:
             raise Refused("not a queue name")
         if self.app is not None and queue not in self.bug_queues() and queue != UNROUTED_QUEUE.name:
-            raise Refused(f"{queue!r} is not a bug queue of the app; to read any queue, start the console "
+            raise Refused(f"{queue!r} is not a bug queue of the app; to read another bug queue, start the console "
                           f"with --broker URL and without -A")
+        if self.app is None and not looks_like_bug_queue(queue):
+            raise Refused(f"{queue!r} {NOT_A_BUG_QUEUE}")
 
     def task(self, name: str | None) -> RareTaskInfo | None:
         return next((t for t in self.tasks if t.name == name), None)
