@@ -167,6 +167,12 @@ def bugs(d: Delivery, state: hdr.Attempt, reason: str, exc: BaseException, *, ar
     return Ending(BUGS, d, copy, exc, exc, fields)
 
 
+def lost(ending: Ending, reason: str, state: hdr.Attempt) -> Ending:
+    """``ending`` of an attempt that was lost (``reason``: its process or worker died, a hard time limit):
+    reported as such too (``rare-lost``)."""
+    return replace(ending, fields={**ending.fields, "lost": (reason, state.number)})
+
+
 def next_place(d: Delivery, state: hdr.Attempt, decision: RetryIn | GiveUp | HopTo, exc: BaseException | None,
                *, args: Any = None, kwargs: Any = None, keep_error: bool = False, now: float | None = None) -> Ending:
     """What a policy's decision about attempt ``state`` makes of the message: a retry, a hop to the
@@ -305,6 +311,8 @@ def report(ending: Ending, reporter: Reporter) -> None:
             with _best_effort(f"send {sig.name}"):
                 sig.send(sender=task, request=d.request, **kw)
 
+    if "lost" in f:
+        event(events.LOST, queue=d.queue, reason=f["lost"][0], attempt=f["lost"][1])
     if "expired" in f:
         deadline, attempts = f["expired"]
         signal(signals.expired, deadline=deadline, attempts=attempts)
@@ -334,6 +342,7 @@ def report(ending: Ending, reporter: Reporter) -> None:
     elif ending.kind == PUT_BACK:
         log.warning("rare_celery: %s put back in %s (delivery %d of at most %d without a next place): %s", who,
                     d.queue, f["count"], MAX_DELIVERIES, f["why"])
+        event(events.PUT_BACK, queue=d.queue, deliveries=f["count"], why=str(f["why"])[: events.ERROR_CHARS])
     elif ending.kind == REQUEUE:
         if reporter.send is not None:
             with _best_effort("send task-rejected"):

@@ -14,6 +14,11 @@ type               fields
 ``rare-expired``   ``deadline`` (epoch s), ``attempts``
 ``rare-wait``      ``due`` (epoch s), ``queue``: an early arrival sent round again, not run;
                    ``breaker`` (its name) when it waits for an open circuit breaker
+``rare-put-back``  ``queue``, ``deliveries`` (this one's number), ``why``: a delivery that could not
+                   reach its next place, back in its queue
+``rare-lost``      ``queue``, ``reason`` (``worker_lost``, ``time_limit``), ``attempt``: an attempt whose
+                   pool process or whole worker died, or that a hard time limit ended (its retry,
+                   hop or bug-queue event follows)
 =================  =========================================================================
 
 Circuit breakers (sent once per change, by the worker whose attempt made it; ``uuid`` is that
@@ -52,9 +57,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RETRY, BUGS, HOP, EXPIRED, WAIT = "rare-retry", "rare-bugs", "rare-hop", "rare-expired", "rare-wait"
+PUT_BACK, LOST = "rare-put-back", "rare-lost"
 BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE = "rare-breaker-open", "rare-breaker-probe", "rare-breaker-close"
 BREAKER = {"open": BREAKER_OPEN, "probe": BREAKER_PROBE, "close": BREAKER_CLOSE}  # by change kind
-TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT, BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE)
+TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT, PUT_BACK, LOST, BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE)
 HOPPED_EVENT, WAITING_EVENT = "task-hopped", "task-waiting"
 ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the run, sent along
 ERROR_CHARS = 200  # characters of the exception's message an event carries

@@ -205,7 +205,8 @@ def lost_ending(d: Delivery, exc: Exception, reason: str, policy: Any) -> ending
         return endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad, now=now)
     if state.deadline is None and policy.expires_in is not None:
         state = replace(state, deadline=policy.deadline(state.first_at))
-    return endings.next_place(d, state, policy.after_loss(state, now=now, reason=reason), exc, now=now)
+    return endings.lost(endings.next_place(d, state, policy.after_loss(state, now=now, reason=reason), exc, now=now),
+                        reason, state)
 
 
 def came_back(d: Delivery, *, ack: Callable[[], None], requeue: Callable[[], None], reporter: endings.Reporter,

@@ -53,6 +53,11 @@ COUNTERS = {  # event type -> (metric name, help, label names, fields the labels
     events.EXPIRED: ("rare_expired", "Messages whose shelf life ran out", ("task",), ("name",)),
     events.WAIT: ("rare_waits", "Early arrivals sent round again for the rest of their delay (not attempts)",
                   ("task", "queue"), ("name", "queue")),
+    events.PUT_BACK: ("rare_put_backs", ("Deliveries put back in their queue without a next place (the ending "
+                                         "could not be published)"), ("task", "queue"), ("name", "queue")),
+    events.LOST: ("rare_lost_attempts", ("Attempts lost with their pool process or worker, or ended by a hard "
+                                         "time limit: a worker that keeps dying shows here"),
+                  ("task", "reason", "queue"), ("name", "reason", "queue")),
     events.BREAKER_OPEN: ("rare_breaker_trips", "Circuit breakers opened (a trip, or a failed probe)",
                           ("breaker",), ("breaker",)),
     events.BREAKER_PROBE: ("rare_breaker_probes", "Probes of an open circuit breaker started", ("breaker",),

@@ -117,6 +117,18 @@ def test_event_counters_keep_labels_bounded():
     assert counters.delays == {("classic", 1900): {"q"}, ("quorum", 1900): {"q"}}
 
 
+def test_put_backs_and_lost_attempts_are_counted_per_queue():
+    """Issue 23: an operator sees a worker that keeps dying (lost attempts) and endings that cannot be
+    published (put-backs), per queue."""
+    counters = metrics.Counters()
+    for _ in range(3):
+        counters.add({"type": "rare-lost", "name": "t", "reason": "worker_lost", "queue": "sms", "attempt": 1})
+    counters.add({"type": "rare-put-back", "name": "t", "queue": "sms", "deliveries": 1, "why": "nacked"})
+    counts = counters.snapshot()
+    assert counts["rare-lost"] == {("t", "worker_lost", "sms"): 3}
+    assert counts["rare-put-back"] == {("t", "sms"): 1}
+
+
 def test_a_retry_learned_from_events_is_filed_under_the_kind_of_delay_queue_it_waits_in():
     counters = metrics.Counters(lambda queue: ("quorum",) if queue.endswith(".q") else ("classic",))
     counters.add({"type": "rare-retry", "name": "t", "queue": "work.q", "delay": 7.3})  # jitter: off the schedule
@@ -139,9 +151,9 @@ def test_console_structures_stay_bounded_whatever_queue_names_are_asked_for(monk
     monkeypatch.setattr(console, "connection", contextlib.nullcontext)
     monkeypatch.setattr(reading, "scan", lambda conn, queue, progress: reading.Snapshot(queue, [], 0, time.time(), 0, True))
     for i in range(300):
-        _, job = console.snapshot(f"q{i}")
+        _, job = console.snapshot(f"q{i}.bugs")
         console.wait(job, 5)
-    assert len(console.snapshots) <= console_module.KEEP_SNAPSHOTS and "q299" in console.snapshots
+    assert len(console.snapshots) <= console_module.KEEP_SNAPSHOTS and "q299.bugs" in console.snapshots
     assert len(console.scans) <= 1
 
 
