@@ -21,6 +21,7 @@ from rare_celery.breaker import PROBE_LEASE
 from tests.support import BugQueues, Events, Worker, wait_for
 
 PROCESSES = 4  # two workers, -c 2 each
+NOTE_LATENCY = 0.1  # s: how much earlier one worker's probe time may be than the signalling worker's
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,11 @@ def test_an_outage_trips_the_breaker_one_probe_per_open_period_and_a_good_probe_
     for period, after in zip(opens, opens[1:]):
         inside = [r for r in requests if period["t"] < r["t"] <= after["t"]]
         assert len(inside) == 1 and not inside[0]["up"], f"open period {period['gen']}: {inside}"
-        assert inside[0]["t"] >= period["until"] - 0.01, "a probe before its time"
+        # each worker counts the period on its own clock from when it heard the note (issue 24): across workers
+        # the probe time differs by the note's way through the broker (milliseconds), never by a clock's error
+        assert inside[0]["t"] >= period["until"] - NOTE_LATENCY, "a probe before its time"
     good = min((r for r in requests if r["t"] > opens[-1]["t"]), key=lambda r: r["t"])
-    assert good["up"] and good["t"] >= opens[-1]["until"] - 0.01 and good["id"] == close[0]["id"]
+    assert good["up"] and good["t"] >= opens[-1]["until"] - NOTE_LATENCY and good["id"] == close[0]["id"]
     probes = kinds(record, "breaker-probe", breaker="svc")
     assert len(probes) == len(opens) and len({p["gen"] for p in probes}) == len(probes)
     # every task ended once; the attempts counted are the requests made (waiting counts none)
