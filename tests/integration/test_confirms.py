@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.proxy import ConfirmHolder
-from tests.support import HOST, Records, Vhost, Worker, app_module, restore_env, wait_for
+from tests.support import HOST, QUORUM_OK, Records, Vhost, Worker, app_module, restore_env, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,17 @@ def endings(broker, cdir):
     restore_env(saved)
 
 
-@pytest.mark.parametrize("kind", ["classic", "quorum"])
-def test_a_late_confirm_of_a_delayed_start_makes_one_copy(endings, broker, proxy, cdir, kind):
+@pytest.mark.parametrize(("kind", "pool"), [("classic", "prefork"), ("quorum", "prefork"), ("classic", "solo")])
+def test_a_late_confirm_of_a_delayed_start_makes_one_copy(endings, broker, proxy, cdir, kind, pool):
     """The worker's main process sends a delayed start to its delay queue; the broker's confirm comes 8 s
     later (its publishes wait 5 s): the worker waits for it on the same channel. Before, kombu took
     the timeout for a lost connection and published the copy again: the task ran twice."""
+    if kind == "quorum" and not QUORUM_OK:
+        pytest.skip("quorum work queues need Celery 5.5+")
     proxied = broker.url.replace(HOST, f"127.0.0.1:{proxy.port}")
     queue = "endings" if kind == "classic" else "endings.q"
     worker = Worker("tests.apps.endings", [queue], {"RARE_ENDINGS_BROKER": proxied, "RARE_ENDINGS_DIR": str(cdir)},
-                    cdir, name=f"confirms-{kind}", concurrency=1).wait_ready()
+                    cdir, name=f"confirms-{kind}-{pool}", pool=pool, concurrency=1).wait_ready()
     try:
         records = Records(cdir)
         proxy.hold(8.0)

@@ -314,16 +314,17 @@ def test_a_hop_inside_autoretry_hops_once(endings, ebugs, records):
     assert bug_copies(ebugs, "endings.bugs", result.id) == 0
 
 
-def test_new_work_under_the_id_of_a_task_that_succeeded_runs(endings, records, ebugs):
+@pytest.mark.parametrize("kind", KINDS)
+def test_new_work_under_the_id_of_a_task_that_succeeded_runs(endings, records, ebugs, worker, kind):
     """Issue 23, 1. A task id is not a message: new work published under the id of a task that
     succeeded (an idempotency key, bulk's ``task_id=sms.id``) runs, even when it arrives as a put-back
     copy (``x-rare-deliveries``: it was redelivered once before it ran)."""
     task_id = f"reused-{uuid.uuid4()}"
-    work = endings.TASKS["classic"]["work"]
+    work = endings.TASKS[kind]["work"]
     assert work.apply_async(("ok",), task_id=task_id).get(timeout=15) == ["ok", 1]
     work.apply_async(("ok",), task_id=task_id, headers={"x-rare-deliveries": 1})
     wait_for(lambda: len(records.of(task_id, "ok")) == 2, 15, what="the new work to run")
-    assert bug_copies(ebugs, "endings.bugs", task_id) == 0
+    assert bug_copies(ebugs, ("endings" if kind == "classic" else "endings.q") + ".bugs", task_id) == 0
 
 
 def test_a_success_whose_ack_was_lost_is_not_run_again_nor_routed(endings, broker, ebugs, records, worker):
