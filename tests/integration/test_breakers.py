@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,22 @@ def record(workdir):
     return Events(Path(workdir) / "breaker-events.jsonl")
 
 
+def rare_waits(app, vhost) -> tuple[list[dict], Callable[[], None]]:
+    """The ``rare-wait`` events the workers send from now on (a list that fills), and how to stop listening."""
+    waits: list[dict] = []
+    conn = Connection(vhost.url)
+    receiver = app.app.events.Receiver(conn, handlers={"rare-wait": waits.append})
+    listening = threading.Event()
+    receiver.on_iteration = listening.set
+    threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True).start()
+    assert listening.wait(10)
+
+    def stop() -> None:
+        receiver.should_stop = True
+        conn.release()
+    return waits, stop
+
+
 def kinds(record, kind, **match):
     return [e for e in record.all() if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())]
 
@@ -42,13 +59,7 @@ def test_an_outage_trips_the_breaker_one_probe_per_open_period_and_a_good_probe_
                                                                                                record, vhost):
     down = Path(app.down_file("svc"))
     down.touch()
-    waits: list[dict] = []  # rare-wait events: each is one round of a held attempt through a delay queue
-    conn = Connection(vhost.url)
-    receiver = app.app.events.Receiver(conn, handlers={"rare-wait": waits.append})
-    listening = threading.Event()
-    receiver.on_iteration = listening.set
-    threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True).start()
-    assert listening.wait(10)
+    waits, stop_listening = rare_waits(app, vhost)  # each rare-wait: one round of a held attempt
     workers = [Worker("tests.apps.breakers", ["breakers"], env, workdir, name=f"bk{i}") for i in (1, 2)]
     try:
         for w in workers:
@@ -65,8 +76,7 @@ def test_an_outage_trips_the_breaker_one_probe_per_open_period_and_a_good_probe_
         for w in workers:
             w.stop()
         down.unlink(missing_ok=True)
-        receiver.should_stop = True
-        conn.release()
+        stop_listening()
 
     events = record.all()
     requests = [e for e in events if e["kind"] == "request" and e["service"] == "svc"]
@@ -115,13 +125,7 @@ def test_attempts_held_while_a_long_probe_runs_wait_for_its_verdict_not_a_second
     attempt and open period (before: one round a second while the probe ran, ~8 in that period)."""
     down = Path(app.down_file("slowp"))
     down.touch()
-    waits: list[dict] = []
-    conn = Connection(vhost.url)
-    receiver = app.app.events.Receiver(conn, handlers={"rare-wait": waits.append})
-    listening = threading.Event()
-    receiver.on_iteration = listening.set
-    threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True).start()
-    assert listening.wait(10)
+    waits, stop_listening = rare_waits(app, vhost)
     worker = Worker("tests.apps.breakers", ["breakers.slowprobe"], env, workdir, name="slowp")
     try:
         worker.wait_ready()
@@ -135,8 +139,7 @@ def test_attempts_held_while_a_long_probe_runs_wait_for_its_verdict_not_a_second
     finally:
         worker.stop()
         down.unlink(missing_ok=True)
-        receiver.should_stop = True
-        conn.release()
+        stop_listening()
     periods = len(kinds(record, "breaker-open", breaker="slowp"))
     rounds = Counter(w["uuid"] for w in waits if w.get("breaker") == "slowp" and w["uuid"] in ids)
     print(f"slow probe: {sum(rounds.values())} rounds for {len(rounds)} held tasks, {periods} open periods; "
