@@ -80,9 +80,13 @@ class RareRequest(Request):
         self._not_waiting()
         return super().on_accepted(pid, time_accepted)
 
-    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+    def acknowledge(self) -> None:
         self._not_waiting()
-        return super().on_success(failed__retval__runtime, **kwargs)
+        super().acknowledge()
+
+    def reject(self, requeue: bool = False) -> None:
+        self._not_waiting()
+        super().reject(requeue=requeue)
 
     def _not_waiting(self) -> None:
         ctx = context.of(self.task.app)
