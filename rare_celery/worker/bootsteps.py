@@ -67,6 +67,7 @@ class RareConsumerStep(bootsteps.StartStopStep):
             if is_rare(task) and name in c.strategies:
                 c.strategies[name] = self.screen.strategy(task, c.strategies[name])
         self.context.timer = c.timer
+        self.context.waiting.clear()  # what waited on a connection before this one is dropped by Celery
         wanted = rare_queues(c.app)
         self.screen.queues = {q.name for q in c.task_consumer.queues if q.name in wanted}
         queues = sorted(self.screen.queues)
