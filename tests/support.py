@@ -560,16 +560,20 @@ class Workload:
 class StallingProxy:
     """Forwards TCP connections from 127.0.0.1:``port`` to the broker; after the client has sent
     ``stall_after_acks`` ``basic.ack`` frames it stops forwarding anything, either way, without closing
-    (a cable pulled, a NAT entry dropped): the broker and the client each see a silent peer. ``close()``
-    ends every connection (the broker then puts back what it had handed out)."""
+    (a cable pulled, a NAT entry dropped): the broker and the client each see a silent peer. ``stalled.set()``
+    does it at once, wherever the bytes stand; ``cut.set()`` does it in the middle of the next frame the
+    broker sends (its header and one byte of its payload arrive, nothing more), and so does ``cut_after``
+    once that many bytes came from the broker on a connection. ``close()`` ends every
+    connection (the broker then puts back what it had handed out)."""
 
     BASIC_ACK = (60, 80)
 
-    def __init__(self, stall_after_acks: int | None = None, target: str = HOST) -> None:
+    def __init__(self, stall_after_acks: int | None = None, target: str = HOST, cut_after: int | None = None) -> None:
         import socket
         import threading
 
         self.stall_after_acks, self.acks, self.stalled = stall_after_acks, 0, threading.Event()
+        self.cut, self.cut_after = threading.Event(), cut_after
         host, _, port = target.partition(":")
         self.target = (host, int(port or 5672))
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -599,6 +603,7 @@ class StallingProxy:
         import struct
 
         buffer, header_seen = b"", not from_client
+        frame = _FrameWalker()  # where the broker's frames start and end, for cut
         while True:
             try:
                 data = src.recv(65536)
@@ -609,6 +614,11 @@ class StallingProxy:
             if self.stalled.is_set():
                 continue  # read and dropped: nothing arrives, nothing is refused
             out = data
+            if not from_client:
+                at = frame.walk(data, self.cut.is_set() or (self.cut_after is not None and frame.seen >= self.cut_after))
+                if at is not None:
+                    out = data[:at]
+                    self.stalled.set()
             if from_client and self.stall_after_acks is not None:
                 buffer += data
                 out = b""
@@ -640,3 +650,33 @@ class StallingProxy:
             except OSError:
                 pass
             s.close()
+
+
+class _FrameWalker:
+    """Follows the AMQP frames of one direction of a connection (7-byte header, payload, frame-end)."""
+
+    def __init__(self) -> None:
+        self.left, self.head = 0, b""  # bytes left of the current frame; a frame header read in part
+        self.seen = 0  # bytes walked before this call
+
+    def walk(self, data: bytes, cutting: bool) -> int | None:
+        """Reads ``data``; when ``cutting``, returns how much of it to forward to end in the middle of a frame."""
+        import struct
+
+        i = 0
+        self.seen += len(data)
+        while i < len(data):
+            if self.left == 0:
+                need = 7 - len(self.head)
+                self.head += data[i:i + need]
+                i += min(need, len(data) - i)
+                if len(self.head) == 7:
+                    size = struct.unpack(">I", self.head[3:7])[0]
+                    self.left, self.head = size + 1, b""
+                    if cutting and size > 1:
+                        return i + 1  # the header and one byte of the payload
+            else:
+                step = min(self.left, len(data) - i)
+                self.left -= step
+                i += step
+        return None

@@ -45,6 +45,23 @@ def connection_options() -> dict[str, Any]:
             "transport_options": {"read_timeout": READ_TIMEOUT, "write_timeout": READ_TIMEOUT}}
 
 
+def connect(conn: Any) -> Any:
+    """Connect ``conn`` (a kombu Connection) and give its socket a timeout of :data:`READ_TIMEOUT` for
+    every read and write.
+
+    The ``read_timeout`` of :func:`connection_options` alone is not enough: py-amqp sets it as
+    ``SO_RCVTIMEO`` on a blocking socket, and when the connection goes silent in the middle of a frame
+    (a message's body half read) py-amqp retries the read that timed out for ever, at full speed. A
+    socket timeout raises :class:`socket.timeout` wherever the read stands. (The login waits at most
+    ``connect_timeout``, the same way.)
+    """
+    conn.connect()
+    sock = getattr(getattr(conn.connection, "transport", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(READ_TIMEOUT)
+    return conn
+
+
 class QueueMissing(LookupError):
     """The queue does not exist in the broker's vhost."""
 

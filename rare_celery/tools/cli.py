@@ -164,7 +164,7 @@ class Env:
         dead = False
         try:
             try:
-                conn.connect()
+                bugs.connect(conn)
             except Exception as exc:  # noqa: BLE001 - every way of not connecting is reported the same way
                 raise Failure(f"cannot connect to {where}: {_why(exc)} (check the URL and that RabbitMQ runs)") from None
             yield conn

@@ -188,9 +188,11 @@ def test_the_console_needs_the_token_it_printed_and_says_it_can_purge_any_queue(
     assert "can read, requeue from and purge any queue" in out
 
 
-def test_a_silent_connection_ends_the_consoles_read_and_lets_go_of_the_queue(vhost, env, queue, monkeypatch):
+@pytest.mark.parametrize("where", ["anywhere", "mid-frame"])
+def test_a_silent_connection_ends_the_consoles_read_and_lets_go_of_the_queue(vhost, env, queue, monkeypatch, where):
     """The console reads through a connection that goes silent mid-read: the read fails within its
-    timeouts, says why, and the queue's lock is free again (before: the read, and the lock, for ever)."""
+    timeouts, says why, and the queue's lock is free again (before: the read, and the lock, for ever).
+    Mid-frame (a message's body half arrived) is where py-amqp alone retries its read for ever."""
     from rare_celery.tools.cli import Env
     from rare_celery.tools.web.server import build
 
@@ -201,8 +203,9 @@ def test_a_silent_connection_ends_the_consoles_read_and_lets_go_of_the_queue(vho
         _, console, _ = build(Env(None, proxy.url(vhost.name)), None, True, events=False)
         _, job = console.snapshot(queue)
         wait_for(lambda: job.progress.done > 0 or job.state != "running", 20, 0.01, "the read to start")
-        proxy.stalled.set()
+        (proxy.cut if where == "mid-frame" else proxy.stalled).set()
         assert console.wait(job, 20), "the read still runs"
+        assert proxy.stalled.is_set()
         assert job.state == "failed" and "the broker stopped answering (nothing for 1 s)" in job.error, job.error
         lock = console.queue_lock(queue)
         assert lock.acquire(timeout=1)
@@ -210,4 +213,21 @@ def test_a_silent_connection_ends_the_consoles_read_and_lets_go_of_the_queue(vho
     finally:
         proxy.close()
     settled(vhost, queue, 3000)
+    drain(vhost.url, queue)
+
+
+def test_a_connection_silent_mid_frame_ends_inspect_bugs(vhost, env, queue, monkeypatch):
+    """inspect-bugs reading a long queue; the broker's bytes stop in the middle of a frame: the command
+    ends within its read timeout, exit 2, one line (before: py-amqp retried the read for ever, at full
+    speed); every message is still in the queue."""
+    monkeypatch.setattr(bugs, "READ_TIMEOUT", 1.0)
+    publish(vhost.url, queue, [bug_message(task_id=f"m{i}", error="e" * 2000) for i in range(2000)])
+    proxy = StallingProxy(cut_after=500_000)  # in the 200th message or so
+    try:
+        ran = in_thread(lambda: cli("--broker", proxy.url(vhost.name), "inspect-bugs", queue, "--json"), 30)
+        assert proxy.stalled.is_set()
+        assert "the broker stopped answering (nothing for 1 s)" in one_line_error(ran)
+    finally:
+        proxy.close()
+    settled(vhost, queue, 2000)
     drain(vhost.url, queue)

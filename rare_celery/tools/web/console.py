@@ -112,7 +112,7 @@ class Console:
     def connection(self) -> Iterator[Any]:
         conn = self.connect()
         try:
-            conn.connect()
+            bugs.connect(conn)
             yield conn
         finally:
             with contextlib.suppress(Exception):
