@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -127,6 +129,7 @@ def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wa
         raise PublishRefused(f"cannot publish to {copy.where}: {problem}")
 
     def publish() -> None:
+        _closed_meanwhile(producer)
         _prepare(producer, copy)
         wire = producer.channel.connection  # py-amqp counts the frames it wrote (after each write)
         before = getattr(wire, "bytes_sent", None)
@@ -195,6 +198,26 @@ def _await_confirm(producer: Any, copy: Copy, waited: float, more: float) -> Non
     _drop(producer)
     raise ConfirmMissing(f"the broker did not confirm the copy for {copy.where} in {waited + max(more, 0):g} s: "
                          f"it may be there or not")
+
+
+def _closed_meanwhile(producer: Any) -> None:
+    """Read, without waiting, what the broker sent on the producer's connection since it last published:
+    a connection the broker closed meanwhile (a restart, an operator, missed heartbeats of an idle pool
+    process) raises its connection error here, before anything is written, and the publish goes out on a
+    new connection. Written into the dead one, its fate would be unknown: the original kept and its
+    attempt run again."""
+    wire = getattr(producer.channel, "connection", None)
+    transport = getattr(wire, "transport", None)
+    sock = getattr(transport, "sock", None)
+    if wire is None or sock is None:
+        return
+    for _ in range(100):  # heartbeats piled up in an idle connection: read them all
+        if not getattr(transport, "_read_buffer", b"") and not select.select([sock], [], [], 0)[0]:
+            return
+        try:
+            wire.drain_events(timeout=0.05)
+        except socket.timeout:
+            return
 
 
 def _drop(producer: Any) -> None:

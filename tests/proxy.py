@@ -1,8 +1,12 @@
-"""A TCP proxy on 127.0.0.1 in front of the test broker that can hold back a publisher confirm.
+"""A TCP proxy on 127.0.0.1 in front of the test broker that injects network faults.
 
-Client-to-broker bytes pass as they are; broker-to-client bytes are cut into AMQP frames, and while
-``hold_next`` is set the next ``Basic.Ack`` (a publisher confirm) and everything behind it on that
-connection wait ``hold_next`` seconds: a broker whose confirm comes late, not one that never answers.
+Client-to-broker bytes pass as they are; broker-to-client bytes are cut into AMQP frames. Faults:
+
+* :meth:`FaultProxy.hold` - the next ``Basic.Ack`` (a publisher confirm) and everything behind it on that
+  connection wait ``seconds``: a broker whose confirm comes late, not one that never answers;
+* :meth:`FaultProxy.cut` - every connection open now is closed (a reset both sides see);
+* :meth:`FaultProxy.stall` - every connection open now goes silent both ways (bytes are read and dropped:
+  a cable pulled, a NAT entry gone), then is closed after ``seconds``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 BASIC_ACK = (60, 80)  # class basic, method ack: from the broker, a publisher confirm
 
 
-class ConfirmHolder:
+class FaultProxy:
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -24,7 +28,8 @@ class ConfirmHolder:
         self.hold_next: float | None = None
         self.held = 0
         self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (client, upstream) of open connections
+        self.silent: set[socket.socket] = set()  # sockets whose bytes are dropped (stalled connections)
         self.stopped = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -32,6 +37,33 @@ class ConfirmHolder:
         """Hold the next confirm any connection receives for ``seconds``."""
         with self.lock:
             self.hold_next = seconds
+
+    def cut(self) -> int:
+        """Close every connection open now; how many."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            self._close(*pair)
+        return len(pairs)
+
+    def stall(self, seconds: float) -> int:
+        """Every connection open now drops what it carries, both ways, then closes after ``seconds``; how many."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+            for pair in pairs:
+                self.silent.update(pair)
+
+        def close() -> None:
+            for pair in pairs:
+                self._close(*pair)
+            with self.lock:
+                for pair in pairs:
+                    self.silent.difference_update(pair)
+
+        timer = threading.Timer(seconds, close)
+        timer.daemon = True
+        timer.start()
+        return len(pairs)
 
     def _accept(self) -> None:
         while not self.stopped:
@@ -45,20 +77,25 @@ class ConfirmHolder:
                 client.close()
                 continue
             upstream.settimeout(None)
-            self.sockets += [client, upstream]
+            with self.lock:
+                self.pairs.append((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._frames, args=(upstream, client), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                dst.sendall(data)
+                if src not in self.silent:
+                    dst.sendall(data)
         self._close(src, dst)
+        src.close()  # each socket is the source of one thread: it closes it when done
 
     def _frames(self, src: socket.socket, dst: socket.socket) -> None:
         buf = b""
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                if src in self.silent:
+                    continue
                 buf += data
                 while len(buf) >= 7:
                     size = struct.unpack(">I", buf[3:7])[0]
@@ -71,17 +108,21 @@ class ConfirmHolder:
                         if delay:
                             self.held += 1
                             time.sleep(delay)
+                    if src in self.silent:
+                        break
                     dst.sendall(frame)
         self._close(src, dst)
+        src.close()
 
-    @staticmethod
-    def _close(*socks: socket.socket) -> None:
+    def _close(self, *socks: socket.socket) -> None:
         for s in socks:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+        with self.lock:
+            self.pairs = [p for p in self.pairs if p[0] not in socks and p[1] not in socks]
 
     def stop(self) -> None:
         self.stopped = True
         with contextlib.suppress(OSError):
             self.server.close()
-        self._close(*self.sockets)
+        self.cut()

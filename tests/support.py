@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,9 +101,11 @@ class Worker:
     def __init__(self, app: str, queues: list[str], env: dict, workdir: Path, pool: str = "prefork",
                  concurrency: int = 2, name: str | None = None, extra: list[str] | None = None) -> None:
         self.log = workdir / f"worker-{name or app.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:6]}.log"
+        node = f"{name or 'w'}-{uuid.uuid4().hex[:6]}"
+        self.node = f"{node}@{socket.gethostname()}"  # the worker's node name: task.request.hostname
         cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", ",".join(queues), "-P", pool,
                "-c", str(concurrency), "--without-mingle", "--without-gossip", "-l", os.environ.get("RARE_TEST_LOGLEVEL", "info"),
-               "-n", f"{name or 'w'}-{uuid.uuid4().hex[:6]}@%h", *(extra or [])]
+               "-n", f"{node}@%h", *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -521,7 +524,7 @@ class Workload:
     def held(self) -> dict[str, tuple[int, int, int]]:
         """Queue -> (ready, unacked, consumers) for the queues that hold something, bug queues left out."""
         stats = self.vhost.queue_stats()
-        queues = [q for q in stats if not q.endswith(".bugs") and not q.startswith(("celery", "faults.filler"))
+        queues = [q for q in stats if not q.endswith(".bugs") and not q.startswith(("celery", "faults.filler", "rare.breaker"))
                   and ".pidbox" not in q and not q.startswith("celeryev")]
         ready = ready_counts(self.vhost.url, queues)
         return {q: (ready.get(q, 0), stats[q]["unacked"], stats[q]["consumers"])

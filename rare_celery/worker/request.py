@@ -198,7 +198,9 @@ class RareRequest(Request):
 
 def lost_ending(d: Delivery, exc: Exception, reason: str, policy: Any) -> endings.Ending:
     """An attempt that started and never finished (``reason``: ``worker_lost``, ``time_limit``) counts as
-    failed: its next place as ``policy`` decides; unless its copy had ended before (a lost ack only)."""
+    failed: its next place as ``policy`` decides; unless its copy had ended before (a lost ack only), or
+    it is not due yet (a delayed start or a round held by a worker that died before sending it on: it
+    cannot have run), which waits on, counting nothing."""
     how = endings.copy_ended(d.task, d.headers)
     if how is not None:
         return endings.done(d, how)
@@ -209,6 +211,8 @@ def lost_ending(d: Delivery, exc: Exception, reason: str, policy: Any) -> ending
         return endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad, now=now)
     if state.deadline is None and policy.expires_in is not None:
         state = replace(state, deadline=policy.deadline(state.first_at))
+    if state.due is not None and state.due > now:  # no attempt starts before its due time: this one never ran
+        return endings.wait(d, state, state.due, now=now)
     return endings.lost(endings.next_place(d, state, policy.after_loss(state, now=now, reason=reason), exc, now=now),
                         reason, state)
 

@@ -21,10 +21,15 @@ number, so every copy of a message decides the same way):
 * ``faults.<k>.pause(tag)`` - attempt 1 fails; the ``retry_scheduled`` receiver then records
   ``paused`` and waits for ``release-<tag>`` (after the delay publish is confirmed, before the ack);
 * ``faults.<k>.patient(fails)`` - fails on attempts 1..``fails``, retried after 3 s (``rare.wait.3s``);
-* ``faults.<k>.poison(deaths)`` - kills its pool process (``os._exit``) on attempts 1..``deaths``.
+* ``faults.<k>.poison(deaths)`` - kills its pool process (``os._exit``) on attempts 1..``deaths``;
+* ``faults.<k>.hop(plan)`` - hops to ``faults.<k>.rescue`` at once (``Hop``, reason ``soak hop``);
+* ``faults.<k>.brittle()`` - always fails, retried every second, with a shelf life of 2.5 s: ``expired``;
+* ``faults.<k>.call()`` - calls the fake service: fails while the file ``service-down`` exists in the
+  record directory; the breaker ``faults-svc`` (shared by both kinds) stops attempts while it is down.
 
 Every run appends one JSON line to ``$RARE_FAULTS_DIR/rec-<pid>.jsonl`` (one file per process):
-``{"k": "run"|"ok"|"hold"|"paused", "id", "task", "att", "q", "redelivered", "pid", "t"}``.
+``{"k": "run"|"ok"|"hold"|"paused", "id", "task", "att", "q", "redelivered", "pid", "w", "t"}`` (``w``: the
+worker's node name).
 
 Environment: ``RARE_FAULTS_BROKER`` (else ``RARE_TEST_BROKER``), ``RARE_FAULTS_DIR`` (else
 ``RARE_TEST_DIR``), ``RARE_FAULTS_CONFIG`` = ``confirm_off`` | ``pickle`` | ``pickle_type`` (a deliberately broken
@@ -41,14 +46,18 @@ import time
 from celery import Celery
 from kombu import Queue
 
-from rare_celery import Bug, RareTask, signals
+from rare_celery import Bug, Hop, RareTask, signals
 
 BROKER = os.environ.get("RARE_FAULTS_BROKER") or os.environ.get("RARE_TEST_BROKER", "amqp://guest:guest@127.0.0.1//")
 DIR = os.environ.get("RARE_FAULTS_DIR") or os.environ.get("RARE_TEST_DIR") or tempfile.gettempdir()
 os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
 QUORUM_ARGS = {"x-queue-type": "quorum"}
 KINDS = {"classic": "faults", "quorum": "faults.q"}  # kind -> work queue
-MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3, "hold": 3, "pause": 3, "patient": 3, "poison": 3}
+MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3, "hold": 3, "pause": 3, "patient": 3, "poison": 3, "hop": 3,
+                "brittle": 10, "call": 8}
+SHELF_LIFE = 2.5  # brittle's expires_in
+BREAKER = {"breaker": "faults-svc", "breaker_failures": 5, "breaker_within": 60, "breaker_open": 2,
+           "breaker_max_open": 8}
 HOLD_LIMIT = 60.0  # a held attempt gives up waiting for its release file after this many seconds
 
 
@@ -94,7 +103,7 @@ class _Recorder:
         req = task.request
         self.file.write(json.dumps({
             "k": kind, "id": req.id, "task": task.name, "att": (req.headers or {}).get("x-rare-attempt", 1),
-            "q": (req.delivery_info or {}).get("routing_key"),
+            "q": (req.delivery_info or {}).get("routing_key"), "w": req.hostname,
             "redelivered": bool((req.delivery_info or {}).get("redelivered")), "pid": self.pid,
             "t": time.time(), **extra}) + "\n")
 
@@ -173,8 +182,27 @@ def _tasks_for(kind: str) -> dict:
         record("ok", self)
         return "survived"
 
+    @app.task(**common, name=f"{prefix}.hop", max_attempts=MAX_ATTEMPTS["hop"], backoff=0.5)
+    def hop(self, plan: str):
+        record("run", self)
+        raise Hop(f"{prefix}.rescue", plan, reason="soak hop")
+
+    @app.task(**common, name=f"{prefix}.brittle", max_attempts=MAX_ATTEMPTS["brittle"], backoff=1,
+              expires_in=SHELF_LIFE)
+    def brittle(self):
+        record("run", self)
+        raise ConnectionError("down until its shelf life ends")
+
+    @app.task(**common, name=f"{prefix}.call", max_attempts=MAX_ATTEMPTS["call"], backoff=[0.5, 1, 2, 3], **BREAKER)
+    def call(self):
+        record("run", self)
+        if os.path.exists(os.path.join(DIR, "service-down")):
+            raise ConnectionError("the service answers 503")
+        record("ok", self)
+        return "called"
+
     return {"work": work, "rescue": rescue, "doomed": doomed, "hold": hold, "pause": pause, "patient": patient,
-            "poison": poison}
+            "poison": poison, "hop": hop, "brittle": brittle, "call": call}
 
 
 TASKS = {kind: _tasks_for(kind) for kind in KINDS}

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.proxy import ConfirmHolder
+from tests.proxy import FaultProxy
 from tests.support import HOST, QUORUM_OK, Records, Vhost, Worker, app_module, restore_env, wait_for
 
 
@@ -22,7 +22,7 @@ def broker():
 @pytest.fixture(scope="module")
 def proxy():
     host, port = HOST.rsplit(":", 1)
-    holder = ConfirmHolder(host, int(port))
+    holder = FaultProxy(host, int(port))
     yield holder
     holder.stop()
 

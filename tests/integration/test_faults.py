@@ -221,6 +221,48 @@ def test_a_message_that_kills_its_whole_worker_ends_as_worker_lost_after_max_att
         own.delete()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_delayed_start_held_by_a_worker_that_dies_waits_on_and_runs_once_on_time(faults, fenv, fdir, kind):
+    """A solo worker busy with a task holds a delayed start it prefetched and has not looked at yet; the
+    worker is killed. The broker delivers both again: the held task counts a failed attempt (it ran), the
+    delayed start does not (it was not due: no attempt starts before its time) and runs as attempt 1, not
+    before its countdown. Before (found by the soak): counted as a failed attempt, retried in 0.5 s as
+    attempt 2, seconds early."""
+    if kind == "quorum" and not QUORUM_OK:
+        pytest.skip("quorum work queues need Celery 5.5+")
+    own = Vhost()  # its own vhost: the only worker is the one killed, then the one after it
+    env = {**fenv, "RARE_FAULTS_BROKER": own.url}
+    records = Records(fdir)
+    solo = after = None
+    try:
+        solo = Worker("tests.apps.faults", faults.queues_of(kind), env, fdir, name=f"holder-{kind}", pool="solo",
+                      concurrency=1).wait_ready()
+        with Connection(own.url, transport_options={"confirm_publish": True}) as conn:
+            tag = uuid.uuid4().hex
+            held = faults.TASKS[kind]["hold"].apply_async((tag,), connection=conn)
+            wait_for(lambda: records.of(held.id, "hold"), 20, what="the solo worker to be busy")
+            sent = time.time()
+            later = faults.TASKS[kind]["work"].apply_async(("ok", 0), countdown=8, connection=conn)
+        queue = work_queue(kind)
+        wait_for(lambda: own.queue_stats().get(queue, {}).get("unacked") == 2, 20, 0.2,
+                 "the delayed start to be prefetched by the busy worker")
+        os.killpg(solo.proc.pid, signal.SIGKILL)
+        solo.proc.wait(10)
+        release(fdir, tag)
+        after = Worker("tests.apps.faults", faults.queues_of(kind), env, fdir, name=f"after-{kind}",
+                       concurrency=1).wait_ready()
+        wait_for(lambda: records.of(later.id, "ok"), 30, 0.2, "the delayed start to run")
+        runs = records.of(later.id, "run")
+        assert [r["att"] for r in runs] == [1], runs
+        assert runs[0]["t"] >= sent + 8, f"ran {sent + 8 - runs[0]['t']:.2f} s early"
+        assert attempts(records, held.id) == [1, 2]  # the held task had run: its attempt counts
+    finally:
+        for worker in (solo, after):
+            if worker is not None:
+                worker.stop()
+        own.delete()
+
+
 @pytest.mark.skipif(not QUORUM_OK, reason="quorum work queues need Celery 5.5+")
 def test_killed_pool_process_loses_nothing_on_a_quorum_queue(faults, fleet, records):
     """The classic-queue version is tests/integration/test_core.py."""
@@ -263,6 +305,21 @@ def test_connection_lost_between_delay_publish_and_ack_runs_once(faults, fleet, 
     wait_for(lambda: "came back after its retry was published" in worker_lines(fleet, result.id), 20,
              what="the redelivered attempt 1 to be acked unrun")
     assert attempts(records, result.id) == [1, 2] and len(records.of(result.id, "ok")) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_retry_after_the_broker_closed_the_pool_process_connection_runs_once(faults, fleet, records, broker, kind):
+    """The broker closes the idle connection the pool processes publish retries on (a broker restart, an
+    operator, missed heartbeats): the next failure's retry goes out on a new connection, and attempt 1
+    runs once. Before (found by the soak): the retry was written into the dead connection, its fate
+    unknown; the message was kept and attempt 1 ran again."""
+    warm = [faults.TASKS[kind]["work"].delay("flaky", 1) for _ in range(4)]
+    assert [r.get(timeout=30) for r in warm] == [["flaky", 2]] * 4
+    pids = {r["pid"] for w in warm for r in records.of(w.id, "run") if r["att"] == 1}
+    assert sum(close_connections(broker.name, pid, "fault test: an idle connection closed") for pid in pids) >= 1
+    results = [faults.TASKS[kind]["work"].delay("flaky", 1) for _ in range(4)]
+    assert [r.get(timeout=30) for r in results] == [["flaky", 2]] * 4
+    assert [attempts(records, r.id) for r in results] == [[1, 2]] * 4
 
 
 def worker_lines(fleet, task_id: str) -> str:

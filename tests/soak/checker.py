@@ -1,0 +1,200 @@
+"""The soak's checker: every job published is accounted for, from the run records and the queues at the end.
+
+For each job (one published task id):
+
+* **ended once**: its own success record (by a task its plan allows) or one copy in a bug queue with a reason
+  its plan allows; ``worker_lost`` is allowed also when a death (see :data:`tests.soak.nemesis.DEATHS`) came
+  while it was under way (a worker that ran it, or one that held its next attempt unstarted);
+* **lost**: no end and in no queue; **stuck**: no end and still in a queue when the run ended;
+* **repeats** (an attempt run twice, or two ends): *explained* when a fault that may repeat work (a death
+  of the worker that ran the first copy, or of the broker, or a requeue of its bug queue) came between the
+  first copy and the repeat; any other is *unexplained*, a failure;
+* **over limit**: more distinct attempts of a task than its ``max_attempts``;
+* **early**: a delayed start, or a retry of ``work``, that ran before its time; **late** (reported, not a
+  failure): how long after its time it ran.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from tests.soak.nemesis import DEATHS
+from tests.soak.workload import PLANS, Job
+
+WORK_BACKOFF = (0.5, 1.25, 2.0)  # tests/apps/faults.py: work's schedule
+SLACK = 0.05  # s: clocks of one machine, a record written just after the run starts
+
+
+@dataclass
+class Report:
+    published: int = 0
+    unsure_seen: int = 0  # publishes that raised but whose message arrived
+    succeeded: Counter = field(default_factory=Counter)  # by task short name
+    bugs: Counter = field(default_factory=Counter)  # by reason
+    lost: int = 0
+    stuck: int = 0
+    unexplained: int = 0
+    explained: int = 0
+    wrong: int = 0
+    over_limit: int = 0
+    early: int = 0
+    late_max: float = 0.0  # s beyond its time, delayed starts and retries
+    late_where: str = ""
+    faults: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.stuck or self.unexplained or self.wrong or self.over_limit or self.early)
+
+
+def short(task: str) -> str:
+    return task.rsplit(".", 1)[-1]
+
+
+def check(jobs: dict[str, Job], unsure: dict[str, Job], records: list[dict], bugs: list[tuple[str, str]],
+          waiting: set[str], faults: list[dict], max_attempts: dict[str, int]) -> Report:
+    """``bugs``: (task id, reason) of every message in the bug queues at the end; ``waiting``: ids still in
+    another queue then; ``faults``: the run log's entries ``{"t", "kind", "target", "detail"}``."""
+    report = Report()
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_id[r["id"]].append(r)
+    bugs_of: dict[str, list[str]] = defaultdict(list)
+    for task_id, reason in bugs:
+        bugs_of[task_id].append(reason)
+    for f in faults:
+        if not f["kind"].endswith(("_back", "stopped", "_up", "requeued")):
+            report.faults[f["kind"]] += 1
+    everyone = dict(jobs)
+    for task_id, job in unsure.items():
+        if by_id.get(task_id) or bugs_of.get(task_id) or task_id in waiting:
+            everyone[task_id] = job
+            report.unsure_seen += 1
+    report.published = len(everyone)
+    for job in everyone.values():
+        _check_job(job, sorted(by_id.get(job.id, []), key=lambda r: r["t"]), bugs_of.get(job.id, []),
+                   job.id in waiting, faults, max_attempts, report)
+    return report
+
+
+def _deaths(faults: list[dict], nodes: set[str] | None, since: float, until: float, requeued: bool = False) -> list[dict]:
+    """The faults between ``since`` and ``until`` that may repeat the work of a job run on ``nodes``
+    (``nodes`` None: on any worker; ``requeued``: its bug queue's requeues count, for jobs whose plan ends
+    there with ``bug``)."""
+    return [f for f in faults if f["kind"] in DEATHS and since - SLACK <= f["t"] <= until + SLACK
+            and (nodes is None or f["target"] in nodes or f["target"] == "*" or (requeued and f["kind"] == "requeue"))]
+
+
+def _check_job(job: Job, runs: list[dict], reasons: list[str], waiting: bool, faults: list[dict],
+               max_attempts: dict[str, int], report: Report) -> None:
+    plan = PLANS[job.plan]
+    oks = [r for r in runs if r["k"] == "ok"]
+    tries = [r for r in runs if r["k"] == "run"]
+    nodes = {r["w"] for r in tries}
+    problems: list[str] = []
+
+    def story() -> str:
+        lines = [f"{job.id} ({job.plan}, {job.kind}), published at {job.published:.3f}"
+                 + (f", due {job.due:.3f}" if job.due else "")]
+        lines += [f"  {r['t']:.3f} {r['k']} {short(r['task'])} attempt {r['att']} on {r['w']} pid {r['pid']}"
+                  + (" (redelivered)" if r["redelivered"] else "") for r in runs]
+        lines += [f"  bug queue: {reason}" for reason in reasons]
+        start = runs[0]["t"] - 1 if runs else job.published
+        end = runs[-1]["t"] + 1 if runs else job.published + 60
+        lines += [f"  fault {f['t']:.3f} {f['kind']} {f['target']} {f['detail']}" for f in faults
+                  if start <= f["t"] <= end and (f["target"] in nodes or f["target"] in ("*", "bugs", "service"))]
+        return "\n".join(lines)
+
+    # where it ended
+    ends = len(oks) + len(reasons)
+    if not ends:
+        if waiting:
+            report.stuck += 1
+            problems.append("stuck: still in a queue when the run ended")
+        else:
+            report.lost += 1
+            problems.append("lost: no success, in no bug queue, in no queue")
+    elif oks:
+        report.succeeded[short(oks[0]["task"])] += 1
+    else:
+        report.bugs[reasons[0]] += 1
+    # worker_lost: a worker that ran it died, or one that held its next attempt unstarted (prefetched: a
+    # redelivery cannot tell the two apart, so it counts as a failed attempt; see docs/faults.md)
+    died = bool(_deaths(faults, None, tries[0]["t"], tries[-1]["t"] + 10)) if tries else False
+    allowed = set(plan.reasons) | ({"worker_lost"} if died else set())
+    wrong = [f"success of {short(r['task'])}" for r in oks if short(r["task"]) not in plan.done_by]
+    wrong += [f"bug queue ({reason})" for reason in reasons if reason not in allowed]
+    if wrong:
+        report.wrong += 1
+        problems.append(f"ended where its plan cannot end: {', '.join(wrong)}")
+
+    # repeats
+    seen: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in tries:
+        seen[(short(r["task"]), r["att"])].append(r)
+    repeated = [copies for copies in seen.values() if len(copies) > 1]
+    if ends > 1 or repeated:
+        first = min((copies[0] for copies in repeated), key=lambda r: r["t"], default=tries[0] if tries else None)
+        later = max((copies[-1] for copies in repeated), key=lambda r: r["t"], default=tries[-1] if tries else None)
+        if first is not None and _deaths(faults, nodes, first["t"], later["t"] + (5 if ends > 1 else 0),
+                                         requeued=job.plan == "bug"):
+            report.explained += 1
+        else:
+            report.unexplained += 1
+            problems.append(f"repeated without a fault that allows it: {ends} ends, attempts run twice: "
+                            f"{sorted(k for k, v in seen.items() if len(v) > 1)}")
+
+    # attempt limits
+    for task in {short(r["task"]) for r in tries}:
+        attempts = {r["att"] for r in tries if short(r["task"]) == task}
+        if max(attempts) > max_attempts[task] or len(attempts) > max_attempts[task]:
+            report.over_limit += 1
+            problems.append(f"ran attempts {sorted(attempts)} of {task} (max_attempts {max_attempts[task]})")
+
+    # on time
+    first_runs = {key: copies[0] for key, copies in seen.items()}
+    if job.due is not None and tries:
+        _on_time(report, problems, job.id, tries[0]["t"] - job.due, "delayed start")
+    for (task, att), r in first_runs.items():
+        if task == "work" and att > 1 and (task, att - 1) in first_runs:
+            wait = WORK_BACKOFF[min(att - 2, len(WORK_BACKOFF) - 1)]
+            _on_time(report, problems, job.id, r["t"] - first_runs[(task, att - 1)]["t"] - wait, f"retry {att}")
+    if problems:
+        report.problems.append("; ".join(problems) + "\n" + story())
+
+
+def _on_time(report: Report, problems: list[str], task_id: str, late: float, what: str) -> None:
+    if late < -SLACK:
+        report.early += 1
+        problems.append(f"{what} ran {-late:.3f} s early")
+    elif late > report.late_max:
+        report.late_max, report.late_where = late, f"{what} of {task_id}"
+
+
+def counted(counts: Counter) -> str:
+    """``12 (a 5, b 7)``."""
+    return f"{sum(counts.values()):,} ({', '.join(f'{k} {n:,}' for k, n in sorted(counts.items())) or '-'})"
+
+
+def table(report: Report, seed: int, minutes: float, every: float) -> str:
+    """The soak's report, Markdown."""
+    done = sum(report.succeeded.values())
+    rows = [
+        ("published (confirmed; + publishes that raised but arrived)", f"{report.published:,} (+{report.unsure_seen})"),
+        ("done (by task)", f"{done:,} ({', '.join(f'{t} {n:,}' for t, n in sorted(report.succeeded.items()))})"),
+        ("in bug queues (by reason)", counted(report.bugs)),
+        ("**lost**", str(report.lost)),
+        ("**stuck in a queue**", str(report.stuck)),
+        ("**unexplained repeats**", str(report.unexplained)),
+        ("explained repeats (a death between a run and its ack)", str(report.explained)),
+        ("**wrong ends**", str(report.wrong)),
+        ("**over the attempt limit**", str(report.over_limit)),
+        ("**early** (delayed starts and retries)", str(report.early)),
+        ("longest beyond its schedule", f"{report.late_max:.1f} s ({report.late_where or '-'})"),
+        ("faults injected", counted(report.faults)),
+    ]
+    head = [f"Soak: seed {seed}, {minutes:g} min, a fault every {every:g} s on average: "
+            + ("**passed**" if report.ok else "**FAILED**"), "", "| | |", "|---|---:|"]
+    return "\n".join(head + [f"| {k} | {v} |" for k, v in rows])
