@@ -17,7 +17,7 @@ from rare_celery import PublishRefused, bulk
 @dataclass(frozen=True)
 class Plan:
     name: str
-    weight: int  # in the mix, out of the sum of all weights
+    weight: int  # in the mix, out of the sum of all weights (~1,000: a poison plan is 1 in 1,000)
     start: Callable[[dict, random.Random], tuple[Any, tuple, dict]]  # (task, args, apply_async options)
     done_by: frozenset[str]  # task short names whose success ends it well ("" : none)
     reasons: frozenset[str]  # bug-queue reasons it may end with, faults aside
@@ -28,17 +28,17 @@ def _plain(task: str, *args: Any) -> Callable:
 
 
 PLANS = {p.name: p for p in (
-    Plan("ok", 20, _plain("work", "ok", 0), frozenset({"work"}), frozenset()),
-    Plan("flaky", 15, lambda tasks, rng: (tasks["work"], ("flaky", rng.randint(1, 2)), {}), frozenset({"work"}),
+    Plan("ok", 200, _plain("work", "ok", 0), frozenset({"work"}), frozenset()),
+    Plan("flaky", 150, lambda tasks, rng: (tasks["work"], ("flaky", rng.randint(1, 2)), {}), frozenset({"work"}),
          frozenset()),
-    Plan("always", 5, _plain("work", "always", 0), frozenset(), frozenset({"exhausted"})),
-    Plan("bug", 8, _plain("work", "bug", 0), frozenset(), frozenset({"bug"})),
-    Plan("fallback", 8, _plain("doomed", "fallback"), frozenset({"rescue"}), frozenset()),
-    Plan("hop", 8, _plain("hop", "hop"), frozenset({"rescue"}), frozenset()),
-    Plan("later", 10, lambda tasks, rng: (tasks["work"], ("ok", 0), {"countdown": round(rng.uniform(0.5, 8), 3)}),
+    Plan("always", 50, _plain("work", "always", 0), frozenset(), frozenset({"exhausted"})),
+    Plan("bug", 80, _plain("work", "bug", 0), frozenset(), frozenset({"bug"})),
+    Plan("fallback", 80, _plain("doomed", "fallback"), frozenset({"rescue"}), frozenset()),
+    Plan("hop", 80, _plain("hop", "hop"), frozenset({"rescue"}), frozenset()),
+    Plan("later", 100, lambda tasks, rng: (tasks["work"], ("ok", 0), {"countdown": round(rng.uniform(0.5, 8), 3)}),
          frozenset({"work"}), frozenset()),
-    Plan("expire", 5, _plain("brittle"), frozenset(), frozenset({"expired"})),
-    Plan("service", 12, _plain("call"), frozenset({"call"}), frozenset({"exhausted"})),
+    Plan("expire", 50, _plain("brittle"), frozenset(), frozenset({"expired"})),
+    Plan("service", 120, _plain("call"), frozenset({"call"}), frozenset({"exhausted"})),
     Plan("poison1", 1, _plain("poison", 1), frozenset({"poison"}), frozenset()),
     Plan("poison", 1, _plain("poison", 9), frozenset(), frozenset({"worker_lost"})),
 )}
