@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.soak.checker import check, table
+from tests.soak.checker import Report, check, table
 from tests.soak.fleet import Fleet
 from tests.soak.nemesis import Nemesis
-from tests.soak.workload import Publisher
+from tests.soak.workload import Job, Publisher
 from tests.support import HOST, QUORUM_OK, Records, Vhost, drain, peek_ids, ready_counts
 
 
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=10, help="jobs published a second")
     parser.add_argument("--drain", type=float, default=300, help="seconds to let the workers finish at the end")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, records, run log)")
+    parser.add_argument("--recheck", metavar="RUN_DIR", help="only check again a kept run (after a change to the checker)")
     return parser.parse_args(argv)
 
 
@@ -65,6 +66,10 @@ class RunLog:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.recheck:
+        from tests.apps.faults import MAX_ATTEMPTS
+
+        return 0 if account(Path(args.recheck), MAX_ATTEMPTS).ok else 1
     workdir = Path(tempfile.mkdtemp(prefix=f"rare-soak-{args.seed}-"))
     vhost = Vhost()
     env = {"RARE_FAULTS_BROKER": vhost.url, "RARE_FAULTS_DIR": str(workdir)}
@@ -104,13 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         bugs = [((m.headers or {}).get("id") or "", (m.headers or {}).get("x-rare-reason") or "")
                 for q in bug_queues for m in drain(vhost.url, q)]
         waiting = set() if ended else peek_ids(vhost.url, [q for q in others(vhost)])
-        report = check(publisher.jobs, publisher.unsure, Records(workdir).all(), bugs, waiting, log.entries,
-                       faults.MAX_ATTEMPTS)
-        print(table(report, args.seed, args.minutes, args.faults_every))
-        for problem in report.problems[:20]:
-            print("\n" + problem)
-        if len(report.problems) > 20:
-            print(f"\n... and {len(report.problems) - 20} more")
+        end = {"seed": args.seed, "minutes": args.minutes, "faults_every": args.faults_every,
+               "jobs": [vars(j) for j in publisher.jobs.values()], "unsure": [vars(j) for j in publisher.unsure.values()],
+               "bugs": bugs, "waiting": sorted(waiting)}
+        (workdir / "end.json").write_text(json.dumps(end))
+        report = account(workdir, faults.MAX_ATTEMPTS)
         ok = report.ok
         return 0 if ok else 1
     finally:
@@ -121,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"soak: the run directory is kept: {workdir}")
+
+
+def account(workdir: Path, max_attempts: dict[str, int]) -> Report:
+    """Check the run kept in ``workdir`` (records, run log, ``end.json``); print the table and the problems."""
+    end = json.loads((workdir / "end.json").read_text())
+    faults = [json.loads(line) for line in (workdir / "run.jsonl").read_text().splitlines() if line.endswith("}")]
+    report = check({j["id"]: Job(**j) for j in end["jobs"]}, {j["id"]: Job(**j) for j in end["unsure"]},
+                   Records(workdir).all(), [tuple(b) for b in end["bugs"]], set(end["waiting"]), faults, max_attempts)
+    print(table(report, end["seed"], end["minutes"], end["faults_every"]))
+    for problem in report.problems[:20]:
+        print("\n" + problem)
+    if len(report.problems) > 20:
+        print(f"\n... and {len(report.problems) - 20} more")
+    return report
 
 
 def others(vhost: Vhost) -> list[str]:

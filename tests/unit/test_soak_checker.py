@@ -61,7 +61,10 @@ def test_an_end_its_plan_cannot_reach_is_wrong():
     # worker_lost: only when a death came while it was under way
     lost = [run("a", 1, T0 + 1)]
     assert check(one("ok"), {}, lost, [("a", "worker_lost")], set(), [], MAX).wrong == 1
-    assert check(one("ok"), {}, lost, [("a", "worker_lost")], set(), [fault("died", T0 + 2, "w9")], MAX).ok
+    held = check(one("ok"), {}, lost, [("a", "worker_lost")], set(), [fault("died", T0 + 2, "w9")], MAX)
+    assert held.ok and held.held_lost == 1  # another worker died: it may have held attempt 2 unstarted
+    ran = check(one("ok"), {}, lost, [("a", "worker_lost")], set(), [fault("kill_pool", T0 + 2)], MAX)
+    assert ran.ok and ran.held_lost == 0
 
 
 def test_early_runs_fail_and_late_ones_are_measured():
