@@ -188,8 +188,8 @@ def table(report: Report, seed: int, minutes: float, every: float) -> str:
     """The soak's report, Markdown."""
     done = sum(report.succeeded.values())
     rows = [
-        ("published", f"{report.published:,} (of which {report.unsure_seen} arrived although their publish "
-                      f"raised; {report.unsure - report.unsure_seen} more raised and never arrived)"),
+        ("published", (f"{report.published:,} (of which {report.unsure_seen} arrived although their publish "
+                       f"raised; {report.unsure - report.unsure_seen} more raised and never arrived)")),
         ("done (by task)", f"{done:,} ({', '.join(f'{t} {n:,}' for t, n in sorted(report.succeeded.items()))})"),
         ("in bug queues (by reason)", counted(report.bugs)),
         ("**lost**", str(report.lost)),
