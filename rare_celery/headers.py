@@ -48,6 +48,8 @@ from .durations import EPOCH_MAX, MAX_DELAY
 PREFIX = "x-rare-"
 MAX_ERROR = 1000
 MAX_TRACEBACK = 4000
+TRACEBACK_HEAD = "Traceback (most recent call last):\n"  # as Python writes it: tools (Flower, Sentry) look for it
+FRAMES_LEFT_OUT = "  ...\n"
 MAX_ATTEMPT = 1_000_000
 HEADER_BUDGET = 64 * 1024  # the broker's frame is 128 KB; headers of a republish stay under half
 MAX_DEPTH = 32  # lists and tables in headers nest at most this deep (rare_celery's own: 2)
@@ -153,8 +155,13 @@ def error(exc: BaseException | None) -> dict[str, Any]:
     name = _clip(f"{kind.__module__}.{kind.__qualname__}", 200)
     message = _clip(str(exc), MAX_ERROR)
     last = f"{name}: {message}\n"
-    frames = _frames(exc.__traceback__)[-(MAX_TRACEBACK - min(len(last), MAX_TRACEBACK // 2)):]
-    return {EXCEPTION: name, ERROR: message, TRACEBACK: (frames + last)[-MAX_TRACEBACK:]}
+    frames = _frames(exc.__traceback__)
+    room = MAX_TRACEBACK - len(TRACEBACK_HEAD) - min(len(last), MAX_TRACEBACK // 2)
+    if len(frames) > room:  # the innermost frames, each whole, after a mark that some are left out
+        cut = frames[-(room - len(FRAMES_LEFT_OUT)):]
+        start = cut.find('\n  File "') + 1
+        frames = FRAMES_LEFT_OUT + cut[start:]
+    return {EXCEPTION: name, ERROR: message, TRACEBACK: (TRACEBACK_HEAD + frames + last)[:MAX_TRACEBACK]}
 
 
 def _frames(trace: TracebackType | None, keep: int = 100) -> str:

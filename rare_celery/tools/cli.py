@@ -37,7 +37,7 @@ from . import breakers as rare_breakers
 from . import bugs, durations, moves, records
 from . import status as rare_status
 from . import timeline as tl
-from .display import terminal
+from .display import count, terminal
 
 ENV = "rare_celery.env"
 SCHEDULE_ROWS = 50  # attempts shown by `schedule` unless --attempts says otherwise
@@ -326,10 +326,10 @@ def summary(reasons: Counter[Any], tasks: Counter[Any]) -> str:
 @command
 @click.argument("queues", nargs=-1, metavar="[QUEUE]...")
 @click.option("--limit", type=click.IntRange(min=1), help="Show at most N matching messages.")
-@select_options("task", "reason", "since")
+@select_options("id", "task", "reason", "since")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per message.")
-def inspect_bugs(queues: Sequence[str], limit: int | None, tasks: tuple[str, ...], reasons: tuple[str, ...],
-                 since: float | None, as_json: bool) -> None:
+def inspect_bugs(queues: Sequence[str], limit: int | None, ids: tuple[str, ...], tasks: tuple[str, ...],
+                 reasons: tuple[str, ...], since: float | None, as_json: bool) -> None:
     """List bug-queue messages without taking them: they stay, in order.
 
     Without QUEUE, every bug queue of the app's rare tasks, and rare.unrouted.
@@ -339,7 +339,7 @@ def inspect_bugs(queues: Sequence[str], limit: int | None, tasks: tuple[str, ...
     queues = list(queues) or e.bug_queues()
     if not queues:
         raise Failure("name a QUEUE, or pass -A/--app APP to read every bug queue of its rare tasks")
-    select = selector(tasks=tasks, reasons=reasons, since=since)
+    select = selector(ids=ids, tasks=tasks, reasons=reasons, since=since)
     by_reason: Counter[str | None]
     by_task: Counter[str | None]
     shown, total, by_reason, by_task = 0, 0, Counter(), Counter()
@@ -440,16 +440,16 @@ def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reaso
                 raise Failure(f"queue {target!r} ({found.targets[target]} messages go there) does not exist: "
                               f"declare it (rare-celery declare) or choose another with --to")
     if dry_run:
-        say(f"would requeue {found.count} messages from {queue} to {_targets(found.targets)}")
+        say(f"would requeue {count(found.count, 'message')} from {queue} to {_targets(found.targets)}")
         return
     if not yes:  # no connection is held while a person thinks
-        click.confirm(terminal(f"Requeue {found.count} messages from {queue} to {_targets(found.targets)}?"), abort=True)
+        click.confirm(terminal(f"Requeue {count(found.count, 'message')} from {queue} to {_targets(found.targets)}?"), abort=True)
     send = moves.requeue_sender(to, reset, time.time())
     planned = found.count
     with e.connection() as conn, progress(planned, "requeueing") as step:
         moved = bugs.take(conn, queue, found.take, send, step)
     gone = planned - moved
-    say(f"requeued {moved} messages from {queue} to {_targets(found.targets)}"
+    say(f"requeued {count(moved, 'message')} from {queue} to {_targets(found.targets)}"
                + (f"; {gone} of those counted were no longer there" if gone else ""))
 
 
@@ -471,10 +471,10 @@ def purge_bugs(queue: str, tasks: tuple[str, ...], reasons: tuple[str, ...], old
             say(f"nothing to purge in {queue}", err=True)
             sys.exit(1)
     if not yes:  # no connection is held while a person thinks
-        click.confirm(terminal(f"Delete {found.count} messages from {queue} for good?"), abort=True)
+        click.confirm(terminal(f"Delete {count(found.count, 'message')} from {queue} for good?"), abort=True)
     with e.connection() as conn, progress(found.count, "purging") as step:
         deleted = bugs.take(conn, queue, found.take, None, step)
-    say(f"deleted {deleted} messages from {queue}")
+    say(f"deleted {count(deleted, 'message')} from {queue}")
 
 
 # -- status ----------------------------------------------------------------------------------------

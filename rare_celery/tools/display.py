@@ -31,3 +31,8 @@ def _escape(match: re.Match[str]) -> str:
 def terminal(text: object) -> str:
     """``text`` as one safe line fragment: control and format characters shown as escapes."""
     return _UNSAFE.sub(_escape, text if isinstance(text, str) else str(text))
+
+
+def count(n: int, word: str) -> str:
+    """``1 message``, ``1,200 messages``."""
+    return f"{n:,} {word if n == 1 else word + 's'}"

@@ -263,6 +263,12 @@ def test_inspect_table_summary_and_filters(vhost, inspect_queue):
     assert ran.err.startswith("5 shown of ")  # the summary goes to stderr with --json
     settled(vhost, "cli.inspect.bugs", 1000)
 
+    wanted = [inspect_queue[7].headers["id"], inspect_queue[900].headers["id"]]  # the on-call question: where is X?
+    ran = cli("-A", APP, "inspect-bugs", "cli.inspect.bugs", "--id", wanted[1], "--id", wanted[0], "--json")
+    assert ran.code == 0, ran.err
+    assert [g["id"] for g in ran.json_lines()] == wanted  # in queue order
+    settled(vhost, "cli.inspect.bugs", 1000)
+
 
 def test_inspect_json_has_every_field_and_survives_odd_messages(vhost, inspect_queue):
     ran = cli("-A", APP, "inspect-bugs", "cli.inspect.bugs", "--json")
@@ -342,7 +348,7 @@ def test_real_bug_from_the_worker_is_inspected_then_requeued_and_runs_again(vhos
 
     ran = script("-A", APP, "requeue-bugs", "cli.real.dead", "--id", result.id, "--yes")
     assert ran.code == 0, ran.err
-    assert ran.out.strip() == "requeued 1 messages from cli.real.dead to cli.real (1)"
+    assert ran.out.strip() == "requeued 1 message from cli.real.dead to cli.real (1)"
     runs = wait_for(lambda: len(r := cli_events.of(result.id, "run")) == 2 and r, 20, what="the second run")
     assert runs[1]["attempt"] == 1 and runs[1]["reason"] is None
     assert message_count(vhost.url, "cli.real.dead") == 0
@@ -427,7 +433,7 @@ def test_requeue_options_and_errors(vhost, env, queue_name):
 
     ran = script("--broker", url, "requeue-bugs", queue_name, "--id", messages[0].headers["id"], "--to", target,
                  "--keep-attempts", "--yes")
-    assert ran.code == 0 and ran.out.strip() == f"requeued 1 messages from {queue_name} to {target} (1)"
+    assert ran.code == 0 and ran.out.strip() == f"requeued 1 message from {queue_name} to {target} (1)"
     ran = cli("--broker", url, "requeue-bugs", queue_name, "--id", messages[1].headers["id"], "--to", target, "-y")
     assert ran.code == 0
     kept, reset = drain(url, target)

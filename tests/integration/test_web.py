@@ -205,7 +205,7 @@ def test_a_requeue_to_a_missing_queue_or_without_origin_is_refused(vhost, any_qu
     page = any_queue.page(f"/queue?q={queue_name}")
     confirm = plan_and_confirm(any_queue, queue_name, {"do": "requeue:matching", "everything": "yes"}, page)
     text = text_of(confirm.text)
-    assert "queue no.such.work (1 messages go there) does not exist" in text and 'id="confirm"' not in confirm.text
+    assert "queue no.such.work (1 message goes there) does not exist" in text and 'id="confirm"' not in confirm.text
     nothing = any_queue.post("/plan", form(page, q=queue_name, do="requeue:matching"))
     assert nothing.status == 400 and "no filter is set" in text_of(nothing.text)
     settled(vhost, queue_name, 2)

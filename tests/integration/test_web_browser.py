@@ -141,10 +141,10 @@ def test_find_filter_open_and_requeue_in_a_browser(vhost, browser, console, work
         question = element("#question").text
     except AssertionError:
         raise AssertionError(d.current_url + " " + d.page_source[-3000:]) from None
-    assert question.startswith("Requeue 1 messages (this message) from web.work.bugs to web.work (1)"), question
+    assert question.startswith("Requeue 1 message (this message) from web.work.bugs to web.work (1)"), question
     d.find_element(By.ID, "confirm-button").click()
     result = element("#job-result", 60).text
-    assert result == "requeued 1 messages from web.work.bugs to web.work (1)"
+    assert result == "requeued 1 message from web.work.bugs to web.work (1)"
 
     run = wait_for(lambda: runs.of(task_id, "run"), 30, 0.1, "the requeued task to run on the worker")
     assert run[0]["attempt"] == 1 and run[0]["tag"] == tag

@@ -47,7 +47,18 @@ def test_error_headers_are_bounded_however_big_the_exception():
     assert len(out["x-rare-error"]) == hdr.MAX_ERROR
     assert len(out["x-rare-traceback"]) <= hdr.MAX_TRACEBACK
     assert "in deep" in out["x-rare-traceback"]  # the innermost frames are kept
+    assert out["x-rare-traceback"].startswith("Traceback (most recent call last):\n  ...\n  File ")  # some left out
     assert out["x-rare-traceback"].rstrip().endswith("bo...")  # ends with the clipped message
+
+
+def test_a_short_traceback_reads_as_python_writes_it():
+    try:
+        raise KeyError("k")
+    except KeyError as exc:
+        text = hdr.error(exc)["x-rare-traceback"]
+    lines = text.splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and lines[1].startswith('  File "')
+    assert lines[-1] == "builtins.KeyError: 'k'"
 
 
 def test_carried_headers_drop_bookkeeping_but_keep_the_users():

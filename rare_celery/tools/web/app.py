@@ -40,7 +40,7 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=1 << 20, JSON_SORT_KEYS=False)
     app.jinja_env.autoescape = True
-    app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number,
+    app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number, plural=plural,
                                  breaker_settings=breakers.settings_text)
     app.jinja_env.globals.update(version=__version__, where=console.where, csrf=guard.csrf, unrouted=UNROUTED_QUEUE.name,
                                  refresh_seconds=REFRESH_SECONDS, any_queue=console.app is None)
@@ -360,6 +360,11 @@ def pretty(value: object) -> str:
 
 def number(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else ("-" if value is None else str(value))
+
+
+def plural(count: object, word: str) -> str:
+    """``word`` as it goes after ``count``: 1 message, 2 messages."""
+    return word if count == 1 else word + "s"
 
 
 def _hops(hops: list[Any]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 from ...inventory import RareTaskInfo, rare_tasks, task_name
 from ...topology import NOT_A_BUG_QUEUE, UNROUTED_QUEUE, bug_queue_name, looks_like_bug_queue
 from .. import breakers, bugs, moves, records, status
+from ..display import count
 from . import reading
 
 PLAN_TTL = 900.0  # seconds a confirmation stays valid
@@ -297,9 +298,9 @@ class Console:
             gone = planned - done
             if pending.action == "requeue":
                 where = ", ".join(f"{q} ({n})" for q, n in sorted(targets.items()))
-                text = f"requeued {done} messages from {queue} to {where}"
+                text = f"requeued {count(done, 'message')} from {queue} to {where}"
             else:
-                text = f"deleted {done} messages from {queue}"
+                text = f"deleted {count(done, 'message')} from {queue}"
             if gone:
                 text += f"; {gone} of those counted were no longer there"
             return {"summary": text, "moved": done, "planned": planned, "gone": gone}

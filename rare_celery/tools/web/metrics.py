@@ -8,7 +8,8 @@ as Prometheus counters do after a restart (``rate()`` and ``increase()`` handle 
 while the console was not running are not counted.
 
 Event fields are untrusted input (anyone who may publish to the ``celeryev`` exchange can send
-one): label values are clipped, reasons outside the known ones become ``other``, and each counter
+one): label values are clipped, reasons outside the known ones become ``other`` (but a hop's, which the
+app names), and each counter
 keeps at most :data:`MAX_SERIES` label sets (further ones are counted under ``other``).
 """
 
@@ -93,8 +94,8 @@ class Counters:
         values = []
         for name, source in zip(spec[2], spec[3]):
             value = _label(event.get(source))
-            if name == "reason" and value not in REASONS:
-                value = "other"
+            if name == "reason" and kind != events.HOP and value not in REASONS:
+                value = "other"  # a hop's reason is the app's own (`Hop(..., reason="card expired")`): kept
             values.append(value)
         key = tuple(values)
         with self.lock:

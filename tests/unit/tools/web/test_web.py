@@ -108,10 +108,12 @@ def test_event_counters_keep_labels_bounded():
     counters.add({"type": "rare-bugs", "name": "t", "reason": "<made up>", "queue": "q.bugs"})
     counters.add({"type": "rare-retry", "name": "t", "queue": "q", "delay": 1.99})
     counters.add({"type": "task-succeeded", "uuid": "x"})  # not ours: not counted
+    counters.add({"type": "rare-hop", "name": "billing.charge", "target": "billing.notify", "reason": "card expired"})
     for i in range(metrics.MAX_SERIES + 10):
         counters.add({"type": "rare-expired", "name": f"t{i}"})
     counts = counters.snapshot()
     assert counts["rare-bugs"] == {("t", "exhausted", "q.bugs"): 1, ("t", "other", "q.bugs"): 1}
+    assert counts["rare-hop"] == {("billing.charge", "billing.notify", "card expired"): 1}  # the app's own reason
     assert len(counts["rare-expired"]) == metrics.MAX_SERIES + 1 and counts["rare-expired"][("other",)] == 10
     # the delay queue the retry waits in: without an app, either kind (the overview lists the one that exists)
     assert counters.delays == {("classic", 1900): {"q"}, ("quorum", 1900): {"q"}}
