@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -116,6 +118,12 @@ def test_find_filter_open_and_requeue_in_a_browser(vhost, browser, console, work
     wait_for(lambda: "5" in (now(By.XPATH, bugs_cell, lambda cell: cell.text) or ""), 30, 0.2,
              "the overview to show 5 bugs")
     shot(d, "overview")
+    refreshed = wait_for(lambda: re.fullmatch(r"refreshed (\d\d:\d\d:\d\d) UTC, every \d+ s",
+                                              now(By.ID, "refresh-state", lambda e: e.text) or ""), 30, 0.2,
+                         "the overview to refresh")
+    shown = time.strptime(refreshed.group(1), "%H:%M:%S")  # the time in UTC, 24-hour (not the browser's 12-hour clock)
+    off = abs((shown.tm_hour * 3600 + shown.tm_min * 60 + shown.tm_sec) - time.time() % 86400)
+    assert min(off, 86400 - off) < 60
     wait_for(lambda: now(By.CSS_SELECTOR, 'a.queue-link[data-queue="web.work.bugs"]', lambda link: link.click() or True),
              20, 0.2, "the bug queue's link to take a click")
 

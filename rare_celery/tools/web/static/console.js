@@ -19,7 +19,8 @@
       }).then(function (html) {
         // the fragment is made by the server's templates, which escape everything from messages
         tables.innerHTML = html;
-        state.textContent = "refreshed " + new Date().toLocaleTimeString() + ", every " + seconds + " s";
+        // UTC, 24-hour, as every other time on the console (not the browser's 12-hour local time)
+        state.textContent = "refreshed " + new Date().toISOString().slice(11, 19) + " UTC, every " + seconds + " s";
       }).catch(function (e) {
         state.textContent = "could not refresh (" + e.message + "), trying again";
       }).then(function () { if (!paused) schedule(); });
