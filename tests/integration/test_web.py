@@ -170,6 +170,7 @@ def test_requeue_moves_exactly_what_was_counted_and_purge_only_the_chosen(vhost,
                                                        "to": target, "attempts": "keep"}, page)
     question = text_of(confirm.text)
     assert f"Requeue 5 messages (task web.record) from {queue_name} to {target} (5), keeping their attempts?" in question
+    assert f"<h1>Requeue from {queue_name}: confirm</h1>" in confirm.text  # counted: no longer "counting what to ..."
     late = [bug_message("web.record", [100 + i], queue=None) for i in range(3)]  # they match, but came later
     publish(url, queue_name, late, declare=False)
     token = re.search(r'name="token" value="([^"]+)"', confirm.text).group(1)

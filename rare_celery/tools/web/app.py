@@ -217,7 +217,7 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
         job = console.job(job_id) or abort(404)
         console.wait(job, 0.5)
         back = url_for("queue_page", q=job.queue)
-        return render_template("job.html", title=job.title, job=job, back=back, now=time.time())
+        return render_template("job.html", title=_job_title(job), job=job, back=back, now=time.time())
 
     @app.route("/jobs/<job_id>.json")
     def job_json(job_id: str) -> ResponseReturnValue:
@@ -356,6 +356,14 @@ def pretty(value: object) -> str:
         return json.dumps(value, indent=2, ensure_ascii=False, default=repr, sort_keys=False)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def _job_title(job: Any) -> str:
+    """A plan that has counted asks for a confirmation: its page says that, not "counting ..." any more."""
+    plan = job.result.get("plan") if job.kind == "plan" and job.state == "done" and isinstance(job.result, dict) else None
+    if plan is None or not plan.plan.count or job.result.get("missing"):
+        return str(job.title)
+    return f"{'Requeue from' if plan.action == 'requeue' else 'Delete from'} {job.queue}: confirm"
 
 
 def number(value: object) -> str:
