@@ -40,7 +40,7 @@ class Record:
     exception: str | None
     error: str | None
     traceback: str | None
-    first_attempt_at: float | None
+    first_attempt_at: float | None  # the work's first attempt: before its first hop, if it made any
     failed_at: float | None
     args: object = None
     kwargs: object = None
@@ -98,13 +98,21 @@ def read(bug_queue: str, position: int, body: bytes, properties: Mapping[str, An
         exception=_text(h.get(hdr.EXCEPTION)),
         error=_text(h.get(hdr.ERROR)),
         traceback=_text(h.get(hdr.TRACEBACK)),
-        first_attempt_at=_epoch(h.get(hdr.FIRST_AT)),
+        first_attempt_at=_first_attempt(_epoch(h.get(hdr.FIRST_AT)), hops),
         failed_at=_epoch(h.get(hdr.FAILED_AT)),
         args=args, kwargs=kwargs,
         hops=list(hops) if isinstance(hops, (list, tuple)) else [],
         body_error=problem,
         body_preview=_preview(body) if problem else None,
     )
+
+
+def _first_attempt(first_at: float | None, hops: object) -> float | None:
+    """When the work was first tried: ``x-rare-first-at`` starts again at each hop (the next task's shelf life
+    counts from there), the hop history keeps when each task before started."""
+    starts = [_epoch(e.get("started")) for e in hops if isinstance(e, Mapping)] if isinstance(hops, (list, tuple)) else []
+    known = [t for t in (first_at, *starts) if t is not None]
+    return min(known) if known else None
 
 
 def decode_body(body: bytes, properties: Mapping[str, Any],

@@ -25,6 +25,17 @@ def test_a_rare_message_reads_as_a_full_record():
     assert r.one_line_error() == "ConnectionError: gateway down"
 
 
+def test_the_first_attempt_after_hops_is_the_works_first_not_the_last_hops():
+    """A week of charge retries, then a hop to the notice: "first attempt" is a week ago, not minutes."""
+    week = 7 * 86400.0
+    hops = [{"task": "billing.charge", "queue": "billing", "reason": "exhausted", "attempts": 9, "started": 1000.0,
+             "left": 1000.0 + week}, "junk", {"task": "x", "started": "yesterday"}]
+    h = {**bug_headers(), hdr.FIRST_AT: 1000.0 + week, hdr.HOPS: hops}
+    assert records.read("q.bugs", 0, b"[[], {}, {}]", JSON, h).first_attempt_at == 1000.0
+    assert records.read("q.bugs", 0, b"[[], {}, {}]", JSON, bug_headers()).first_attempt_at == 100.0  # no hop
+    assert records.read("q.bugs", 0, b"[[], {}, {}]", JSON, {hdr.HOPS: "junk"}).first_attempt_at is None
+
+
 def test_pickle_and_bad_json_are_shown_not_decoded():
     r = records.read("q.bugs", 1, b"\x80\x04K\x01.", {"content_type": "application/x-python-serialize"}, None)
     assert r.args is None and "not JSON" in r.body_error and r.body_preview
