@@ -414,15 +414,20 @@ def _targets(targets: Counter[Any]) -> str:
 @click.option("--to", metavar="QUEUE", help="Send them here instead of their origin queue (x-rare-queue).")
 @click.option("--reset-attempts/--keep-attempts", "reset", default=True, show_default=True,
               help="Start over at attempt 1 with a fresh shelf life, or keep count and deadline.")
+@click.option("--rate", metavar="N/s|N/m|N/h", help="Move at most this many a second, minute or hour (evened out).")
 @click.option("--dry-run", is_flag=True, help="Show what would be moved; move nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reasons: tuple[str, ...], everything: bool,
-                 to: str | None, reset: bool, dry_run: bool, yes: bool) -> None:
+                 to: str | None, reset: bool, rate: str | None, dry_run: bool, yes: bool) -> None:
     """Move matching messages from bug queue QUEUE back to their work queue.
 
     Each is republished with publisher confirms before it is removed from QUEUE; the others stay,
     in order. Safe while workers run and add new bugs.
     """
+    try:
+        per_second = None if rate is None else moves.Pace.parse(rate)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rate") from None
     e = env()
     select = selector(ids, tasks, reasons)
     _need_selection(select, everything, "requeue")
@@ -447,7 +452,14 @@ def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reaso
     send = moves.requeue_sender(to, reset, time.time())
     planned = found.count
     with e.connection() as conn, progress(planned, "requeueing") as step:
-        moved = bugs.take(conn, queue, found.take, send, step)
+        pace = moves.Pace(per_second, conn) if per_second else None
+
+        def moved_one(held: bugs.Held) -> None:
+            step(held)
+            if pace is not None:
+                pace()
+
+        moved = bugs.take(conn, queue, found.take, send, moved_one)
     gone = planned - moved
     say(f"requeued {count(moved, 'message')} from {queue} to {_targets(found.targets)}"
                + (f"; {gone} of those counted were no longer there" if gone else ""))

@@ -10,6 +10,8 @@ republished with publisher confirms before it is acked.
 
 from __future__ import annotations
 
+import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -76,3 +78,48 @@ def requeue_sender(to: str | None, reset: bool, now: float) -> Callable[[bugs.He
 def missing_targets(conn: Any, found: Plan) -> list[str]:
     """The queues ``found`` would send messages to that do not exist."""
     return [target for target in found.targets if bugs.depth(conn, target) is None]
+
+
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def rate_text(per_second: float) -> str:
+    """``50/s``, ``100/m``, ``1000/h``: a rate as :meth:`Pace.parse` reads it."""
+    for unit in ("s", "m", "h"):  # the first unit that gives a whole number
+        n = per_second * RATE_UNITS[unit]
+        if n >= 1 and abs(n - round(n)) < 1e-6:
+            return f"{round(n)}/{unit}"
+    unit = "s" if per_second >= 1 else "m" if per_second * 60 >= 1 else "h"
+    return f"{per_second * RATE_UNITS[unit]:.6g}/{unit}"
+
+
+class Pace:
+    """At most ``per_second`` moves a second, evened out (a requeue of 100,000 bugs for a service that takes
+    50 a second goes out at 50 a second, not at once). Call it after each move: it waits until the next
+    one is due, and keeps the connection alive meanwhile (``conn.heartbeat_check``)."""
+
+    PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*")
+    TICK = 5.0  # seconds slept at most between heartbeat checks
+
+    def __init__(self, per_second: float, conn: Any = None) -> None:
+        self.gap, self.conn = 1.0 / per_second, conn
+        self.next = time.monotonic()
+
+    @classmethod
+    def parse(cls, text: str) -> float:
+        """``"50/s"``, ``"100/m"``, ``"1000/h"`` -> moves a second; :class:`ValueError` says what is wrong."""
+        match = cls.PATTERN.fullmatch(text or "")
+        if not match or float(match.group(1)) <= 0:
+            raise ValueError(f"a rate is a number of messages per s, m or h, like 50/s or 1000/h (not {text!r})")
+        per_second = float(match.group(1)) / RATE_UNITS[match.group(2)]
+        if per_second < 1 / 3600:
+            raise ValueError(f"{text!r} is slower than 1 message an hour")
+        return per_second
+
+    def __call__(self, *_: Any) -> None:
+        self.next += self.gap
+        while (left := self.next - time.monotonic()) > 0:
+            time.sleep(min(left, self.TICK))
+            if self.conn is not None and left > self.TICK:
+                self.conn.heartbeat_check()
+        self.next = max(self.next, time.monotonic())  # a slow move does not earn a burst after it

@@ -411,6 +411,45 @@ def test_requeue_moves_exactly_a_filtered_subset_of_1000_while_new_bugs_arrive(
     assert keys(after) == [m.key() for m in rest + late]  # nothing lost, nothing moved twice, order kept
 
 
+def test_requeue_at_a_rate_goes_out_at_that_rate(vhost, env, queue_name):
+    """``--rate 20/s``: 30 bugs for a service that takes 20 a second arrive over ~1.5 s, not at once; every
+    one arrives, the rest of the queue stays. A rate that is not one: exit 2, one line."""
+    url, origin = vhost.url, f"{queue_name}.work"
+    messages = [bug_message(args=[i], queue=origin) for i in range(30)] + [bug_message(args=[99], queue=origin,
+                                                                                        reason="bug")]
+    publish(url, queue_name, messages)
+    publish(url, origin, [])
+    arrived: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with Connection(url) as conn:
+            channel = conn.channel()
+            while not stop.is_set():
+                if channel.basic_get(origin, no_ack=True) is not None:
+                    arrived.append(time.monotonic())
+                else:
+                    time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        ran = cli("--broker", url, "requeue-bugs", queue_name, "--reason", "exhausted", "--rate", "20/s", "--yes")
+        assert ran.code == 0 and ran.out.strip() == f"requeued 30 messages from {queue_name} to {origin} (30)"
+        wait_for(lambda: len(arrived) == 30, 10, 0.05, "all 30 in the work queue")
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert arrived[-1] - arrived[0] >= 29 / 20 - 0.1  # evened out at 20 a second
+    assert max(sum(1 for t in arrived if start <= t < start + 1) for start in arrived) <= 21  # any 1 s window
+    settled(vhost, queue_name, 1)  # the one that did not match stays
+    for bad in ("fast", "20", "0/s"):
+        ran = cli("--broker", url, "requeue-bugs", queue_name, "--all", "--rate", bad, "--yes")
+        assert ran.code == 2 and "--rate" in ran.err and "like 50/s" in ran.err, ran.err
+    settled(vhost, queue_name, 1)
+    drain(url, queue_name)
+
+
 def test_requeue_options_and_errors(vhost, env, queue_name):
     url, origin, target = vhost.url, f"{queue_name}.work", f"{queue_name}.other"
     messages = [bug_message(args=[i], queue=None if i == 4 else origin, reason="bug" if i < 2 else "exhausted",

@@ -201,6 +201,26 @@ def test_requeue_moves_exactly_what_was_counted_and_purge_only_the_chosen(vhost,
     assert "Nothing to requeue" in text_of(refused.text)
 
 
+def test_a_requeue_at_a_rate_says_so_and_goes_out_at_it(vhost, any_queue, queue_name):
+    url, target = vhost.url, f"{queue_name}.target"
+    publish(url, target, [])
+    publish(url, queue_name, [bug_message("web.record", [i], queue=target) for i in range(12)])
+    page = any_queue.page(f"/queue?q={queue_name}")
+    bad = any_queue.post("/plan", form(page, q=queue_name, do="requeue:matching", everything="yes", rate="soon"))
+    assert bad.status == 400 and "like 50/s" in text_of(bad.text)
+    confirm = plan_and_confirm(any_queue, queue_name, {"do": "requeue:matching", "everything": "yes",
+                                                       "rate": "600/m"}, page)
+    assert "starting over at attempt 1, at most 10/s?" in text_of(confirm.text)  # 600/m: shown per second
+    token = re.search(r'name="token" value="([^"]+)"', confirm.text).group(1)
+    started = time.monotonic()
+    moved = any_queue.post("/confirm", {"csrf": confirm.csrf(), "token": token})
+    result = any_queue.job(moved.headers["Location"])
+    assert f"requeued 12 messages from {queue_name} to {target} (12)" in text_of(result.text)
+    assert time.monotonic() - started >= 11 / 10 - 0.1  # 12 moves, 10 a second: ~1.1 s at least
+    assert len(drain(url, target)) == 12
+    settled(vhost, queue_name, 0)
+
+
 def test_a_requeue_to_a_missing_queue_or_without_origin_is_refused(vhost, any_queue, queue_name):
     publish(vhost.url, queue_name, [bug_message(queue=None), bug_message(queue="no.such.work")])
     page = any_queue.page(f"/queue?q={queue_name}")

@@ -15,7 +15,7 @@ from kombu.exceptions import KombuError
 
 from ... import __version__
 from ...topology import UNROUTED_QUEUE
-from .. import breakers, bugs, durations, records
+from .. import breakers, bugs, durations, moves, records
 from .. import timeline as tl
 from ..display import terminal
 from . import metrics, reading
@@ -40,7 +40,7 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=1 << 20, JSON_SORT_KEYS=False)
     app.jinja_env.autoescape = True
-    app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number, plural=plural,
+    app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number, plural=plural, rate=moves.rate_text,
                                  breaker_settings=breakers.settings_text)
     app.jinja_env.globals.update(version=__version__, where=console.where, csrf=guard.csrf, unrouted=UNROUTED_QUEUE.name,
                                  refresh_seconds=REFRESH_SECONDS, any_queue=console.app is None)
@@ -185,6 +185,11 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
         reset = form.get("attempts", "reset") != "keep"
         if action not in ("requeue", "purge"):
             raise Refused("say what to do: requeue or purge")
+        try:
+            rate = (form.get("rate") or "").strip() or None
+            per_second = moves.Pace.parse(rate) if rate and action == "requeue" else None
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
         if scope in ("one", "selected"):
             chosen = set(form.getlist("fp"))
             if not chosen:
@@ -204,7 +209,7 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
                 return select.matches(held.record)
         else:
             raise Refused("say which messages: one, the ones ticked, or every one matching the filter")
-        job = console.plan(action, queue, wanted, words, to, reset)
+        job = console.plan(action, queue, wanted, words, to, reset, per_second)
         return redirect(url_for("job_page", job_id=job.id))
 
     @app.route("/confirm", methods=["POST"])

@@ -68,6 +68,7 @@ class PendingPlan:
     reset: bool
     created: float
     scope: str  # what was chosen, in words
+    per_second: float | None = None  # a requeue at most this fast (evened out)
 
 
 class Console:
@@ -238,7 +239,7 @@ class Console:
     # -- changing a queue: plan, confirm, take -------------------------------------------------
 
     def plan(self, action: str, queue: str, wanted: Callable[[bugs.Held], bool], scope: str, to: str | None,
-             reset: bool) -> Job:
+             reset: bool, per_second: float | None = None) -> Job:
         """First read: count what would move (in the background); the job's result is a confirmation."""
         self.readable(queue)
         if action not in ("requeue", "purge"):
@@ -257,7 +258,8 @@ class Console:
                 job.progress.total = (bugs.depth(conn, queue) or (0, 0))[0]
                 found = moves.plan(conn, queue, counted, to, moving=action == "requeue", browse=reading.browse)
                 missing = moves.missing_targets(conn, found) if action == "requeue" else []
-            pending = PendingPlan(secrets.token_urlsafe(16), action, queue, found, to, reset, time.time(), scope)
+            pending = PendingPlan(secrets.token_urlsafe(16), action, queue, found, to, reset, time.time(), scope,
+                                  per_second)
             if found.count and not missing:
                 with self._lock:
                     self._expire_plans()
@@ -292,7 +294,14 @@ class Console:
             send = moves.requeue_sender(pending.to, pending.reset, time.time()) if pending.action == "requeue" else None
             try:
                 with self.connection() as conn:
-                    done = bugs.take(conn, queue, found.take, send, step)
+                    pace = moves.Pace(pending.per_second, conn) if pending.per_second else None
+
+                    def moved_one(held: bugs.Held) -> None:
+                        step(held)
+                        if pace is not None:
+                            pace()
+
+                    done = bugs.take(conn, queue, found.take, send, moved_one)
             finally:
                 self.forget(queue)
             gone = planned - done
