@@ -281,6 +281,8 @@ def select_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
                                help="exhausted, expired, bug, rejected, unregistered (repeatable)."),
         "since": click.option("--since", type=Duration(), help="Failed within this long (90s, 15m, 1h, 7d, 1d12h)."),
         "older": click.option("--older-than", "older_than", type=Duration(), help="Failed at least this long ago."),
+        "group": click.option("--group", "group_ids", multiple=True, metavar="GROUP",
+                              help="A failure group, as inspect-bugs --groups lists them (repeatable)."),
     }
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -292,10 +294,12 @@ def select_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
 
 
 def selector(ids: Iterable[str] = (), tasks: Iterable[str] = (), reasons: Iterable[str] = (),
-             since: float | None = None, older_than: float | None = None, now: float | None = None) -> records.Selector:
+             since: float | None = None, older_than: float | None = None, now: float | None = None,
+             group_ids: Iterable[str] = ()) -> records.Selector:
     now = time.time() if now is None else now
     return records.Selector(frozenset(ids), tuple(tasks), frozenset(reasons),
-                            None if since is None else now - since, None if older_than is None else now - older_than)
+                            None if since is None else now - since, None if older_than is None else now - older_than,
+                            frozenset(group_ids))
 
 
 # -- inspect-bugs ----------------------------------------------------------------------------------
@@ -326,10 +330,13 @@ def summary(reasons: Counter[Any], tasks: Counter[Any]) -> str:
 @command
 @click.argument("queues", nargs=-1, metavar="[QUEUE]...")
 @click.option("--limit", type=click.IntRange(min=1), help="Show at most N matching messages.")
-@select_options("id", "task", "reason", "since")
-@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per message.")
+@select_options("id", "task", "reason", "since", "group")
+@click.option("--groups", "by_group", is_flag=True,
+              help="Failure groups instead of messages: same task, exception and message but for ids and numbers.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per message (or group).")
 def inspect_bugs(queues: Sequence[str], limit: int | None, ids: tuple[str, ...], tasks: tuple[str, ...],
-                 reasons: tuple[str, ...], since: float | None, as_json: bool) -> None:
+                 reasons: tuple[str, ...], since: float | None, group_ids: tuple[str, ...], by_group: bool,
+                 as_json: bool) -> None:
     """List bug-queue messages without taking them: they stay, in order.
 
     Without QUEUE, every bug queue of the app's rare tasks, and rare.unrouted.
@@ -339,14 +346,15 @@ def inspect_bugs(queues: Sequence[str], limit: int | None, ids: tuple[str, ...],
     queues = list(queues) or e.bug_queues()
     if not queues:
         raise Failure("name a QUEUE, or pass -A/--app APP to read every bug queue of its rare tasks")
-    select = selector(ids=ids, tasks=tasks, reasons=reasons, since=since)
+    select = selector(ids=ids, tasks=tasks, reasons=reasons, since=since, group_ids=group_ids)
     by_reason: Counter[str | None]
     by_task: Counter[str | None]
     shown, total, by_reason, by_task = 0, 0, Counter(), Counter()
+    failures: list[tuple[str, str | None, str, float | None]] = []  # --groups: what each matching one was
     with e.connection() as conn:
         for queue in queues if explicit else ():
             e.check_readable(queue)
-        if not as_json:
+        if not as_json and not by_group:
             say(ROW.format(failed="FAILED (UTC)", task="TASK", id="ID", reason="REASON", attempts="ATT",
                                   error="ERROR"))
         for queue in queues:
@@ -362,17 +370,40 @@ def inspect_bugs(queues: Sequence[str], limit: int | None, ids: tuple[str, ...],
                     shown += 1
                     by_reason[r.reason] += 1
                     by_task[r.task] += 1
+                    if by_group:
+                        failures.append((r.group, r.task, r.one_line_error(records.GROUP_WIDTH), r.failed_at))
+                        continue
                     say(json.dumps(r.as_json(), default=str) if as_json else row(r))
                     if limit is not None and shown >= limit:
                         break
             if limit is not None and shown >= limit:
                 break
+    if by_group:
+        show_groups(records.groups(failures)[:limit], as_json)
     where = ", ".join(queues)
     line = f"{shown} shown of {total} read in {where}; {summary(by_reason, by_task)}"
     say(line, err=as_json)
     if select and not shown:
         say("nothing matched", err=True)
         sys.exit(1)
+
+
+GROUP_ROW = "{group:<10}  {count:>7}  {first:<19}  {last:<19}  {task:<28}  {error}"
+
+
+def show_groups(found: list[records.Group], as_json: bool) -> None:
+    """Failure groups, the largest first: a table, or JSON Lines."""
+    if as_json:
+        for g in found:
+            say(json.dumps(g.as_json()))
+        return
+    say(GROUP_ROW.format(group="GROUP", count="COUNT", first="FIRST FAILED (UTC)", last="LAST FAILED (UTC)",
+                         task="TASK", error="ERROR (ids and numbers masked)"))
+    for g in found:
+        first, last = records.iso(g.first_failed), records.iso(g.last_failed)
+        say(GROUP_ROW.format(group=g.id, count=f"{g.count:,}", first=first[:19].replace("T", " ") if first else "-",
+                             last=last[:19].replace("T", " ") if last else "-", task=_clip(g.task or "-", 28),
+                             error=_clip(g.error, 80)))
 
 
 # -- requeue-bugs and purge-bugs -------------------------------------------------------------------
@@ -400,7 +431,7 @@ def progress(count: int, label: str) -> Iterator[Any]:
 def _need_selection(select: records.Selector, everything: bool, what: str) -> None:
     if not select and not everything:
         raise Failure(f"say which messages to {what}: --id, --task, --reason" +
-                      (", --older-than" if what == "purge" else "") + ", or --all for every message")
+                      (", --older-than" if what == "purge" else "") + ", --group, or --all for every message")
 
 
 def _targets(targets: Counter[Any]) -> str:
@@ -409,7 +440,7 @@ def _targets(targets: Counter[Any]) -> str:
 
 @command
 @click.argument("queue")
-@select_options("id", "task", "reason")
+@select_options("id", "task", "reason", "group")
 @click.option("--all", "everything", is_flag=True, help="Every message of the queue.")
 @click.option("--to", metavar="QUEUE", help="Send them here instead of their origin queue (x-rare-queue).")
 @click.option("--reset-attempts/--keep-attempts", "reset", default=True, show_default=True,
@@ -417,8 +448,9 @@ def _targets(targets: Counter[Any]) -> str:
 @click.option("--rate", metavar="N/s|N/m|N/h", help="Move at most this many a second, minute or hour (evened out).")
 @click.option("--dry-run", is_flag=True, help="Show what would be moved; move nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reasons: tuple[str, ...], everything: bool,
-                 to: str | None, reset: bool, rate: str | None, dry_run: bool, yes: bool) -> None:
+def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reasons: tuple[str, ...],
+                 group_ids: tuple[str, ...], everything: bool, to: str | None, reset: bool, rate: str | None,
+                 dry_run: bool, yes: bool) -> None:
     """Move matching messages from bug queue QUEUE back to their work queue.
 
     Each is republished with publisher confirms before it is removed from QUEUE; the others stay,
@@ -429,7 +461,7 @@ def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reaso
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--rate") from None
     e = env()
-    select = selector(ids, tasks, reasons)
+    select = selector(ids, tasks, reasons, group_ids=group_ids)
     _need_selection(select, everything, "requeue")
     e.check_bug_queue(queue)
     with e.connection() as conn:
@@ -467,14 +499,14 @@ def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reaso
 
 @command
 @click.argument("queue")
-@select_options("task", "reason", "older")
+@select_options("task", "reason", "older", "group")
 @click.option("--all", "everything", is_flag=True, help="Every message of the queue.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def purge_bugs(queue: str, tasks: tuple[str, ...], reasons: tuple[str, ...], older_than: float | None,
-               everything: bool, yes: bool) -> None:
+               group_ids: tuple[str, ...], everything: bool, yes: bool) -> None:
     """Delete the matching messages from bug queue QUEUE; the others stay, in order."""
     e = env()
-    select = selector(tasks=tasks, reasons=reasons, older_than=older_than)
+    select = selector(tasks=tasks, reasons=reasons, older_than=older_than, group_ids=group_ids)
     _need_selection(select, everything, "purge")
     e.check_bug_queue(queue)
     with e.connection() as conn:

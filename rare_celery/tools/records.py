@@ -8,11 +8,13 @@ never fails and never evaluates it (no unpickling).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import math
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -24,6 +26,12 @@ UNSTABLE = ("x-delivery-count",)  # quorum queues count redeliveries: not part o
 PREVIEW = 300
 MAX_BODY_DEPTH = 100  # args and kwargs nested deeper are not decoded (shown as text)
 DEEP = f"<unreadable: nested deeper than {hdr.MAX_DEPTH} levels>"
+GROUP_WIDTH = 120  # the one-line error a failure group is made from (what the console keeps of each message)
+MASKS = (  # what varies between failures of one kind: masked before they are grouped
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE), "<id>"),
+    (re.compile(r"\b(?=[0-9a-f]*\d)[0-9a-f]{12,}\b", re.IGNORECASE), "<id>"),
+    (re.compile(r"\+?\d+(?:[.,:/_-]\d+)*"), "<n>"),
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,11 @@ class Record:
         if self.body_error:
             out.update(body_error=self.body_error, body_preview=self.body_preview)
         return out
+
+    @property
+    def group(self) -> str:
+        """Its failure group (:func:`group_of`)."""
+        return group_of(self.task, self.one_line_error(GROUP_WIDTH))
 
     def one_line_error(self, width: int = 80) -> str:
         kind = (self.exception or "").rsplit(".", 1)[-1]
@@ -141,6 +154,52 @@ def decode_body(body: bytes, properties: Mapping[str, Any],
     return None, None, "body is JSON but not a Celery task ([args, kwargs, embed])"
 
 
+def masked(text: str) -> str:
+    """``text`` with ids and numbers masked: ``card 4242 declined for 9f2c...`` -> ``card <n> declined for <id>``."""
+    for pattern, mask in MASKS:
+        text = pattern.sub(mask, text)
+    return text
+
+
+@functools.lru_cache(maxsize=4096)  # errors repeat: a queue of 100,000 bugs has a few hundred kinds
+def group_of(task: str | None, error: str) -> str:
+    """A failure group's id: the task, the exception type and the message with ids and numbers masked
+    (``error`` as :meth:`Record.one_line_error` writes it, ``GROUP_WIDTH`` wide)."""
+    key = f"{task or ''}\0{masked(error)}"
+    return hashlib.sha1(key.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[:10]
+
+
+@dataclass
+class Group:
+    """Bug messages that failed the same way: same task, same exception type, same message but for ids
+    and numbers."""
+
+    id: str
+    task: str | None
+    error: str  # masked
+    count: int = 0
+    first_failed: float | None = None
+    last_failed: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"group": self.id, "count": self.count, "task": self.task, "error": self.error,
+                "first_failed_at": iso(self.first_failed), "last_failed_at": iso(self.last_failed)}
+
+
+def groups(found: Iterable[tuple[str, str | None, str, float | None]]) -> list[Group]:
+    """``(group, task, one-line error, failed_at)`` of each message -> its groups, the largest first."""
+    out: dict[str, Group] = {}
+    for gid, task, error, failed in found:
+        g = out.get(gid)
+        if g is None:
+            g = out[gid] = Group(gid, task, masked(error))
+        g.count += 1
+        if failed is not None:
+            g.first_failed = failed if g.first_failed is None else min(g.first_failed, failed)
+            g.last_failed = failed if g.last_failed is None else max(g.last_failed, failed)
+    return sorted(out.values(), key=lambda g: (-g.count, g.task or "", g.error))
+
+
 class Matched(Protocol):
     """What :meth:`Selector.matches` reads: a :class:`Record`, or a snapshot entry of the web console."""
 
@@ -152,6 +211,8 @@ class Matched(Protocol):
     def reason(self) -> str | None: ...
     @property
     def failed_at(self) -> float | None: ...
+    @property
+    def group(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -163,12 +224,16 @@ class Selector:
     reasons: frozenset[str] = frozenset()
     failed_after: float | None = None  # --since
     failed_before: float | None = None  # --older-than
+    groups: frozenset[str] = frozenset()  # failure groups (--group)
 
     def __bool__(self) -> bool:
-        return bool(self.ids or self.tasks or self.reasons) or (self.failed_after, self.failed_before) != (None, None)
+        return (bool(self.ids or self.tasks or self.reasons or self.groups)
+                or (self.failed_after, self.failed_before) != (None, None))
 
     def matches(self, r: Matched) -> bool:
         if self.ids and r.id not in self.ids:
+            return False
+        if self.groups and r.group not in self.groups:
             return False
         if self.tasks and not any(fnmatch.fnmatchcase(r.task or "", pattern) for pattern in self.tasks):
             return False

@@ -450,6 +450,32 @@ def test_requeue_at_a_rate_goes_out_at_that_rate(vhost, env, queue_name):
     drain(url, queue_name)
 
 
+def test_failure_groups_are_listed_and_one_is_requeued_whole(vhost, env, queue_name):
+    """Bugs that failed the same way but for ids and numbers are one group: inspect-bugs --groups counts
+    them, requeue-bugs --group moves exactly that group."""
+    url, origin = vhost.url, f"{queue_name}.work"
+    declined = [bug_message("cli.charge", [i], queue=origin, error=f"card {4000 + i} declined for sub {uuid.uuid4()}")
+                for i in range(7)]
+    down = [bug_message("cli.charge", [i], queue=origin, error=f"gateway down for {i} s") for i in range(3)]
+    other = [bug_message("cli.sms", [i], queue=origin, error=f"gateway down for {i} s") for i in range(2)]
+    publish(url, queue_name, declined[:4] + down + other + declined[4:])
+    publish(url, origin, [])
+    ran = cli("--broker", url, "inspect-bugs", queue_name, "--groups", "--json")
+    assert ran.code == 0, ran.err
+    groups = ran.json_lines()
+    assert [(g["count"], g["task"], g["error"]) for g in groups] == [
+        (7, "cli.charge", "ConnectionError: card <n> declined for sub <id>"),
+        (3, "cli.charge", "ConnectionError: gateway down for <n> s"),
+        (2, "cli.sms", "ConnectionError: gateway down for <n> s")]
+    table = cli("--broker", url, "inspect-bugs", queue_name, "--groups")
+    assert table.lines()[0].split()[:2] == ["GROUP", "COUNT"] and groups[0]["group"] in table.lines()[1]
+    ran = cli("--broker", url, "requeue-bugs", queue_name, "--group", groups[0]["group"], "--yes")
+    assert ran.code == 0 and ran.out.strip() == f"requeued 7 messages from {queue_name} to {origin} (7)", ran.out
+    assert sorted(json.loads(m.body)[0] for m in drain(url, origin)) == [[i] for i in range(7)]
+    settled(vhost, queue_name, 5)  # the other groups stay
+    drain(url, queue_name)
+
+
 def test_requeue_options_and_errors(vhost, env, queue_name):
     url, origin, target = vhost.url, f"{queue_name}.work", f"{queue_name}.other"
     messages = [bug_message(args=[i], queue=None if i == 4 else origin, reason="bug" if i < 2 else "exhausted",

@@ -221,6 +221,27 @@ def test_a_requeue_at_a_rate_says_so_and_goes_out_at_it(vhost, any_queue, queue_
     settled(vhost, queue_name, 0)
 
 
+def test_failure_groups_on_the_queue_page_and_a_group_purged_whole(vhost, any_queue, queue_name):
+    url = vhost.url
+    declined = [bug_message("web.record", [i], queue=None, error=f"card {4000 + i} declined") for i in range(6)]
+    down = [bug_message("web.record", [i], queue=None, error=f"gateway <b>down</b> for {i} s") for i in range(2)]
+    publish(url, queue_name, declined[:3] + down + declined[3:])
+    page = any_queue.page(f"/queue?q={queue_name}")
+    rows = re.findall(r'<tr class="group-row" data-group="([0-9a-f]+)">.*?<td class="num">(\d+)</td>', page.text, re.DOTALL)
+    assert [n for _, n in rows] == ["6", "2"]
+    assert "gateway &lt;b&gt;down&lt;/b&gt; for &lt;n&gt; s" in page.text  # masked, and escaped
+    group = rows[0][0]
+    filtered = any_queue.page(f"/queue?q={queue_name}&group={group}")
+    assert "6 matching (failure group " in text_of(filtered.text)
+    confirm = plan_and_confirm(any_queue, queue_name, {"do": "purge:matching", "group": group}, filtered)
+    assert f"Delete 6 messages (failure group {group}) from {queue_name} for good?" in text_of(confirm.text)
+    token = re.search(r'name="token" value="([^"]+)"', confirm.text).group(1)
+    result = any_queue.job(any_queue.post("/confirm", {"csrf": confirm.csrf(), "token": token}).headers["Location"])
+    assert f"deleted 6 messages from {queue_name}" in text_of(result.text)
+    settled(vhost, queue_name, 2)
+    drain(url, queue_name)
+
+
 def test_a_requeue_to_a_missing_queue_or_without_origin_is_refused(vhost, any_queue, queue_name):
     publish(vhost.url, queue_name, [bug_message(queue=None), bug_message(queue="no.such.work")])
     page = any_queue.page(f"/queue?q={queue_name}")

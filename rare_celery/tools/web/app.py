@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from werkzeug.datastructures import MultiDict
 
 PER_PAGE = (50, 100, 200)
+GROUPS_SHOWN = 20  # failure groups listed on a queue's page, the largest first
 FIRST_WAIT = 1.5  # seconds a page waits for a read to finish before it shows its progress
 REFRESH_SECONDS = 5
 
@@ -139,13 +140,15 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
             return render_template("job.html", title=f"Reading {queue}", job=job, back=None)
         matching = snap.matching(filters.selector())
         by_reason, by_task = reading.counts(matching)
+        failure_groups = reading.groups(matching)
         per = filters.per
         pages = max(1, math.ceil(len(matching) / per))
         page = min(filters.page, pages)
         rows = matching[(page - 1) * per: page * per]
         return render_template("queue.html", title=queue, queue=queue, snap=snap, rows=rows, matching=len(matching),
                                page=page, pages=pages, per=per, filters=filters, by_reason=top(by_reason),
-                               by_task=top(by_task), reading_now=job, now=time.time(),
+                               by_task=top(by_task), groups=failure_groups[:GROUPS_SHOWN],
+                               more_groups=max(0, len(failure_groups) - GROUPS_SHOWN), reading_now=job, now=time.time(),
                                link=lambda **kw: url_for("queue_page", **filters.args(q=queue, **kw)),
                                reasons=REASONS, unrouted_queue=queue == UNROUTED_QUEUE.name)
 
@@ -251,8 +254,8 @@ class Filters:
     """The filter of a queue page, from its query string (or a form that repeats it)."""
 
     def __init__(self, tasks: Iterable[str] = (), reasons: Iterable[str] = (), ids: Iterable[str] = (), since: str = "",
-                 older: str = "", page: int = 1, per: int = PER_PAGE[0]) -> None:
-        self.tasks, self.reasons, self.ids = tuple(tasks), tuple(reasons), tuple(ids)
+                 older: str = "", page: int = 1, per: int = PER_PAGE[0], groups: Iterable[str] = ()) -> None:
+        self.tasks, self.reasons, self.ids, self.groups = tuple(tasks), tuple(reasons), tuple(ids), tuple(groups)
         self.since, self.older, self.page, self.per = since, older, page, per
         self.problems: list[str] = []
 
@@ -262,7 +265,7 @@ class Filters:
             return [w for value in args.getlist(name) for w in value.replace(",", " ").split()]
 
         f = cls(words("task"), [r for r in args.getlist("reason") if r], words("id"),
-                (args.get("since") or "").strip(), (args.get("older") or "").strip())
+                (args.get("since") or "").strip(), (args.get("older") or "").strip(), groups=words("group"))
         try:
             f.page = max(1, int(args.get("page", 1)))
         except ValueError:
@@ -287,11 +290,13 @@ class Filters:
         now = time.time()
         since, older = self._seconds(self.since, "failed within"), self._seconds(self.older, "failed before")
         return records.Selector(frozenset(self.ids), self.tasks, frozenset(self.reasons),
-                                None if since is None else now - since, None if older is None else now - older)
+                                None if since is None else now - since, None if older is None else now - older,
+                                frozenset(self.groups))
 
     def args(self, **extra: Any) -> dict[str, Any]:
         out = {"task": " ".join(self.tasks) or None, "reason": list(self.reasons) or None,
                "id": " ".join(self.ids) or None, "since": self.since or None, "older": self.older or None,
+               "group": " ".join(self.groups) or None,
                "per": self.per if self.per != PER_PAGE[0] else None}
         out.update(extra)
         return {k: v for k, v in out.items() if v not in (None, "", [])}
@@ -300,7 +305,7 @@ class Filters:
         return urlencode(self.args(), doseq=True)
 
     def active(self) -> bool:
-        return bool(self.tasks or self.reasons or self.ids or self.since or self.older)
+        return bool(self.tasks or self.reasons or self.ids or self.since or self.older or self.groups)
 
     def describe(self) -> str:
         parts = []
@@ -314,6 +319,8 @@ class Filters:
             parts.append(f"failed within {self.since}")
         if self.older:
             parts.append(f"failed {self.older} ago or earlier")
+        if self.groups:
+            parts.append("failure group " + " or ".join(self.groups))
         return ", ".join(parts)
 
 

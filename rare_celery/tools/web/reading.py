@@ -33,7 +33,7 @@ from .. import bugs, records
 
 READ_LIMIT = 200_000  # messages one read looks at, at most (the rest of a larger queue is not read)
 READ_DEADLINE = 120.0  # seconds one read may hold messages, at most
-ERROR_WIDTH = 120
+ERROR_WIDTH = records.GROUP_WIDTH
 
 
 class Entry(NamedTuple):
@@ -50,6 +50,7 @@ class Entry(NamedTuple):
     queue: str | None
     error: str  # one line
     readable: bool  # a JSON Celery task body
+    group: str  # its failure group (records.group_of)
 
 
 @dataclass
@@ -168,8 +169,9 @@ class _Interner(dict[str, Any]):
 
 def entry(held: bugs.Held, intern: Callable[..., Any]) -> Entry:
     r = held.record
+    error = intern(r.one_line_error(ERROR_WIDTH))
     return Entry(r.position, held.fingerprint, r.id, intern(r.task), intern(r.reason), r.attempts, r.failed_at,
-                 r.first_attempt_at, intern(r.queue), intern(r.one_line_error(ERROR_WIDTH)), r.body_error is None)
+                 r.first_attempt_at, intern(r.queue), error, r.body_error is None, records.group_of(r.task, error))
 
 
 def scan(conn: Any, queue: str, progress: Progress | None = None, limit: int = READ_LIMIT,
@@ -208,3 +210,8 @@ def find(conn: Any, queue: str, fingerprint: str, message_id: str | None = None,
 def counts(entries: list[Entry]) -> tuple[Counter[Any], Counter[Any]]:
     """Messages by reason and by task."""
     return Counter(e.reason for e in entries), Counter(e.task for e in entries)
+
+
+def groups(entries: list[Entry]) -> list[records.Group]:
+    """The failure groups of ``entries``, the largest first."""
+    return records.groups((e.group, e.task, e.error, e.failed_at) for e in entries)

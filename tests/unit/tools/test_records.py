@@ -59,3 +59,21 @@ def test_the_fingerprint_ignores_the_quorum_delivery_count():
     h = bug_headers()
     assert records.fingerprint(b"x", JSON, h) == records.fingerprint(b"x", JSON, {**h, "x-delivery-count": 9})
     assert records.fingerprint(b"x", JSON, h) != records.fingerprint(b"y", JSON, h)
+
+
+def test_failures_that_differ_in_ids_and_numbers_are_one_group():
+    def rec(task: str, kind: str, error: str, failed: float) -> records.Record:
+        h = {**bug_headers(), "task": task, hdr.TASK: task, hdr.EXCEPTION: kind, hdr.ERROR: error, hdr.FAILED_AT: failed}
+        return records.read("q.bugs", 0, b"[[], {}, {}]", JSON, h)
+
+    a = rec("billing.charge", "app.Declined", "card 4242 declined for sub 9f2c1a7e-0c1d-4b8e-9a55-1b2c3d4e5f60", 10.0)
+    b = rec("billing.charge", "app.Declined", "card 1111 declined for sub 0a2c1a7e-0c1d-4b8e-9a55-1b2c3d4e5f61", 30.0)
+    c = rec("billing.charge", "app.Timeout", "card 4242 declined for sub 9f2c1a7e-0c1d-4b8e-9a55-1b2c3d4e5f60", 20.0)
+    d = rec("notify.sms", "app.Declined", "card 4242 declined for sub 9f2c1a7e-0c1d-4b8e-9a55-1b2c3d4e5f60", 20.0)
+    assert a.group == b.group and len({a.group, c.group, d.group}) == 3
+    assert records.masked("HTTP 503 at 12:30:01 for +15550004, request deadbeef0123456789") == \
+        "HTTP <n> at <n> for <n>, request <id>"
+    found = records.groups((r.group, r.task, r.one_line_error(records.GROUP_WIDTH), r.failed_at) for r in (a, b, c, d))
+    assert (found[0].count, found[0].first_failed, found[0].last_failed) == (2, 10.0, 30.0)
+    assert found[0].error == "Declined: card <n> declined for sub <id>"
+    assert records.Selector(groups=frozenset({a.group})).matches(b) and not records.Selector(groups=frozenset({a.group})).matches(c)

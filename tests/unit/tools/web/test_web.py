@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("flask")
 
+from rare_celery.tools import records
 from rare_celery.tools.web import metrics, reading, security
 from rare_celery.tools.web.app import Filters, ago, create_app, shown
 from rare_celery.tools.web.console import Console
@@ -69,7 +70,7 @@ def test_text_from_messages_is_shown_with_its_controls_escaped():
 
 def entry(i: int, task: str, reason: str, error: str = "down") -> reading.Entry:
     return reading.Entry(i, f"{i:064x}", f"id-{i}", task, reason, 3, time.time() - 60, time.time() - 90, "work",
-                         error, True)
+                         error, True, records.group_of(task, error))
 
 
 def client(entries):
