@@ -26,6 +26,8 @@ header                 meaning
 ``x-rare-attempts``    bug queue only: attempts made
 ``x-rare-failed-at``   bug queue only: when it was routed there
 ``x-rare-task``        bug queue only: task name
+``x-rare-edits``       the edits an operator made to its arguments before a requeue (who, when,
+                       the arguments before), oldest first; it travels with the message like the hops
 =====================  ==========================================================================
 """
 
@@ -59,6 +61,7 @@ ATTEMPT, FIRST_AT, DEADLINE, DUE, QUEUE = (PREFIX + k for k in ("attempt", "firs
 DELIVERIES, RETURNED, REQUEUED = PREFIX + "deliveries", PREFIX + "returned", PREFIX + "requeued"
 COPY = PREFIX + "copy"
 HOPS = PREFIX + "hops"  # the hop history, see rare_celery.hops
+EDITS = PREFIX + "edits"  # an operator's edits of the arguments, see rare_celery.tools.records.edited
 EXCEPTION, ERROR, TRACEBACK = PREFIX + "exception", PREFIX + "error", PREFIX + "traceback"
 REASON, ATTEMPTS, FAILED_AT, TASK = (PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))
 LAST_ERROR = (EXCEPTION, ERROR, TRACEBACK)
@@ -294,9 +297,10 @@ def received(headers: object) -> dict[str, Any]:
 
 
 def carried(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A message's headers that travel unchanged to its next place: its own and the hop history
-    (``x-rare-hops``), without rare_celery's per-attempt headers and the broker's bookkeeping."""
-    return {k: v for k, v in received(headers).items() if k == HOPS or not k.startswith(PREFIX)}
+    """A message's headers that travel unchanged to its next place: its own, the hop history
+    (``x-rare-hops``) and the edits (``x-rare-edits``), without rare_celery's per-attempt headers and the
+    broker's bookkeeping."""
+    return {k: v for k, v in received(headers).items() if k in (HOPS, EDITS) or not k.startswith(PREFIX)}
 
 
 def kept(headers: Mapping[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:

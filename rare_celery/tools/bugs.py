@@ -165,12 +165,16 @@ class Publisher:
         self._returned: list[str] = []
         self.channel.events["basic_return"].add(lambda exc, *rest: self._returned.append(str(exc)))
 
-    def send(self, message: amqp.Message, queue: str, headers: dict[str, Any]) -> None:
-        """``message`` (same body and properties, ``headers`` instead of its own) to ``queue``."""
+    def send(self, message: amqp.Message, queue: str, headers: dict[str, Any], body: bytes | None = None) -> None:
+        """``message`` (same body and properties, ``headers`` instead of its own; ``body`` instead of its own if
+        given: an edit, UTF-8 JSON) to ``queue``."""
         props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "expiration")}
+        if body is not None:
+            props.update(content_type="application/json", content_encoding="utf-8")
         self._returned.clear()
         try:
-            self.channel.basic_publish_confirm(amqp.Message(message.body, application_headers=headers, **props),
+            self.channel.basic_publish_confirm(amqp.Message(message.body if body is None else body,
+                                                            application_headers=headers, **props),
                                                exchange="", routing_key=queue, mandatory=True, confirm_timeout=30)
         except MessageNacked:
             raise MoveFailed(f"the broker refused (nacked) a message for queue {queue!r}") from None

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 nothing matched where something was asked for, 2 usage 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -519,6 +520,83 @@ def purge_bugs(queue: str, tasks: tuple[str, ...], reasons: tuple[str, ...], old
     with e.connection() as conn, progress(found.count, "purging") as step:
         deleted = bugs.take(conn, queue, found.take, None, step)
     say(f"deleted {count(deleted, 'message')} from {queue}")
+
+
+# -- edit-bug ---------------------------------------------------------------------------------------
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment (a container): say so
+        return "unknown"
+
+
+def _json_option(text: str | None, kind: type, name: str) -> Any:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=name) from None
+    if not isinstance(value, kind):
+        raise click.BadParameter(f"must be a JSON {'list' if kind is list else 'object'}", param_hint=name)
+    return value
+
+
+@command
+@click.argument("queue")
+@click.argument("task_id", metavar="ID")
+@click.option("--args", "args_text", metavar="JSON", help="The new positional arguments, a JSON list.")
+@click.option("--kwargs", "kwargs_text", metavar="JSON", help="The new keyword arguments, a JSON object.")
+@click.option("--by", default=None, help="Who edits it (recorded in x-rare-edits; default: your user name).")
+@click.option("--to", metavar="QUEUE", help="Send it here instead of its origin queue (x-rare-queue).")
+@click.option("--reset-attempts/--keep-attempts", "reset", default=True, show_default=True,
+              help="Start over at attempt 1 with a fresh shelf life, or keep count and deadline.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def edit_bug(queue: str, task_id: str, args_text: str | None, kwargs_text: str | None, by: str | None,
+             to: str | None, reset: bool, yes: bool) -> None:
+    """Change the arguments of the message ID in bug queue QUEUE and requeue it.
+
+    The edit is recorded in the message (x-rare-edits: who, when, the arguments before); the new copy
+    is confirmed by the broker before the old one leaves QUEUE.
+    """
+    new_args = _json_option(args_text, list, "--args")
+    new_kwargs = _json_option(kwargs_text, dict, "--kwargs")
+    if new_args is None and new_kwargs is None:
+        raise Failure("say what to change: --args JSON, --kwargs JSON, or both")
+    e = env()
+    e.check_bug_queue(queue)
+    seen: list[records.Record] = []
+    with e.connection() as conn:
+        found = moves.plan(conn, queue, lambda held: held.record.id == task_id, to, True, seen.append)
+        if not found.count and not found.without_target:
+            say(f"no message with id {task_id} in {queue}", err=True)
+            sys.exit(1)
+        if found.without_target:
+            raise Failure(f"{task_id} has no origin queue (x-rare-queue): send it with --to QUEUE")
+        if found.count > 1:
+            raise Failure(f"{found.count} messages in {queue} have id {task_id}: requeue or purge them instead")
+        record = seen[0]
+        if record.body_error:
+            raise Failure(f"{task_id} cannot be edited: {record.body_error}")
+        for target in found.targets:
+            if bugs.depth(conn, target) is None:
+                raise Failure(f"queue {target!r} does not exist: declare it (rare-celery declare) or choose another "
+                              f"with --to")
+    edit = moves.Edit(new_args, new_kwargs, by or _user())
+    say(f"args:   {json.dumps(record.args, ensure_ascii=False)}" + (
+        f"\n     -> {json.dumps(new_args, ensure_ascii=False)}" if new_args is not None else " (unchanged)"))
+    say(f"kwargs: {json.dumps(record.kwargs, ensure_ascii=False)}" + (
+        f"\n     -> {json.dumps(new_kwargs, ensure_ascii=False)}" if new_kwargs is not None else " (unchanged)"))
+    if not yes:
+        click.confirm(terminal(f"Requeue {task_id} edited from {queue} to {_targets(found.targets)}?"), abort=True)
+    send = moves.requeue_sender(to, reset, time.time(), edit)
+    with e.connection() as conn:
+        moved = bugs.take(conn, queue, found.take, send)
+    if not moved:
+        say(f"{task_id} was no longer in {queue}: nothing requeued", err=True)
+        sys.exit(1)
+    say(f"requeued {task_id} edited from {queue} to {_targets(found.targets)}, recorded as edited by {edit.by}")
 
 
 # -- status ----------------------------------------------------------------------------------------

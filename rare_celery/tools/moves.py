@@ -63,14 +63,32 @@ def plan(conn: Any, queue: str, wanted: Callable[[bugs.Held], bool], to: str | N
     return found
 
 
-def requeue_sender(to: str | None, reset: bool, now: float) -> Callable[[bugs.Held, bugs.Publisher], None]:
+@dataclass(frozen=True)
+class Edit:
+    """New arguments for the message a requeue moves (``None``: unchanged), and who made them."""
+
+    args: list[Any] | None
+    kwargs: dict[str, Any] | None
+    by: str
+
+
+def requeue_sender(to: str | None, reset: bool, now: float,
+                   edit: Edit | None = None) -> Callable[[bugs.Held, bugs.Publisher], None]:
     """The ``send`` of :func:`rare_celery.tools.bugs.take` for a requeue: back to the origin queue (or ``to``),
-    with the headers :func:`rare_celery.tools.records.requeue_headers` gives."""
+    with the headers :func:`rare_celery.tools.records.requeue_headers` gives; with ``edit``, with the new
+    arguments (:func:`rare_celery.tools.records.edited`)."""
 
     def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
         target = to or held.record.queue
         headers = records.requeue_headers(bugs.headers_of(held), reset=reset, now=now, queue=target if to else None)
-        publisher.send(held.message, cast(str, target), headers)  # plan() chose only messages with a target
+        body = None
+        if edit is not None:
+            try:
+                body, headers = records.edited(bytes(held.message.body), held.message.properties, headers, edit.args,
+                                               edit.kwargs, edit.by, now)
+            except ValueError as exc:
+                raise bugs.MoveFailed(f"{held.record.id}: {exc}") from None
+        publisher.send(held.message, cast(str, target), headers, body)  # plan() chose only messages with a target
 
     return send
 

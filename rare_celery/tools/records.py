@@ -154,6 +154,41 @@ def decode_body(body: bytes, properties: Mapping[str, Any],
     return None, None, "body is JSON but not a Celery task ([args, kwargs, embed])"
 
 
+MAX_EDITS = 20  # edits a message keeps in x-rare-edits (the oldest go first)
+MAX_EDIT_TEXT = 10_000  # characters of the arguments before an edit kept in its entry
+
+
+def edited(body: bytes, properties: Mapping[str, Any], headers: Mapping[str, Any], args: list[Any] | None,
+           kwargs: dict[str, Any] | None, by: str, now: float) -> tuple[bytes, dict[str, Any]]:
+    """The body and the headers of a bug message whose ``args`` / ``kwargs`` (``None``: unchanged) an
+    operator changed: a JSON Celery body with the new arguments, Celery's ``argsrepr`` / ``kwargsrepr``
+    to match, and an ``x-rare-edits`` entry (who, when, the arguments before). Raises :class:`ValueError`
+    for a message whose arguments cannot be read (then it cannot be edited)."""
+    if headers.get("compression"):
+        raise ValueError(f"its body is compressed ({headers['compression']}): it cannot be edited here")
+    old_args, old_kwargs, problem = decode_body(body, properties, headers)
+    if problem is not None:
+        raise ValueError(f"its arguments cannot be read ({problem}): it cannot be edited")
+    data = json.loads(body)
+    protocol_1 = isinstance(data, dict)  # decode_body read it: a protocol-2 list, or a protocol-1 dict
+    if protocol_1:
+        raise ValueError("it is a Celery protocol 1 message: it cannot be edited")
+    new_args = old_args if args is None else args
+    new_kwargs = old_kwargs if kwargs is None else kwargs
+    new_body = json.dumps([new_args, new_kwargs, data[2]], ensure_ascii=False).encode("utf-8")
+    entry = {"by": by[:200], "at": now, "args": _clipped_json(old_args), "kwargs": _clipped_json(old_kwargs)}
+    history = [e for e in headers.get(hdr.EDITS) or () if isinstance(e, Mapping)] if isinstance(
+        headers.get(hdr.EDITS), (list, tuple)) else []
+    out = {**headers, hdr.EDITS: [*history, entry][-MAX_EDITS:],
+           "argsrepr": repr(new_args)[:1024], "kwargsrepr": repr(new_kwargs)[:1024]}
+    return new_body, out
+
+
+def _clipped_json(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= MAX_EDIT_TEXT else text[:MAX_EDIT_TEXT] + "…"
+
+
 def masked(text: str) -> str:
     """``text`` with ids and numbers masked: ``card 4242 declined for 9f2c...`` -> ``card <n> declined for <id>``."""
     for pattern, mask in MASKS:

@@ -35,7 +35,7 @@ def record(kind: str, task, **extra) -> None:
     headers = task.request.headers or {}
     line = json.dumps({"kind": kind, "id": task.request.id, "t": time.time(), "task": task.name,
                        "attempt": headers.get("x-rare-attempt"), "deadline": headers.get("x-rare-deadline"),
-                       "reason": headers.get("x-rare-reason"), **extra})
+                       "reason": headers.get("x-rare-reason"), "edits": headers.get("x-rare-edits"), **extra})
     with open(EVENTS, "a") as f:
         f.write(line + "\n")
 

@@ -354,6 +354,44 @@ def test_real_bug_from_the_worker_is_inspected_then_requeued_and_runs_again(vhos
     assert message_count(vhost.url, "cli.real.dead") == 0
 
 
+def test_a_bug_edited_and_requeued_runs_with_its_new_arguments(vhost, cli_app, cli_worker, cli_events):
+    """edit-bug: the worker's bug, its argument corrected, runs again with it; the edit travels with the
+    message (x-rare-edits: who, when, the arguments before)."""
+    result = cli_app.broken.delay(21)
+    wait_for(lambda: message_count(vhost.url, "cli.real.dead") == 1, 20, 0.1, "the bug in cli.real.dead")
+    for bad, why in ((["--args", "[22"], "not JSON"), (["--args", '{"n": 22}'], "must be a JSON list"),
+                     (["--kwargs", "[1]"], "must be a JSON object"), ([], "say what to change")):
+        ran = cli("-A", APP, "edit-bug", "cli.real.dead", result.id, *bad, "--yes")
+        assert ran.code == 2 and why in ran.err, (bad, ran.err)
+    ran = cli("-A", APP, "edit-bug", "cli.real.dead", result.id, "--args", "[22]", "--by", "alice", input="n\n")
+    assert ran.code == 1 and "args:   [21]\n     -> [22]" in ran.out and "kwargs: {} (unchanged)" in ran.out
+    assert message_count(vhost.url, "cli.real.dead") == 1  # not confirmed: untouched
+    before = time.time()
+    ran = script("-A", APP, "edit-bug", "cli.real.dead", result.id, "--args", "[22]", "--by", "alice", "--yes")
+    assert ran.code == 0, ran.err
+    assert ran.out.strip().endswith(f"requeued {result.id} edited from cli.real.dead to cli.real (1), "
+                                    "recorded as edited by alice")
+    assert result.get(timeout=20) == 44  # 22 * 2: it ran with the new argument
+    run = wait_for(lambda: len(r := cli_events.of(result.id, "run")) == 2 and r[1], 20, what="the second run")
+    assert run["n"] == 22 and run["attempt"] == 1
+    [edit] = run["edits"]
+    assert edit["by"] == "alice" and edit["args"] == "[21]" and edit["kwargs"] == "{}" and before <= edit["at"] <= time.time()
+    assert message_count(vhost.url, "cli.real.dead") == 0
+    ran = cli("-A", APP, "edit-bug", "cli.real.dead", result.id, "--args", "[1]", "--yes")
+    assert ran.code == 1 and "no message with id" in ran.err
+
+
+def test_a_message_that_cannot_be_read_cannot_be_edited_and_stays(vhost, env, queue_name):
+    pickled = bug_message(task_id="p1", queue=f"{queue_name}.work")
+    pickled.body, pickled.props["content_type"] = b"\x80\x04K\x01.", "application/x-python-serialize"
+    publish(vhost.url, queue_name, [pickled])
+    publish(vhost.url, f"{queue_name}.work", [])
+    ran = cli("--broker", vhost.url, "edit-bug", queue_name, "p1", "--args", "[1]", "--yes")
+    assert "p1 cannot be edited: body is application/x-python-serialize" in one_line_error(ran)
+    settled(vhost, queue_name, 1)
+    drain(vhost.url, queue_name)
+
+
 def test_the_tools_never_read_a_work_queue(vhost, env):
     """Issue 23, item 3. A read hands messages back ``redelivered``, and a worker takes a redelivered
     message for one whose worker died (a failed attempt): inspect-bugs, requeue-bugs and purge-bugs

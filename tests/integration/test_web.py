@@ -242,6 +242,30 @@ def test_failure_groups_on_the_queue_page_and_a_group_purged_whole(vhost, any_qu
     drain(url, queue_name)
 
 
+def test_a_message_edited_on_its_page_is_requeued_with_its_new_arguments(vhost, any_queue, queue_name):
+    url, target = vhost.url, f"{queue_name}.work"
+    publish(url, target, [])
+    publish(url, queue_name, [bug_message("web.record", [1, "+15550004"], queue=target)])
+    page = any_queue.page(f"/queue?q={queue_name}")
+    message = any_queue.page(page.links("message-link")[0])
+    assert 'id="edit-form"' in message.text and "+15550004" in message.text
+    fp = re.search(r'name="fp" value="([0-9a-f]+)"', message.text).group(1)
+    fields = {"do": "requeue:one", "fp": fp, "edit": "yes", "args": '[1, "+15550005"]', "kwargs": "{}",
+              "by": "bob <on call>"}
+    bad = any_queue.post("/plan", form(message, q=queue_name, **{**fields, "args": '{"n": 1}'}))
+    assert bad.status == 400 and "args: must be a JSON list" in text_of(bad.text)
+    confirm = plan_and_confirm(any_queue, queue_name, fields, message)
+    assert "edited by bob &lt;on call&gt;?" in confirm.text and "+15550005" in text_of(confirm.text)
+    token = re.search(r'name="token" value="([^"]+)"', confirm.text).group(1)
+    result = any_queue.job(any_queue.post("/confirm", {"csrf": confirm.csrf(), "token": token}).headers["Location"])
+    assert f"requeued 1 message from {queue_name} to {target} (1)" in text_of(result.text)
+    [moved] = drain(url, target)
+    assert json.loads(moved.body)[:2] == [[1, "+15550005"], {}]
+    [edit] = moved.headers["x-rare-edits"]
+    assert edit["by"] == "bob <on call>" and json.loads(edit["args"]) == [1, "+15550004"]
+    settled(vhost, queue_name, 0)
+
+
 def test_a_requeue_to_a_missing_queue_or_without_origin_is_refused(vhost, any_queue, queue_name):
     publish(vhost.url, queue_name, [bug_message(queue=None), bug_message(queue="no.such.work")])
     page = any_queue.page(f"/queue?q={queue_name}")

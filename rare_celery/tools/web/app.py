@@ -193,6 +193,7 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
             per_second = moves.Pace.parse(rate) if rate and action == "requeue" else None
         except ValueError as exc:
             raise Refused(str(exc)) from None
+        edit = _edit(form) if form.get("edit") == "yes" and action == "requeue" else None
         if scope in ("one", "selected"):
             chosen = set(form.getlist("fp"))
             if not chosen:
@@ -212,7 +213,9 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
                 return select.matches(held.record)
         else:
             raise Refused("say which messages: one, the ones ticked, or every one matching the filter")
-        job = console.plan(action, queue, wanted, words, to, reset, per_second)
+        if edit is not None and scope != "one":
+            raise Refused("an edit is of one message")
+        job = console.plan(action, queue, wanted, words, to, reset, per_second, edit)
         return redirect(url_for("job_page", job_id=job.id))
 
     @app.route("/confirm", methods=["POST"])
@@ -368,6 +371,23 @@ def pretty(value: object) -> str:
         return json.dumps(value, indent=2, ensure_ascii=False, default=repr, sort_keys=False)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def _edit(form: MultiDict[str, str]) -> moves.Edit:
+    """The edit of the message page's form; the arguments must be a JSON list and a JSON object."""
+    def read(name: str) -> object:
+        try:
+            return json.loads(form.get(name) or "")
+        except ValueError as exc:
+            raise Refused(f"{name}: not JSON ({exc})") from None
+
+    args, kwargs = read("args"), read("kwargs")
+    if not isinstance(args, list):
+        raise Refused("args: must be a JSON list")
+    if not isinstance(kwargs, dict):
+        raise Refused("kwargs: must be a JSON object")
+    by = " ".join((form.get("by") or "").split())[:100] or "the console"
+    return moves.Edit(args, kwargs, by)
 
 
 def _job_title(job: Any) -> str:

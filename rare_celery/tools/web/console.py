@@ -69,6 +69,7 @@ class PendingPlan:
     created: float
     scope: str  # what was chosen, in words
     per_second: float | None = None  # a requeue at most this fast (evened out)
+    edit: moves.Edit | None = None  # a requeue of one message with new arguments
 
 
 class Console:
@@ -239,7 +240,7 @@ class Console:
     # -- changing a queue: plan, confirm, take -------------------------------------------------
 
     def plan(self, action: str, queue: str, wanted: Callable[[bugs.Held], bool], scope: str, to: str | None,
-             reset: bool, per_second: float | None = None) -> Job:
+             reset: bool, per_second: float | None = None, edit: moves.Edit | None = None) -> Job:
         """First read: count what would move (in the background); the job's result is a confirmation."""
         self.readable(queue)
         if action not in ("requeue", "purge"):
@@ -259,7 +260,7 @@ class Console:
                 found = moves.plan(conn, queue, counted, to, moving=action == "requeue", browse=reading.browse)
                 missing = moves.missing_targets(conn, found) if action == "requeue" else []
             pending = PendingPlan(secrets.token_urlsafe(16), action, queue, found, to, reset, time.time(), scope,
-                                  per_second)
+                                  per_second, edit)
             if found.count and not missing:
                 with self._lock:
                     self._expire_plans()
@@ -291,7 +292,8 @@ class Console:
             def step(held: bugs.Held) -> None:
                 job.progress.done += 1
 
-            send = moves.requeue_sender(pending.to, pending.reset, time.time()) if pending.action == "requeue" else None
+            send = (moves.requeue_sender(pending.to, pending.reset, time.time(), pending.edit)
+                    if pending.action == "requeue" else None)
             try:
                 with self.connection() as conn:
                     pace = moves.Pace(pending.per_second, conn) if pending.per_second else None
