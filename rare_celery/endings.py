@@ -219,6 +219,13 @@ def requeue(d: Delivery) -> Ending:
     return Ending(REQUEUE, d, Copy(body, headers, props, "", d.queue or "", None), Ignore())
 
 
+def _waits(ending: Ending) -> float:
+    """The TTL (s) of the delay queue the ending's copy waits in; 0 when it went straight back. It names
+    the delay queue (``rare.wait.<TTL>``): the console and ``/metrics`` learn from it where delayed starts
+    and retries wait."""
+    return ending.copy.waits if ending.copy is not None else 0.0
+
+
 def done(d: Delivery, how: str) -> Ending:
     """A copy whose delivery had ended before (``how``: ``success``, or the ending that was published)
     and came back because its ack was lost: acked, not run again."""
@@ -325,9 +332,11 @@ def report(ending: Ending, reporter: Reporter) -> None:
                 with _best_effort("send task-retried"):
                     reporter.send("task-retried", uuid=d.task_id, exception=repr(exc), traceback="")
         signal(signals.retry_scheduled, attempt=f["attempt"], delay=f["delay"], exception=exc)
-        event(events.RETRY, attempt=f["attempt"], delay=f["delay"], **events.failure(exc), queue=d.queue)
+        event(events.RETRY, attempt=f["attempt"], delay=f["delay"], **events.failure(exc), queue=d.queue,
+              waits=_waits(ending))
     elif ending.kind == WAIT:
-        event(events.WAIT, due=f["due"], queue=d.queue, **({"breaker": f["breaker"]} if "breaker" in f else {}))
+        event(events.WAIT, due=f["due"], queue=d.queue, waits=_waits(ending),
+              **({"breaker": f["breaker"]} if "breaker" in f else {}))
     elif ending.kind == HOP:
         log.info("rare_celery: %s hopped to %s on %s: %s", who, f["target"], f["queue"], f["reason"])
         signal(signals.hopped, source=d.task_name, target=f["target"], reason=f["reason"], queue=f["queue"])

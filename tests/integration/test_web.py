@@ -336,6 +336,18 @@ def test_overview_and_metrics_count_what_the_worker_decided(vhost, web_app, web_
     assert "web.sms: backoff" in schedules and "-- hop 1: web.email takes over at +00:00:00" in schedules
     assert app_console.get("/queue?q=web.elsewhere.bugs").status == 400  # with -A: only the app's bug queues
 
+    # a delayed start waits in a delay queue no schedule of the app uses: the overview and /metrics show it
+    web_app.record_run.apply_async(["in half a minute"], countdown=30)
+
+    def waiting_delay_queues():
+        found = json.loads(app_console.get("/api/overview").text)["delay_queues"]
+        return [d for d in found if d["queue"] != "rare.wait.1900ms" and d["messages"]]
+    [delayed] = wait_for(waiting_delay_queues, 20, 0.2, "the delayed start in a delay queue the overview lists")
+    assert delayed["messages"] == 1 and 25_000 <= delayed["delay_ms"] <= 30_500
+    assert wait_for(lambda: metric(app_console.get("/metrics").text, "rare_delay_queue_messages",
+                                   queue=delayed["queue"], delay=delayed["delay"],
+                                   delay_seconds=str(delayed["delay_ms"] / 1000)) == 1, 10, 0.2, "/metrics")
+
 
 def test_hops_and_sends_round_again_end_their_runs_for_event_consumers(vhost, web_app, web_worker):
     """What Flower sees, checked with Celery's own event receiver and celery.events.state.State."""

@@ -104,14 +104,21 @@ class Counters:
             if key not in counter and len(counter) >= MAX_SERIES:
                 key = tuple("other" for _ in key)
             counter[key] += 1
-            if kind == events.RETRY:
+            if kind in (events.RETRY, events.WAIT):
                 self._saw_delay(event)
 
     def _saw_delay(self, event: dict[str, Any]) -> None:
-        delay, queue = event.get("delay"), event.get("queue")
-        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not isinstance(queue, str):
+        """The delay queue a retry or a wait (a delayed start, an early arrival, a breaker's hold) went to:
+        its TTL (``waits``), or for a retry from a worker that does not send it, the grid value of its delay."""
+        waits, delay, queue = event.get("waits"), event.get("delay"), event.get("queue")
+        if not isinstance(queue, str):
             return
-        ms = min(int(max(delay, MIN_DELAY) * 1000), MAX_DELAY_MS)
+        if isinstance(waits, (int, float)) and not isinstance(waits, bool) and 0 < waits < MAX_DELAY_MS:
+            ms = min(round(waits * 1000), MAX_DELAY_MS)
+        elif event.get("type") == events.RETRY and isinstance(delay, (int, float)) and not isinstance(delay, bool):
+            ms = min(int(max(delay, MIN_DELAY) * 1000), MAX_DELAY_MS)
+        else:
+            return
         if ms < 1:
             return
         for kind in self.kinds(queue):
