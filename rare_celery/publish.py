@@ -212,12 +212,21 @@ def _closed_meanwhile(producer: Any) -> None:
     if wire is None or sock is None:
         return
     for _ in range(100):  # heartbeats piled up in an idle connection: read them all
-        if not getattr(transport, "_read_buffer", b"") and not select.select([sock], [], [], 0)[0]:
+        if not getattr(transport, "_read_buffer", b"") and not _readable(sock):
             return
         try:
             wire.drain_events(timeout=0.05)
         except socket.timeout:
             return
+
+
+def _readable(sock: Any) -> bool:
+    """Something to read on ``sock`` now (``poll``: any descriptor number; ``select`` only where it lacks)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _drop(producer: Any) -> None:
