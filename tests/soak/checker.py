@@ -37,7 +37,9 @@ class Report:
     stuck: int = 0
     unexplained: int = 0
     explained: int = 0
+    requeued: int = 0  # repeats of Bug jobs that an operator's requeue-bugs sent back
     held_lost: int = 0  # worker_lost ends where only a worker that held its next attempt unstarted died
+    counted_unrun: int = 0  # attempts counted as failed that never ran (held unstarted by a worker that died)
     wrong: int = 0
     over_limit: int = 0
     early: int = 0
@@ -87,7 +89,8 @@ def _deaths(faults: list[dict], nodes: set[str] | None, since: float, until: flo
     (``nodes`` None: on any worker; ``requeued``: its bug queue's requeues count, for jobs whose plan ends
     there with ``bug``)."""
     return [f for f in faults if f["kind"] in DEATHS and since - SLACK <= f["t"] <= until + SLACK
-            and (nodes is None or f["target"] in nodes or f["target"] == "*" or (requeued and f["kind"] == "requeue"))]
+            and (nodes is None or f["target"] in nodes or f["target"] == "*"
+                 or (requeued and f["kind"] in ("requeue", "requeued")))]  # a requeue: from its start to its end
 
 
 def _check_job(job: Job, runs: list[dict], reasons: list[str], waiting: bool, faults: list[dict],
@@ -136,16 +139,35 @@ def _check_job(job: Job, runs: list[dict], reasons: list[str], waiting: bool, fa
         report.wrong += 1
         problems.append(f"ended where its plan cannot end: {', '.join(wrong)}")
 
-    # repeats
+    # repeats. The same copy delivered again: a death after its first run, of the worker that ran it, and
+    # before the repeat. Or the copy made twice (its publish not confirmed, then made again): a death
+    # after the step that made it (the run before, or for a copy made before any run, by a worker the
+    # records do not name: a delayed start sent round, a breaker's hold, an expiry routed, the publish)
+    # and before the repeat.
     seen: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in tries:
         seen[(short(r["task"]), r["att"])].append(r)
     repeated = [copies for copies in seen.values() if len(copies) > 1]
     if ends > 1 or repeated:
-        first = min((copies[0] for copies in repeated), key=lambda r: r["t"], default=tries[0] if tries else None)
-        later = max((copies[-1] for copies in repeated), key=lambda r: r["t"], default=tries[-1] if tries else None)
-        if first is not None and _deaths(faults, nodes, first["t"], later["t"] + (5 if ends > 1 else 0),
-                                         requeued=job.plan == "bug"):
+        requeued, explained = job.plan == "bug", False
+        group = min(repeated, key=lambda copies: copies[1]["t"], default=None)  # the first repeat
+        if group is not None:
+            explained = bool(_deaths(faults, {group[0]["w"]}, group[0]["t"], group[1]["t"], requeued))
+            before = [r for r in tries if r["t"] < group[0]["t"]]
+            if before:
+                explained = explained or bool(_deaths(faults, {before[-1]["w"]}, before[-1]["t"], group[1]["t"],
+                                                      requeued))
+            elif job.due is not None or job.plan in ("service", "expire"):
+                explained = explained or bool(_deaths(faults, None, job.published, group[1]["t"], requeued))
+        else:  # two ends, no attempt run twice
+            last = tries[-1]["t"] if tries else job.published + 60
+            explained = bool(_deaths(faults, None if not tries else nodes, job.published, last + 5, requeued))
+            explained = explained or (not tries and bool(_deaths(faults, None, job.published, last, requeued)))
+        deaths = [f for f in _deaths(faults, None, job.published, tries[-1]["t"] if tries else job.published + 60)
+                  if f["kind"] not in ("requeue", "requeued")]
+        if explained and job.plan == "bug" and not deaths:
+            report.requeued += 1  # an operator's requeue ran it again: what it is for
+        elif explained:
             report.explained += 1
         else:
             report.unexplained += 1
@@ -159,14 +181,19 @@ def _check_job(job: Job, runs: list[dict], reasons: list[str], waiting: bool, fa
             report.over_limit += 1
             problems.append(f"ran attempts {sorted(attempts)} of {task} (max_attempts {max_attempts[task]})")
 
-    # on time
-    first_runs = {key: copies[0] for key, copies in seen.items()}
+    # attempts counted that never ran (a worker died holding the message unstarted: see worker_lost above)
+    for task in {short(r["task"]) for r in tries}:
+        ran = {r["att"] for r in tries if short(r["task"]) == task}
+        report.counted_unrun += max(ran) - len(ran)
+
+    # on time: a delayed start's first run, and each retry of work after the run it follows
     if job.due is not None and tries:
         _on_time(report, problems, job.id, tries[0]["t"] - job.due, "delayed start")
-    for (task, att), r in first_runs.items():
-        if task == "work" and att > 1 and (task, att - 1) in first_runs:
-            wait = WORK_BACKOFF[min(att - 2, len(WORK_BACKOFF) - 1)]
-            _on_time(report, problems, job.id, r["t"] - first_runs[(task, att - 1)]["t"] - wait, f"retry {att}")
+    works = [r for r in tries if short(r["task"]) == "work"]
+    for prev, r in zip(works, works[1:]):
+        if r["att"] == prev["att"] + 1:
+            wait = WORK_BACKOFF[min(r["att"] - 2, len(WORK_BACKOFF) - 1)]
+            _on_time(report, problems, job.id, r["t"] - prev["t"] - wait, f"retry {r['att']}")
     if problems:
         report.problems.append("; ".join(problems) + "\n" + story())
 
@@ -195,9 +222,11 @@ def table(report: Report, seed: int, minutes: float, every: float) -> str:
         ("**lost**", str(report.lost)),
         ("**stuck in a queue**", str(report.stuck)),
         ("**unexplained repeats**", str(report.unexplained)),
-        ("explained repeats (a death between a run and its ack)", str(report.explained)),
+        ("explained repeats: a death between a run or a publish and its ack", f"{report.explained:,}"),
+        ("repeats an operator asked for (`requeue-bugs` of `Bug` jobs)", f"{report.requeued:,}"),
         ("**wrong ends**", str(report.wrong)),
         ("`worker_lost` for an attempt a dying worker held unstarted (a redelivery cannot tell)", str(report.held_lost)),
+        ("attempts counted as failed that never ran (the same cause)", f"{report.counted_unrun:,}"),
         ("**over the attempt limit**", str(report.over_limit)),
         ("**early** (delayed starts and retries)", str(report.early)),
         ("longest beyond its schedule", f"{report.late_max:.1f} s ({report.late_where or '-'})"),

@@ -34,7 +34,8 @@ from tests.support import ROOT, restart_broker_app
 
 WEIGHTS = {"kill_pool": 3, "kill_worker": 2, "warm_stop": 2, "restart_broker": 1, "cut": 3, "stall": 2,
            "hold_confirm": 3, "service_down": 2, "requeue": 1}
-DEATHS = frozenset({"kill_pool", "kill_worker", "restart_broker", "cut", "stall", "died", "requeue"})  # may repeat work
+DEATHS = frozenset({"kill_pool", "kill_worker", "restart_broker", "cut", "stall", "died", "requeue",
+                    "requeued"})  # may repeat work
 
 
 class Nemesis:

@@ -86,3 +86,28 @@ def test_a_publish_that_raised_counts_only_if_its_message_arrived():
     unsure = {"u": Job("u", "classic", "ok", T0), "v": Job("v", "classic", "ok", T0)}
     report = check({}, unsure, ok("u", 1, T0 + 1), [], set(), [], MAX)
     assert report.published == 1 and report.unsure_seen == 1 and report.ok
+
+
+def test_a_repeat_is_explained_by_a_death_during_the_run_that_made_the_repeated_copy():
+    """Attempt 1 on w1, its connection cut while its retry was published: attempt 2 runs twice. The cut
+    came before either copy of attempt 2, during attempt 1 (the soak's flaky-002165)."""
+    records = [run("a", 1, T0), run("a", 2, T0 + 0.6, node="w2"), *ok("a", 2, T0 + 0.62)]
+    assert check(one("flaky"), {}, records, [], set(), [fault("cut", T0 + 0.01)], MAX).explained == 1
+    assert check(one("flaky"), {}, records, [], set(), [fault("cut", T0 - 1)], MAX).unexplained == 1
+
+
+def test_a_repeated_first_run_is_explained_by_a_death_of_any_worker_after_the_publish():
+    """A delayed start sent round by a worker whose connection was then cut (the records do not say which
+    worker did it): two copies wait, both run."""
+    records = [*ok("a", 1, T0 + 5, node="w2"), *ok("a", 1, T0 + 5.1, node="w3")]
+    assert check(one("later", due=T0 + 5), {}, records, [], set(), [fault("cut", T0 + 0.2, "w9")], MAX).explained == 1
+    assert check(one("later", due=T0 + 5), {}, records, [], set(), [], MAX).unexplained == 1
+
+
+def test_an_attempt_counted_without_a_run_is_counted_and_no_retry_reads_as_early():
+    """A worker died holding attempt 1 unstarted: attempt 2 is the first run; later a requeue runs attempt 1."""
+    records = [run("a", 2, T0 + 1), run("a", 1, T0 + 100)]
+    report = check(one("bug"), {}, records, [("a", "bug")], set(), [fault("died", T0 + 0.5, "w9")], MAX)
+    assert report.counted_unrun == 0 and report.early == 0  # attempts {1, 2} both ran, in another order
+    report = check(one("bug"), {}, [run("a", 2, T0 + 1)], [("a", "bug")], set(), [], MAX)
+    assert report.counted_unrun == 1 and report.ok
