@@ -163,9 +163,10 @@ def _check_job(job: Job, runs: list[dict], reasons: list[str], waiting: bool, fa
             last = tries[-1]["t"] if tries else job.published + 60
             explained = bool(_deaths(faults, None if not tries else nodes, job.published, last + 5, requeued))
             explained = explained or (not tries and bool(_deaths(faults, None, job.published, last, requeued)))
-        deaths = [f for f in _deaths(faults, None, job.published, tries[-1]["t"] if tries else job.published + 60)
-                  if f["kind"] not in ("requeue", "requeued")]
-        if explained and job.plan == "bug" and not deaths:
+        last = tries[-1]["t"] if tries else job.published + 60
+        by_requeue = job.plan == "bug" and any(f["kind"] in ("requeue", "requeued") and job.published <= f["t"] <= last
+                                               for f in faults)
+        if explained and by_requeue:
             report.requeued += 1  # an operator's requeue ran it again: what it is for
         elif explained:
             report.explained += 1
