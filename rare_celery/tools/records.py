@@ -154,8 +154,9 @@ def decode_body(body: bytes, properties: Mapping[str, Any],
     return None, None, "body is JSON but not a Celery task ([args, kwargs, embed])"
 
 
-MAX_EDITS = 20  # edits a message keeps in x-rare-edits (the oldest go first)
-MAX_EDIT_TEXT = 10_000  # characters of the arguments before an edit kept in its entry
+MAX_EDITS = 5  # edits a message keeps in x-rare-edits (the oldest go first)
+MAX_EDIT_TEXT = 4_000  # characters of each of args and kwargs before an edit kept in its entry: the headers
+# stay far under the frame size however often a message is edited
 
 
 def edited(body: bytes, properties: Mapping[str, Any], headers: Mapping[str, Any], args: list[Any] | None,

@@ -77,3 +77,22 @@ def test_failures_that_differ_in_ids_and_numbers_are_one_group():
     assert (found[0].count, found[0].first_failed, found[0].last_failed) == (2, 10.0, 30.0)
     assert found[0].error == "Declined: card <n> declined for sub <id>"
     assert records.Selector(groups=frozenset({a.group})).matches(b) and not records.Selector(groups=frozenset({a.group})).matches(c)
+
+
+def test_an_edit_rewrites_the_arguments_and_keeps_a_bounded_history():
+    body = json.dumps([["+1555 0004"], {"text": "hi"}, {"callbacks": None}]).encode()
+    new_body, h = records.edited(body, JSON, bug_headers(), ["+15550004"], None, "ana", 500.0)
+    assert json.loads(new_body) == [["+15550004"], {"text": "hi"}, {"callbacks": None}]
+    assert h[hdr.EDITS] == [{"by": "ana", "at": 500.0, "args": '["+1555 0004"]', "kwargs": '{"text": "hi"}'}]
+    assert h["argsrepr"] == "['+15550004']" and h["id"] == "t1"
+    for n in range(30):  # edited again and again, with huge arguments: the headers stay small
+        new_body, h = records.edited(new_body, JSON, h, ["x" * 50_000], {"n": n}, "bot", 600.0 + n)
+    assert len(h[hdr.EDITS]) == records.MAX_EDITS and h[hdr.EDITS][-1]["at"] == 629.0
+    assert len(json.dumps(h)) < 48 * 1024
+    for bad, why in ((b"\x80\x04K\x01.", "cannot be read"), (b'{"args": [1], "kwargs": {}}', "protocol 1")):
+        try:
+            records.edited(bad, JSON, {}, [1], None, "ana", 1.0)
+        except ValueError as exc:
+            assert why in str(exc)
+        else:
+            raise AssertionError("edited " + repr(bad))
