@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: {len(publisher.jobs):,} jobs published ({len(publisher.unsure)} unsure); the faults stop, "
               "the workers drain", flush=True)
         nemesis.stop()
-        ended = settle(fleet, faults, workdir, vhost, queues, bug_queues, publisher, args.drain)
+        ended = settle(fleet, workdir, vhost, bug_queues, publisher, args.drain)
         bugs = [((m.headers or {}).get("id") or "", (m.headers or {}).get("x-rare-reason") or "")
                 for q in bug_queues for m in drain(vhost.url, q)]
         waiting = set() if ended else peek_ids(vhost.url, [q for q in others(vhost)])
@@ -146,7 +146,7 @@ def others(vhost: Vhost) -> list[str]:
             and ".pidbox" not in q]
 
 
-def settle(fleet: Fleet, faults, workdir: Path, vhost: Vhost, queues: list[str], bug_queues: list[str],
+def settle(fleet: Fleet, workdir: Path, vhost: Vhost, bug_queues: list[str],
            publisher: Publisher, timeout: float) -> bool:
     """Until every job ended and nothing is in any queue but the bug queues (True), or ``timeout`` s."""
     records = Records(workdir)
