@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from tests.soak.nemesis import DEATHS
+from tests.soak.nemesis import DEATHS, ENDS
 from tests.soak.workload import PLANS, Job
 
 WORK_BACKOFF = (0.5, 1.25, 2.0)  # tests/apps/faults.py: work's schedule
@@ -62,6 +62,7 @@ def check(jobs: dict[str, Job], unsure: dict[str, Job], records: list[dict], bug
     """``bugs``: (task id, reason) of every message in the bug queues at the end; ``waiting``: ids still in
     another queue then; ``faults``: the run log's entries ``{"t", "kind", "target", "detail"}``."""
     report = Report()
+    faults = spans(faults)
     by_id: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_id[r["id"]].append(r)
@@ -85,12 +86,21 @@ def check(jobs: dict[str, Job], unsure: dict[str, Job], records: list[dict], bug
 
 
 def _deaths(faults: list[dict], nodes: set[str] | None, since: float, until: float, requeued: bool = False) -> list[dict]:
-    """The faults between ``since`` and ``until`` that may repeat the work of a job run on ``nodes``
-    (``nodes`` None: on any worker; ``requeued``: its bug queue's requeues count, for jobs whose plan ends
-    there with ``bug``)."""
-    return [f for f in faults if f["kind"] in DEATHS and since - SLACK <= f["t"] <= until + SLACK
-            and (nodes is None or f["target"] in nodes or f["target"] == "*"
-                 or (requeued and f["kind"] in ("requeue", "requeued")))]  # a requeue: from its start to its end
+    """The faults that came (or lasted) between ``since`` and ``until`` and may repeat the work of a job run
+    on ``nodes`` (``nodes`` None: on any worker; ``requeued``: its bug queue's requeues count, for jobs whose
+    plan ends there with ``bug``)."""
+    return [f for f in faults if f["kind"] in DEATHS and f["t"] - SLACK <= until and f.get("end", f["t"]) + SLACK >= since
+            and (nodes is None or f["target"] in nodes or f["target"] == "*" or (requeued and f["kind"] == "requeue"))]
+
+
+def spans(faults: list[dict]) -> list[dict]:
+    """The run log's entries, a restart's and a requeue's with the ``end`` of their span (:data:`ENDS`)."""
+    out = []
+    for i, f in enumerate(faults):
+        closing = ENDS.get(f["kind"])
+        end = next((g["t"] for g in faults[i + 1:] if g["kind"] == closing), None) if closing else None
+        out.append({**f, "end": end if end is not None else f["t"]})
+    return out
 
 
 def _check_job(job: Job, runs: list[dict], reasons: list[str], waiting: bool, faults: list[dict],
@@ -164,7 +174,7 @@ def _check_job(job: Job, runs: list[dict], reasons: list[str], waiting: bool, fa
             explained = bool(_deaths(faults, None if not tries else nodes, job.published, last + 5, requeued))
             explained = explained or (not tries and bool(_deaths(faults, None, job.published, last, requeued)))
         last = tries[-1]["t"] if tries else job.published + 60
-        by_requeue = job.plan == "bug" and any(f["kind"] in ("requeue", "requeued") and job.published <= f["t"] <= last
+        by_requeue = job.plan == "bug" and any(f["kind"] == "requeue" and f["t"] <= last and f["end"] >= job.published
                                                for f in faults)
         if explained and by_requeue:
             report.requeued += 1  # an operator's requeue ran it again: what it is for

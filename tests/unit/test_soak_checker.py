@@ -111,3 +111,12 @@ def test_an_attempt_counted_without_a_run_is_counted_and_no_retry_reads_as_early
     assert report.counted_unrun == 0 and report.early == 0  # attempts {1, 2} both ran, in another order
     report = check(one("bug"), {}, [run("a", 2, T0 + 1)], [("a", "bug")], set(), [], MAX)
     assert report.counted_unrun == 1 and report.ok
+
+
+def test_a_broker_restart_explains_what_happened_while_it_took():
+    """The restart is logged when it begins (stop_app) and when the broker is back, 3 s later; an attempt that
+    ran while it stopped, whose retry was made twice, is explained (the soak's fallback-000444)."""
+    records = [run("a", 1, T0 + 0.1), run("a", 2, T0 + 2.9), run("a", 2, T0 + 3.2, node="w2")]
+    restart = [fault("restart_broker", T0, "*"), fault("broker_back", T0 + 3.3, "*")]
+    assert check(one("always"), {}, records, [], set(), restart, MAX).explained == 1
+    assert check(one("always"), {}, records, [], set(), restart[:1], MAX).unexplained == 1
