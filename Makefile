@@ -5,9 +5,9 @@ PYTHON ?= python3
 TOOLS := .venv-tools
 DEMO := .venv-demo
 
-# mypy (make lint, make test) reads the types click, Flask and prometheus_client ship; Celery, kombu, billiard,
+# mypy (make lint, make test) reads the types click, Flask, prometheus_client and opentelemetry-api ship; Celery, kombu, billiard,
 # amqp, vine and waitress ship none (pyproject.toml, [tool.mypy]).
-TYPED := click flask prometheus_client
+TYPED := click flask prometheus_client opentelemetry-api
 
 $(TOOLS)/bin/tox:
 	$(PYTHON) -m venv $(TOOLS)

@@ -77,14 +77,11 @@ class Reporter:
     ``send(type, **fields)`` sends a Celery event (``None``: events are off). ``celery_reports``:
     FAILURE, ``task-failed``, ``task-retried`` and ``task_failure`` are this process's to make (the
     worker's main process); in the pool process Celery's tracer makes them from ``outcome``.
-    ``stores``: the task stores results. ``ends_run``: the delivery had a run that Celery announced
-    (``task-started``), which the ending's task event closes (not so for a message screened before
-    Celery made a request of it)."""
+    ``stores``: the task stores results."""
 
     send: Callable[..., None] | None
     celery_reports: bool
     stores: bool
-    ends_run: bool = True
 
 
 # -- the builders --------------------------------------------------------------------------------
@@ -100,7 +97,8 @@ def retry(d: Delivery, state: hdr.Attempt, delay: float, exc: BaseException | No
     body, headers, props = d.copy({**hdr.write(nxt), **failure}, args=args, kwargs=kwargs, retries=nxt.number - 1)
     copy = to_delay(d.queue or "", delay, delay_kind(d.task.app, d.queue or ""), body, headers, props,
                     own_kind=own_kind(d.task.app))
-    return Ending(RETRY, d, copy, outcome, exc, {"attempt": state.number, "delay": delay}, first=RETRY_STATE)
+    return Ending(RETRY, d, copy, outcome, exc, {"attempt": state.number, "delay": delay, "due": nxt.due},
+                  first=RETRY_STATE)
 
 
 def wait(d: Delivery, state: hdr.Attempt, due: float, *, breaker: str | None = None,
@@ -311,7 +309,7 @@ def report(ending: Ending, reporter: Reporter) -> None:
     def event(kind: str, **fields: Any) -> None:
         if reporter.send is not None:
             with _best_effort(f"send the {kind} event"):
-                events.send(reporter.send, kind, d.task_id, d.task_name, ends_run=reporter.ends_run, **fields)
+                events.send(reporter.send, kind, d.task_id, d.task_name, **fields)
 
     def signal(sig: Any, **kw: Any) -> None:
         if task is not None:
@@ -330,7 +328,8 @@ def report(ending: Ending, reporter: Reporter) -> None:
                         f["attempt"] + 1, f["delay"])
             if reporter.send is not None:
                 with _best_effort("send task-retried"):
-                    reporter.send("task-retried", uuid=d.task_id, exception=repr(exc), traceback="")
+                    reporter.send("task-retried", uuid=d.task_id, exception=repr(exc), traceback="",
+                                  eta=events.eta(f["due"]))
         signal(signals.retry_scheduled, attempt=f["attempt"], delay=f["delay"], exception=exc)
         event(events.RETRY, attempt=f["attempt"], delay=f["delay"], **events.failure(exc), queue=d.queue,
               waits=_waits(ending))

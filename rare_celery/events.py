@@ -34,24 +34,28 @@ attempt's task id, ``name`` its task, ``breaker`` the breaker's name, ``gen`` it
 are what ``rare-celery web`` / ``metrics`` count; an event consumer that keeps task state (Flower,
 ``celery.events.state.State``) files them under no task.
 
-**Runs that end without a Celery event.** A hop and a send-round-again end the run with Celery's
-``Ignore``, for which Celery sends no event: an event consumer would show the run ``STARTED`` for
-ever. So with ``rare-hop`` the same dispatcher sends ``task-hopped`` and with ``rare-wait``
-``task-waiting``, task events with the same fields that ``State`` turns into the custom states
-``HOPPED`` (the result backend's state too) and ``WAITING``. Custom states rank with the ready
-states in ``State``'s precedence, so a late ``task-started`` of the same run cannot put the row
-back to ``STARTED``; the task's next ``task-succeeded``, ``-failed``, ``-retried`` or another
-ending moves it on. ``task-hopped`` carries no ``name`` (the source is in ``source``): the row takes
-the target's name from the target's ``task-received``, whether that arrives before or after it. It
-sets ``exception`` and ``traceback`` to ``None``: the error that made the source give up is not the
-target's (it stays in the bug-queue headers and the ``rare-*`` events). In the rare case of a
-target that fails before ``task-hopped`` reaches a consumer, that consumer shows the FAILURE
-without its exception.
+**Task events, for consumers that keep task state** (Flower, ``celery.events.state.State``). A hop
+and a wait end the run with Celery's ``Ignore``, for which Celery sends no event, and a wait from the
+worker's main process (a delayed start, a breaker's hold) has no run at all. So with ``rare-hop``
+the same dispatcher sends ``task-hopped``, and with ``rare-wait`` ``task-waiting``: task events with
+the same fields that ``State`` turns into the custom states ``HOPPED`` (the result backend's state
+too) and ``WAITING``. ``task-hopped`` carries the target's ``name`` and its queue as
+``routing_key`` (the row says where the work went); ``task-waiting`` and ``task-retried`` carry
+``eta``, the time the message comes back (ISO 8601, UTC, as Celery's own ``eta``): the row shows
+when a delayed start, a held attempt or the next attempt is due. ``task-hopped`` sets ``exception``
+and ``traceback`` to ``None``: the error that made the source give up is not the target's (it stays
+in the bug-queue headers and the ``rare-*`` events).
+
+Custom states rank with the ready states in ``State``'s precedence: a late ``task-started`` of the
+same run cannot put the row back to ``STARTED``, and a row stays ``WAITING`` (its ``eta`` passed)
+while the attempt that was due runs; its ``task-succeeded``, ``-failed``, ``-retried`` or another
+ending moves it on.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,6 @@ BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE = "rare-breaker-open", "rare-breaker-
 BREAKER = {"open": BREAKER_OPEN, "probe": BREAKER_PROBE, "close": BREAKER_CLOSE}  # by change kind
 TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT, PUT_BACK, LOST, BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE)
 HOPPED_EVENT, WAITING_EVENT = "task-hopped", "task-waiting"
-ENDS = {HOP: HOPPED_EVENT, WAIT: WAITING_EVENT}  # the task event that ends the run, sent along
 ERROR_CHARS = 200  # characters of the exception's message an event carries
 
 
@@ -73,19 +76,22 @@ def failure(exc: BaseException | None) -> dict[str, Any]:
     return {"exception": f"{type(exc).__module__}.{type(exc).__qualname__}", "error": str(exc)[:ERROR_CHARS]}
 
 
-def send(sender: Any, kind: str, task_id: str | None, name: str | None, *, ends_run: bool = True,
-         **fields: Any) -> None:
-    """Send event ``kind`` for ``task_id`` through ``sender(type, **fields)``, and, when it ends a run
-    Celery announced (``task-started``), the task event that ends it (``task-hopped``,
-    ``task-waiting``; see above)."""
+def eta(at: float) -> str:
+    """Epoch seconds as an event's ``eta``: ISO 8601 in UTC, as Celery writes a message's ``eta``."""
+    return datetime.fromtimestamp(at, timezone.utc).isoformat()
+
+
+def send(sender: Any, kind: str, task_id: str | None, name: str | None, **fields: Any) -> None:
+    """Send event ``kind`` for ``task_id`` through ``sender(type, **fields)``, and the task event
+    that goes with it (``task-hopped``, ``task-waiting``; see above)."""
     if kind == HOP:
         fields.setdefault("source", name)
     sender(kind, uuid=task_id, name=name, **fields)
-    end = ENDS.get(kind) if ends_run else None
-    if end == HOPPED_EVENT:  # no name: the row keeps the target's, whichever event comes first
-        sender(end, uuid=task_id, exception=None, traceback=None, **fields)
-    elif end is not None:
-        sender(end, uuid=task_id, name=name, **fields)
+    if kind == HOP:
+        sender(HOPPED_EVENT, uuid=task_id, name=fields["target"], routing_key=fields["queue"], exception=None,
+               traceback=None, **fields)
+    elif kind == WAIT:
+        sender(WAITING_EVENT, uuid=task_id, name=name, eta=eta(fields["due"]), **fields)
 
 
 def emit(task: Any, kind: str, task_id: str | None, **fields: Any) -> None:

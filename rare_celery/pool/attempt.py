@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, NoReturn, cast
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import breaker as br
-from .. import breaker_io, endings, signals
+from .. import breaker_io, endings, signals, spans
 from .. import headers as hdr
 from ..durations import iso
 from ..exceptions import Bug, Exhausted, Expired, Hop, NoHandler, PublishRefused, RoutingFailed
@@ -79,8 +79,9 @@ def end(task: Any, build: Callable[[], endings.Ending]) -> NoReturn:
                 log.warning("rare_celery: %s[%s]: could not store its state first: %r", task.name, req.id, exc)
             if ending.copy is not None:
                 budget = patience(task)
-                send_patiently(task.app, ending.copy, budget=budget, confirm_wait=budget,
-                               on_refused=lambda exc, pause: _refused(task, exc, pause))
+                with spans.publishing(ending):
+                    send_patiently(task.app, ending.copy, budget=budget, confirm_wait=budget,
+                                   on_refused=lambda exc, pause: _refused(task, exc, pause))
                 if ending.kind in endings.NEW_WORK:  # this copy has ended, whatever becomes of its ack
                     endings.record_ended(task, ending.delivery.headers, ending.kind)
         except BaseException as exc:  # noqa: BLE001 - ours, Celery's, the broker's: the message is kept
@@ -262,6 +263,7 @@ def run(task: Any, args: Any, kwargs: Any) -> Any:
 
 def _attempt(task: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     req = task.request
+    spans.mark_attempt(req.rare_current.attempt.number)
     signals.attempt_started.send(sender=task, request=req, attempt=req.rare_current.attempt.number)
     try:
         result = fn(*args, **kwargs)

@@ -39,8 +39,9 @@ from billiard.einfo import ExceptionWithTraceback
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 from celery.worker.state import task_ready
+from kombu.utils.encoding import safe_repr, safe_str
 
-from .. import breaker_io, context, endings
+from .. import breaker_io, context, endings, events, spans
 from .. import headers as hdr
 from ..exceptions import PublishRefused, RoutingFailed, WorkerLost
 from ..message import QUEUE_KEY, Delivery
@@ -101,12 +102,23 @@ class RareRequest(Request):
             return False
         try:
             settle(endings.give_back(self._delivery()), self.acknowledge,
-                   endings.Reporter(send=None, celery_reports=False, stores=False, ends_run=False))
+                   endings.Reporter(send=None, celery_reports=False, stores=False))
         except Exception as exc:  # noqa: BLE001 - left unacked: the broker returns it (redelivered)
             log.warning("rare_celery: could not give back %s[%s] (%s)", self.name, self.id, exc)
             return False
         self._finish()
         return True
+
+    def on_retry(self, exc_info: Any) -> None:
+        """Celery's: acked (its copy was confirmed) and ``task-retried``, which here also carries the
+        next attempt's due time as ``eta`` (an event consumer's row shows when it runs)."""
+        if self.task.acks_late:
+            self.acknowledge()
+        retry = exc_info.exception
+        when = getattr(retry, "when", None)
+        due = {"eta": events.eta(time.time() + when)} if isinstance(when, (int, float)) else {}
+        self.send_event("task-retried", exception=safe_repr(retry.exc), traceback=safe_str(exc_info.traceback),
+                        **due)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         self._not_waiting()
@@ -248,7 +260,9 @@ def settle(ending: endings.Ending, ack: Callable[[], None], reporter: endings.Re
     if ending.copy is not None:
         if not ending.copy.routing_key and ending.copy.target is None:
             raise PublishRefused("the queue it came from is unknown")
-        send_patiently(ending.delivery.app, ending.copy, budget=0, timeout=MAIN_TIMEOUT, confirm_wait=MAIN_CONFIRM_WAIT)
+        with spans.publishing(ending):
+            send_patiently(ending.delivery.app, ending.copy, budget=0, timeout=MAIN_TIMEOUT,
+                           confirm_wait=MAIN_CONFIRM_WAIT)
         if ending.kind in endings.NEW_WORK:  # this copy has ended, whatever becomes of its ack
             endings.record_ended(ending.delivery.task, ending.delivery.headers, ending.kind)
     ack()

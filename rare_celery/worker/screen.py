@@ -49,7 +49,7 @@ class Screen:
     def reporter(self, celery_reports: bool = False) -> endings.Reporter:
         dispatcher = getattr(self.c, "event_dispatcher", None)
         send = dispatcher.send if dispatcher is not None and dispatcher.enabled else None
-        return endings.Reporter(send=send, celery_reports=celery_reports, stores=True, ends_run=False)
+        return endings.Reporter(send=send, celery_reports=celery_reports, stores=True)
 
     def strategy(self, task: Any, strategy: Callable[..., Any]) -> Callable[..., Any]:
         """Celery's strategy for a RareTask, behind the screen."""

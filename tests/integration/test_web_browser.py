@@ -171,3 +171,50 @@ def test_find_filter_open_and_requeue_in_a_browser(vhost, browser, console, work
     assert not d.find_elements(By.XPATH, "//script[contains(., 'pwned')]")
     shot(d, "hostile")
     drain(vhost.url, "web.work.bugs")
+
+
+def test_a_failure_group_and_an_edit_in_a_browser(vhost, browser, console, workdir):
+    """Choose a failure group, open one of its messages, fix its arguments and requeue it edited: the
+    worker runs the edited copy (screenshots: groups, edit)."""
+    from selenium.webdriver.common.by import By
+
+    drain(vhost.url, "web.work.bugs")
+    timeouts = [bug_message("web.record", [f"card-{i}"], queue="web.work", reason="exhausted", attempts=2,
+                            error=f"gateway 10.0.0.{i} timed out after {30 + i} s") for i in range(3)]
+    other = bug_message("web.record", ["x"], queue="web.work", reason="bug", error="no such customer")
+    publish(vhost.url, "web.work.bugs", [timeouts[0], other, *timeouts[1:]])
+    runs = Events(workdir / "web-events.jsonl")
+    d = browser
+
+    def element(css: str, timeout: float = 30):
+        return wait_for(lambda: (found := d.find_elements(By.CSS_SELECTOR, css)) and found[0], timeout, 0.1, css)
+
+    d.get(console.start_url)
+    d.get(console.url + "/queue?q=web.work.bugs")
+    element("#rescan").click()  # the queue was emptied and filled to the same depth behind the console's back
+    wait_for(lambda: "no such customer" in d.page_source, 30, 0.2, "the queue read again")
+    element("#groups")
+    rows = {r.get_attribute("data-group"): r.text for r in d.find_elements(By.CSS_SELECTOR, "tr.group-row")}
+    [group] = [g for g, text in rows.items() if "timed out" in text]  # one group for the three timeouts
+    assert len(rows) == 2 and " 3 " in f" {rows[group]} ", rows
+    shot(d, "groups")
+    d.find_element(By.CSS_SELECTOR, f'tr.group-row[data-group="{group}"] a.group-link').click()
+    wait_for(lambda: sorted(r.get_attribute("data-id") for r in d.find_elements(By.CSS_SELECTOR, "tr.message-row"))
+             == sorted(m.headers["id"] for m in timeouts), 20, 0.1, "the group's three messages, and only them")
+
+    task_id = timeouts[1].headers["id"]
+    d.find_element(By.XPATH, f"//a[@class='message-link' and normalize-space()='{task_id}']").click()
+    args = element("#edit-args")
+    assert json.loads(args.get_attribute("value")) == ["card-1"]
+    args.clear()
+    args.send_keys('["card-1-fixed"]')
+    d.find_element(By.ID, "edit-by").send_keys("oncall-anna")
+    d.find_element(By.ID, "edit-requeue").click()
+    question = element("#question").text
+    assert "edited by oncall-anna" in question and "card-1-fixed" in d.find_element(By.ID, "edit").text, question
+    shot(d, "edit")
+    d.find_element(By.ID, "confirm-button").click()
+    assert element("#job-result", 60).text.startswith("requeued 1 message from web.work.bugs to web.work")
+    run = wait_for(lambda: runs.of(task_id, "run"), 30, 0.1, "the edited copy to run on the worker")
+    assert run[0]["tag"] == "card-1-fixed" and run[0]["attempt"] == 1
+    drain(vhost.url, "web.work.bugs")
