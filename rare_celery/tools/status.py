@@ -75,7 +75,7 @@ def probe(conn: Any, works: Works, delays: Delays, scan: bool = False, extra: De
         if found is None and (kind, ms) not in delays:
             continue  # --scan reports the ones that exist
         report["delay_queues"].append({
-            "queue": name, "delay_ms": ms, "delay": durations.short(ms / 1000), "exists": found is not None,
+            "queue": name, "kind": kind, "delay_ms": ms, "delay": durations.short(ms / 1000), "exists": found is not None,
             "messages": found and found[0], "work_queues": sorted(users)})
     if breaker_uses:
         report["breakers"] = breakers.report(conn, breaker_uses)

@@ -349,6 +349,19 @@ def test_overview_and_metrics_count_what_the_worker_decided(vhost, web_app, web_
                                    queue=delayed["queue"], delay=delayed["delay"],
                                    delay_seconds=str(delayed["delay_ms"] / 1000)) == 1, 10, 0.2, "/metrics")
 
+    late = WebServer("-A", APP)  # a console started after the event: it looks for every delay queue when asked
+    try:
+        def listed():
+            return {d["queue"]: d["messages"] for d in json.loads(late.get("/api/overview").text)["delay_queues"]}
+        assert delayed["queue"] not in listed()
+        page = late.get("/")
+        assert late.post("/overview/scan", form(page)).status == 302
+        assert listed()[delayed["queue"]] == 1
+        assert metric(late.get("/metrics").text, "rare_delay_queue_messages", queue=delayed["queue"],
+                      delay=delayed["delay"], delay_seconds=str(delayed["delay_ms"] / 1000)) == 1
+    finally:
+        late.stop()
+
 
 def test_hops_and_sends_round_again_end_their_runs_for_event_consumers(vhost, web_app, web_worker):
     """What Flower sees, checked with Celery's own event receiver and celery.events.state.State."""

@@ -124,6 +124,11 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
     def overview_json() -> ResponseReturnValue:
         return jsonify(_overview(console))
 
+    @app.route("/overview/scan", methods=["POST"])
+    def scan_delay_queues() -> ResponseReturnValue:
+        console.look_for_delay_queues()
+        return redirect(url_for("overview_page"))
+
     # -- a queue ---------------------------------------------------------------------------------
 
     @app.route("/queue")

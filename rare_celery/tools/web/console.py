@@ -140,6 +140,16 @@ class Console:
         report["read_at"] = time.time()
         return report
 
+    def look_for_delay_queues(self) -> int:
+        """Every possible delay queue, looked for now (``status --scan``: a passive declare each, about
+        3,500, and the broker logs each one that is missing); those that exist are listed from now on,
+        on the overview and in ``/metrics``. Returns how many exist."""
+        with self.connection() as conn:
+            report = status.probe(conn, {}, {}, scan=True)
+        for d in report["delay_queues"]:
+            self.seen_delays.setdefault((d["kind"], d["delay_ms"]), set())
+        return len(report["delay_queues"])
+
     def depth(self, queue: str) -> int | None:
         with self.connection() as conn:
             found = bugs.depth(conn, queue)
