@@ -634,7 +634,7 @@ def check_status(vhost: Vhost) -> None:
         assert work == {"queue": "cli.status", "kind": "classic", "exists": True, "ready": 6, "consumers": 1,
                         "bug_queues": [{"queue": "cli.status.bugs", "exists": True, "messages": 4}]}
         delays = {d["queue"]: d for d in report["delay_queues"]}
-        assert delays["rare.wait.770s"] == {"queue": "rare.wait.770s", "delay_ms": 770_000, "delay": "12m50s",
+        assert delays["rare.wait.770s"] == {"queue": "rare.wait.770s", "kind": "classic", "delay_ms": 770_000, "delay": "12m50s",
                                              "exists": True, "messages": 3, "work_queues": ["cli.status"]}
         assert delays["rare.wait.68h"]["work_queues"] == ["cli.billing"]
 
@@ -653,7 +653,7 @@ def check_status(vhost: Vhost) -> None:
         ran = cli("--broker", vhost.url, "status", "cli.status", "--scan", "--json")
         report = json.loads(ran.out)
         assert report["work_queues"][0]["ready"] == 6
-        assert {"queue": "rare.wait.770s", "delay_ms": 770_000, "delay": "12m50s", "exists": True, "messages": 3,
+        assert {"queue": "rare.wait.770s", "kind": "classic", "delay_ms": 770_000, "delay": "12m50s", "exists": True, "messages": 3,
                 "work_queues": []} in report["delay_queues"]
         assert all(d["exists"] for d in report["delay_queues"])
         channel.close()
