@@ -15,12 +15,13 @@ from .exceptions import (
     HopLimit,
     NoHandler,
     PublishRefused,
+    RetryAfter,
     TopologyError,
 )
 from .task import RareTask
 
 __all__ = [
     "HOPPED", "Bug", "ConfigurationError", "Exhausted", "Expired", "Hop", "HopLimit", "NoHandler",
-    "PublishRefused", "RareTask", "TopologyError", "backoff", "bulk", "signals",
+    "PublishRefused", "RareTask", "RetryAfter", "TopologyError", "backoff", "bulk", "signals",
 ]
 __version__ = "0.1.0"

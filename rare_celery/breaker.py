@@ -20,6 +20,14 @@ generation is later than all of the one before, so workers agree whatever order 
 arrive in, and an old note never undoes a newer state. Two opens of the same generation (two
 workers saw the tripping failure at once) agree on the later probe time: never early.
 
+Held open on purpose. An operator's pause (``rare-celery pause deepl --for 10m``) and a service's
+``Retry-After`` (:class:`rare_celery.RetryAfter`) open the breaker for a given time, with ``why``:
+a new generation (:func:`paused`), so every worker holds the attempts until then; at its end it
+closes by itself (:func:`current`), with no probe: the service, or the operator, said when. An
+operator's resume closes it sooner (:func:`resumed`). A held
+attempt waits at most :data:`HELD_STEP` at a time, then looks again: a resume reaches the attempts
+held before it within a minute (at the cost of one round through a delay queue a minute each).
+
 Clocks. Notes are validated (a bad one is dropped with one log line) and read on the receiver's
 clock (:func:`localize`): a note counts from when it is heard, an open period is the duration it
 carries. A worker whose clock runs ahead does not stretch anyone else's open period.
@@ -41,9 +49,11 @@ COUNTS, CHANGES = (FAILURE, SUCCESS), (OPENED, PROBE, CLOSE)
 RUN, WAIT = "run", "wait"  # verdicts, with PROBE: try to become the probe
 PROBE_WAIT = 1.0  # seconds between attempts a worker lets try for the probe lock when a probe is due
 PROBE_LEASE = 10.0  # a probe silent this long is presumed lost: the lock (not the note) then decides
+HELD_STEP = 60.0  # the longest wait of an attempt held by a pause or a Retry-After before it looks again
 MAX_NAME = 100
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_FAILURES = 1000
+MAX_TEXT = 255  # characters of a note's by, task and why
 _MAX_SECONDS = 86_400.0 * 30
 
 
@@ -120,6 +130,7 @@ class State:
     task: str | None = None
     since: float | None = None
     failures: tuple[float, ...] = ()
+    why: str | None = None  # an open period nobody's failures made: an operator's pause, a Retry-After
 
     def order(self) -> tuple[int, int]:
         return self.gen, _RANK[self.phase]
@@ -127,8 +138,9 @@ class State:
     def as_note(self, by: str, task: str | None = None) -> dict[str, Any]:
         """This state as the note that announces it (and that the state queue keeps)."""
         kind = {OPEN: OPENED, PROBING: PROBE, CLOSED: CLOSE}[self.phase]
-        return {"breaker": self.name, "kind": kind, "gen": self.gen, "at": self.since, "until": self.until,
+        note = {"breaker": self.name, "kind": kind, "gen": self.gen, "at": self.since, "until": self.until,
                 "open_for": self.open_for, "by": by, "task": task or self.task}
+        return {**note, "why": self.why} if self.why else note
 
 
 class Change(NamedTuple):
@@ -144,6 +156,7 @@ def apply(state: State, note: dict[str, Any], settings: Settings) -> tuple[State
     """The state after ``note`` (a valid note of this breaker, see :func:`note_problem`), and the
     change it made, if it made one."""
     kind, gen, at = note["kind"], note["gen"], note["at"]
+    state = current(state, at)
     if kind in COUNTS:
         if gen < state.gen or state.phase != CLOSED and gen == state.gen:
             return state, None  # an attempt that started before the breaker last changed
@@ -160,22 +173,37 @@ def apply(state: State, note: dict[str, Any], settings: Settings) -> tuple[State
     phase = {OPENED: OPEN, PROBE: PROBING, CLOSE: CLOSED}[kind]
     new = State(state.name, phase, gen, until=note.get("until") if phase == OPEN else None,
                 open_for=note.get("open_for") if phase != CLOSED else None,
-                probe=note.get("by") if phase == PROBING else None, task=note.get("task"), since=at)
+                probe=note.get("by") if phase == PROBING else None, task=note.get("task"), since=at,
+                why=note.get("why") if phase == OPEN else None)
     if new.order() < state.order():
         return state, None
     if new.order() == state.order():
         if phase == OPEN and (new.until or 0) > (state.until or 0):
-            return replace(state, until=new.until), None  # the same trip seen twice: the later probe time
+            return replace(state, until=new.until, why=new.why), None  # the same period twice: the later end
         return state, None
     return new, Change(kind, new, note)
 
 
+def current(state: State, now: float) -> State:
+    """``state`` as it stands at ``now``: a period held open on purpose (``why``: a pause, a
+    Retry-After) ends by itself at its ``until``, closed in the same generation, with no probe (the
+    service, or the operator, said when)."""
+    if state.phase == OPEN and state.why and now >= (state.until or 0):
+        return State(state.name, CLOSED, state.gen, since=state.until)
+    return state
+
+
 def verdict(state: State | None, now: float) -> Verdict:
     """What an attempt does now under ``state`` (``None``: a breaker nobody has seen open)."""
+    state = None if state is None else current(state, now)
     if state is None or state.phase == CLOSED:
         return Verdict(RUN)
     if state.phase == OPEN:
-        return Verdict(WAIT, state.until) if now < (state.until or 0) else Verdict(PROBE)
+        if now >= (state.until or 0):
+            return Verdict(PROBE)
+        if state.why:  # held on purpose: an attempt looks again within HELD_STEP, so a resume is heard
+            return Verdict(WAIT, min(state.until or 0, now + HELD_STEP))
+        return Verdict(WAIT, state.until)
     if now - (state.since or 0) < PROBE_LEASE:  # a probe runs: wait for its verdict, at most its lease
         return Verdict(WAIT, (state.since or 0) + PROBE_LEASE)
     return Verdict(PROBE)
@@ -192,6 +220,18 @@ def after_probe(state: State, settings: Settings, *, failed: bool, now: float) -
         return State(state.name, CLOSED, state.gen, since=now)
     open_for = settings.reopen_for(state.open_for)
     return State(state.name, OPEN, state.gen + 1, until=now + open_for, open_for=open_for, since=now)
+
+
+def paused(state: State, seconds: float, why: str, now: float) -> State:
+    """The breaker held open for ``seconds`` from ``now`` whatever its state (``why``: an operator's
+    pause, a service's Retry-After): a new open period (generation + 1), whose end a probe ends as
+    any other's. Two of the same generation agree on the later end, as two trips do."""
+    return State(state.name, OPEN, state.gen + 1, until=now + seconds, open_for=seconds, since=now, why=why)
+
+
+def resumed(state: State, now: float) -> State:
+    """The breaker closed now, whatever held it (an operator's resume): its generation's close."""
+    return State(state.name, CLOSED, state.gen, since=now)
 
 
 def count_note(name: str, kind: str, gen: int, at: float, by: str, task: str | None) -> dict[str, Any]:
@@ -219,8 +259,8 @@ def note_problem(note: object) -> str | None:
             return "no valid until"
         if note.get("open_for") is not None and not (_time(note["open_for"], _MAX_SECONDS) and note["open_for"] > 0):
             return "no valid open_for"
-    for key in ("by", "task"):
-        if note.get(key) is not None and (not isinstance(note[key], str) or len(note[key]) > 255):
+    for key in ("by", "task", "why"):
+        if note.get(key) is not None and (not isinstance(note[key], str) or len(note[key]) > MAX_TEXT):
             return f"no valid {key}"
     return None
 

@@ -13,6 +13,71 @@ class Bug(Exception):
     """Raise from a task: no retries, the message goes straight to the bug queue (reason ``bug``)."""
 
 
+class RetryAfter(Exception):
+    """Raise from a task when the service asks for a pause (an HTTP 429 or 503 with ``Retry-After``).
+
+    The attempt counts as failed, whatever ``retry_on`` says, and the next one waits ``seconds``
+    instead of the backoff's delay (attempt limit and shelf life as for any retry). With a
+    ``breaker``, the service pauses for every worker: its breaker is held open ``seconds``, so no
+    attempt of any task that names it runs until then, and one probe goes first after it.
+    ``RetryAfter.of(response)`` reads the header from a requests or httpx response (or a mapping of
+    headers): ``raise RetryAfter.of(resp)`` after ``resp.status_code in (429, 503)``.
+    """
+
+    def __init__(self, seconds: float, message: str = "") -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_PAUSE:
+            raise ValueError(f"RetryAfter: seconds must be a number from 0 to {MAX_PAUSE:g} (30 days), "
+                             f"got {seconds!r:.80}")
+        self.seconds = float(seconds)
+        super().__init__(message or f"the service asked for a pause of {self.seconds:g} s")
+
+    @classmethod
+    def of(cls, response: Any, default: float = 60.0) -> RetryAfter:
+        """The pause a response asks for: its ``Retry-After`` (seconds, or an HTTP date), else
+        ``default`` seconds; the message names the status and the header as they came."""
+        headers = getattr(response, "headers", response)
+        value = None
+        if headers is not None:
+            value = headers.get("Retry-After")
+            if value is None and isinstance(headers, dict):
+                value = next((v for k, v in headers.items() if str(k).lower() == "retry-after"), None)
+        seconds = retry_after_seconds(value)
+        status = getattr(response, "status_code", None)
+        said = f"Retry-After: {str(value)[:40]}" if value is not None else "no Retry-After"
+        return cls(default if seconds is None else seconds,
+                   f"{f'HTTP {status}: ' if status is not None else ''}{said} (a pause of "
+                   f"{default if seconds is None else seconds:g} s)")
+
+
+MAX_PAUSE = 30 * 86_400.0  # the longest pause RetryAfter asks for
+
+
+def retry_after_seconds(value: object, now: float | None = None) -> float | None:
+    """An HTTP ``Retry-After`` value in seconds from ``now``: a number of seconds, or an HTTP date
+    (at least 0); at most :data:`MAX_PAUSE`. ``None`` when it is neither."""
+    import time
+    from email.utils import parsedate_to_datetime
+
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        return None
+    if text.isdigit():
+        return min(float(text), MAX_PAUSE)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    at = time.time() if now is None else now
+    return min(max(0.0, when.timestamp() - at), MAX_PAUSE)
+
+
 class Expired(Exception):
     """The task's shelf life ended before it could succeed (reason ``expired``)."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import backoff as _backoff
 from . import durations
-from .exceptions import Bug
+from .exceptions import Bug, RetryAfter
 from .headers import Attempt
 from .reasons import BUG, EXHAUSTED, EXPIRED, WORKER_LOST
 
@@ -94,13 +94,16 @@ class Policy:
         give up and say why.
 
         ``exc=None`` means the task asked for a retry itself. ``countdown`` overrides the backoff
-        schedule, ``max_attempts`` the policy's limit, for this one decision.
+        schedule, ``max_attempts`` the policy's limit, for this one decision; a :class:`RetryAfter`
+        is retried after its ``seconds`` whatever ``retry_on`` says.
         A retry that would start after the deadline is not scheduled (not clamped to it).
         With a ``fallback``, running out of attempts or time hops there instead of giving up.
         """
         if isinstance(exc, Bug):
             return GiveUp(getattr(exc, "rare_reason", BUG))
-        if exc is not None and not isinstance(exc, self.retry_on):
+        if isinstance(exc, RetryAfter):  # the service said when: retried then, whatever retry_on says
+            countdown = exc.seconds if countdown is None else countdown
+        elif exc is not None and not isinstance(exc, self.retry_on):
             return GiveUp(BUG)
         limit = self.max_attempts if max_attempts is None else max_attempts
         if limit is not None and state.number >= limit:

@@ -35,7 +35,8 @@ __all__ = ["attempt_started", "expired", "hopped", "retry_scheduled", "routed_to
 # it (its main process); ``sender`` is the breaker's name, ``task_id`` the attempt's task.
 #
 # * ``breaker_opened(sender, breaker, gen, until, open_for, reopened, task_id)`` - attempts wait
-#   until ``until`` (epoch s); ``reopened``: a probe failed (else: failures in a row tripped it).
+#   until ``until`` (epoch s); ``reopened``: a probe failed (else: failures in a row tripped it);
+#   with ``why`` when an attempt's RetryAfter held it open (an operator's pause sends only the event).
 # * ``breaker_probe(sender, breaker, gen, task_id, worker)`` - one attempt probes the service.
 # * ``breaker_closed(sender, breaker, gen, task_id)`` - the probe did not fail: attempts run again.
 breaker_opened = Signal(name="rare_breaker_opened")

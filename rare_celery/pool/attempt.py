@@ -30,7 +30,7 @@ from .. import breaker as br
 from .. import breaker_io, endings, signals, spans
 from .. import headers as hdr
 from ..durations import iso
-from ..exceptions import Bug, Exhausted, Expired, Hop, NoHandler, PublishRefused, RoutingFailed
+from ..exceptions import Bug, Exhausted, Expired, Hop, NoHandler, PublishRefused, RetryAfter, RoutingFailed
 from ..message import Delivery, retry_call
 from ..policy import EARLY_SLEEP, Policy, RetryIn
 from ..publish import PATIENCE, send_patiently, shielded
@@ -225,9 +225,11 @@ def _breaker_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
     req.rare_breaker_gen, req.rare_breaker_failures = state.gen, bool(state.failures)
 
 
-def breaker_told(task: Any, failed: bool) -> None:
+def breaker_told(task: Any, failed: bool, pause: float | None = None) -> None:
     """Tell the breaker how this delivery's attempt went, once: a probe announces the new state
-    and lets its lock go; another attempt sends a failure (or, after failures, a success) note."""
+    and lets its lock go; another attempt sends a failure (or, after failures, a success) note.
+    ``pause``: the service asked for a pause of that many seconds (:class:`RetryAfter`): the breaker
+    is held open until then, for every worker."""
     req = task.request
     gen = getattr(req, "rare_breaker_gen", None)
     if gen is None:
@@ -235,6 +237,18 @@ def breaker_told(task: Any, failed: bool) -> None:
     req.rare_breaker_gen = None
     by, now = req.hostname or "", time.time()
     probe = getattr(req, "rare_probe", None)
+    if pause is not None:
+        req.rare_probe = None
+        known = breaker_io.board_state(task.app, task.breaker) or br.State(task.breaker)
+        if probe is not None and probe[1].order() > known.order():
+            known = probe[1]
+        held = br.paused(known, pause, f"Retry-After {pause:g} s ({task.name})", now)
+        try:
+            breaker_io.announce(task.app, held.as_note(by, req.id))
+        finally:
+            if probe is not None:
+                probe[0].release()
+        return
     if probe is not None:
         req.rare_probe = None
         lock, state = probe
@@ -297,8 +311,9 @@ def retry(task: Any, exc: BaseException | None, *, args: Any = None, kwargs: Any
     ended_before(task)
     now = time.time()
     current_state = current(task)
+    pause = exc.seconds if isinstance(exc, RetryAfter) and exc.seconds > 0 else None
     breaker_told(task, failed=exc is not None and not isinstance(exc, Bug)
-                 and isinstance(exc, current_state.policy.retry_on))
+                 and isinstance(exc, (current_state.policy.retry_on, RetryAfter)), pause=pause)
     state = current_state.attempt
     decision = current_state.policy.decide(state, exc=exc, now=now, countdown=countdown, max_attempts=limit)
     if not isinstance(decision, RetryIn) and exc is None:

@@ -12,6 +12,8 @@ as the workers check it, :func:`rare_celery.breaker.note_problem`) is shown as t
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -19,10 +21,12 @@ from typing import Any, NamedTuple
 from amqp.exceptions import ChannelError
 
 from .. import breaker as br
-from ..breaker_io import last_note
+from .. import events
+from ..breaker_io import announce, last_note
 from ..inventory import RareTaskInfo, breakers
 from . import durations
 
+log = logging.getLogger(__name__)
 UNKNOWN = "unknown"  # the state when the note could not be read, or is not a note
 PHASE_VALUES = {br.CLOSED: 0, br.OPEN: 1, br.PROBING: 2}  # rare_breaker_state
 HEADER = f"{'BREAKER':<24} {'STATE':<52} {'OPEN PERIODS':>12}  TASKS"
@@ -90,14 +94,59 @@ def row(name: str, use: Use, reading: Reading) -> dict[str, Any]:
     ``since`` (when that state began, epoch s), ``until`` (an open one's probe time), ``open_for``,
     ``worker`` (who announced the state: for probing, the worker probing) and ``task`` (the attempt's
     task id), ``problem``, ``settings`` and ``tasks``."""
-    state = reading.state or br.State(name)
+    state = br.current(reading.state or br.State(name), time.time())
     return {"breaker": name, "state": UNKNOWN if reading.problem else state.phase,
             "gen": None if reading.problem else state.gen,
             "since": state.since, "until": state.until, "open_for": state.open_for, "worker": reading.worker,
-            "task": state.task, "problem": reading.problem,
+            "task": state.task, "why": state.why if state.phase == br.OPEN else None, "problem": reading.problem,
             "settings": {"failures": use.settings.failures, "within": use.settings.within,
                          "open_for": use.settings.open_for, "max_open": use.settings.max_open},
             "tasks": list(use.tasks)}
+
+
+# -- the operator's lever: pause and resume a service, fleet-wide ----------------------------------
+
+def pause(app: Any, conn: Any, name: str, seconds: float, why: str, by: str) -> br.State:
+    """Hold every attempt of service ``name`` for ``seconds``, on every worker: its breaker held open
+    (:func:`rare_celery.breaker.paused`), with ``why`` and ``by`` recorded in its state note, and a
+    ``rare-breaker-open`` event. Raises RuntimeError when the state cannot be read or the note was
+    not confirmed."""
+    held = br.paused(_known(conn, name), seconds, f"paused: {why}" if why else "paused", time.time())
+    _announce(app, held, by)
+    return held
+
+
+def resume(app: Any, conn: Any, name: str, by: str) -> br.State | None:
+    """Let service ``name``'s attempts run again now: its breaker closed, whatever held it open (a
+    pause, a Retry-After, failures). ``None``: it was closed already."""
+    known = _known(conn, name)
+    if known.phase == br.CLOSED:
+        return None
+    closed = br.resumed(known, time.time())
+    _announce(app, closed, by)
+    return closed
+
+
+def _known(conn: Any, name: str) -> br.State:
+    note, problem = last_note(conn, name)
+    if problem:
+        raise RuntimeError(f"breaker {name}: {problem}; nothing was changed")
+    return br.from_note(note) if note is not None else br.State(name)
+
+
+def _announce(app: Any, state: br.State, by: str) -> None:
+    note = state.as_note(by)
+    if not announce(app, note):
+        raise RuntimeError(f"breaker {state.name}: the broker did not confirm the {note['kind']} note; "
+                           f"nothing was changed")
+    fields = {"breaker": state.name, "gen": state.gen, "by": by}
+    if state.phase == br.OPEN:
+        fields.update(until=state.until, open_for=state.open_for, reopened=False, why=state.why)
+    try:  # the workers report the changes they make; an operator's change is reported here, once
+        with app.events.default_dispatcher() as dispatcher:
+            dispatcher.send(events.BREAKER[note["kind"]], uuid=None, name=None, **fields)
+    except Exception as exc:  # noqa: BLE001 - the change is made; its event is a report
+        log.warning("rare_celery: could not send the event of breaker %s %s: %r", state.name, note["kind"], exc)
 
 
 # -- as text: pure, for the CLI (which escapes each line) and the console's templates -------------
@@ -134,7 +183,8 @@ def state_text(r: dict[str, Any], now: float) -> str:
     if state == br.OPEN:
         if until is None:
             return "open"
-        return f"open until {when(until, now)}" + (": the next attempt probes" if until <= now else "")
+        held = f" ({r['why']})" if r.get("why") else ""
+        return f"open until {when(until, now)}{held}" + (": the next attempt probes" if until <= now else "")
     if state == br.PROBING:
         return f"probing since {when(since, now)}" if since is not None else "probing"
     if not r["gen"]:

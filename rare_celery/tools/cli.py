@@ -673,6 +673,68 @@ def schedule(name: str, attempts: int | None) -> None:
         say(line)
 
 
+# -- pause / resume --------------------------------------------------------------------------------
+
+def operator() -> str:
+    """Who acts, when ``--by`` does not say: ``user@host``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name: the host alone
+        user = "someone"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _service(e: Env, name: str, what: str) -> None:
+    e.need_app(what)
+    known = e.breakers()
+    if name not in known:
+        raise Failure(f"no rare task of the app names the service {name!r} (breaker = ...); "
+                      f"its services: {', '.join(known) or 'none'}")
+
+
+@command
+@click.argument("service")
+@click.option("--for", "seconds", type=Duration(), required=True, help="How long: 90s, 10m, 2h (at most 30 days).")
+@click.option("--why", default="", help="Why, recorded with the pause and shown in status and the console.")
+@click.option("--by", default=None, help="Who pauses (default: user@host).")
+def pause(service: str, seconds: float, why: str, by: str | None) -> None:
+    """Hold every attempt of SERVICE (the breaker the tasks name) on every worker, for a while.
+
+    The attempts wait in delay queues, counting nothing, their shelf lives running; when the pause
+    ends one attempt probes the service, then the others run (or `resume` ends it sooner).
+    """
+    e = env()
+    _service(e, service, "pause")
+    if not 0 < seconds <= 30 * 86_400:
+        raise Failure("--for must be above 0 and at most 30 days")
+    with e.connection() as conn:
+        try:
+            held = rare_breakers.pause(e.app, conn, service, seconds, why[:200], (by or operator())[:100])
+        except RuntimeError as exc:
+            raise Failure(str(exc)) from None
+    say(f"paused {service} until {rare_breakers.when(held.until or 0, time.time())}"
+        + (f": {why[:200]}" if why else ""))
+
+
+@command
+@click.argument("service")
+@click.option("--by", default=None, help="Who resumes (default: user@host).")
+def resume(service: str, by: str | None) -> None:
+    """Let SERVICE's attempts run again now, on every worker: ends a pause, a Retry-After's hold or an
+    open breaker."""
+    e = env()
+    _service(e, service, "resume")
+    with e.connection() as conn:
+        try:
+            closed = rare_breakers.resume(e.app, conn, service, (by or operator())[:100])
+        except RuntimeError as exc:
+            raise Failure(str(exc)) from None
+    say(f"resumed {service}" if closed is not None else f"{service} was not held: nothing to resume")
+
+
 # -- declare ---------------------------------------------------------------------------------------
 
 @command

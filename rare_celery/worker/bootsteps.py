@@ -140,7 +140,13 @@ class BreakerStep(bootsteps.ConsumerStep):
         except (TypeError, ValueError, UnicodeDecodeError):
             note = None
         change = cast(breaker_io.Watch, self.watch).hear(note)  # listening: a watch is set
-        if change is None or change.note.get("by") != c.hostname:
+        if change is None:
+            return
+        if change.note.get("by") != c.hostname:  # another worker's change (it reports it), or an operator's
+            if change.kind != br.PROBE and (change.state.why or change.kind == br.CLOSE):
+                log.info("rare_celery: breaker %s %s by %s%s", change.state.name,
+                         "held open" if change.kind == br.OPENED else "closed", change.note.get("by"),
+                         f": {change.state.why}" if change.state.why else "")
             return
         try:
             report_change(c, change)
@@ -155,9 +161,10 @@ def report_change(c: Any, change: br.Change) -> None:
         breaker_io.announce(c.app, state.as_note(c.hostname, note.get("task")))
     fields = {"breaker": state.name, "gen": state.gen}
     if change.kind == br.OPENED:
-        fields.update(until=state.until, open_for=state.open_for, reopened=note["kind"] != br.FAILURE)
+        fields.update(until=state.until, open_for=state.open_for, reopened=note["kind"] != br.FAILURE and not state.why,
+                      **({"why": state.why} if state.why else {}))
         log.warning("rare_celery: breaker %s opened for %.3g s (%s)", state.name, state.open_for,
-                    "its probe failed" if fields["reopened"] else "failures in a row")
+                    state.why or ("its probe failed" if fields["reopened"] else "failures in a row"))
         signals.breaker_opened.send(sender=state.name, task_id=note.get("task"), **fields)
     elif change.kind == br.PROBE:
         fields["worker"] = state.probe

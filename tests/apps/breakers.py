@@ -14,7 +14,7 @@ import time
 from celery import Celery
 from kombu import Queue
 
-from rare_celery import RareTask, signals
+from rare_celery import RareTask, RetryAfter, signals
 
 DIR = os.environ["RARE_TEST_DIR"]
 os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
@@ -24,7 +24,8 @@ app = Celery("breakers", broker=os.environ["RARE_TEST_BROKER"],
              backend=f"tests.support:AtomicFS+file://{DIR}/results")
 app.conf.update(
     task_default_queue="breakers",
-    task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang"), Queue("breakers.slowprobe")],
+    task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang"), Queue("breakers.slowprobe"),
+                 Queue("breakers.gateway")],
     worker_send_task_events=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
@@ -98,9 +99,31 @@ def slowprobe(self, key: str):
     return key
 
 
+def busy_file(service: str) -> str:
+    return os.path.join(DIR, f"busy-{service}")
+
+
+@app.task(base=RareTask, bind=True, name="breakers.gateway", queue="breakers.gateway", breaker="gateway",
+          max_attempts=5, expires_in=120, backoff=0.2)
+def gateway(self, key: str):
+    """An SMS gateway: the first request that finds the file ``busy-gateway`` gets HTTP 429 with
+    ``Retry-After: 3`` (and takes the file away); every other request goes through."""
+    try:
+        os.remove(busy_file("gateway"))
+        busy = True
+    except FileNotFoundError:
+        busy = False
+    record("request", self.request.id, service="gateway", up=not busy, attempt=self.attempt, key=key)
+    if busy:
+        raise RetryAfter.of({"Retry-After": "3"})
+    record("done", self.request.id, service="gateway", attempt=self.attempt, key=key)
+    return key
+
+
 @signals.breaker_opened.connect
 def _opened(sender=None, gen=None, until=None, open_for=None, reopened=None, task_id=None, **kw):
-    record("breaker-open", task_id, breaker=sender, gen=gen, until=until, open_for=open_for, reopened=reopened)
+    record("breaker-open", task_id, breaker=sender, gen=gen, until=until, open_for=open_for, reopened=reopened,
+           why=kw.get("why"))
 
 
 @signals.breaker_probe.connect

@@ -246,3 +246,83 @@ def test_a_note_from_a_fast_clock_or_with_a_bad_period_does_not_hold_the_breaker
             assert worker.text().count("ignored a breaker note that is not one (no valid open_for)") == 1
     finally:
         worker.stop()
+
+
+# -- held on purpose: an operator's pause, a service's Retry-After ---------------------------------
+
+def test_a_retry_after_from_one_request_pauses_the_service_for_every_worker(app, env, workdir, record):
+    """One request gets HTTP 429 with Retry-After: 3. No request of any worker reaches the service
+    until those 3 s have passed; then every task runs once, the 429'd one at attempt 2."""
+    workers = [Worker("tests.apps.breakers", ["breakers.gateway"], env, workdir, name=f"gw{i}").wait_ready()
+               for i in range(2)]
+    try:
+        Path(app.busy_file("gateway")).touch()
+        first = app.gateway.delay("first")
+        [opened] = wait_for(lambda: kinds(record, "breaker-open", breaker="gateway"), 20, 0.05, "the pause")
+        assert opened["why"].startswith("Retry-After 3 s") and opened["reopened"] is False
+        [asked] = [e for e in record.all() if e["kind"] == "request" and e["id"] == first.id]
+        others = [app.gateway.delay(f"k{i}") for i in range(6)]
+        ids = {first.id, *(r.id for r in others)}
+        done = wait_for(lambda: (found := [e for e in record.all() if e["kind"] == "done" and e["id"] in ids])
+                        and len(found) == len(ids) and found, 40, 0.1, "every task to get through")
+        requests = [e for e in record.all() if e["kind"] == "request" and e["id"] in ids and e != asked]
+        during = [e for e in requests if e["t"] < asked["t"] + 3]
+        assert not during, f"{len(during)} requests reached the service during its Retry-After"
+        assert sorted(Counter(e["id"] for e in done).values()) == [1] * len(ids)  # each once
+        assert {e["id"]: e["attempt"] for e in done}[first.id] == 2  # the 429 counted as an attempt
+        assert all(e["attempt"] == 1 for e in done if e["id"] != first.id)  # held, not counted
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_an_operator_pauses_a_service_fleet_wide_and_resumes_it(app, env, workdir, record, vhost):
+    """``rare-celery pause``: every worker holds the service's attempts (in delay queues, counting
+    nothing) until the pause ends; ``resume`` lets the next ones run at once. (That an attempt held
+    before a resume looks again within a minute is breaker.verdict's, unit-tested.)"""
+    from tests.integration.test_cli import cli
+
+    def held_in_delay_queues() -> int:
+        return sum(q["ready"] for name, q in vhost.queue_stats().items() if name.startswith("rare.wait."))
+
+    def requests(ids) -> list[dict]:
+        return [e for e in record.all() if e["kind"] == "request" and e["id"] in ids]
+
+    workers = [Worker("tests.apps.breakers", ["breakers.gateway"], env, workdir, name=f"gp{i}").wait_ready()
+               for i in range(2)]
+    try:
+        before = time.time()
+        paused = cli("-A", "tests.apps.breakers", "pause", "gateway", "--for", "4s", "--why", "provider maintenance",
+                     "--by", "anna")
+        assert paused.code == 0 and paused.out.startswith("paused gateway until ") and "provider maintenance" in paused.out
+        shown = cli("-A", "tests.apps.breakers", "status", "breakers.gateway").out
+        assert re.search(r"gateway +open until .*\(paused: provider maintenance\)", shown), shown
+        assert "opened by anna" in shown
+        for worker in workers:  # every worker heard it
+            wait_for(lambda w=worker: "breaker gateway held open by anna: paused: provider maintenance" in w.text(),
+                     10, 0.1, "the pause in each worker's log")
+        held = {app.gateway.delay(f"p{i}").id for i in range(4)}
+        wait_for(lambda: held_in_delay_queues() >= 4, 10, 0.1, "the four attempts held in delay queues")
+        done = wait_for(lambda: len(found := [e for e in record.all() if e["kind"] == "done" and e["id"] in held])
+                        == len(held) and found, 30, 0.2, "the held attempts to run when the pause ends")
+        assert min(e["t"] for e in requests(held)) >= before + 4  # none during the pause
+        assert all(e["attempt"] == 1 for e in done)  # a pause counts no attempt
+
+        assert cli("-A", "tests.apps.breakers", "pause", "gateway", "--for", "10m").code == 0
+        waiting = app.gateway.delay("waits").id
+        wait_for(lambda: held_in_delay_queues() >= 1, 10, 0.1, "an attempt held by the second pause")
+        resumed = cli("-A", "tests.apps.breakers", "resume", "gateway", "--by", "bob")
+        assert resumed.code == 0 and resumed.out.strip() == "resumed gateway"
+        for worker in workers:
+            wait_for(lambda w=worker: "breaker gateway closed by bob" in w.text(), 10, 0.1, "the resume heard")
+        after = app.gateway.delay("after").id
+        wait_for(lambda: [e for e in record.all() if e["kind"] == "done" and e["id"] == after], 10, 0.1,
+                 "an attempt after the resume to run at once")
+        assert not requests({waiting})  # held until it looks again (within a minute): not lost, not run twice
+        assert cli("-A", "tests.apps.breakers", "resume", "gateway").out.strip() == \
+            "gateway was not held: nothing to resume"
+        refused = cli("-A", "tests.apps.breakers", "pause", "nosuch", "--for", "1m")
+        assert refused.code == 2 and "no rare task of the app names the service 'nosuch'" in refused.err
+    finally:
+        for w in workers:
+            w.stop()

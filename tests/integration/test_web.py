@@ -487,6 +487,29 @@ def test_overview_and_metrics_show_a_breaker_as_its_state_note_says(vhost, web_a
         assert 'rare_breaker_probe_at_seconds{breaker="web-svc"}' not in text
         assert 'rare_breaker_open_periods{breaker="web-svc"} 3.0' in text
 
+    # the operator's lever: pause the service from the overview, with who and why, then resume it
+    page = app_console.get("/")
+    assert 'id="pause-form"' in page.text
+    refused = app_console.post("/service/pause", form(page, service="web-svc", **{"for": "soon"}))
+    assert refused.status == 400 and "for: " in text_of(refused.text)
+    posted = app_console.post("/service/pause", form(page, service="web-svc", why=f"maintenance {evil}",
+                                                     by="anna", **{"for": "10m"}))
+    assert posted.status == 302
+    row = json.loads(app_console.get("/api/overview").text)["breakers"][0]
+    assert (row["state"], row["why"], row["worker"]) == ("open", f"paused: maintenance {evil}", "anna")
+    gen = row["gen"]  # a new open period
+    assert row["until"] == pytest.approx(time.time() + 600, abs=5)
+    tables = app_console.get("/overview/tables").text
+    assert evil not in tables and "(paused: maintenance &lt;script&gt;" in tables
+    assert wait_for(lambda: 'rare_breaker_held{breaker="web-svc"} 1.0' in app_console.get("/metrics").text, 20, 0.2,
+                    "the pause in the metrics")
+    assert app_console.post("/service/resume", form(page, service="web-svc")).status == 302
+    row = json.loads(app_console.get("/api/overview").text)["breakers"][0]
+    assert (row["state"], row["gen"], row["worker"]) == ("closed", gen, "the console")
+    assert wait_for(lambda: 'rare_breaker_held{breaker="web-svc"} 0.0' in app_console.get("/metrics").text, 20, 0.2,
+                    "the resume in the metrics")
+    assert app_console.post("/service/pause", form(page, service="nosuch", **{"for": "1m"})).status == 400
+
 
 # -- starting it -----------------------------------------------------------------------------------
 

@@ -187,3 +187,39 @@ def test_the_board_is_in_a_private_directory_and_a_squatted_old_path_does_not_st
     assert Board.for_this_worker().path != board.path
     board.remove()
     assert not os.path.exists(directory)
+
+
+# -- held open on purpose: an operator's pause, a service's Retry-After ---------------------------
+
+def test_a_pause_is_a_new_open_period_every_worker_holds_and_a_resume_closes_it():
+    state, _ = fail(br.State("deepl"), 100)  # closed, one failure counted
+    held = br.paused(state, 600, "paused: provider maintenance", now=200)
+    assert (held.phase, held.gen, held.until, held.open_for, held.why) == (br.OPEN, 1, 800, 600,
+                                                                           "paused: provider maintenance")
+    note = held.as_note("anna@ops")
+    assert br.note_problem(note) is None and note["why"] == "paused: provider maintenance"
+    elsewhere, change = br.apply(br.State("deepl"), br.localize(note, 300), S)  # heard by another worker
+    assert change.kind == br.OPENED and elsewhere.why == held.why and elsewhere.until == 900
+    assert br.verdict(elsewhere, 310) == (br.WAIT, 310 + br.HELD_STEP)  # looks again within a minute
+    assert br.verdict(elsewhere, 880) == (br.WAIT, 900) and br.verdict(elsewhere, 900).action == br.RUN  # no probe
+    after, change = fail(elsewhere, 901)  # from its end on it counts failures again, as a closed one
+    assert change is None and (after.phase, after.gen, after.failures) == (br.CLOSED, 1, (901,))
+    closed, change = br.apply(elsewhere, br.localize(br.resumed(held, 400).as_note("bob@ops"), 400), S)
+    assert change.kind == br.CLOSE and closed.phase == br.CLOSED and br.verdict(closed, 401).action == br.RUN
+
+
+def test_a_trip_keeps_its_wait_until_the_probe_time_and_two_holds_agree_on_the_later_end():
+    tripped = br.State("deepl", br.OPEN, 3, until=1000, open_for=900, since=100)
+    assert br.verdict(tripped, 110) == (br.WAIT, 1000)  # no why: one round to the probe time
+    a = br.paused(tripped, 30, "Retry-After 30 s (t)", now=120)
+    b = br.paused(tripped, 60, "Retry-After 60 s (t)", now=121)
+    for first, second in ((a, b), (b, a)):
+        state, _ = br.apply(tripped, first.as_note("w1"), S)
+        state, _ = br.apply(state, second.as_note("w2"), S)
+        assert (state.gen, state.until, state.why) == (4, 181, "Retry-After 60 s (t)")
+
+
+@pytest.mark.parametrize("why", [7, "x" * (br.MAX_TEXT + 1)])
+def test_a_note_with_a_bad_why_is_dropped(why):
+    note = br.paused(br.State("deepl"), 10, "ok", now=100).as_note("w1")
+    assert br.note_problem({**note, "why": why}) == "no valid why"

@@ -129,6 +129,20 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
         console.look_for_delay_queues()
         return redirect(url_for("overview_page"))
 
+    @app.route("/service/pause", methods=["POST"])
+    def pause_service() -> ResponseReturnValue:
+        try:
+            seconds = durations.parse(request.form.get("for", ""))
+        except ValueError as exc:
+            raise Refused(f"for: {exc}") from None
+        console.pause(request.form.get("service", ""), seconds, request.form.get("why", ""), _who())
+        return redirect(url_for("overview_page"))
+
+    @app.route("/service/resume", methods=["POST"])
+    def resume_service() -> ResponseReturnValue:
+        console.resume(request.form.get("service", ""), _who())
+        return redirect(url_for("overview_page"))
+
     # -- a queue ---------------------------------------------------------------------------------
 
     @app.route("/queue")
@@ -330,6 +344,13 @@ class Filters:
         if self.groups:
             parts.append("failure group " + " or ".join(self.groups))
         return ", ".join(parts)
+
+
+def _who() -> str:
+    """Who acts, as a pause or resume records it: the name the form gives, else the signed-in user."""
+    by = request.form.get("by", "").strip()
+    user = request.authorization.username if request.authorization else None
+    return by or (f"{user} (console)" if user else "the console")
 
 
 def _query(text: str) -> str:

@@ -150,6 +150,30 @@ class Console:
             self.seen_delays.setdefault((d["kind"], d["delay_ms"]), set())
         return len(report["delay_queues"])
 
+    def pause(self, service: str, seconds: float, why: str, by: str) -> None:
+        """``rare-celery pause`` from the console (:func:`rare_celery.tools.breakers.pause`)."""
+        self._service(service)
+        if not 0 < seconds <= 30 * 86_400:
+            raise Refused("a pause lasts more than 0 s and at most 30 days")
+        with self.connection() as conn:
+            try:
+                breakers.pause(self.app, conn, service, seconds, why[:200], by[:100])
+            except RuntimeError as exc:
+                raise Refused(str(exc)) from None
+
+    def resume(self, service: str, by: str) -> bool:
+        """``rare-celery resume`` from the console; False when the service was not held."""
+        self._service(service)
+        with self.connection() as conn:
+            try:
+                return breakers.resume(self.app, conn, service, by[:100]) is not None
+            except RuntimeError as exc:
+                raise Refused(str(exc)) from None
+
+    def _service(self, service: str) -> None:
+        if service not in self.breakers:
+            raise Refused(f"no rare task of the app names the service {service[:100]!r} (breaker = ...)")
+
     def depth(self, queue: str) -> int | None:
         with self.connection() as conn:
             found = bugs.depth(conn, queue)

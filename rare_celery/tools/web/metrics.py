@@ -59,7 +59,7 @@ COUNTERS = {  # event type -> (metric name, help, label names, fields the labels
     events.LOST: ("rare_lost_attempts", ("Attempts lost with their pool process or worker, or ended by a hard "
                                          "time limit: a worker that keeps dying shows here"),
                   ("task", "reason", "queue"), ("name", "reason", "queue")),
-    events.BREAKER_OPEN: ("rare_breaker_trips", "Circuit breakers opened (a trip, or a failed probe)",
+    events.BREAKER_OPEN: ("rare_breaker_trips", "Circuit breakers opened (a trip, a failed probe, a pause, a Retry-After)",
                           ("breaker",), ("breaker",)),
     events.BREAKER_PROBE: ("rare_breaker_probes", "Probes of an open circuit breaker started", ("breaker",),
                            ("breaker",)),
@@ -199,15 +199,18 @@ def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
     probe_at = GaugeMetricFamily("rare_breaker_probe_at_seconds",
                                  "When an open circuit breaker lets one attempt probe the service (epoch s)",
                                  labels=["breaker"])
+    held = GaugeMetricFamily("rare_breaker_held", "1 while a service is held on purpose (an operator's pause, "
+                             "a Retry-After), until its probe_at time; 0 otherwise", labels=["breaker"])
     for r in rows:
         if r["state"] not in PHASE_VALUES:
             continue
         name = _label(r["breaker"])
         state.add_metric([name], PHASE_VALUES[r["state"]])
         periods.add_metric([name], r["gen"])
+        held.add_metric([name], 1 if r.get("why") else 0)
         if r["state"] == "open" and r["until"] is not None:
             probe_at.add_metric([name], r["until"])
-    return [state, periods, probe_at]
+    return [state, periods, probe_at, held]
 
 
 def registry(console: Console, counters: Counters) -> CollectorRegistry:

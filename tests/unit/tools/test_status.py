@@ -90,7 +90,7 @@ def note(kind: str, **fields) -> bytes:
 def test_a_state_note_as_a_row():
     opened = breakers.row("deepl", USE, reading_of(note("open", until=NOW + 25, open_for=30)))
     assert opened == {"breaker": "deepl", "state": "open", "gen": 3, "since": NOW - 5, "until": NOW + 25,
-                      "open_for": 30, "worker": f"w1@host{HOSTILE}", "task": f"abc{HOSTILE}", "problem": None,
+                      "open_for": 30, "worker": f"w1@host{HOSTILE}", "task": f"abc{HOSTILE}", "why": None, "problem": None,
                       "settings": {"failures": 5, "within": 60.0, "open_for": 30.0, "max_open": 300.0},
                       "tasks": ["u.summarize", "u.translate"]}
     probing = breakers.row("deepl", USE, reading_of(note("probe")))
