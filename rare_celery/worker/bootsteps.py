@@ -144,9 +144,9 @@ class BreakerStep(bootsteps.ConsumerStep):
             return
         if change.note.get("by") != c.hostname:  # another worker's change (it reports it), or an operator's
             if change.kind != br.PROBE and (change.state.why or change.kind == br.CLOSE):
-                log.info("rare_celery: breaker %s %s by %s%s", change.state.name,
+                log.info("rare_celery: breaker %s %s by %r%s", change.state.name,  # by, why: any publisher's text
                          "held open" if change.kind == br.OPENED else "closed", change.note.get("by"),
-                         f": {change.state.why}" if change.state.why else "")
+                         f": {change.state.why!r}" if change.state.why else "")
             return
         try:
             report_change(c, change)

@@ -299,7 +299,7 @@ def test_an_operator_pauses_a_service_fleet_wide_and_resumes_it(app, env, workdi
         assert re.search(r"gateway +open until .*\(paused: provider maintenance\)", shown), shown
         assert "opened by anna" in shown
         for worker in workers:  # every worker heard it
-            wait_for(lambda w=worker: "breaker gateway held open by anna: paused: provider maintenance" in w.text(),
+            wait_for(lambda w=worker: "breaker gateway held open by 'anna': 'paused: provider maintenance'" in w.text(),
                      10, 0.1, "the pause in each worker's log")
         held = {app.gateway.delay(f"p{i}").id for i in range(4)}
         wait_for(lambda: held_in_delay_queues() >= 4, 10, 0.1, "the four attempts held in delay queues")
@@ -314,7 +314,7 @@ def test_an_operator_pauses_a_service_fleet_wide_and_resumes_it(app, env, workdi
         resumed = cli("-A", "tests.apps.breakers", "resume", "gateway", "--by", "bob")
         assert resumed.code == 0 and resumed.out.strip() == "resumed gateway"
         for worker in workers:
-            wait_for(lambda w=worker: "breaker gateway closed by bob" in w.text(), 10, 0.1, "the resume heard")
+            wait_for(lambda w=worker: "breaker gateway closed by 'bob'" in w.text(), 10, 0.1, "the resume heard")
         after = app.gateway.delay("after").id
         wait_for(lambda: [e for e in record.all() if e["kind"] == "done" and e["id"] == after], 10, 0.1,
                  "an attempt after the resume to run at once")
