@@ -73,13 +73,18 @@ class Settings:
     within: float = 60.0
     open_for: float = 30.0
     max_open: float = 300.0
+    rate: tuple[int, float] | None = None  # (attempts, window s): at most that many in any window (service_rate)
+    concurrency: int | None = None  # attempts in flight at most, fleet-wide (service_concurrency)
 
     @classmethod
     def build(cls, owner: str, name: object, *, failures: object, within: object, open_for: object,
-              max_open: object) -> Settings | None:
+              max_open: object, rate: object = None, concurrency: object = None) -> Settings | None:
         """``None`` without a breaker name; else validated settings (``ValueError`` names the task
         and the option)."""
         if name is None:
+            if rate is not None or concurrency is not None:
+                raise ValueError(f"{owner}: service_rate and service_concurrency limit a named service: "
+                                 f"name it with breaker = 'deepl' (the tasks that call it share the limits)")
             return None
         try:
             if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME:
@@ -88,8 +93,12 @@ class Settings:
             if not isinstance(failures, int) or isinstance(failures, bool) or not 1 <= failures <= MAX_FAILURES:
                 raise ValueError(f"breaker_failures must be a whole number from 1 to {MAX_FAILURES}, "
                                  f"got {failures!r:.80}")
+            if concurrency is not None and (not isinstance(concurrency, int) or isinstance(concurrency, bool)
+                                            or not 1 <= concurrency <= MAX_CONCURRENCY):
+                raise ValueError(f"service_concurrency must be a whole number from 1 to {MAX_CONCURRENCY} (attempts "
+                                 f"in flight across all workers), got {concurrency!r:.80}")
             out = cls(failures, _seconds("breaker_within", within), _seconds("breaker_open", open_for),
-                      _seconds("breaker_max_open", max_open))
+                      _seconds("breaker_max_open", max_open), parse_rate(rate), concurrency)
             if out.max_open < out.open_for:
                 raise ValueError(f"breaker_max_open ({out.max_open:g}) is shorter than breaker_open ({out.open_for:g})")
             return out
@@ -102,6 +111,25 @@ class Settings:
 
 
 DEFAULTS = Settings()  # what a RareTask with a breaker gets unless it says otherwise
+MAX_CONCURRENCY = 100
+MAX_RATE = 100_000  # attempts in one window
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|m|h|d)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def parse_rate(value: object) -> tuple[int, float] | None:
+    """``"30/s"``, ``"1000/h"``, ``"5/10s"`` -> ``(attempts, window s)``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"service_rate must look like '30/s', '1000/h' or '5/10s', got {value!r:.80}")
+    count, size, unit = int(match.group(1)), int(match.group(2) or 1), match.group(3)
+    window = size * _RATE_UNITS[unit]
+    if not 1 <= count <= MAX_RATE or not 0 < window <= 86_400:
+        raise ValueError(f"service_rate: from 1 to {MAX_RATE:,} attempts in a window of at most a day, "
+                         f"got {value!r:.80}")
+    return count, window
 
 
 def _seconds(option: str, value: object) -> float:

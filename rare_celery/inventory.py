@@ -113,8 +113,8 @@ def breakers(app: Any) -> dict[str, Any]:
         if name in out and out[name] != settings:
             raise ConfigurationError(
                 f"rare_celery: tasks {owners[name]} and {info.name} share breaker {name!r} with different "
-                f"settings ({out[name]} and {settings}); set breaker_failures, breaker_within, breaker_open "
-                f"and breaker_max_open the same on both")
+                f"settings ({out[name]} and {settings}); set breaker_failures, breaker_within, breaker_open, "
+                f"breaker_max_open, service_rate and service_concurrency the same on both")
         out.setdefault(name, settings)
         owners.setdefault(name, info.name)
     return out

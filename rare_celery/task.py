@@ -97,7 +97,9 @@ class RareTask(Task):
     * ``breaker`` - the downstream service's name: tasks that name the same one share a circuit
       breaker across all workers (:mod:`rare_celery.breaker`), set by ``breaker_failures`` (failures
       in a row that open it), ``breaker_within`` (s), ``breaker_open`` (s, the first open period)
-      and ``breaker_max_open`` (s, the longest after failed probes).
+      and ``breaker_max_open`` (s, the longest after failed probes); ``service_rate`` (``"30/s"``,
+      ``"1000/h"``: at most that many attempts in any such window) and ``service_concurrency``
+      (attempts in flight at most), both across all workers of all hosts.
     """
 
     abstract = True  # no registration of the base class itself
@@ -114,6 +116,8 @@ class RareTask(Task):
     breaker_within: object = br.DEFAULTS.within
     breaker_open: object = br.DEFAULTS.open_for
     breaker_max_open: object = br.DEFAULTS.max_open
+    service_rate: str | None = None
+    service_concurrency: int | None = None
     rare_breaker: br.Settings | None = None
 
     Request = "rare_celery.worker.request:RareRequest"  # the main process's side: lost workers, time limits, put-backs
@@ -140,7 +144,8 @@ class RareTask(Task):
         cls.rare_policy = Policy.build(cls._owner(), **{k: getattr(cls, k) for k in _OVERRIDABLE})
         cls.rare_breaker = br.Settings.build(cls._owner(), cls.breaker, failures=cls.breaker_failures,
                                              within=cls.breaker_within, open_for=cls.breaker_open,
-                                             max_open=cls.breaker_max_open)
+                                             max_open=cls.breaker_max_open, rate=cls.service_rate,
+                                             concurrency=cls.service_concurrency)
         _check_routing(cls._owner(), cls.bug_queue, cls.max_hops, cls.dispatch_on)
         cls.handlers = dict(cls.handlers)
 

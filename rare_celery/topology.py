@@ -214,6 +214,27 @@ def probe_lock_name(breaker: str) -> str:
     return f"rare.breaker.{breaker}.probe"
 
 
+def rate_window_queue(service: str, count: int, window: float) -> Queue:
+    """``rare.limit.<service>.<count>-per-<window>``: a service's rate as a sliding window. Each attempt
+    puts one message in it (confirmed) before it runs; the broker refuses one more than ``count``
+    (``reject-publish``) and drops each after ``window`` (``x-message-ttl``): at most ``count`` in
+    any window. Its name carries the limit, so a changed limit is a new queue (the old one, empty
+    after a window, stays: ``x-expires`` would count a queue only published to as unused, and drop
+    a window in use)."""
+    ms = max(1, round(window * 1000))
+    # each place lasts a little longer than the window (1% and 50 ms): an attempt starts a moment after
+    # its place is confirmed, and that moment varies; the service must see the limit, not the broker
+    args = {"x-queue-type": "classic", "x-max-length": count, "x-overflow": "reject-publish",
+            "x-message-ttl": round(ms * 1.01) + 50}
+    return Queue(f"rare.limit.{service}.{count}-per-{duration_label(ms)}", durable=True, auto_delete=False,
+                 queue_arguments=args)
+
+
+def slot_lock_name(service: str, slot: int) -> str:
+    """The exclusive queue whose holder runs one of ``service``'s attempts in flight (slot ``slot``)."""
+    return f"rare.limit.{service}.slot.{slot}"
+
+
 def breaker_listener(hostname: str, token: str) -> str:
     """The queue a worker's main process hears breaker notes on (exclusive: gone with its connection)."""
     return f"rare.breakers.{hostname[:200]}.{token}"

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, NoReturn, cast
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import breaker as br
-from .. import breaker_io, endings, signals, spans
+from .. import breaker_io, endings, limits_io, signals, spans
 from .. import headers as hdr
 from ..durations import iso
 from ..exceptions import Bug, Exhausted, Expired, Hop, NoHandler, PublishRefused, RetryAfter, RoutingFailed
@@ -182,6 +182,8 @@ def admit(task: Any, args: Any, kwargs: Any) -> Callable[..., Any]:
         end(task, lambda: endings.next_place(d, state, policy.out_of(EXPIRED), late, keep_error=True))
     if task.rare_breaker is not None:
         _breaker_gate(task, d, state)
+        if task.rare_breaker.concurrency is not None or task.rare_breaker.rate is not None:
+            _limits_gate(task, d, state)
     return fn
 
 
@@ -223,6 +225,34 @@ def _breaker_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
     if action == br.WAIT:
         end(task, lambda: endings.wait(d, attempt, cast(float, until), breaker=name))  # a WAIT verdict has one
     req.rare_breaker_gen, req.rare_breaker_failures = state.gen, bool(state.failures)
+
+
+def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
+    """Let the attempt start within its service's limits (:mod:`rare_celery.limits_io`): a slot of
+    those in flight (held until the attempt ends), then a place in the rate's window; else it waits in
+    a delay queue, unrun, nothing counted, and asks again."""
+    settings, name, now = task.rare_breaker, task.breaker, time.time()
+    slot = None
+    if settings.concurrency is not None:
+        slot = limits_io.take_slot(task.app, name, settings.concurrency)
+        if slot is None:
+            _not_run(task, None)
+            end(task, lambda: endings.wait(d, attempt, limits_io.wait_for_slot(now), breaker=name))
+    if settings.rate is not None and not limits_io.take_rate(task.app, name, settings.rate):
+        _not_run(task, slot)
+        end(task, lambda: endings.wait(d, attempt, limits_io.wait_for_rate(settings.rate, now), breaker=name))
+    task.request.rare_slot = slot
+
+
+def _not_run(task: Any, slot: limits_io.Slot | None) -> None:
+    """An attempt the limits send to wait lets go of what it took: its slot, and the breaker's probe
+    lock if it was to probe (another attempt probes, once the probe's lease has passed)."""
+    req = task.request
+    if slot is not None:
+        slot.release()
+    probe, req.rare_probe, req.rare_breaker_gen = getattr(req, "rare_probe", None), None, None
+    if probe is not None:
+        probe[0].release()
 
 
 def breaker_told(task: Any, failed: bool, pause: float | None = None) -> None:
@@ -272,7 +302,12 @@ def run(task: Any, args: Any, kwargs: Any) -> Any:
     try:
         return _attempt(task, fn, args, kwargs)
     finally:  # a breaker hears of every attempt; all but a retryable failure (told in retry) say it answered
-        breaker_told(task, failed=False)
+        try:
+            breaker_told(task, failed=False)
+        finally:
+            slot, req.rare_slot = getattr(req, "rare_slot", None), None
+            if slot is not None:  # after the attempt's ending: the next attempt may start
+                slot.release()
 
 
 def _attempt(task: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:

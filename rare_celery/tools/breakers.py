@@ -100,7 +100,9 @@ def row(name: str, use: Use, reading: Reading) -> dict[str, Any]:
             "since": state.since, "until": state.until, "open_for": state.open_for, "worker": reading.worker,
             "task": state.task, "why": state.why if state.phase == br.OPEN else None, "problem": reading.problem,
             "settings": {"failures": use.settings.failures, "within": use.settings.within,
-                         "open_for": use.settings.open_for, "max_open": use.settings.max_open},
+                         "open_for": use.settings.open_for, "max_open": use.settings.max_open,
+                         "rate": list(use.settings.rate) if use.settings.rate else None,
+                         "concurrency": use.settings.concurrency},
             "tasks": list(use.tasks)}
 
 
@@ -154,8 +156,14 @@ def _announce(app: Any, state: br.State, by: str) -> None:
 def settings_text(settings: dict[str, Any]) -> str:
     """``trips after 5 failures in 1m, open 30s, at most 5m``."""
     n = settings["failures"]
-    return (f"trips after {n} failure{'' if n == 1 else 's'} in {durations.short(settings['within'])}, "
+    text = (f"trips after {n} failure{'' if n == 1 else 's'} in {durations.short(settings['within'])}, "
             f"open {durations.short(settings['open_for'])}, at most {durations.short(settings['max_open'])}")
+    if settings.get("rate"):
+        count, window = settings["rate"]
+        text += f"; at most {count} attempts a {durations.short(window) if window != 1 else 'second'}"
+    if settings.get("concurrency"):
+        text += f"; at most {settings['concurrency']} at once"
+    return text
 
 
 def utc(epoch: float) -> str:

@@ -25,7 +25,7 @@ app = Celery("breakers", broker=os.environ["RARE_TEST_BROKER"],
 app.conf.update(
     task_default_queue="breakers",
     task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang"), Queue("breakers.slowprobe"),
-                 Queue("breakers.gateway")],
+                 Queue("breakers.gateway"), Queue("breakers.limited"), Queue("breakers.slotted")],
     worker_send_task_events=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
@@ -117,6 +117,30 @@ def gateway(self, key: str):
     if busy:
         raise RetryAfter.of({"Retry-After": "3"})
     record("done", self.request.id, service="gateway", attempt=self.attempt, key=key)
+    return key
+
+
+@app.task(base=RareTask, bind=True, name="breakers.limited", queue="breakers.limited", breaker="limited",
+          service_rate="20/s", service_concurrency=3, max_attempts=3, expires_in=300, backoff=0.2)
+def limited(self, key: str):
+    """A service that takes 20 requests a second and 3 at a time: each request records when it began and
+    ended (a request takes 0.1 s)."""
+    began = time.time()
+    time.sleep(0.1)
+    record("served", self.request.id, service="limited", began=began, ended=time.time(), attempt=self.attempt,
+           key=key)
+    return key
+
+
+@app.task(base=RareTask, bind=True, name="breakers.slotted", queue="breakers.slotted", breaker="slotted",
+          service_concurrency=2, max_attempts=3, expires_in=300, backoff=0.2)
+def slotted(self, key: str, seconds: float = 0.2):
+    """A service that takes 2 requests at a time; the first attempt's takes ``seconds``, a later one's 0.2 s."""
+    began = time.time()
+    record("serving", self.request.id, service="slotted", began=began, attempt=self.attempt, pid=os.getpid(), key=key)
+    time.sleep(seconds if self.attempt == 1 else 0.2)
+    record("served", self.request.id, service="slotted", began=began, ended=time.time(), attempt=self.attempt,
+           key=key)
     return key
 
 

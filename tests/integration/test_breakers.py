@@ -326,3 +326,78 @@ def test_an_operator_pauses_a_service_fleet_wide_and_resumes_it(app, env, workdi
     finally:
         for w in workers:
             w.stop()
+
+
+# -- a service's limits: fleet-wide rate and attempts in flight ----------------------------------------
+
+def most_in_any_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + window) for i, t in enumerate(times)), default=0)
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(b, 1) for b, _ in spans] + [(e, -1) for _, e in spans])
+    now = most = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_two_workers_stay_within_the_services_rate_and_attempts_in_flight(app, env, workdir, record):
+    """``service_rate="20/s"``, ``service_concurrency=3``: two workers of 4 processes each, 150 tasks.
+    The service never sees more than 20 requests in any second nor more than 3 at once; every task runs
+    once, at attempt 1 (a wait for the limits counts nothing)."""
+    workers = [Worker("tests.apps.breakers", ["breakers.limited"], env, workdir, name=f"lim{i}", concurrency=4)
+               .wait_ready() for i in range(2)]
+    try:
+        ids = {app.limited.delay(f"l{i}").id for i in range(150)}
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in ids])
+                          >= len(ids) and s, 90, 0.5, "every task served")
+    finally:
+        for w in workers:
+            w.stop()
+    assert sorted(Counter(e["id"] for e in served).values()) == [1] * len(ids)  # each once
+    assert {e["attempt"] for e in served} == {1}
+    assert most_in_any_window([e["began"] for e in served], 1.0) <= 20
+    assert most_at_once([(e["began"], e["ended"]) for e in served]) <= 3
+    took = max(e["began"] for e in served) - min(e["began"] for e in served)
+    print(f"limits: {len(served)} served in {took:.2f} s ({(len(served) - 1) / took:.1f}/s of 20/s), "
+          f"most in any 1 s {most_in_any_window([e['began'] for e in served], 1.0)}, "
+          f"most at once {most_at_once([(e['began'], e['ended']) for e in served])}")
+    assert took >= (150 - 20) / 20  # the rate held them back: no faster than the limit allows
+
+
+def test_the_slots_of_a_worker_that_dies_are_free_again_at_once(app, env, workdir, record):
+    """``service_concurrency=2``: a worker runs two long requests (both slots) and is killed whole
+    (SIGKILL). Its connections close, the broker frees the slots, and the other worker starts the
+    next requests within seconds; never more than 2 at once."""
+    import os
+    import signal
+
+    first = Worker("tests.apps.breakers", ["breakers.slotted"], env, workdir, name="slot1").wait_ready()
+    second = None
+    try:
+        held = [app.slotted.delay(f"h{i}", 30.0) for i in range(2)]  # long: they hold both slots
+        wait_for(lambda: len({e["id"] for e in record.all() if e["kind"] == "serving"
+                              and e["id"] in {r.id for r in held}}) == 2, 20, 0.1, "both slots held")
+        second = Worker("tests.apps.breakers", ["breakers.slotted"], env, workdir, name="slot2").wait_ready()
+        quick = {app.slotted.delay(f"q{i}", 0.2).id for i in range(4)}
+        time.sleep(1.0)  # the other worker finds both slots held meanwhile: nothing of quick runs
+        assert not [e for e in record.all() if e["kind"] == "serving" and e["id"] in quick]
+        killed = time.time()
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in quick])
+                          == len(quick) and s, 30, 0.1, "the next requests on the other worker")
+    finally:
+        for w in (first, second):
+            if w is not None:
+                w.stop()
+    freed = min(e["began"] for e in served) - killed
+    print(f"slots: the first request after the kill began {freed:.2f} s after it")
+    assert freed < 3.0, f"the first slot came free {freed:.1f} s after the kill"
+    ends = {(e["id"], e["began"]): e["ended"] for e in record.all() if e["kind"] == "served"
+            and e.get("service") == "slotted"}
+    spans = [(e["began"], ends.get((e["id"], e["began"]), killed))  # the killed ones ended with their worker
+             for e in record.all() if e["kind"] == "serving" and e.get("service") == "slotted"]
+    assert most_at_once(spans) <= 2

@@ -223,3 +223,40 @@ def test_a_trip_keeps_its_wait_until_the_probe_time_and_two_holds_agree_on_the_l
 def test_a_note_with_a_bad_why_is_dropped(why):
     note = br.paused(br.State("deepl"), 10, "ok", now=100).as_note("w1")
     assert br.note_problem({**note, "why": why}) == "no valid why"
+
+
+# -- a service's limits: settings (the broker side is tests/integration/test_breakers.py) ----------
+
+@pytest.mark.parametrize(("text", "parsed"), [("30/s", (30, 1.0)), ("1000/h", (1000, 3600.0)), (" 5 / 10s ", (5, 10.0)),
+                                              ("2/m", (2, 60.0)), ("100000/d", (100_000, 86_400.0))])
+def test_a_rate_is_attempts_in_a_window(text, parsed):
+    assert br.parse_rate(text) == parsed
+
+
+@pytest.mark.parametrize("bad", ["30", "0/s", "30/w", "30/2d", "100001/s", "-1/s", 30, "1.5/s"])
+def test_a_bad_rate_or_concurrency_is_refused_when_the_class_is_defined(bad):
+    with pytest.raises(ValueError, match="service_rate"):
+        class Bad(RareTask):
+            name = "u.bad"
+            breaker = "deepl"
+            service_rate = bad
+    for concurrency in (0, 101, True, 2.5):
+        with pytest.raises(ValueError, match="service_concurrency must be a whole number"):
+            class AlsoBad(RareTask):
+                name = "u.alsobad"
+                breaker = "deepl"
+                service_concurrency = concurrency
+    with pytest.raises(ValueError, match="name it with breaker"):
+        class Unnamed(RareTask):
+            name = "u.unnamed"
+            service_rate = "10/s"
+
+
+def test_the_window_queue_refuses_one_past_the_limit_and_keeps_each_place_a_little_over_the_window():
+    from rare_celery.topology import rate_window_queue
+
+    q = rate_window_queue("deepl", 50, 1.0)
+    assert q.name == "rare.limit.deepl.50-per-1s" and q.durable
+    assert q.queue_arguments == {"x-queue-type": "classic", "x-max-length": 50, "x-overflow": "reject-publish",
+                                 "x-message-ttl": 1060}
+    assert rate_window_queue("deepl", 1000, 3600.0).name == "rare.limit.deepl.1000-per-1h"

@@ -91,7 +91,8 @@ def test_a_state_note_as_a_row():
     opened = breakers.row("deepl", USE, reading_of(note("open", until=NOW + 25, open_for=30)))
     assert opened == {"breaker": "deepl", "state": "open", "gen": 3, "since": NOW - 5, "until": NOW + 25,
                       "open_for": 30, "worker": f"w1@host{HOSTILE}", "task": f"abc{HOSTILE}", "why": None, "problem": None,
-                      "settings": {"failures": 5, "within": 60.0, "open_for": 30.0, "max_open": 300.0},
+                      "settings": {"failures": 5, "within": 60.0, "open_for": 30.0, "max_open": 300.0,
+                                   "rate": None, "concurrency": None},
                       "tasks": ["u.summarize", "u.translate"]}
     probing = breakers.row("deepl", USE, reading_of(note("probe")))
     assert (probing["state"], probing["since"], probing["until"], probing["worker"]) == (
