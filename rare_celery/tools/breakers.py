@@ -12,18 +12,20 @@ as the workers check it, :func:`rare_celery.breaker.note_problem`) is shown as t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from amqp.exceptions import ChannelError
+from amqp.exceptions import ChannelError, NotFound, ResourceLocked
 
 from .. import breaker as br
 from .. import events
 from ..breaker_io import announce, last_note
 from ..inventory import RareTaskInfo, breakers
+from ..topology import rate_window_queue, slot_lock_name
 from . import durations
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,52 @@ def reading(note: dict[str, Any] | None, problem: str | None) -> Reading:
 
 def report(conn: Any, breaker_uses: Uses) -> list[dict[str, Any]]:
     """One row per breaker, by name: what ``status --json`` and ``/api/overview`` give as ``breakers``."""
-    return [row(name, use, read(conn, name)) for name, use in sorted(breaker_uses.items())]
+    return [{**row(name, use, read(conn, name)), **usage(conn, name, use.settings)}
+            for name, use in sorted(breaker_uses.items())]
+
+
+def usage(conn: Any, name: str, settings: br.Settings) -> dict[str, Any]:
+    """How much of a service's limits is in use now: ``in_flight`` (slots held: each slot's exclusive
+    queue answers a passive declare with RESOURCE_LOCKED while an attempt holds it) and ``in_window``
+    (the places in its rate's window: the window queue's depth); ``None`` without that limit or when
+    the broker could not say."""
+    out: dict[str, Any] = {"in_flight": None, "in_window": None}
+    if settings.concurrency is not None:
+        held = [_held(conn, slot_lock_name(name, i)) for i in range(settings.concurrency)]
+        out["in_flight"] = None if None in held else sum(1 for h in held if h)
+    if settings.rate is not None:
+        found = _depth(conn, rate_window_queue(name, *settings.rate).name)
+        out["in_window"] = found
+    return out
+
+
+def _held(conn: Any, queue: str) -> bool | None:
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queue, passive=True)
+        return False  # it exists and nobody holds it (a slot just let go of)
+    except NotFound:
+        return False
+    except ResourceLocked:
+        return True
+    except ChannelError:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+def _depth(conn: Any, queue: str) -> int | None:
+    channel = conn.channel()
+    try:
+        return int(channel.queue_declare(queue, passive=True).message_count)
+    except NotFound:
+        return 0
+    except ChannelError:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
 
 
 def row(name: str, use: Use, reading: Reading) -> dict[str, Any]:
@@ -200,6 +247,19 @@ def state_text(r: dict[str, Any], now: float) -> str:
     return f"closed since {when(since, now)}" if since is not None else "closed"
 
 
+def usage_text(r: dict[str, Any]) -> str:
+    """``now: 2 of 3 in flight, 17 of 20 in the last 1s``, or ``""`` for a service without limits."""
+    parts, settings = [], r["settings"]
+    if settings.get("concurrency"):
+        held = "?" if r.get("in_flight") is None else r["in_flight"]
+        parts.append(f"{held} of {settings['concurrency']} in flight")
+    if settings.get("rate"):
+        count, window = settings["rate"]
+        used = "?" if r.get("in_window") is None else r["in_window"]
+        parts.append(f"{used} of {count} in the last {durations.short(window)}")
+    return "now: " + ", ".join(parts) if parts else ""
+
+
 def change_text(r: dict[str, Any]) -> str:
     """Who made the last change, from the note (untrusted: escape it where it is shown), or ``""``."""
     worker, task = r["worker"], r["task"]
@@ -220,4 +280,7 @@ def lines(rows: list[dict[str, Any]], now: float) -> list[str]:
         out.append(f"{r['breaker']:<24} {state_text(r, now):<52} {gen:>12}  {', '.join(r['tasks']) or '-'}")
         detail = change_text(r)
         out.append(INDENT + settings_text(r["settings"]) + (f"; {detail}" if detail else ""))
+        now_text = usage_text(r)
+        if now_text:
+            out.append(INDENT + now_text)
     return out

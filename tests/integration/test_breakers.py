@@ -8,6 +8,7 @@ longer than its task's 4 s shelf life.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import threading
 import time
@@ -354,6 +355,12 @@ def test_two_workers_stay_within_the_services_rate_and_attempts_in_flight(app, e
         ids = {app.limited.delay(f"l{i}").id for i in range(150)}
         served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in ids])
                           >= len(ids) and s, 90, 0.5, "every task served")
+        from tests.integration.test_cli import cli
+
+        report = json.loads(cli("-A", "tests.apps.breakers", "status", "breakers.limited", "--json").out)
+        [row] = report["breakers"]
+        assert row["settings"]["rate"] == [20, 1.0] and row["settings"]["concurrency"] == 3
+        assert 0 <= row["in_window"] <= 20 and row["in_flight"] == 0  # all done: none in flight
     finally:
         for w in workers:
             w.stop()
@@ -381,6 +388,10 @@ def test_the_slots_of_a_worker_that_dies_are_free_again_at_once(app, env, workdi
         held = [app.slotted.delay(f"h{i}", 30.0) for i in range(2)]  # long: they hold both slots
         wait_for(lambda: len({e["id"] for e in record.all() if e["kind"] == "serving"
                               and e["id"] in {r.id for r in held}}) == 2, 20, 0.1, "both slots held")
+        from tests.integration.test_cli import cli
+
+        shown = cli("-A", "tests.apps.breakers", "status", "breakers.slotted").out
+        assert "at most 2 at once" in shown and "now: 2 of 2 in flight" in shown, shown
         second = Worker("tests.apps.breakers", ["breakers.slotted"], env, workdir, name="slot2").wait_ready()
         quick = {app.slotted.delay(f"q{i}", 0.2).id for i in range(4)}
         time.sleep(1.0)  # the other worker finds both slots held meanwhile: nothing of quick runs

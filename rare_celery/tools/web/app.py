@@ -42,7 +42,7 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
     app.config.update(MAX_CONTENT_LENGTH=1 << 20, JSON_SORT_KEYS=False)
     app.jinja_env.autoescape = True
     app.jinja_env.filters.update(shown=shown, utc=utc, ago=ago, pretty=pretty, number=number, plural=plural, rate=moves.rate_text,
-                                 breaker_settings=breakers.settings_text)
+                                 breaker_settings=breakers.settings_text, service_usage=breakers.usage_text)
     app.jinja_env.globals.update(version=__version__, where=console.where, csrf=guard.csrf, unrouted=UNROUTED_QUEUE.name,
                                  refresh_seconds=REFRESH_SECONDS, any_queue=console.app is None)
     app.extensions["rare_celery_guard"] = guard

@@ -199,6 +199,10 @@ def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
     probe_at = GaugeMetricFamily("rare_breaker_probe_at_seconds",
                                  "When an open circuit breaker lets one attempt probe the service (epoch s)",
                                  labels=["breaker"])
+    in_flight = GaugeMetricFamily("rare_service_in_flight", "A service's attempts running now, of its "
+                                  "service_concurrency", labels=["breaker"])
+    in_window = GaugeMetricFamily("rare_service_rate_window", "A service's attempts started in the last window "
+                                  "of its service_rate", labels=["breaker"])
     held = GaugeMetricFamily("rare_breaker_held", "1 while a service is held on purpose (an operator's pause, "
                              "a Retry-After), until its probe_at time; 0 otherwise", labels=["breaker"])
     for r in rows:
@@ -208,9 +212,13 @@ def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
         state.add_metric([name], PHASE_VALUES[r["state"]])
         periods.add_metric([name], r["gen"])
         held.add_metric([name], 1 if r.get("why") else 0)
+        if r.get("in_flight") is not None:
+            in_flight.add_metric([name], r["in_flight"])
+        if r.get("in_window") is not None:
+            in_window.add_metric([name], r["in_window"])
         if r["state"] == "open" and r["until"] is not None:
             probe_at.add_metric([name], r["until"])
-    return [state, periods, probe_at, held]
+    return [state, periods, probe_at, held, in_flight, in_window]
 
 
 def registry(console: Console, counters: Counters) -> CollectorRegistry:
