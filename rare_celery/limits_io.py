@@ -10,9 +10,10 @@ no server but RabbitMQ.
   after it), and no worker holds anything (a worker's death changes nothing).
 * **Attempts in flight** (:func:`take_slot`): slot ``i`` of ``n`` is the exclusive queue
   :func:`rare_celery.topology.slot_lock_name`. The broker lets one connection declare it and answers
-  every other with ``RESOURCE_LOCKED``, as for the breaker's probe lock. The pool process holds a slot
-  on a connection of its own for the attempt's run and deletes the queue after it; if the process or
-  its worker dies, the connection closes and the broker frees the slot at once.
+  every other with ``RESOURCE_LOCKED``, as for the breaker's probe lock. A pool process holds its
+  slots on a connection of its own (one per process, kept) for the attempt's run and deletes the
+  queue after it; if the process or its worker dies, the connection closes and the broker frees the
+  slot at once.
 
 Neither is the message's safety: an attempt whose limit could not be asked (the broker refused
 something else, the connection failed) waits and asks again, it does not run unlimited.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from typing import Any
 
@@ -55,41 +57,81 @@ def take_rate(app: Any, service: str, rate: tuple[int, float]) -> bool:
 
 class Slot:
     """One of a service's slots for attempts in flight, held until :meth:`release` (or until the
-    process holding it dies)."""
+    process holding it dies: its connection closes, and the broker deletes the queue)."""
 
-    def __init__(self, connection: Any, name: str) -> None:
-        self.connection, self.name = connection, name
+    def __init__(self, name: str) -> None:
+        self.name: str | None = name
 
     def release(self) -> None:
-        connection, self.connection = self.connection, None
-        if connection is not None:
+        name, self.name = self.name, None
+        if name is None:
+            return
+        try:
+            channel = _holder.connection().channel()
+            try:
+                channel.queue_delete(name)
+            finally:
+                channel.close()
+        except Exception as exc:  # noqa: BLE001 - not let go: the connection is dropped, which lets go of all
+            log.warning("rare_celery: could not let go of slot %s (%s); dropping its connection", name,
+                        f"{type(exc).__name__}: {exc}")
+            _holder.drop()
+
+
+class _Holder:
+    """This process's connection that holds its slots (one per process: a forked pool process makes
+    its own), made when first needed and made again after a failure."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+        self.conn: Any = None
+        self.pid = 0
+
+    def connection(self, app: Any = None) -> Any:
+        if self.conn is not None and self.pid != os.getpid():  # inherited through a fork: never used here
+            self.conn = None
+        if self.conn is None:
+            self.app = app or self.app
+            # no heartbeats: nothing services them while an attempt runs, and the broker would close the
+            # connection (freeing the slot) under a long one; a process that dies closes its socket at once
+            conn = self.app.connection_for_write(heartbeat=0)
+            conn.ensure_connection(max_retries=1, timeout=TIMEOUT)
+            self.conn, self.pid = conn, os.getpid()
+        return self.conn
+
+    def drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None and self.pid == os.getpid():
             with contextlib.suppress(Exception):
-                connection.default_channel.queue_delete(self.name)
-            with contextlib.suppress(Exception):
-                connection.release()
+                conn.release()
+
+
+_holder = _Holder()
 
 
 def take_slot(app: Any, service: str, slots: int) -> Slot | None:
-    """A free slot of ``service``'s ``slots``, tried in a random order on a connection of its own;
-    ``None`` when all are held (or the broker could not be asked)."""
-    connection = app.connection_for_write()
-    try:
-        connection.ensure_connection(max_retries=1, timeout=TIMEOUT)
-        for slot in random.sample(range(slots), slots):
-            name = slot_lock_name(service, slot)
-            channel = connection.channel()
-            try:
-                channel.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=False,
-                                      arguments={"x-queue-type": "classic"})
-            except ResourceLocked:  # held by another attempt: the broker closed this channel
-                continue
-            with contextlib.suppress(Exception):
-                channel.close()
-            return Slot(connection, name)
-    except Exception as exc:  # noqa: BLE001 - unknown: the attempt waits rather than run unlimited
-        log.warning("rare_celery: service %s: could not ask for a slot: %s", service, f"{type(exc).__name__}: {exc}")
-    with contextlib.suppress(Exception):
-        connection.release()
+    """A free slot of ``service``'s ``slots``, tried in a random order on this process's holding
+    connection; ``None`` when all are held (or the broker could not be asked)."""
+    for tries in (1, 2):  # a kept connection the broker closed meanwhile: once more on a new one
+        try:
+            connection = _holder.connection(app)
+            for slot in random.sample(range(slots), slots):
+                name = slot_lock_name(service, slot)
+                channel = connection.channel()
+                try:
+                    channel.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=False,
+                                          arguments={"x-queue-type": "classic"})
+                except ResourceLocked:  # held by another attempt: the broker closed this channel
+                    continue
+                with contextlib.suppress(Exception):
+                    channel.close()
+                return Slot(name)
+            return None
+        except Exception as exc:  # noqa: BLE001 - unknown: the attempt waits rather than run unlimited
+            _holder.drop()
+            if tries == 2:
+                log.warning("rare_celery: service %s: could not ask for a slot: %s", service,
+                            f"{type(exc).__name__}: {exc}")
     return None
 
 
