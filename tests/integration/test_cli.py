@@ -681,7 +681,8 @@ def test_status_shows_each_breaker_as_its_state_note_says_with_the_note_escaped(
     with breaker_notes(vhost.url, "cli-svc") as announce:
         never = breaker()["cli-svc"]
         assert (never["state"], never["gen"], never["tasks"]) == ("closed", 0, ["cli.metered"])
-        assert never["settings"] == {"failures": 5, "within": 60.0, "open_for": 30.0, "max_open": 300.0}
+        assert never["settings"] == {"failures": 5, "within": 60.0, "open_for": 30.0, "max_open": 300.0, "rate": None,
+                                     "concurrency": None}
         lines = text()
         assert lines[-3].split() == ["BREAKER", "STATE", "OPEN", "PERIODS", "TASKS"]
         assert lines[-2].split() == ["cli-svc", "closed", "(never", "opened)", "0", "cli.metered"]
