@@ -22,8 +22,7 @@ app.conf.update(
     task_default_queue="observe",
     task_queues=[Queue("observe"), Queue("observe.mail")],
     task_routes={"observe.email": {"queue": "observe.mail"}},
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    worker_send_task_events=True,  # task_send_sent_event stays off (Celery's default): see README, "In Flower"
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
