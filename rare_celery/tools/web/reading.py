@@ -79,6 +79,16 @@ class Progress:
     total: int = 0
     done: int = 0
     started: float = field(default_factory=time.time)
+    depth: int = 0  # a scan: messages in the queue when it began
+    entries: list[Entry] = field(default_factory=list)  # a scan: what it read so far (appended to, never changed)
+
+    def partial(self, queue: str) -> Snapshot | None:
+        """What a scan still running has read so far, as a snapshot of the queue's head (``None``: nothing yet),
+        so that a page shows the head of a long queue at once."""
+        entries = self.entries[:self.done]  # entries[:done] are complete: ``done`` is raised after each append
+        if not entries:
+            return None
+        return Snapshot(queue, entries, self.depth, time.time(), time.time() - self.started, False)
 
 
 class Reader:
@@ -183,7 +193,7 @@ def scan(conn: Any, queue: str, progress: Progress | None = None, limit: int = R
     started = time.monotonic()
     with reader.open() as messages:
         if progress is not None:
-            progress.total = min(reader.depth, limit)
+            progress.total, progress.depth, progress.entries = min(reader.depth, limit), reader.depth, entries
         for held in messages:
             entries.append(entry(held, intern))
             if progress is not None:
