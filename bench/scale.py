@@ -406,7 +406,7 @@ def fill_bugs(vhost: Vhost, app: Any, n: int, size: int) -> float:
     return time.time() - started
 
 
-def bugs_scenario(broker: Broker, n: int, size: int) -> dict[str, Any]:
+def bugs_scenario(broker: Broker, n: int, size: int, operator: bool = False) -> dict[str, Any]:
     from tests.web_support import WebServer
 
     vhost = broker.new_vhost("bugs")
@@ -454,11 +454,42 @@ def bugs_scenario(broker: Broker, n: int, size: int) -> dict[str, Any]:
         out["first_rows_s"] = first_rows
         out["counts_s"] = complete
         out["web_other_cores"] = cpu.cores()
+        server.proc.kill()
+        server = None
+        if operator:
+            out.update(operator_actions(broker, vhost, cli, env, queue))
+        t = time.monotonic()
+        broker.ctl("purge_queue", "-p", vhost.name, queue, timeout=900)
+        out["rabbitmqctl_purge_s"] = time.monotonic() - t
         return out
     finally:
         if server is not None:
             server.proc.kill()
         vhost.delete()
+
+
+def operator_actions(broker: Broker, vhost: Vhost, cli: list[str], env: dict[str, str], queue: str) -> dict[str, Any]:
+    """What an operator does with a big bug queue, each timed: its failure groups (a whole read), a requeue of one
+    task's messages at a pace, a purge of one reason's (the tools' own commands, as an operator runs them)."""
+    out: dict[str, Any] = {}
+
+    def run(key: str, *args: str) -> str:
+        cpu = OtherCpu(broker)
+        t = time.monotonic()
+        done = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=3600, check=False)
+        out[key + "_s"] = time.monotonic() - t
+        out[key + "_other_cores"] = cpu.cores()
+        last = (done.stdout.strip().splitlines() or [""])[-1] + " " + (done.stderr.strip().splitlines() or [""])[-1]
+        out[key + "_said"] = last.strip()[:200]
+        return done.stdout
+
+    run("groups", "inspect-bugs", queue, "--groups")
+    with Connection(vhost.url) as conn:
+        conn.default_channel.queue_declare("scale.requeued", durable=True, auto_delete=False)
+    run("requeue", "requeue-bugs", queue, "--task", "notify.sms", "--to", "scale.requeued", "--rate", "5000/s", "--yes")
+    run("purge", "purge-bugs", queue, "--reason", "expired", "--yes")
+    out["left"] = broker.settled_queues(vhost.name, limit=10).get(queue)
+    return out
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -484,6 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distinct", type=int, help="distinct delays of 'delays' (default 500, --quick 50)")
     p.add_argument("--calls", type=int, help="delay() calls per variant of 'cost' (default 5,000, --quick 500)")
     p.add_argument("--out", help="results base name in bench/results (default scale, --quick: scale-quick)")
+    p.add_argument("--operator", action="store_true",
+                   help="bugs: also time --groups, a paced requeue and a purge with the CLI (whole reads)")
     p.add_argument("--label", default="", help="a note written with every row (e.g. 'before', 'lazy')")
     args = p.parse_args(argv)
     if "all" in args.scenarios:
@@ -537,7 +570,13 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
         ("label", "run", 0), ("rabbitmq", "RabbitMQ", 0), ("depth", "messages", 0), ("fill_s", "fill s", 1),
         ("first_response_s", "console: 1st response s", 2), ("first_response_rows", "rows in it", 0),
         ("first_rows_s", "console: 1st page of rows s", 2), ("counts_s", "console: read done s", 1),
-        ("inspect_limit50_s", "inspect-bugs --limit 50 s", 2), ("web_other_cores", "other cores", 2)]),
+        ("inspect_limit50_s", "inspect-bugs --limit 50 s", 2), ("rabbitmqctl_purge_s", "rabbitmqctl purge_queue s", 1),
+        ("web_other_cores", "other cores", 2)]),
+    "operator": ("What an operator does with a big bug queue (the CLI)", [
+        ("label", "run", 0), ("rabbitmq", "RabbitMQ", 0), ("depth", "messages", 0),
+        ("groups_s", "inspect-bugs --groups s", 1), ("requeue_s", "requeue-bugs --task (1/4) --rate 5000/s s", 1),
+        ("requeue_said", "it said", 0), ("purge_s", "purge-bugs --reason expired s", 1), ("purge_said", "it said", 0),
+        ("left", "left", 0)]),
     "delays": ("Distinct delays in use at once", [
         ("label", "run", 0), ("rabbitmq", "RabbitMQ", 0), ("distinct", "distinct delays", 0),
         ("per_delay", "retries each", 0), ("range_s", "range s", 0), ("delay_queues_at_publish", "queues at publish", 0),
@@ -555,7 +594,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     """Markdown tables of every row recorded so far, one table per scenario."""
     out = []
     for scenario, (title, columns) in TABLES.items():
-        mine = [r for r in rows if r.get("scenario") == scenario]
+        mine = [r for r in rows if r.get("scenario") == scenario
+                or (scenario == "operator" and r.get("scenario") == "bugs" and "groups_s" in r)]
         if not mine:
             continue
         out += [f"### {title}", "", "| " + " | ".join(c[1] for c in columns) + " |",
@@ -588,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 for kind in args.kinds:
                     record(args, version, waiting(broker, kind, args.messages, args.delay, args.size))
             elif scenario == "bugs":
-                record(args, version, bugs_scenario(broker, args.messages, args.size))
+                record(args, version, bugs_scenario(broker, args.messages, args.size, args.operator))
             elif scenario == "delays":
                 record(args, version, delays_scenario(broker, args.distinct, args.quick))
             elif scenario == "cost":
