@@ -450,6 +450,8 @@ def bugs_scenario(broker: Broker, n: int, size: int, operator: bool = False) -> 
                         out["counts_text"] = " ".join(re.sub(r"<[^>]+>", " ", page.text.split('id="snapshot"')[1]
                                                              .split("</p>")[0]).split())[:300]
                         break
+            with contextlib.suppress(psutil.Error):
+                out["web_rss_peak_mb"] = max(out.get("web_rss_peak_mb", 0.0), rss_mb(psutil.Process(server.proc.pid)))
             time.sleep(0.5)
         out["first_rows_s"] = first_rows
         out["counts_s"] = complete
@@ -570,7 +572,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
         ("label", "run", 0), ("rabbitmq", "RabbitMQ", 0), ("depth", "messages", 0), ("fill_s", "fill s", 1),
         ("first_response_s", "console: 1st response s", 2), ("first_response_rows", "rows in it", 0),
         ("first_rows_s", "console: 1st page of rows s", 2), ("counts_s", "console: read done s", 1),
-        ("inspect_limit50_s", "inspect-bugs --limit 50 s", 2), ("rabbitmqctl_purge_s", "rabbitmqctl purge_queue s", 1),
+        ("web_rss_peak_mb", "console RSS peak MB", 0), ("inspect_limit50_s", "inspect-bugs --limit 50 s", 2), ("rabbitmqctl_purge_s", "rabbitmqctl purge_queue s", 1),
         ("web_other_cores", "other cores", 2)]),
     "operator": ("What an operator does with a big bug queue (the CLI)", [
         ("label", "run", 0), ("rabbitmq", "RabbitMQ", 0), ("depth", "messages", 0),
