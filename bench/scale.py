@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -422,6 +423,7 @@ def bugs_scenario(broker: Broker, n: int, size: int, operator: bool = False) -> 
     server = None
     try:
         out["fill_s"] = fill_bugs(vhost, app, n, size)
+        say(f"[bugs] {n:,} published in {out['fill_s']:.1f} s")
         out["depth"] = broker.settled_queues(vhost.name, limit=10).get(queue, 0)
         cli = [sys.executable, "-m", "rare_celery.tools.cli", "--broker", vhost.url]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -433,6 +435,7 @@ def bugs_scenario(broker: Broker, n: int, size: int, operator: bool = False) -> 
         out["inspect_limit50_s"] = time.monotonic() - t
         out["inspect_limit50_rows"] = max(0, len(done.stdout.splitlines()) - 2)  # a header, a summary
         out["inspect_other_cores"] = cpu.cores()
+        say(f"[bugs] inspect-bugs --limit 50: {out['inspect_limit50_s']:.2f} s")
 
         server = WebServer("--broker", vhost.url)
         page = server.get("/")  # the overview (the token cookie is set by WebServer)
@@ -445,9 +448,15 @@ def bugs_scenario(broker: Broker, n: int, size: int, operator: bool = False) -> 
         out["first_response_is_progress"] = 'id="job"' in page.text
         first_rows = None if out["first_response_is_progress"] else out["first_response_s"]
         complete = None
+        say(f"[bugs] first response in {out['first_response_s']:.2f} s: {out['first_response_rows']} rows")
         while time.monotonic() - t < 900:
             if first_rows is None or complete is None:
-                page = server.get(f"/queue?q={urllib.parse.quote(queue)}")
+                try:
+                    page = _get(server, f"/queue?q={urllib.parse.quote(queue)}", 30)
+                except OSError as exc:  # noted, asked again
+                    out["hung_requests"] = out.get("hung_requests", 0) + 1
+                    say(f"[bugs] a page did not answer in 30 s ({exc}) at {time.monotonic() - t:.0f} s")
+                    continue
                 if 'id="snapshot"' in page.text:
                     first_rows = first_rows or time.monotonic() - t
                     if "Reading it again now" not in page.text and "Still reading" not in page.text:
@@ -457,7 +466,7 @@ def bugs_scenario(broker: Broker, n: int, size: int, operator: bool = False) -> 
                         break
             with contextlib.suppress(psutil.Error):
                 out["web_rss_peak_mb"] = max(out.get("web_rss_peak_mb", 0.0), rss_mb(psutil.Process(server.proc.pid)))
-            time.sleep(0.5)
+            time.sleep(2)
         out["first_rows_s"] = first_rows
         out["counts_s"] = complete
         out["web_other_cores"] = cpu.cores()
@@ -497,6 +506,13 @@ def operator_actions(broker: Broker, vhost: Vhost, cli: list[str], env: dict[str
     run("purge", "purge-bugs", queue, "--reason", "expired", "--yes")
     out["left"] = broker.settled_queues(vhost.name, limit=10).get(queue)
     return out
+
+
+def _get(server: Any, path: str, timeout: float) -> Any:
+    """``server.get(path)`` (tests.web_support.WebServer) with a shorter timeout."""
+    request = urllib.request.Request(server.url + path, headers={"Cookie": server.cookie} if server.cookie else {})
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return type("Page", (), {"text": r.read().decode()})
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
