@@ -160,6 +160,33 @@ def test_a_long_read_shows_the_head_of_the_queue_at_once_counted_as_partial(vhos
     assert keys(drain(vhost.url, queue_name)) == [m.key() for m in messages]  # same order, same bytes
 
 
+def test_a_read_that_stops_before_the_end_lets_go_quietly(vhost, queue_name, caplog):
+    """Issue 28: a read of the head of a long queue (its limit, or a message page that found its message) left
+    the broker pushing the rest; closing the channel then logged a warning per message in flight (a million-
+    message bug queue: the console stuck writing them). The consumer is cancelled first."""
+    import logging
+
+    from rare_celery.tools import bugs
+    from rare_celery.tools.web import reading
+
+    messages = mixed(3000)
+    publish(vhost.url, queue_name, messages)
+    with caplog.at_level(logging.WARNING, logger="amqp"), Connection(vhost.url) as conn:
+        bugs.connect(conn)
+        snap = reading.scan(conn, queue_name, limit=100)
+        found = reading.find(conn, queue_name, records_fingerprint(messages[10]), messages[10].headers["id"])
+    assert len(snap.entries) == 100 and not snap.complete and found is not None
+    assert not [r for r in caplog.records if r.name.startswith("amqp")], caplog.records[:3]
+    settled(vhost, queue_name, len(messages))
+    assert keys(drain(vhost.url, queue_name)) == [m.key() for m in messages]  # same order, same bytes
+
+
+def records_fingerprint(m) -> str:
+    from rare_celery.tools import records
+
+    return records.fingerprint(m.body, m.props, m.headers)
+
+
 def test_a_message_page_shows_everything_and_hostile_text_as_text(vhost, any_queue, queue_name):
     evil = "<script>window.pwned=1</script>"
     hops = [{"task": "web.sms", "queue": "web.work", "reason": "exhausted", "attempts": 3, "started": time.time() - 90,
