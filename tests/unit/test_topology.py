@@ -8,8 +8,8 @@ import pytest
 from amqp.exceptions import PreconditionFailed
 from kombu import Queue
 
-from rare_celery import topology as t
 from rare_celery import declare
+from rare_celery import topology as t
 from rare_celery.declare import explain
 from rare_celery.exceptions import TopologyError
 
@@ -137,7 +137,7 @@ def test_a_delay_queue_that_exists_in_the_other_mode_is_taken_as_it_is():
 
 
 def test_another_mismatch_of_a_delay_queue_is_still_refused():
-    main, probe = _channels("3.10.8", refusal="x-message-ttl")
+    main, _probe = _channels("3.10.8", refusal="x-message-ttl")
     with pytest.raises(TopologyError, match="x-message-ttl"):
         declare.declare_queue(main, t.delay_queue(5000))
     assert not main.queue_declare.called
