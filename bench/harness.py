@@ -111,7 +111,8 @@ class Worker:
                  concurrency: int = 2, delays=(1.0,), loglevel: str = "warning") -> None:
         self.directory = directory
         self.log = directory / "worker.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_BROKER": vhost.url, "BENCH_VARIANT": variant,
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               "BENCH_BROKER": vhost.url, "BENCH_VARIANT": variant,
                "BENCH_DIR": str(directory), "BENCH_DELAYS": ",".join(f"{d:g}" for d in delays)}
         cmd = [sys.executable, "-m", "celery", "-A", "bench.apps", "worker", "-Q", "bench", "-P", pool,
                "-c", str(concurrency), "--without-mingle", "--without-gossip", "-l", loglevel,

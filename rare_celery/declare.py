@@ -11,7 +11,16 @@ from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Queue
 
 from .exceptions import TopologyError
-from .topology import CLASSIC, DELAY_EXCHANGE, QUORUM, RETURN_EXCHANGE, bug_queue, for_broker, unrouted_queue
+from .topology import (
+    CLASSIC,
+    DELAY_EXCHANGE,
+    QUORUM,
+    RETURN_EXCHANGE,
+    bug_queue,
+    for_broker,
+    other_mode,
+    unrouted_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +47,37 @@ def explain(exc: Exception) -> str:
 
 def declare_queue(channel: Any, queue: Queue) -> None:
     """Declare ``queue`` (and bind it to its exchange); a mismatch becomes a :class:`TopologyError`."""
-    version = str((channel.connection.server_properties or {}).get("version", ""))
     try:
-        for_broker(queue, version).bind(channel).declare()
+        _declare(channel, queue)
     except PreconditionFailed as exc:
         raise TopologyError(explain(exc)) from None
+
+
+def _declare(channel: Any, queue: Queue) -> None:
+    """Declare ``queue`` as this broker needs it (:func:`~rare_celery.topology.for_broker`). A classic delay
+    queue is tried first on a channel of its own (a refusal closes the channel it is made on): one that
+    exists with the other queue mode (made lazy before 3.12, or by an older rare_celery without the
+    mode) is taken as it is, never refused."""
+    version = str((channel.connection.server_properties or {}).get("version", ""))
+    wanted = for_broker(queue, version)
+    args = wanted.queue_arguments or {}
+    if not getattr(wanted, "rare_delay", False) or args.get("x-queue-type") != CLASSIC:
+        wanted.bind(channel).declare()
+        return
+    probe = channel.connection.channel()
+    try:
+        wanted.bind(probe).declare()
+        return
+    except PreconditionFailed as exc:
+        m = _INEQUIVALENT.search(str(exc))
+        if not m or m["arg"] != "x-queue-mode":
+            raise
+    finally:
+        try:
+            probe.close()
+        except Exception:  # noqa: BLE001, S110 - the broker closed it already (the refusal above)
+            pass
+    other_mode(wanted).bind(channel).declare()
 
 
 def broker_type(connection: Any, queue: Queue) -> str | None:
@@ -93,8 +128,9 @@ def once(channel: Any, entity: Any) -> None:
     if key in done:
         return
     if isinstance(entity, Queue):
-        entity = for_broker(entity, str((channel.connection.server_properties or {}).get("version", "")))
-    entity.bind(channel).declare()
+        _declare(channel, entity)
+    else:
+        entity.bind(channel).declare()
     done.add(key)
 
 

@@ -3,13 +3,15 @@ every queue of rare_celery's own with an explicit type, whatever the vhost's def
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from celery import Celery
 from kombu import Connection, Queue
 
 from rare_celery.declare import broker_type, declare_worker_topology, learn_types
 from rare_celery.publish import send, to_delay
-from rare_celery.topology import CLASSIC, QUORUM, UNROUTED_QUEUE, bug_queue
+from rare_celery.topology import CLASSIC, QUORUM, UNROUTED_QUEUE, bug_queue, lazy_first
 from tests.support import HOST, QUORUM_OK, Vhost, Worker, broker_cycle_lines, rabbitmqctl, wait_for
 
 PROPS = {"content_type": "application/json", "content_encoding": "utf-8"}
@@ -158,3 +160,32 @@ def test_celery_54_on_a_quorum_work_queue_stops_at_start_with_one_line(quorum_vh
     text = worker.text()
     assert code != 0 and "core is a quorum queue (declared so, or the vhost's default queue type)" in text
     assert "Traceback" not in text
+
+
+def lazy_mode(vhost, name: str) -> bool:
+    out = rabbitmqctl("list_queues", "-p", vhost.name, "--no-table-headers", "name", "arguments")
+    return any(line.startswith(name + "\t") and "lazy" in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize("existing", [None, {}, {"x-queue-mode": "lazy"}])
+def test_retries_wait_in_a_lazy_queue_before_3_12_and_an_existing_one_is_taken_as_it_is(vhost, existing):
+    """Issue 28: a classic delay queue keeps its messages on disk (lazy) on RabbitMQ 3.10/3.11. One that an
+    older rare_celery made (no mode), or made lazy before the broker was upgraded, is used as it is: the
+    broker would refuse (406) a declaration with the other mode, and a retry must never fail for that."""
+    work = f"topology.lazy.{len(str(existing))}"
+    with Connection(vhost.url, transport_options={"confirm_publish": True}) as conn:
+        channel = conn.default_channel
+        version = conn.connection.server_properties["version"]
+        Queue(work, durable=True, queue_arguments={"x-queue-type": CLASSIC}).bind(channel).declare()
+        copy = to_delay(work, 0.3 + 0.1 * len(str(existing)), CLASSIC, '{"n": 1}', {}, PROPS)
+        name = copy.target.name
+        with contextlib.suppress(RuntimeError):  # from an earlier run of the test
+            rabbitmqctl("delete_queue", "-p", vhost.name, name)
+        if existing is not None:  # as an older rare_celery (or another broker version) made it
+            args = {**copy.target.queue_arguments, **existing}
+            Queue(name, durable=True, queue_arguments=args).bind(channel).declare()
+        send(conn.Producer(channel), copy)
+        wait_for(lambda: vhost.queue_stats().get(work, {}).get("ready") == 1, 30, 0.1, "the due message")
+        assert channel.basic_get(work, no_ack=True).body == copy.body
+    lazy = lazy_first(version) if existing is None else bool(existing)
+    assert lazy_mode(vhost, name) == lazy

@@ -130,6 +130,64 @@ def test_a_queue_page_reads_pages_and_filters_and_leaves_every_message_in_place(
     assert keys(drain(vhost.url, queue_name)) == [m.key() for m in messages]  # same order, same bytes
 
 
+def test_a_long_read_shows_the_head_of_the_queue_at_once_counted_as_partial(vhost, queue_name, monkeypatch):
+    """Issue 28: the first page of a queue of a million messages waited for the whole read (up to 120 s). It
+    now shows the head read so far, said to be partial; the whole read follows. The read is slowed here
+    (20 ms a message) so that it is still running when the page is answered."""
+    from rare_celery.tools.web import reading
+    from tests.web_support import console_client
+
+    messages = mixed(300)
+    publish(vhost.url, queue_name, messages)
+    entry = reading.entry
+    monkeypatch.setattr(reading, "entry", lambda held, intern: (time.sleep(0.02), entry(held, intern))[1])
+    with console_client(vhost.url) as client:
+        page = client.get(f"/queue?q={queue_name}").get_data(as_text=True)
+        text = text_of(page)
+        read = re.search(r"Still reading: ([\d,]+) of the 300 messages it holds so far", text)
+        assert read, text[:1000]
+        n = int(read.group(1).replace(",", ""))
+        assert 0 < n < 300 and f"{n:,} messages read" in text
+        assert re.findall(r'data-id="([^"]*)"', page) == [m.headers["id"] for m in messages[:min(n, 50)]]
+        by_reason = {r: sum(1 for m in messages[:n] if m.headers["x-rare-reason"] == r) for r in ("exhausted", "bug")}
+        assert f"exhausted {by_reason['exhausted']:,}" in text  # counted as far as the read has come
+
+        def whole():
+            p = client.get(f"/queue?q={queue_name}").get_data(as_text=True)
+            return p if "Still reading" not in p and 'id="job"' not in p else None
+        text = text_of(wait_for(whole, 60, 0.2, "the whole read"))
+        assert "300 messages read" in text and "page 1 of 6" in text and "exhausted 100" in text
+    settled(vhost, queue_name, len(messages))
+    assert keys(drain(vhost.url, queue_name)) == [m.key() for m in messages]  # same order, same bytes
+
+
+def test_a_read_that_stops_before_the_end_lets_go_quietly(vhost, queue_name, caplog):
+    """Issue 28: a read of the head of a long queue (its limit, or a message page that found its message) left
+    the broker pushing the rest; closing the channel then logged a warning per message in flight (a million-
+    message bug queue: the console stuck writing them). The consumer is cancelled first."""
+    import logging
+
+    from rare_celery.tools import bugs
+    from rare_celery.tools.web import reading
+
+    messages = mixed(3000)
+    publish(vhost.url, queue_name, messages)
+    with caplog.at_level(logging.WARNING, logger="amqp"), Connection(vhost.url) as conn:
+        bugs.connect(conn)
+        snap = reading.scan(conn, queue_name, limit=100)
+        found = reading.find(conn, queue_name, records_fingerprint(messages[10]), messages[10].headers["id"])
+    assert len(snap.entries) == 100 and not snap.complete and found is not None
+    assert not [r for r in caplog.records if r.name.startswith("amqp")], caplog.records[:3]
+    settled(vhost, queue_name, len(messages))
+    assert keys(drain(vhost.url, queue_name)) == [m.key() for m in messages]  # same order, same bytes
+
+
+def records_fingerprint(m) -> str:
+    from rare_celery.tools import records
+
+    return records.fingerprint(m.body, m.props, m.headers)
+
+
 def test_a_message_page_shows_everything_and_hostile_text_as_text(vhost, any_queue, queue_name):
     evil = "<script>window.pwned=1</script>"
     hops = [{"task": "web.sms", "queue": "web.work", "reason": "exhausted", "attempts": 3, "started": time.time() - 90,

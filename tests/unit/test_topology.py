@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from unittest.mock import MagicMock
+
 import pytest
 from amqp.exceptions import PreconditionFailed
+from kombu import Queue
 
+from rare_celery import declare
 from rare_celery import topology as t
 from rare_celery.declare import explain
+from rare_celery.exceptions import TopologyError
 
 
 @pytest.mark.parametrize("ms, floor", [
@@ -64,3 +69,82 @@ def test_explain_names_queue_argument_both_values_and_the_fix():
     assert "'rare.wait.5s'" in text and "x-message-ttl='4000'" in text and "x-message-ttl='5000'" in text
     assert "rabbitmqctl delete_queue rare.wait.5s -p prod" in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("version, lazy", [("3.10.8", True), ("3.11.28", True), ("3.12.0", False),
+                                           ("3.13.7", False), ("4.0.5", False), ("4.3.0", False), ("", False),
+                                           ("garbage", False)])
+def test_classic_delay_queues_are_lazy_before_3_12(version, lazy):
+    """Before 3.12 a classic queue keeps its messages in RAM unless lazy; later versions page out anyway."""
+    declared = t.for_broker(t.delay_queue(5000), version)
+    wanted = {"x-queue-type": "classic", "x-message-ttl": 5000, "x-dead-letter-exchange": "rare.return"}
+    assert declared.queue_arguments == ({**wanted, "x-queue-mode": "lazy"} if lazy else wanted)
+    assert declared.name == "rare.wait.5s" and declared.routing_key == "amq.rare.wait.5s"
+    assert declared.exchange.name == "rare.delay" and declared.durable and declared.rare_delay
+    assert t.delay_queue(5000).queue_arguments == wanted  # the queue itself is left as it was
+
+
+def test_only_classic_delay_queues_are_made_lazy():
+    for queue in (t.delay_queue(5000, t.QUORUM), t.bug_queue("sms.bugs"), t.unrouted_queue(),
+                  t.breaker_state_queue("deepl"), Queue("sms", queue_arguments={"x-queue-type": "classic"})):
+        assert "x-queue-mode" not in (t.for_broker(queue, "3.10.8").queue_arguments or {})
+
+
+def test_other_mode_switches_between_lazy_and_default():
+    lazy = t.for_broker(t.delay_queue(5000), "3.10.8")
+    default = t.other_mode(lazy)
+    assert "x-queue-mode" not in default.queue_arguments and default.rare_delay
+    assert t.other_mode(default).queue_arguments == lazy.queue_arguments
+
+
+def _channels(version, refusal=None):
+    main, probe = MagicMock(name="channel"), MagicMock(name="probe")
+    main.connection.server_properties = {"version": version}
+    main.connection.channel.return_value = probe
+    for channel in (main, probe):
+        channel.prepare_queue_arguments.side_effect = lambda args, **kw: args
+    if refusal:
+        probe.queue_declare.side_effect = PreconditionFailed(
+            f"Queue.declare: (406) PRECONDITION_FAILED - inequivalent arg '{refusal}' for queue 'rare.wait.5s' in "
+            f"vhost 'prod': received the value 'lazy' of type 'longstr' but current is none")
+    return main, probe
+
+
+def _declared_args(channel):
+    return [c.kwargs["arguments"] for c in channel.queue_declare.call_args_list]
+
+
+def test_a_delay_queue_is_declared_lazy_on_a_channel_of_its_own():
+    main, probe = _channels("3.10.8")
+    declare.declare_queue(main, t.delay_queue(5000))
+    assert _declared_args(probe) == [{**t.delay_queue(5000).queue_arguments, "x-queue-mode": "lazy"}]
+    assert not main.queue_declare.called and probe.close.called
+
+
+def test_a_delay_queue_that_exists_in_the_other_mode_is_taken_as_it_is():
+    """An existing rare.wait.5s made by an older rare_celery (no mode): declaring it lazy is refused (406,
+    measured on 3.10.8), on the probe channel; it is then declared as it is, on the caller's channel."""
+    main, probe = _channels("3.10.8", refusal="x-queue-mode")
+    declare.declare_queue(main, t.delay_queue(5000))
+    assert _declared_args(main) == [t.delay_queue(5000).queue_arguments] and probe.close.called
+    main, probe = _channels("3.10.8", refusal="x-queue-mode")
+    main.connection.client.declared_entities = set()
+    declare.once(main, t.delay_queue(5000))  # the publish path, the same way
+    assert _declared_args(main) == [t.delay_queue(5000).queue_arguments]
+    main, probe = _channels("3.13.7", refusal="x-queue-mode")  # made lazy, the broker upgraded since
+    declare.declare_queue(main, t.delay_queue(5000))
+    assert _declared_args(main) == [{**t.delay_queue(5000).queue_arguments, "x-queue-mode": "lazy"}]
+
+
+def test_another_mismatch_of_a_delay_queue_is_still_refused():
+    main, _probe = _channels("3.10.8", refusal="x-message-ttl")
+    with pytest.raises(TopologyError, match="x-message-ttl"):
+        declare.declare_queue(main, t.delay_queue(5000))
+    assert not main.queue_declare.called
+
+
+def test_other_queues_are_declared_on_the_callers_channel():
+    main, probe = _channels("3.10.8")
+    declare.declare_queue(main, t.bug_queue("sms.bugs"))
+    declare.declare_queue(main, t.delay_queue(5000, t.QUORUM))
+    assert len(_declared_args(main)) == 2 and not probe.queue_declare.called

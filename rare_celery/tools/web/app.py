@@ -155,6 +155,10 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
             if job.state == "failed":
                 raise Refused(job.error or "the read failed")
             snap, job = console.snapshots.get(queue), None
+        partial = False
+        if snap is None and job is not None and job.kind == "scan":  # a long queue: its head at once, counted
+            snap = job.progress.partial(queue)  # as far as the read has come
+            partial = snap is not None
         if snap is None:
             return render_template("job.html", title=f"Reading {queue}", job=job, back=None)
         matching = snap.matching(filters.selector())
@@ -169,7 +173,8 @@ def create_app(console: Console, guard: Guard, registry: CollectorRegistry | Non
                                by_task=top(by_task), groups=failure_groups[:GROUPS_SHOWN],
                                more_groups=max(0, len(failure_groups) - GROUPS_SHOWN), reading_now=job, now=time.time(),
                                link=lambda **kw: url_for("queue_page", **filters.args(q=queue, **kw)),
-                               reasons=REASONS, unrouted_queue=queue == UNROUTED_QUEUE.name)
+                               reasons=REASONS, unrouted_queue=queue == UNROUTED_QUEUE.name,
+                               partial=partial)
 
     @app.route("/queue/rescan", methods=["POST"])
     def rescan() -> ResponseReturnValue:

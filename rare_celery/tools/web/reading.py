@@ -79,6 +79,16 @@ class Progress:
     total: int = 0
     done: int = 0
     started: float = field(default_factory=time.time)
+    depth: int = 0  # a scan: messages in the queue when it began
+    entries: list[Entry] = field(default_factory=list)  # a scan: what it read so far (appended to, never changed)
+
+    def partial(self, queue: str) -> Snapshot | None:
+        """What a scan still running has read so far, as a snapshot of the queue's head (``None``: nothing yet),
+        so that a page shows the head of a long queue at once."""
+        entries = self.entries[:self.done]  # entries[:done] are complete: ``done`` is raised after each append
+        if not entries:
+            return None
+        return Snapshot(queue, entries, self.depth, time.time(), time.time() - self.started, False)
 
 
 class Reader:
@@ -89,6 +99,8 @@ class Reader:
         self.depth = 0
         self.complete = True
         self._pending: deque[Any] = deque()
+        self._consumer: str | None = None
+        self._over = False
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Iterator[bugs.Held]]:
@@ -105,7 +117,15 @@ class Reader:
             bugs.abandon(channel)
             raise
         finally:
+            self._over = True
             with contextlib.suppress(Exception):  # a closed channel puts every unacked message back
+                if self._consumer is not None:
+                    # A read that stopped before the end of a long queue: the broker is still pushing its messages
+                    # (no prefetch limit). Cancelled first, what it sent meanwhile reaches the callback (dropped)
+                    # until Cancel-Ok; a channel closed while they come logs a warning for each (measured: a
+                    # million bug messages, the console stuck writing them to a full stderr pipe).
+                    channel.basic_cancel(self._consumer)
+                self._pending.clear()
                 channel.close()
 
     def _read(self, channel: Any) -> Iterator[bugs.Held]:
@@ -114,7 +134,7 @@ class Reader:
         if not want:
             return
         channel.basic_qos(0, 0, False)  # unlimited: nothing is ever acked, so any limit would stall
-        channel.basic_consume(self.queue, callback=self._pending.append, no_ack=False)
+        self._consumer = channel.basic_consume(self.queue, callback=self._delivered, no_ack=False)
         transport = self.conn.connection
         ends = time.monotonic() + self.deadline
         position = quiet = 0
@@ -141,6 +161,10 @@ class Reader:
                                                   message.headers))
             position += 1
 
+
+    def _delivered(self, message: Any) -> None:
+        if not self._over:
+            self._pending.append(message)
 
     def _ready(self) -> int:
         """Messages ready in the queue now (a broker that pages a long queue in from disk can pause
@@ -183,7 +207,7 @@ def scan(conn: Any, queue: str, progress: Progress | None = None, limit: int = R
     started = time.monotonic()
     with reader.open() as messages:
         if progress is not None:
-            progress.total = min(reader.depth, limit)
+            progress.total, progress.depth, progress.entries = min(reader.depth, limit), reader.depth, entries
         for held in messages:
             entries.append(entry(held, intern))
             if progress is not None:
