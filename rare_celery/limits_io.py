@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import random
+import threading
 from typing import Any
 
 from amqp.exceptions import MessageNacked, ResourceLocked
@@ -67,11 +68,12 @@ class Slot:
         if name is None:
             return
         try:
-            channel = _holder.connection().channel()
-            try:
-                channel.queue_delete(name)
-            finally:
-                channel.close()
+            with _holder.lock:
+                channel = _holder.connection().channel()
+                try:
+                    channel.queue_delete(name)
+                finally:
+                    channel.close()
         except Exception as exc:  # noqa: BLE001 - not let go: the connection is dropped, which lets go of all
             log.warning("rare_celery: could not let go of slot %s (%s); dropping its connection", name,
                         f"{type(exc).__name__}: {exc}")
@@ -80,12 +82,14 @@ class Slot:
 
 class _Holder:
     """This process's connection that holds its slots (one per process: a forked pool process makes
-    its own), made when first needed and made again after a failure."""
+    its own), made when first needed and made again after a failure; used by one thread at a time
+    (``lock``: a threads or gevent pool runs several attempts in one process)."""
 
     def __init__(self) -> None:
         self.app: Any = None
         self.conn: Any = None
         self.pid = 0
+        self.lock = threading.RLock()
 
     def connection(self, app: Any = None) -> Any:
         if self.conn is not None and self.pid != os.getpid():  # inherited through a fork: never used here
@@ -110,28 +114,33 @@ _holder = _Holder()
 
 
 def take_slot(app: Any, service: str, slots: int) -> Slot | None:
-    """A free slot of ``service``'s ``slots``, tried in a random order on this process's holding
-    connection; ``None`` when all are held (or the broker could not be asked)."""
+    """A free slot of ``service``'s ``slots``, on this process's holding connection; ``None`` when all
+    are held (or the broker could not be asked)."""
     for tries in (1, 2):  # a kept connection the broker closed meanwhile: once more on a new one
         try:
-            connection = _holder.connection(app)
-            for slot in random.sample(range(slots), slots):
-                name = slot_lock_name(service, slot)
-                channel = connection.channel()
-                try:
-                    channel.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=False,
-                                          arguments={"x-queue-type": "classic"})
-                except ResourceLocked:  # held by another attempt: the broker closed this channel
-                    continue
-                with contextlib.suppress(Exception):
-                    channel.close()
-                return Slot(name)
-            return None
+            with _holder.lock:
+                return _take(_holder.connection(app), service, slots)
         except Exception as exc:  # noqa: BLE001 - unknown: the attempt waits rather than run unlimited
             _holder.drop()
             if tries == 2:
                 log.warning("rare_celery: service %s: could not ask for a slot: %s", service,
                             f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def _take(connection: Any, service: str, slots: int) -> Slot | None:
+    """A free slot, tried in a random order on ``connection``; ``None`` when all are held."""
+    for slot in random.sample(range(slots), slots):
+        name = slot_lock_name(service, slot)
+        channel = connection.channel()
+        try:
+            channel.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=False,
+                                  arguments={"x-queue-type": "classic"})
+        except ResourceLocked:  # held by another attempt: the broker closed this channel
+            continue
+        with contextlib.suppress(Exception):
+            channel.close()
+        return Slot(name)
     return None
 
 
