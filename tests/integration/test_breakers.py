@@ -394,7 +394,8 @@ def test_the_slots_of_a_worker_that_dies_are_free_again_at_once(app, env, workdi
         assert "at most 2 at once" in shown and "now: 2 of 2 in flight" in shown, shown
         second = Worker("tests.apps.breakers", ["breakers.slotted"], env, workdir, name="slot2").wait_ready()
         quick = {app.slotted.delay(f"q{i}", 0.2).id for i in range(4)}
-        time.sleep(1.0)  # the other worker finds both slots held meanwhile: nothing of quick runs
+        wait_for(lambda: " ignored" in second.text(), 20, 0.1,  # sent to wait: both slots held
+                 "the other worker to find every slot held")
         assert not [e for e in record.all() if e["kind"] == "serving" and e["id"] in quick]
         killed = time.time()
         os.killpg(first.proc.pid, signal.SIGKILL)
