@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from celery.exceptions import Ignore, ImproperlyConfigured, Reject
@@ -55,9 +57,6 @@ MAX_PAUSE = 30 * 86_400.0  # the longest pause RetryAfter asks for
 def retry_after_seconds(value: object, now: float | None = None) -> float | None:
     """An HTTP ``Retry-After`` value in seconds from ``now``: a number of seconds, or an HTTP date
     (at least 0); at most :data:`MAX_PAUSE`. ``None`` when it is neither."""
-    import time
-    from email.utils import parsedate_to_datetime
-
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
