@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def setup_app(app: Any, *steps: Any) -> None:
     """Called when a RareTask is bound to ``app``: add the worker bootsteps ``steps``
-    (:class:`rare_celery.worker.RareConsumerStep`, :class:`~rare_celery.worker.BreakerStep`), turn
+    (:class:`rare_celery.worker.RareConsumerStep`, :class:`~rare_celery.worker.BreakerStep`,
+    :class:`~rare_celery.worker.lines.LinesStep`), turn
     on confirms, fold ``expires`` into the deadline on publish, leave out Celery's native delayed
     delivery, and consume rare quorum work queues with an ``x-consumer-timeout`` that covers the
     longest hold (:mod:`rare_celery.locks`)."""

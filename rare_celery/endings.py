@@ -5,6 +5,7 @@ ending         where the message goes                                           
 =============  ==================================================================  =====================
 ``retry``      a delay queue, as the next attempt (``x-rare-attempt`` + 1)          :func:`retry`
 ``wait``       a delay queue, the same attempt, not run (early arrival, breaker)   :func:`wait`
+               or its service's line (its limits: until woken)                     :func:`line`
 ``hop``        the next task's queue, as its attempt 1                             :func:`hop`
 ``bugs``       its bug queue, with the reason and the last error                   :func:`bugs`
 ``put_back``   its own queue again, ``x-rare-deliveries`` + 1 (past the limit:     :func:`put_back`
@@ -39,7 +40,7 @@ from .exceptions import Bug, HopLimit, PublishRefused
 from .inventory import resolve_task_name, target_queue
 from .message import Delivery
 from .policy import GiveUp, HopTo, RetryIn, slack
-from .publish import Copy, to_bugs, to_delay, to_queue
+from .publish import Copy, to_bugs, to_delay, to_line, to_queue
 from .reasons import BUG, EXPIRED, UNROUTABLE
 from .topology import delay_kind, own_kind
 
@@ -113,6 +114,19 @@ def wait(d: Delivery, state: hdr.Attempt, due: float, *, breaker: str | None = N
     copy = to_delay(d.queue or "", rest, delay_kind(d.task.app, d.queue or ""), body, headers, props,
                     slack=slack(rest), own_kind=own_kind(d.task.app))
     return Ending(WAIT, d, copy, Ignore(), fields={"due": due, **({"breaker": breaker} if breaker else {})})
+
+
+def line(d: Delivery, state: hdr.Attempt, service: str, limit: str, *, now: float | None = None) -> Ending:
+    """Attempt ``state`` may not start now: ``service``'s ``limit`` (``concurrency``, ``rate``) is reached.
+    It waits, unrun, nothing counted, in the service's line until an attempt's end or a worker wakes
+    it (:func:`rare_celery.limits_io.wake`), or until its shelf life ends."""
+    now = time.time() if now is None else now
+    body, headers, props = d.copy(hdr.write(replace(state, due=None, queue=d.queue)),
+                                  keep=(*hdr.LAST_ERROR, hdr.DELIVERIES, hdr.RETURNED))
+    rest = None if state.deadline is None else state.deadline - now
+    copy = to_line(d.queue or "", service, delay_kind(d.task.app, d.queue or ""), body, headers, props,
+                   expires_in=rest, own_kind=own_kind(d.task.app))
+    return Ending(WAIT, d, copy, Ignore(), fields={"line": service, "limit": limit, "breaker": service})
 
 
 def hop(d: Delivery, state: hdr.Attempt, target: object, reason: str, *, args: Any = None, kwargs: Any = None,
@@ -334,8 +348,8 @@ def report(ending: Ending, reporter: Reporter) -> None:
         event(events.RETRY, attempt=f["attempt"], delay=f["delay"], **events.failure(exc), queue=d.queue,
               waits=_waits(ending))
     elif ending.kind == WAIT:
-        event(events.WAIT, due=f["due"], queue=d.queue, waits=_waits(ending),
-              **({"breaker": f["breaker"]} if "breaker" in f else {}))
+        event(events.WAIT, due=f.get("due"), queue=d.queue, waits=_waits(ending),
+              **{k: f[k] for k in ("breaker", "line", "limit") if k in f})
     elif ending.kind == HOP:
         log.info("rare_celery: %s hopped to %s on %s: %s", who, f["target"], f["queue"], f["reason"])
         signal(signals.hopped, source=d.task_name, target=f["target"], reason=f["reason"], queue=f["queue"])

@@ -13,7 +13,9 @@ type               fields
 ``rare-hop``       ``target`` (task name), ``reason``, ``queue`` (the target's)
 ``rare-expired``   ``deadline`` (epoch s), ``attempts``
 ``rare-wait``      ``due`` (epoch s), ``queue``: an early arrival sent round again, not run;
-                   ``breaker`` (its name) when it waits for an open circuit breaker
+                   ``breaker`` (its name) when it waits for an open circuit breaker; or, with no
+                   ``due``, ``line`` and ``limit`` (``concurrency``, ``rate``) when it waits in its
+                   service's line until woken
 ``rare-put-back``  ``queue``, ``deliveries`` (this one's number), ``why``: a delivery that could not
                    reach its next place, back in its queue
 ``rare-lost``      ``queue``, ``reason`` (``worker_lost``, ``time_limit``), ``attempt``: an attempt whose
@@ -25,6 +27,9 @@ Circuit breakers (sent once per change, by the worker whose attempt made it; ``u
 attempt's task id, ``name`` its task, ``breaker`` the breaker's name, ``gen`` its open periods):
 
 =======================  ===================================================================
+``rare-limit-start``     ``service``, ``waiting`` (attempts in its line): a worker saw attempts of a
+                         service wait for its limits (sent by each worker, from its main process)
+``rare-limit-stop``      ``service``: its line is empty again
 ``rare-breaker-open``    ``until`` (epoch s: the probe time), ``open_for`` (s), ``reopened``
 ``rare-breaker-probe``   ``worker``: the one attempt that probes the service now
 ``rare-breaker-close``   attempts run again
@@ -63,8 +68,10 @@ log = logging.getLogger(__name__)
 RETRY, BUGS, HOP, EXPIRED, WAIT = "rare-retry", "rare-bugs", "rare-hop", "rare-expired", "rare-wait"
 PUT_BACK, LOST = "rare-put-back", "rare-lost"
 BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE = "rare-breaker-open", "rare-breaker-probe", "rare-breaker-close"
+LIMIT_START, LIMIT_STOP = "rare-limit-start", "rare-limit-stop"
 BREAKER = {"open": BREAKER_OPEN, "probe": BREAKER_PROBE, "close": BREAKER_CLOSE}  # by change kind
-TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT, PUT_BACK, LOST, BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE)
+TYPES = (RETRY, BUGS, HOP, EXPIRED, WAIT, PUT_BACK, LOST, BREAKER_OPEN, BREAKER_PROBE, BREAKER_CLOSE, LIMIT_START,
+         LIMIT_STOP)
 HOPPED_EVENT, WAITING_EVENT = "task-hopped", "task-waiting"
 ERROR_CHARS = 200  # characters of the exception's message an event carries
 
@@ -91,7 +98,8 @@ def send(sender: Any, kind: str, task_id: str | None, name: str | None, **fields
         sender(HOPPED_EVENT, uuid=task_id, name=fields["target"], routing_key=fields["queue"], exception=None,
                traceback=None, **fields)
     elif kind == WAIT:
-        sender(WAITING_EVENT, uuid=task_id, name=name, eta=eta(fields["due"]), **fields)
+        due = {"eta": eta(fields["due"])} if fields.get("due") is not None else {}
+        sender(WAITING_EVENT, uuid=task_id, name=name, **due, **fields)
 
 
 def emit(task: Any, kind: str, task_id: str | None, **fields: Any) -> None:

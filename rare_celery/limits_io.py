@@ -15,6 +15,13 @@ no server but RabbitMQ.
   queue after it; if the process or its worker dies, the connection closes and the broker frees the
   slot at once.
 
+* **The line** (:func:`rare_celery.topology.line_queue`): an attempt outside the limits waits there,
+  in arrival order (:func:`rare_celery.endings.line`), until it is woken (:func:`wake`): read with
+  ``basic.get`` and rejected, which makes the broker dead-letter it back to its work queue. An
+  attempt that ends wakes the next one (:func:`wake_after`); each worker's main process wakes as many
+  as the service's free slots and window places allow, every second (:class:`rare_celery.worker.lines.
+  Waker`), so that none waits for a wake that was lost (a process that died before it woke the next).
+
 Neither is the message's safety: an attempt whose limit could not be asked (the broker refused
 something else, the connection failed) waits and asks again, it does not run unlimited.
 """
@@ -26,13 +33,14 @@ import logging
 import os
 import random
 import threading
-from typing import Any
+from typing import Any, cast
 
-from amqp.exceptions import MessageNacked, ResourceLocked
+import amqp
+from amqp.exceptions import ChannelError, MessageNacked, NotFound, ResourceLocked
 
 from . import declare
 from .publish import producer_for
-from .topology import rate_window_queue, slot_lock_name
+from .topology import CLASSIC, QUORUM, free_slots_queue, line_queue, rate_window_queue, slot_lock_name
 
 log = logging.getLogger(__name__)
 TIMEOUT = 5.0  # seconds a window publish or a slot declare may take
@@ -60,20 +68,23 @@ class Slot:
     """One of a service's slots for attempts in flight, held until :meth:`release` (or until the
     process holding it dies: its connection closes, and the broker deletes the queue)."""
 
-    def __init__(self, name: str) -> None:
-        self.name: str | None = name
+    def __init__(self, service: str, slots: int, number: int) -> None:
+        self.service, self.slots, self.number = service, slots, number
+        self.name: str | None = slot_lock_name(service, number)
 
     def release(self) -> None:
+        """Let go of the slot and leave the hint that it is free (best effort)."""
         name, self.name = self.name, None
         if name is None:
             return
         try:
             with _holder.lock:
-                channel = _holder.connection().channel()
-                try:
-                    channel.queue_delete(name)
-                finally:
-                    channel.close()
+                channel = _holder.quiet()
+                channel.queue_delete(name)
+                hints = free_slots_queue(self.service, self.slots)
+                _holder.declare(hints)
+                channel.basic_publish(amqp.Message(str(self.number), delivery_mode=1), exchange="",
+                                      routing_key=hints.name)
         except Exception as exc:  # noqa: BLE001 - not let go: the connection is dropped, which lets go of all
             log.warning("rare_celery: could not let go of slot %s (%s); dropping its connection", name,
                         f"{type(exc).__name__}: {exc}")
@@ -83,17 +94,22 @@ class Slot:
 class _Holder:
     """This process's connection that holds its slots (one per process: a forked pool process makes
     its own), made when first needed and made again after a failure; used by one thread at a time
-    (``lock``: a threads or gevent pool runs several attempts in one process)."""
+    (``lock``: a threads or gevent pool runs several attempts in one process). Two channels: one for
+    the slots' exclusive declares (the broker closes it when it refuses one), and a quiet one for what
+    it does not refuse (a slot's delete, the hints, a line's ``basic.get``)."""
 
     def __init__(self) -> None:
         self.app: Any = None
         self.conn: Any = None
         self.pid = 0
+        self.channels: dict[str, Any] = {}
+        self.declared: set[str] = set()
         self.lock = threading.RLock()
 
     def connection(self, app: Any = None) -> Any:
         if self.conn is not None and self.pid != os.getpid():  # inherited through a fork: never used here
             self.conn = None
+            self.channels, self.declared = {}, set()
         if self.conn is None:
             self.app = app or self.app
             # no heartbeats: nothing services them while an attempt runs, and the broker would close the
@@ -103,7 +119,31 @@ class _Holder:
             self.conn, self.pid = conn, os.getpid()
         return self.conn
 
+    def _channel(self, which: str, app: Any) -> Any:
+        conn = self.connection(app)
+        channel = self.channels.get(which)
+        if channel is None or channel.connection is None or not channel.is_open:
+            channel = self.channels[which] = conn.channel()
+        return channel
+
+    def quiet(self, app: Any = None) -> Any:
+        return self._channel("quiet", app)
+
+    def locking(self, app: Any = None) -> Any:
+        return self._channel("locking", app)
+
+    def refused(self) -> None:
+        """The broker refused a declare on the locking channel, and closed it."""
+        self.channels.pop("locking", None)
+
+    def declare(self, queue: Any) -> None:
+        """Declare ``queue`` on the quiet channel, once per connection."""
+        if queue.name not in self.declared:
+            queue.bind(self.quiet()).declare()
+            self.declared.add(queue.name)
+
     def drop(self) -> None:
+        self.channels, self.declared = {}, set()
         conn, self.conn = self.conn, None
         if conn is not None and self.pid == os.getpid():
             with contextlib.suppress(Exception):
@@ -113,13 +153,14 @@ class _Holder:
 _holder = _Holder()
 
 
-def take_slot(app: Any, service: str, slots: int) -> Slot | None:
+def take_slot(app: Any, service: str, slots: int, *, hinted_only: bool = False) -> Slot | None:
     """A free slot of ``service``'s ``slots``, on this process's holding connection; ``None`` when all
-    are held (or the broker could not be asked)."""
+    are held (or the broker could not be asked). ``hinted_only``: only a slot a hint says was just let
+    go of."""
     for tries in (1, 2):  # a kept connection the broker closed meanwhile: once more on a new one
         try:
             with _holder.lock:
-                return _take(_holder.connection(app), service, slots)
+                return _take(app, service, slots, hinted_only)
         except Exception as exc:  # noqa: BLE001 - unknown: the attempt waits rather than run unlimited
             _holder.drop()
             if tries == 2:
@@ -128,30 +169,156 @@ def take_slot(app: Any, service: str, slots: int) -> Slot | None:
     return None
 
 
-def _take(connection: Any, service: str, slots: int) -> Slot | None:
-    """A free slot, tried in a random order on ``connection``; ``None`` when all are held."""
-    for slot in random.sample(range(slots), slots):
-        name = slot_lock_name(service, slot)
-        channel = connection.channel()
+def _take(app: Any, service: str, slots: int, hinted_only: bool) -> Slot | None:
+    """A free slot: first the one a hint says was just let go of, then the others in a random order;
+    ``None`` when all are held."""
+    order = [] if hinted_only else random.sample(range(slots), slots)
+    hint = _hint(app, service, slots)
+    if hint is not None:
+        order = [hint, *(n for n in order if n != hint)]
+    for number in order:
         try:
-            channel.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=False,
-                                  arguments={"x-queue-type": "classic"})
-        except ResourceLocked:  # held by another attempt: the broker closed this channel
+            _holder.locking(app).queue_declare(queue=slot_lock_name(service, number), durable=False, exclusive=True,
+                                               auto_delete=False, arguments={"x-queue-type": "classic"})
+        except ResourceLocked:  # held by another attempt: the broker closed the channel (a new one next)
+            _holder.refused()
             continue
-        with contextlib.suppress(Exception):
-            channel.close()
-        return Slot(name)
+        return Slot(service, slots, number)
     return None
 
 
-def wait_for_rate(rate: tuple[int, float], now: float) -> float:
-    """When an attempt refused by a full window asks again: within one window's share of an
-    attempt (``window / count``) and a spread of up to one window, so that the waiting ones do not
-    all come back at once."""
+def _hint(app: Any, service: str, slots: int) -> int | None:
+    """The number of a slot just let go of, if a hint is there (anyone may publish one: it only orders
+    the tries)."""
+    hints = free_slots_queue(service, slots)
+    _holder.connection(app)
+    _holder.declare(hints)
+    message = _holder.quiet().basic_get(hints.name, no_ack=True)
+    body = getattr(message, "body", None)
+    text = body.decode("ascii", "replace") if isinstance(body, bytes) else body
+    return int(text) if isinstance(text, str) and text.isdigit() and int(text) < slots else None
+
+
+# -- what is in use, and the line --------------------------------------------------------------------
+
+def held(conn: Any, slot: str) -> bool | None:
+    """Whether slot queue ``slot`` is held now (its exclusive queue answers a passive declare with
+    RESOURCE_LOCKED); ``None`` when the broker could not say."""
+    channel = conn.channel()
+    try:
+        channel.queue_declare(slot, passive=True)
+        return False  # it exists and nobody holds it (a slot just let go of)
+    except NotFound:
+        return False
+    except ResourceLocked:
+        return True
+    except ChannelError:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+def depth(conn: Any, queue: str) -> int | None:
+    """The messages in ``queue`` (0: no such queue); ``None`` when the broker could not say."""
+    channel = conn.channel()
+    try:
+        return int(channel.queue_declare(queue, passive=True).message_count)
+    except NotFound:
+        return 0
+    except ChannelError:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+def in_flight(conn: Any, service: str, slots: int) -> int | None:
+    """How many of ``service``'s ``slots`` are held now (``None``: the broker could not say)."""
+    found = [held(conn, slot_lock_name(service, i)) for i in range(slots)]
+    return None if None in found else sum(1 for h in found if h)
+
+
+def in_window(conn: Any, service: str, rate: tuple[int, float]) -> int | None:
+    """How many attempts of ``service`` started in its rate's last window."""
+    return depth(conn, rate_window_queue(service, *rate).name)
+
+
+def waiting(conn: Any, service: str) -> int | None:
+    """How many attempts of ``service`` wait in its lines (classic and quorum)."""
+    found = [depth(conn, line_queue(service, kind).name) for kind in (CLASSIC, QUORUM)]
+    return None if None in found else sum(cast(int, n) for n in found)
+
+
+def wake(conn: Any, service: str, kind: str, count: int = 1, channel: Any = None) -> int:
+    """Send up to ``count`` attempts at the head of ``service``'s line (of ``kind``) back to their work
+    queues: each is read (``basic.get``) and rejected, and the broker dead-letters it to ``rare.return``
+    with its work queue as the key. Returns how many went. A waker that dies between the two leaves
+    the message unacked: the broker puts it back in the line. Raises what the broker raises.
+    ``channel``: one to use and keep open (else one is opened and closed)."""
+    woken, kept = 0, channel is not None
+    channel = channel if kept else conn.channel()
+    try:
+        for _ in range(count):
+            message = channel.basic_get(line_queue(service, kind).name, no_ack=False)
+            if message is None:
+                break
+            channel.basic_reject(message.delivery_tag, requeue=False)
+            woken += 1
+    except NotFound:  # no line yet: nobody waits (the broker closed the channel)
+        kept = False
+    finally:
+        if not kept:
+            with contextlib.suppress(Exception):
+                channel.close()
+    return woken
+
+
+def rate_pause(rate: tuple[int, float]) -> float:
+    """How long an attempt that holds a slot and found the rate's window full waits before it asks again:
+    about the time one place takes to free at that rate (at least 10 ms), spread by up to half of it."""
     count, window = rate
-    return now + max(0.05, window / count) + random.uniform(0, window)
+    return max(0.01, window / count) * random.uniform(1.0, 1.5)
 
 
-def wait_for_slot(now: float) -> float:
-    """When an attempt that found every slot held asks again: 0.5-1.5 s later."""
-    return now + random.uniform(0.5, 1.5)
+def from_line(headers: Any, service: str) -> bool:
+    """Whether a message came out of one of ``service``'s lines (the broker's ``x-death`` names the queue
+    it was dead-lettered from): an attempt that was woken, and must not join the end of the line again
+    before it has asked for a slot."""
+    deaths = (headers or {}).get("x-death") if hasattr(headers, "get") else None
+    names = {line_queue(service, kind).name for kind in (CLASSIC, QUORUM)}
+    return isinstance(deaths, list) and any(isinstance(d, dict) and d.get("queue") in names for d in deaths)
+
+
+def others_wait(app: Any, service: str, kind: str) -> bool:
+    """Whether attempts of ``service`` wait in its line (of ``kind``) now: a new attempt joins the end of
+    the line instead of taking a slot before them. False when the broker cannot say."""
+    try:
+        with _holder.lock:
+            return bool(_holder.quiet(app).queue_declare(line_queue(service, kind).name, passive=True).message_count)
+    except NotFound:  # no line yet (the broker closed the quiet channel: a new one next time)
+        return False
+    except Exception as exc:  # noqa: BLE001 - it asks for a slot as if nobody waited
+        _holder.drop()
+        log.info("rare_celery: service %s: could not look at its line: %s", service, f"{type(exc).__name__}: {exc}")
+        return False
+
+
+def wake_after(app: Any, service: str, kind: str, rate: tuple[int, float] | None, slot: Slot | None) -> None:
+    """An attempt of ``service`` has ended: let go of its ``slot`` (with the hint that it is free), then
+    wake the next one in the line, which tries the hinted slot first. Without a slot (a rate only),
+    only if the rate's window has a free place (else the workers' wakers wake it when one frees).
+    Never raises."""
+    if slot is not None:
+        slot.release()
+    try:
+        with _holder.lock:
+            conn, channel = _holder.connection(app), _holder.quiet(app)
+            # the window exists: this attempt took a place in it (a passive declare on the kept channel)
+            if slot is not None or rate is None or channel.queue_declare(
+                    rate_window_queue(service, *rate).name, passive=True).message_count < rate[0]:
+                wake(conn, service, kind, channel=channel)
+    except Exception as exc:  # noqa: BLE001 - the workers' wakers wake it within a second
+        _holder.drop()
+        log.info("rare_celery: service %s: could not wake the next attempt in its line: %s", service,
+                 f"{type(exc).__name__}: {exc}")

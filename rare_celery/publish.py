@@ -42,6 +42,7 @@ from .topology import (
     bug_queue,
     delay_queue,
     grid_floor,
+    line_queue,
     name_problem,
     unrouted_queue,
 )
@@ -112,6 +113,17 @@ def to_delay(work_queue: str, delay: float, kind: str, body: Any, headers: dict[
     properties = {**properties, "expiration": (ttl + 0.5) / 1000}
     return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
                 returns_to=work_queue, waits=ttl / 1000, unrouted=unrouted_queue(own_kind))
+
+
+def to_line(work_queue: str, service: str, kind: str, body: Any, headers: dict[str, Any], properties: dict[str, Any],
+            expires_in: float | None = None, own_kind: str = CLASSIC) -> Copy:
+    """A copy that waits in ``service``'s line (:func:`rare_celery.topology.line_queue`) until it is woken,
+    then comes back to ``work_queue``; ``expires_in`` seconds at most (its shelf life's rest)."""
+    queue = line_queue(service, kind)
+    if expires_in is not None:  # dead-lettered back when its shelf life ends (the worker then ends it)
+        properties = {**properties, "expiration": max(int(expires_in * 1000), 1) / 1000}
+    return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
+                returns_to=work_queue, unrouted=unrouted_queue(own_kind))
 
 
 def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wait: float = 0.0) -> None:
@@ -236,8 +248,12 @@ def _drop(producer: Any) -> None:
 
 
 def _prepare(producer: Any, copy: Copy) -> None:
-    """Declare what ``copy`` needs, once per connection: its target; for a delay copy, the way back."""
-    channel = producer.channel
+    prepare(producer.channel, copy)
+
+
+def prepare(channel: Any, copy: Copy) -> None:
+    """Declare what ``copy`` needs on ``channel``, once per connection: its target; for a copy that waits
+    (a delay queue, a service's line), the way back."""
     if copy.returns_to is not None:
         declare.once(channel, copy.unrouted)
         declare.once(channel, RETURN_EXCHANGE)

@@ -43,3 +43,12 @@ breaker_opened = Signal(name="rare_breaker_opened")
 breaker_probe = Signal(name="rare_breaker_probe")
 breaker_closed = Signal(name="rare_breaker_closed")
 __all__ += ["breaker_closed", "breaker_opened", "breaker_probe"]
+
+# Service limits (``service_rate``, ``service_concurrency``): sent by each worker that sees the change,
+# from a thread of its main process; ``sender`` is the service's name.
+#
+# * ``limit_started(sender, service, waiting)`` - attempts of the service wait in its line (``waiting``).
+# * ``limit_stopped(sender, service)`` - its line has been empty for a few seconds.
+limit_started = Signal(name="rare_limit_started")
+limit_stopped = Signal(name="rare_limit_stopped")
+__all__ += ["limit_started", "limit_stopped"]

@@ -96,6 +96,8 @@ def _details(ending: Ending) -> dict[str, Any]:
     if ending.kind == RETRY:
         return {"rare.attempt": f["attempt"], "rare.delay": float(f["delay"]),
                 "rare.reason": type(exc).__name__ if exc is not None else "retry"}
+    if ending.kind == WAIT and "line" in f:
+        return {"rare.reason": f"{f['line']} {f['limit']} limit"}
     if ending.kind == WAIT:
         return {"rare.delay": max(0.0, float(f["due"]) - time.time()),
                 "rare.reason": f"breaker {f['breaker']}" if "breaker" in f else "not due"}

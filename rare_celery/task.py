@@ -31,6 +31,7 @@ from .pool.eager import run as run_eagerly
 from .pool.tracer import tracer_for
 from .topology import name_problem
 from .worker.bootsteps import BreakerStep, RareConsumerStep
+from .worker.lines import LinesStep
 
 log = logging.getLogger(__name__)
 _OVERRIDABLE = ("max_attempts", "backoff", "expires_in", "retry_on", "fallback")
@@ -173,7 +174,7 @@ class RareTask(Task):
 
     @classmethod
     def bind(cls, app: Any) -> Any:
-        setup_app(app, RareConsumerStep, BreakerStep)
+        setup_app(app, RareConsumerStep, BreakerStep, LinesStep)
         return super().bind(app)
 
     # -- the pool process's tracer, guarded (see rare_celery.request) -----------------------------

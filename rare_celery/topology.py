@@ -250,19 +250,47 @@ def probe_lock_name(breaker: str) -> str:
 
 
 def rate_window_queue(service: str, count: int, window: float) -> Queue:
-    """``rare.limit.<service>.<count>-per-<window>``: a service's rate as a sliding window. Each attempt
+    """``rare.limit.<service>.rate.<count>-per-<window>``: a service's rate as a sliding window. Each attempt
     puts one message in it (confirmed) before it runs; the broker refuses one more than ``count``
     (``reject-publish``) and drops each after ``window`` (``x-message-ttl``): at most ``count`` in
-    any window. Its name carries the limit, so a changed limit is a new queue (the old one, empty
+    any window. Its name carries the limit, so a changed limit is a new queue (as was the change of its TTL
+    from window + 1% + 50 ms, whose queues had no ``.rate`` in their names) (the old one, empty
     after a window, stays: ``x-expires`` would count a queue only published to as unused, and drop
     a window in use)."""
     ms = max(1, round(window * 1000))
-    # each place lasts a little longer than the window (1% and 50 ms): an attempt starts a moment after
+    # each place lasts a little longer than the window (0.1% and 20 ms): an attempt starts a moment after
     # its place is confirmed, and that moment varies; the service must see the limit, not the broker
     args = {"x-queue-type": "classic", "x-max-length": count, "x-overflow": "reject-publish",
-            "x-message-ttl": round(ms * 1.01) + 50}
-    return Queue(f"rare.limit.{service}.{count}-per-{duration_label(ms)}", durable=True, auto_delete=False,
+            "x-message-ttl": round(ms * 1.001) + 20}
+    return Queue(f"rare.limit.{service}.rate.{count}-per-{duration_label(ms)}", durable=True, auto_delete=False,
                  queue_arguments=args)
+
+
+def line_queue(service: str, kind: str = CLASSIC) -> Queue:
+    """``rare.limit.<service>.line`` (``.line.quorum`` for quorum work queues): the attempts a service's
+    limits sent to wait, in arrival order. Reached like a delay queue (through ``rare.delay`` by its
+    ``BCC`` key, the work queue as the routing key) and left like one (dead-lettered to ``rare.return``),
+    but with no TTL: an attempt leaves when it is woken (:func:`rare_celery.limits_io.wake`: read and
+    rejected, so the broker dead-letters it to its work queue) or when its shelf life ends (the copy's
+    own ``expiration``)."""
+    name = f"rare.limit.{service}.line" + ("" if kind == CLASSIC else ".quorum")
+    args = {**_typed(CLASSIC), "x-dead-letter-exchange": RETURN_EXCHANGE.name}
+    if kind == QUORUM:
+        args.update({"x-queue-type": "quorum", "x-overflow": "reject-publish",
+                     "x-dead-letter-strategy": "at-least-once"})
+    queue = Queue(name, exchange=DELAY_EXCHANGE, routing_key=delay_key(name), durable=True, queue_arguments=args)
+    queue.rare_delay = True  # lazy on RabbitMQ < 3.12 (see for_broker): a long line costs disk, not RAM
+    return queue
+
+
+def free_slots_queue(service: str, slots: int) -> Queue:
+    """``rare.limit.<service>.free.<slots>``: hints of the slots just let go of (a message per slot, its
+    number), so that the attempt an ending woke tries that slot first instead of those still held. Only a
+    hint: the slots themselves are exclusive queues (:func:`slot_lock_name`); a hint is gone after 2 s.
+    The name carries the number of slots, as its ``x-max-length`` does: a changed limit is a new queue."""
+    args = {"x-queue-type": "classic", "x-max-length": max(1, slots), "x-overflow": "drop-head",
+            "x-message-ttl": 2000}
+    return Queue(f"rare.limit.{service}.free.{slots}", durable=True, auto_delete=False, queue_arguments=args)
 
 
 def slot_lock_name(service: str, slot: int) -> str:

@@ -5,6 +5,7 @@
             early (x-rare-due)?      -> delay queue for the rest, not run, nothing counted
             shelf life over?         -> fallback task, or bug queue (expired)
             its breaker open?        -> delay queue until the probe time, not run, nothing counted
+            its service's limits?    -> the service's line until woken, not run, nothing counted
     run()   Policy.decide()          -> RetryIn: delay queue   GiveUp: bug queue   HopTo: fallback
             raise Hop(...)           -> the next task's queue
 
@@ -35,10 +36,12 @@ from ..message import Delivery, retry_call
 from ..policy import EARLY_SLEEP, Policy, RetryIn
 from ..publish import PATIENCE, send_patiently, shielded
 from ..reasons import BUG, EXPIRED, REJECTED
+from ..topology import delay_kind
 from .tracer import ending_of
 
 log = logging.getLogger(__name__)
 ROUTING_PAUSE = 1.0  # after a failed ending, before the message is put back: never a hot loop
+CONCURRENCY, RATE = "concurrency", "rate"  # the limit that sent an attempt to its service's line
 
 
 class Current(NamedTuple):
@@ -230,18 +233,45 @@ def _breaker_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
 def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
     """Let the attempt start within its service's limits (:mod:`rare_celery.limits_io`): a slot of
     those in flight (held until the attempt ends), then a place in the rate's window; else it waits in
-    a delay queue, unrun, nothing counted, and asks again."""
-    settings, name, now = task.rare_breaker, task.breaker, time.time()
+    the service's line, unrun, nothing counted, until it is woken. A new attempt (not one woken from
+    the line) that finds attempts waiting joins the end of the line, not to go before them, unless a
+    slot was let go of a moment ago (its hint): the attempt woken to take it may be behind a backlog
+    in its work queue, and the slot would stand idle until it comes. An attempt that had a slot and
+    found the window full was woken by an ending to take its place: it waits a moment in a delay queue
+    and asks again, so that the chain of endings waking the next goes on."""
+    settings, name = task.rare_breaker, task.breaker
+    behind = not limits_io.from_line(task.request.headers, name) and limits_io.others_wait(
+        task.app, name, delay_kind(task.app, d.queue or ""))
+    if behind and settings.concurrency is None:
+        _not_run(task, None)  # others came first: to the end of the line
+        end(task, lambda: endings.line(d, attempt, name, RATE))
     slot = None
     if settings.concurrency is not None:
-        slot = limits_io.take_slot(task.app, name, settings.concurrency)
+        slot = limits_io.take_slot(task.app, name, settings.concurrency, hinted_only=behind)
         if slot is None:
             _not_run(task, None)
-            end(task, lambda: endings.wait(d, attempt, limits_io.wait_for_slot(now), breaker=name))
+            end(task, lambda: endings.line(d, attempt, name, CONCURRENCY))
     if settings.rate is not None and not limits_io.take_rate(task.app, name, settings.rate):
         _not_run(task, slot)
-        end(task, lambda: endings.wait(d, attempt, limits_io.wait_for_rate(settings.rate, now), breaker=name))
+        if slot is None:
+            end(task, lambda: endings.line(d, attempt, name, RATE))
+        # it had a slot: it is the one an ending woke, and asks again in a moment (not at the end of the line)
+        due = time.time() + limits_io.rate_pause(settings.rate)
+        end(task, lambda: endings.wait(d, attempt, due, breaker=name))
+    task.request.rare_limited = True
     task.request.rare_slot = slot
+
+
+def _limited_end(task: Any) -> None:
+    """An attempt that started within its service's limits has ended: its slot is let go of, and the
+    next attempt in the line is woken."""
+    req = task.request
+    slot, req.rare_slot = getattr(req, "rare_slot", None), None
+    if not getattr(req, "rare_limited", False):
+        return
+    req.rare_limited = False
+    limits_io.wake_after(task.app, task.breaker, delay_kind(task.app, Delivery.running(task).queue or ""),
+                         task.rare_breaker.rate, slot)
 
 
 def _not_run(task: Any, slot: limits_io.Slot | None) -> None:
@@ -305,9 +335,7 @@ def run(task: Any, args: Any, kwargs: Any) -> Any:
         try:
             breaker_told(task, failed=False)
         finally:
-            slot, req.rare_slot = getattr(req, "rare_slot", None), None
-            if slot is not None:  # after the attempt's ending: the next attempt may start
-                slot.release()
+            _limited_end(task)  # after the attempt's ending: the next attempt may start
 
 
 def _attempt(task: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:

@@ -12,20 +12,18 @@ as the workers check it, :func:`rare_celery.breaker.note_problem`) is shown as t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from amqp.exceptions import ChannelError, NotFound, ResourceLocked
+from amqp.exceptions import ChannelError
 
 from .. import breaker as br
-from .. import events
+from .. import events, limits_io
 from ..breaker_io import announce, last_note
 from ..inventory import RareTaskInfo, breakers
-from ..topology import rate_window_queue, slot_lock_name
 from . import durations
 
 log = logging.getLogger(__name__)
@@ -93,47 +91,17 @@ def report(conn: Any, breaker_uses: Uses) -> list[dict[str, Any]]:
 
 
 def usage(conn: Any, name: str, settings: br.Settings) -> dict[str, Any]:
-    """How much of a service's limits is in use now: ``in_flight`` (slots held: each slot's exclusive
-    queue answers a passive declare with RESOURCE_LOCKED while an attempt holds it) and ``in_window``
-    (the places in its rate's window: the window queue's depth); ``None`` without that limit or when
-    the broker could not say."""
-    out: dict[str, Any] = {"in_flight": None, "in_window": None}
+    """How much of a service's limits is in use now: ``in_flight`` (slots held), ``in_window`` (the
+    places taken in its rate's window) and ``waiting`` (attempts in its line); ``None`` without that
+    limit or when the broker could not say (:mod:`rare_celery.limits_io`)."""
+    out: dict[str, Any] = {"in_flight": None, "in_window": None, "waiting": None}
     if settings.concurrency is not None:
-        held = [_held(conn, slot_lock_name(name, i)) for i in range(settings.concurrency)]
-        out["in_flight"] = None if None in held else sum(1 for h in held if h)
+        out["in_flight"] = limits_io.in_flight(conn, name, settings.concurrency)
     if settings.rate is not None:
-        found = _depth(conn, rate_window_queue(name, *settings.rate).name)
-        out["in_window"] = found
+        out["in_window"] = limits_io.in_window(conn, name, settings.rate)
+    if settings.concurrency is not None or settings.rate is not None:
+        out["waiting"] = limits_io.waiting(conn, name)
     return out
-
-
-def _held(conn: Any, queue: str) -> bool | None:
-    channel = conn.channel()
-    try:
-        channel.queue_declare(queue, passive=True)
-        return False  # it exists and nobody holds it (a slot just let go of)
-    except NotFound:
-        return False
-    except ResourceLocked:
-        return True
-    except ChannelError:
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
-
-
-def _depth(conn: Any, queue: str) -> int | None:
-    channel = conn.channel()
-    try:
-        return int(channel.queue_declare(queue, passive=True).message_count)
-    except NotFound:
-        return 0
-    except ChannelError:
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
 
 
 def row(name: str, use: Use, reading: Reading) -> dict[str, Any]:
@@ -257,6 +225,8 @@ def usage_text(r: dict[str, Any]) -> str:
         count, window = settings["rate"]
         used = "?" if r.get("in_window") is None else r["in_window"]
         parts.append(f"{used} of {count} in the last {durations.short(window)}")
+    if parts:
+        parts.append(f"{'?' if r.get('waiting') is None else r['waiting']} waiting")
     return "now: " + ", ".join(parts) if parts else ""
 
 

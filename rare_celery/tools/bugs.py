@@ -32,6 +32,7 @@ from typing import Any, cast
 import amqp
 from amqp.exceptions import AMQPError, ChannelError, MessageNacked, NotFound
 
+from ..publish import prepare, to_line
 from . import records
 
 CONNECT_TIMEOUT = 5.0  # seconds to connect and log in
@@ -165,17 +166,24 @@ class Publisher:
         self._returned: list[str] = []
         self.channel.events["basic_return"].add(lambda exc, *rest: self._returned.append(str(exc)))
 
-    def send(self, message: amqp.Message, queue: str, headers: dict[str, Any], body: bytes | None = None) -> None:
+    def send(self, message: amqp.Message, queue: str, headers: dict[str, Any], body: bytes | None = None,
+             line: tuple[str, str] | None = None) -> None:
         """``message`` (same body and properties, ``headers`` instead of its own; ``body`` instead of its own if
-        given: an edit, UTF-8 JSON) to ``queue``."""
+        given: an edit, UTF-8 JSON) to ``queue``; with ``line`` (a service and the kind of its line), to that
+        service's line, which lets it go to ``queue`` within the service's limits."""
         props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "expiration")}
         if body is not None:
             props.update(content_type="application/json", content_encoding="utf-8")
+        exchange, key = "", queue
+        if line is not None:
+            via = to_line(queue, line[0], line[1], b"", headers, {})
+            prepare(self.channel, via)
+            exchange, key, headers = via.exchange, via.routing_key, via.headers
         self._returned.clear()
         try:
             self.channel.basic_publish_confirm(amqp.Message(message.body if body is None else body,
                                                             application_headers=headers, **props),
-                                               exchange="", routing_key=queue, mandatory=True, confirm_timeout=30)
+                                               exchange=exchange, routing_key=key, mandatory=True, confirm_timeout=30)
         except MessageNacked:
             raise MoveFailed(f"the broker refused (nacked) a message for queue {queue!r}") from None
         except ChannelError as exc:

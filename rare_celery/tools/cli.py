@@ -482,7 +482,7 @@ def requeue_bugs(queue: str, ids: tuple[str, ...], tasks: tuple[str, ...], reaso
         return
     if not yes:  # no connection is held while a person thinks
         click.confirm(terminal(f"Requeue {count(found.count, 'message')} from {queue} to {_targets(found.targets)}?"), abort=True)
-    send = moves.requeue_sender(to, reset, time.time())
+    send = moves.requeue_sender(to, reset, time.time(), lines=moves.lines_of(e.app))
     planned = found.count
     with e.connection() as conn, progress(planned, "requeueing") as step:
         pace = moves.Pace(per_second, conn) if per_second else None
@@ -590,7 +590,7 @@ def edit_bug(queue: str, task_id: str, args_text: str | None, kwargs_text: str |
         f"\n     -> {json.dumps(new_kwargs, ensure_ascii=False)}" if new_kwargs is not None else " (unchanged)"))
     if not yes:
         click.confirm(terminal(f"Requeue {task_id} edited from {queue} to {_targets(found.targets)}?"), abort=True)
-    send = moves.requeue_sender(to, reset, time.time(), edit)
+    send = moves.requeue_sender(to, reset, time.time(), edit, lines=moves.lines_of(e.app))
     with e.connection() as conn:
         moved = bugs.take(conn, queue, found.take, send)
     if not moved:

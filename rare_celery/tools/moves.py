@@ -18,6 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..inventory import rare_tasks
+from ..topology import delay_kind
 from . import bugs, records
 
 
@@ -72,14 +74,32 @@ class Edit:
     by: str
 
 
-def requeue_sender(to: str | None, reset: bool, now: float,
-                   edit: Edit | None = None) -> Callable[[bugs.Held, bugs.Publisher], None]:
+def lines_of(app: Any) -> dict[str, tuple[str, Callable[[str], str]]]:
+    """Task name -> (its service, the kind of line for a work queue), for the rare tasks of ``app`` whose
+    service has limits (``service_rate``, ``service_concurrency``): a requeue of theirs goes to the
+    service's line, and out of it at the service's pace, not at once."""
+    if app is None:
+        return {}
+    out = {}
+    for info in rare_tasks(app):
+        settings = getattr(info.task, "rare_breaker", None)
+        if settings is not None and (settings.rate is not None or settings.concurrency is not None):
+            out[info.name] = (info.task.breaker, lambda queue: delay_kind(app, queue))
+    return out
+
+
+def requeue_sender(to: str | None, reset: bool, now: float, edit: Edit | None = None,
+                   lines: dict[str, tuple[str, Callable[[str], str]]] | None = None,
+                   ) -> Callable[[bugs.Held, bugs.Publisher], None]:
     """The ``send`` of :func:`rare_celery.tools.bugs.take` for a requeue: back to the origin queue (or ``to``),
     with the headers :func:`rare_celery.tools.records.requeue_headers` gives; with ``edit``, with the new
-    arguments (:func:`rare_celery.tools.records.edited`)."""
+    arguments (:func:`rare_celery.tools.records.edited`). A task of a service with limits (``lines``,
+    :func:`lines_of`) goes through the service's line."""
 
     def send(held: bugs.Held, publisher: bugs.Publisher) -> None:
         target = to or held.record.queue
+        service = (lines or {}).get(held.record.task or "")
+        line = (service[0], service[1](cast(str, target))) if service is not None else None
         headers = records.requeue_headers(bugs.headers_of(held), reset=reset, now=now, queue=target if to else None)
         body = None
         if edit is not None:
@@ -88,7 +108,7 @@ def requeue_sender(to: str | None, reset: bool, now: float,
                                                edit.kwargs, edit.by, now)
             except ValueError as exc:
                 raise bugs.MoveFailed(f"{held.record.id}: {exc}") from None
-        publisher.send(held.message, cast(str, target), headers, body)  # plan() chose only messages with a target
+        publisher.send(held.message, cast(str, target), headers, body, line)  # plan() chose only those with a target
 
     return send
 
@@ -112,8 +132,8 @@ def rate_text(per_second: float) -> str:
 
 
 class Pace:
-    """At most ``per_second`` moves a second, evened out (a requeue of 100,000 bugs for a service that takes
-    50 a second goes out at 50 a second, not at once). Call it after each move: it waits until the next
+    """At most ``per_second`` moves a second, evened out (``--rate``; a task whose service has limits goes
+    through the service's line anyway, see :func:`lines_of`). Call it after each move: it waits until the next
     one is due, and keeps the connection alive meanwhile (``conn.heartbeat_check``)."""
 
     PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*")

@@ -14,7 +14,7 @@ import time
 from celery import Celery
 from kombu import Queue
 
-from rare_celery import RareTask, RetryAfter, signals
+from rare_celery import Bug, RareTask, RetryAfter, signals
 
 DIR = os.environ["RARE_TEST_DIR"]
 os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
@@ -25,7 +25,8 @@ app = Celery("breakers", broker=os.environ["RARE_TEST_BROKER"],
 app.conf.update(
     task_default_queue="breakers",
     task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang"), Queue("breakers.slowprobe"),
-                 Queue("breakers.gateway"), Queue("breakers.limited"), Queue("breakers.slotted")],
+                 Queue("breakers.gateway"), Queue("breakers.limited"), Queue("breakers.slotted"),
+                 Queue("breakers.single"), Queue("breakers.rated")],
     worker_send_task_events=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
@@ -142,6 +143,39 @@ def slotted(self, key: str, seconds: float = 0.2):
     record("served", self.request.id, service="slotted", began=began, ended=time.time(), attempt=self.attempt,
            key=key)
     return key
+
+
+@app.task(base=RareTask, bind=True, name="breakers.single", queue="breakers.single", breaker="single",
+          service_concurrency=1, max_attempts=3, expires_in=300, backoff=0.2)
+def single(self, key: str):
+    """A service that takes one request at a time (0.25 s each); while the file ``bug-single`` exists, each
+    attempt raises Bug instead (to the bug queue)."""
+    if os.path.exists(os.path.join(DIR, "bug-single")):
+        raise Bug("asked to fail")
+    began = time.time()
+    time.sleep(0.25)
+    record("served", self.request.id, service="single", began=began, ended=time.time(), attempt=self.attempt,
+           key=key)
+    return key
+
+
+@app.task(base=RareTask, bind=True, name="breakers.rated", queue="breakers.rated", breaker="rated",
+          service_rate="5/s", max_attempts=3, expires_in=300, backoff=0.2)
+def rated(self, key: str):
+    """A service that takes 5 requests a second, with no cap on those in flight."""
+    record("served", self.request.id, service="rated", began=time.time(), ended=time.time(), attempt=self.attempt,
+           key=key)
+    return key
+
+
+@signals.limit_started.connect
+def _limit_started(sender=None, service=None, waiting=None, **kw):
+    record("limit-start", None, service=service, waiting=waiting)
+
+
+@signals.limit_stopped.connect
+def _limit_stopped(sender=None, service=None, **kw):
+    record("limit-stop", None, service=service)
 
 
 @signals.breaker_opened.connect

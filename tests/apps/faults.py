@@ -54,10 +54,11 @@ os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
 QUORUM_ARGS = {"x-queue-type": "quorum"}
 KINDS = {"classic": "faults", "quorum": "faults.q"}  # kind -> work queue
 MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3, "hold": 3, "pause": 3, "patient": 3, "poison": 3, "hop": 3,
-                "brittle": 10, "call": 8}
+                "brittle": 10, "call": 8, "limited": 4}
 SHELF_LIFE = 2.5  # brittle's expires_in
 BREAKER = {"breaker": "faults-svc", "breaker_failures": 5, "breaker_within": 60, "breaker_open": 2,
            "breaker_max_open": 8}
+LIMITED = {"breaker": "faults-lim", "service_concurrency": 2, "service_rate": "20/s"}  # a service with limits
 HOLD_LIMIT = 60.0  # a held attempt gives up waiting for its release file after this many seconds
 
 
@@ -201,8 +202,17 @@ def _tasks_for(kind: str) -> dict:
         record("ok", self)
         return "called"
 
+    @app.task(**common, name=f"{prefix}.limited", max_attempts=MAX_ATTEMPTS["limited"], backoff=0.5, **LIMITED)
+    def limited(self):
+        """A call to a service that takes 2 at a time and 20 a second (both kinds share it): attempts wait
+        in its lines (rare.limit.faults-lim.line, .line.quorum) and are woken."""
+        record("run", self)
+        time.sleep(0.05)
+        record("ok", self)
+        return "limited"
+
     return {"work": work, "rescue": rescue, "doomed": doomed, "hold": hold, "pause": pause, "patient": patient,
-            "poison": poison, "hop": hop, "brittle": brittle, "call": call}
+            "poison": poison, "hop": hop, "brittle": brittle, "call": call, "limited": limited}
 
 
 TASKS = {kind: _tasks_for(kind) for kind in KINDS}

@@ -413,3 +413,90 @@ def test_the_slots_of_a_worker_that_dies_are_free_again_at_once(app, env, workdi
     spans = [(e["began"], ends.get((e["id"], e["began"]), killed))  # the killed ones ended with their worker
              for e in record.all() if e["kind"] == "serving" and e.get("service") == "slotted"]
     assert most_at_once(spans) <= 2
+
+
+def test_waiting_attempts_are_served_in_arrival_order_and_the_service_says_when_it_limits(app, env, workdir,
+                                                                                         record):
+    """``service_concurrency=1``, 16 tasks sent one after another to a worker of 4 processes: they wait in
+    the service's line (``rare.limit.single.line``), not in the worker, and are served one at a time in
+    about the order they were sent (4 processes may swap neighbours). ``status`` and ``/metrics`` count
+    the waiting; the worker signals (and sends ``rare-limit-start``) when the service starts limiting,
+    and ``limit_stopped`` once its line has been empty for 5 s."""
+    from tests.integration.test_cli import cli
+
+    worker = Worker("tests.apps.breakers", ["breakers.single"], env, workdir, name="single",
+                    concurrency=4).wait_ready()
+    try:
+        sent = [app.single.delay(f"s{i}").id for i in range(16)]
+        order = {task_id: i for i, task_id in enumerate(sent)}
+        shown = wait_for(lambda: (out := cli("-A", "tests.apps.breakers", "status", "breakers.single").out)
+                         and re.search(r"[1-9]\d* waiting", out) and out, 10, 0.1, "the waiting counted")
+        assert "of 1 in flight" in shown, shown
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in order])
+                          == len(sent) and s, 60, 0.2, "every task served")
+        started = wait_for(lambda: kinds(record, "limit-start", service="single"), 10, 0.1, "limit_started")
+        assert started[0]["waiting"] >= 1
+        wait_for(lambda: kinds(record, "limit-stop", service="single"), 20, 0.2, "limit_stopped")
+    finally:
+        worker.stop()
+    assert sorted(Counter(e["id"] for e in served).values()) == [1] * len(sent)
+    assert {e["attempt"] for e in served} == {1}  # waiting counts no attempt
+    assert most_at_once([(e["began"], e["ended"]) for e in served]) <= 1
+    ranks = [order[e["id"]] for e in sorted(served, key=lambda e: e["began"])]
+    print(f"served in the order sent: {ranks}")
+    assert max(abs(rank - place) for place, rank in enumerate(ranks)) <= 4, ranks
+
+
+def test_a_rate_only_service_lets_its_line_go_at_its_rate(app, env, workdir, record):
+    """``service_rate="5/s"`` and no cap on attempts in flight: 20 tasks wait in the line and the workers
+    wake them as the window frees places: never more than 5 in any second, each once, at attempt 1."""
+    workers = [Worker("tests.apps.breakers", ["breakers.rated"], env, workdir, name=f"rated{i}", concurrency=2)
+               .wait_ready() for i in range(2)]
+    try:
+        ids = {app.rated.delay(f"r{i}").id for i in range(20)}
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in ids])
+                          >= len(ids) and s, 60, 0.2, "every task served")
+    finally:
+        for w in workers:
+            w.stop()
+    assert sorted(Counter(e["id"] for e in served).values()) == [1] * len(ids)
+    assert {e["attempt"] for e in served} == {1}
+    began = [e["began"] for e in served]
+    assert most_in_any_window(began, 1.0) <= 5
+    took = max(began) - min(began)
+    print(f"rate only: 20 served in {took:.2f} s at 5/s")
+    assert took >= (20 - 5) / 5 - 0.1  # the window held them back
+
+
+def test_a_requeue_of_a_limited_services_bugs_goes_through_its_line(app, env, workdir, record, vhost):
+    """``rare-celery requeue-bugs`` of a task whose service has limits puts the messages in the service's
+    line, not straight in the work queue: they go out as the limits allow (here one at a time). (Their
+    order is the bug queue's as the requeue took it; the plan's read before may have moved some.)"""
+    from pathlib import Path
+
+    from tests.integration.test_cli import cli
+
+    flag = Path(workdir) / "bug-single"
+    flag.touch()
+    worker = Worker("tests.apps.breakers", ["breakers.single"], env, workdir, name="bugs1").wait_ready()
+    try:
+        sent = [app.single.delay(f"b{i}").id for i in range(6)]
+        wait_for(lambda: vhost.queue_stats().get("breakers.single.bugs", {}).get("ready") == 6, 30, 0.2,
+                 "six in the bug queue")
+    finally:
+        worker.stop()
+    flag.unlink()
+    moved = cli("-A", "tests.apps.breakers", "requeue-bugs", "breakers.single.bugs", "--all", "-y")
+    assert moved.code == 0 and "requeued 6 messages" in moved.out, moved.out + moved.err
+    stats = vhost.queue_stats()
+    assert stats["rare.limit.single.line"]["ready"] == 6 and stats["breakers.single"]["ready"] == 0, stats
+    worker = Worker("tests.apps.breakers", ["breakers.single"], env, workdir, name="bugs2", concurrency=4).wait_ready()
+    try:
+        order = {task_id: i for i, task_id in enumerate(sent)}
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in order])
+                          == len(sent) and s, 30, 0.2, "the requeued tasks served")
+    finally:
+        worker.stop()
+    assert most_at_once([(e["began"], e["ended"]) for e in served]) <= 1
+    assert sorted(Counter(e["id"] for e in served).values()) == [1] * len(sent)
+    assert {e["attempt"] for e in served} == {1}  # a requeue starts over

@@ -5,8 +5,8 @@
 Three workers (prefork -c 2, prefork -c 2, solo) run tests/apps/faults.py's tasks on classic and quorum work
 queues, each worker through a proxy of its own (tests/proxy.py). For ``--minutes`` the soak publishes a
 mix of jobs (tests/soak/workload.py: successes, fail-once, fail-until-exhausted, ``Bug``, fallback chains,
-``Hop``, delayed starts, shelf lives that run out, a breaker's service, poison messages; single ``delay()``
-and ``bulk`` batches) while the nemesis (tests/soak/nemesis.py) injects a fault every ``--faults-every``
+``Hop``, delayed starts, shelf lives that run out, a breaker's service, a service with limits, poison
+messages; single ``delay()`` and ``bulk`` batches) while the nemesis (tests/soak/nemesis.py) injects a fault every ``--faults-every``
 seconds on average. Then the faults stop, the workers drain what is left, and the checker
 (tests/soak/checker.py) accounts for every job. Prints a Markdown table; exit 1 if anything was lost,
 stuck, repeated without a fault that allows it, ended where it cannot end, ran over its attempt limit or

@@ -39,6 +39,7 @@ PLANS = {p.name: p for p in (
          frozenset({"work"}), frozenset()),
     Plan("expire", 50, _plain("brittle"), frozenset(), frozenset({"expired"})),
     Plan("service", 120, _plain("call"), frozenset({"call"}), frozenset({"exhausted"})),
+    Plan("limited", 60, _plain("limited"), frozenset({"limited"}), frozenset()),
     Plan("poison1", 1, _plain("poison", 1), frozenset({"poison"}), frozenset()),
     Plan("poison", 1, _plain("poison", 9), frozenset(), frozenset({"worker_lost"})),
 )}

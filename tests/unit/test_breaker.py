@@ -256,7 +256,7 @@ def test_the_window_queue_refuses_one_past_the_limit_and_keeps_each_place_a_litt
     from rare_celery.topology import rate_window_queue
 
     q = rate_window_queue("deepl", 50, 1.0)
-    assert q.name == "rare.limit.deepl.50-per-1s" and q.durable
+    assert q.name == "rare.limit.deepl.rate.50-per-1s" and q.durable
     assert q.queue_arguments == {"x-queue-type": "classic", "x-max-length": 50, "x-overflow": "reject-publish",
-                                 "x-message-ttl": 1060}
-    assert rate_window_queue("deepl", 1000, 3600.0).name == "rare.limit.deepl.1000-per-1h"
+                                 "x-message-ttl": 1021}
+    assert rate_window_queue("deepl", 1000, 3600.0).name == "rare.limit.deepl.rate.1000-per-1h"

@@ -326,7 +326,8 @@ class Console:
             def step(held: bugs.Held) -> None:
                 job.progress.done += 1
 
-            send = (moves.requeue_sender(pending.to, pending.reset, time.time(), pending.edit)
+            send = (moves.requeue_sender(pending.to, pending.reset, time.time(), pending.edit,
+                                         lines=moves.lines_of(self.app))
                     if pending.action == "requeue" else None)
             try:
                 with self.connection() as conn:

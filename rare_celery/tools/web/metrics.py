@@ -203,6 +203,8 @@ def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
                                   "service_concurrency", labels=["breaker"])
     in_window = GaugeMetricFamily("rare_service_rate_window", "A service's attempts started in the last window "
                                   "of its service_rate", labels=["breaker"])
+    waiting = GaugeMetricFamily("rare_service_waiting", "A service's attempts waiting in its line for its limits",
+                                labels=["breaker"])
     held = GaugeMetricFamily("rare_breaker_held", "1 while a service is held on purpose (an operator's pause, "
                              "a Retry-After), until its probe_at time; 0 otherwise", labels=["breaker"])
     for r in rows:
@@ -216,9 +218,11 @@ def breaker_gauges(rows: list[dict[str, Any]]) -> list[Any]:
             in_flight.add_metric([name], r["in_flight"])
         if r.get("in_window") is not None:
             in_window.add_metric([name], r["in_window"])
+        if r.get("waiting") is not None:
+            waiting.add_metric([name], r["waiting"])
         if r["state"] == "open" and r["until"] is not None:
             probe_at.add_metric([name], r["until"])
-    return [state, periods, probe_at, held, in_flight, in_window]
+    return [state, periods, probe_at, held, in_flight, in_window, waiting]
 
 
 def registry(console: Console, counters: Counters) -> CollectorRegistry:
