@@ -38,30 +38,42 @@ from typing import Any, cast
 import amqp
 from amqp.exceptions import ChannelError, MessageNacked, NotFound, ResourceLocked
 
-from . import declare
-from .publish import producer_for
 from .topology import CLASSIC, QUORUM, free_slots_queue, line_queue, rate_window_queue, slot_lock_name
 
 log = logging.getLogger(__name__)
 TIMEOUT = 5.0  # seconds a window publish or a slot declare may take
 
 
-def take_rate(app: Any, service: str, rate: tuple[int, float]) -> bool:
+def take_rate(app: Any, service: str, rate: tuple[int, float]) -> bool | None:
     """One attempt's place in ``service``'s rate window: True when the broker confirmed it (the attempt
-    may start now), False when the window is full or the broker could not be asked."""
+    may start now), False when the window is full (the publish was nacked), ``None`` when the broker
+    could not be asked. On this process's holding connection, a channel of its own in confirm mode: a
+    refusal there closes that channel only. A window queue deleted meanwhile returns the publish
+    (mandatory): ``None``, and it is declared again at the next ask."""
     queue = rate_window_queue(service, *rate)
     try:
-        with producer_for(app, TIMEOUT) as producer:
-            declare.once(producer.channel, queue)
-            producer.publish(b"", exchange="", routing_key=queue.name, delivery_mode=2, retry=False,
-                             mandatory=True, timeout=TIMEOUT)
+        with _holder.lock:
+            channel = _holder.confirming(app)
+            _holder.declare(queue, channel)
+            _holder.returned.clear()
+            channel.basic_publish_confirm(amqp.Message(b"", delivery_mode=2), exchange="", routing_key=queue.name,
+                                          mandatory=True, confirm_timeout=TIMEOUT)
+            if _holder.returned:  # the queue is gone: declared again at the next ask
+                _holder.declared.discard(queue.name)
+                log.warning("rare_celery: service %s: its rate window %s was missing", service, queue.name)
+                return None
         return True
     except MessageNacked:
         return False
     except Exception as exc:  # noqa: BLE001 - unknown: the attempt waits rather than run unlimited
+        if isinstance(exc, ChannelError):
+            _holder.channels.pop("confirming", None)  # the broker closed it (or will be asked on a new one)
+            _holder.declared.discard(queue.name)
+        else:
+            _holder.drop()
         log.warning("rare_celery: service %s: could not ask for a place in its rate window: %s", service,
                     f"{type(exc).__name__}: {exc}")
-        return False
+        return None
 
 
 class Slot:
@@ -104,6 +116,7 @@ class _Holder:
         self.pid = 0
         self.channels: dict[str, Any] = {}
         self.declared: set[str] = set()
+        self.returned: list[Any] = []  # publishes of the confirming channel that no queue took
         self.lock = threading.RLock()
 
     def connection(self, app: Any = None) -> Any:
@@ -129,6 +142,15 @@ class _Holder:
     def quiet(self, app: Any = None) -> Any:
         return self._channel("quiet", app)
 
+    def confirming(self, app: Any = None) -> Any:
+        """The channel the rate's places are published on, in confirm mode."""
+        fresh = "confirming" not in self.channels or not self.channels["confirming"].is_open
+        channel = self._channel("confirming", app)
+        if fresh:
+            channel.confirm_select()
+            channel.events["basic_return"].add(lambda *args: self.returned.append(args))
+        return channel
+
     def locking(self, app: Any = None) -> Any:
         return self._channel("locking", app)
 
@@ -136,10 +158,10 @@ class _Holder:
         """The broker refused a declare on the locking channel, and closed it."""
         self.channels.pop("locking", None)
 
-    def declare(self, queue: Any) -> None:
-        """Declare ``queue`` on the quiet channel, once per connection."""
+    def declare(self, queue: Any, channel: Any = None) -> None:
+        """Declare ``queue`` (on ``channel``, else the quiet one), once per connection."""
         if queue.name not in self.declared:
-            queue.bind(self.quiet()).declare()
+            queue.bind(channel if channel is not None else self.quiet()).declare()
             self.declared.add(queue.name)
 
     def drop(self) -> None:
@@ -274,9 +296,15 @@ def wake(conn: Any, service: str, kind: str, count: int = 1, channel: Any = None
     return woken
 
 
-def rate_pause(rate: tuple[int, float]) -> float:
+UNASKED_PAUSE = (1.0, 2.0)  # seconds an attempt waits when the broker could not be asked (never a hot loop)
+
+
+def rate_pause(rate: tuple[int, float], asked: bool = True) -> float:
     """How long an attempt that holds a slot and found the rate's window full waits before it asks again:
-    about the time one place takes to free at that rate (at least 10 ms), spread by up to half of it."""
+    about the time one place takes to free at that rate (at least 10 ms), spread by up to half of it;
+    1-2 s when the broker could not be asked (``asked`` false)."""
+    if not asked:
+        return random.uniform(*UNASKED_PAUSE)
     count, window = rate
     return max(0.01, window / count) * random.uniform(1.0, 1.5)
 

@@ -272,7 +272,8 @@ def line_queue(service: str, kind: str = CLASSIC) -> Queue:
     ``BCC`` key, the work queue as the routing key) and left like one (dead-lettered to ``rare.return``),
     but with no TTL: an attempt leaves when it is woken (:func:`rare_celery.limits_io.wake`: read and
     rejected, so the broker dead-letters it to its work queue) or when its shelf life ends (the copy's
-    own ``expiration``)."""
+    own ``expiration``; the broker expires messages from the head, so one behind others that wait
+    longer leaves when it reaches the head)."""
     name = f"rare.limit.{service}.line" + ("" if kind == CLASSIC else ".quorum")
     args = {**_typed(CLASSIC), "x-dead-letter-exchange": RETURN_EXCHANGE.name}
     if kind == QUORUM:

@@ -251,12 +251,13 @@ def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
         if slot is None:
             _not_run(task, None)
             end(task, lambda: endings.line(d, attempt, name, CONCURRENCY))
-    if settings.rate is not None and not limits_io.take_rate(task.app, name, settings.rate):
+    placed = limits_io.take_rate(task.app, name, settings.rate) if settings.rate is not None else True
+    if not placed:
         _not_run(task, slot)
         if slot is None:
             end(task, lambda: endings.line(d, attempt, name, RATE))
         # it had a slot: it is the one an ending woke, and asks again in a moment (not at the end of the line)
-        due = time.time() + limits_io.rate_pause(settings.rate)
+        due = time.time() + limits_io.rate_pause(cast("tuple[int, float]", settings.rate), asked=placed is False)
         end(task, lambda: endings.wait(d, attempt, due, breaker=name))
     task.request.rare_limited = True
     task.request.rare_slot = slot

@@ -500,3 +500,37 @@ def test_a_requeue_of_a_limited_services_bugs_goes_through_its_line(app, env, wo
     assert most_at_once([(e["began"], e["ended"]) for e in served]) <= 1
     assert sorted(Counter(e["id"] for e in served).values()) == [1] * len(sent)
     assert {e["attempt"] for e in served} == {1}  # a requeue starts over
+
+
+def test_a_window_queue_the_broker_refuses_holds_attempts_without_a_hot_loop_and_a_deleted_one_comes_back(
+        app, env, workdir, record, vhost):
+    """The rate's window queue exists with other arguments (the broker refuses its declare): attempts
+    cannot ask for a place, so they wait (1-2 s a round, logged), never run unlimited and never spin.
+    Once it is gone they run, and a window deleted while workers use it is declared again."""
+    with Connection(vhost.url) as conn:
+        conn.default_channel.queue_delete("rare.limit.limited.rate.20-per-1s")  # another test's window
+        conn.default_channel.queue_declare("rare.limit.limited.rate.20-per-1s", durable=True, auto_delete=False,
+                                           arguments={"x-queue-type": "classic", "x-max-length": 999})
+    worker = Worker("tests.apps.breakers", ["breakers.limited"], env, workdir, name="window",
+                    concurrency=2).wait_ready()
+    try:
+        ids = {app.limited.delay(f"w{i}").id for i in range(3)}
+        wait_for(lambda: worker.text().count("could not ask for a place in its rate window") >= 3, 20, 0.2,
+                 "the refusals logged")
+        time.sleep(4)  # a hot loop would ask hundreds of times meanwhile
+        asked = worker.text().count("could not ask for a place in its rate window")
+        assert asked <= 3 * (4 + 3) / 1.0, asked  # 3 attempts, one ask per 1-2 s
+        assert not [e for e in record.all() if e["kind"] == "served" and e["id"] in ids]  # never unlimited
+        with Connection(vhost.url) as conn:
+            conn.default_channel.queue_delete("rare.limit.limited.rate.20-per-1s")
+        wait_for(lambda: len({e["id"] for e in record.all() if e["kind"] == "served" and e["id"] in ids}) == 3,
+                 20, 0.2, "the attempts to run once the window can be declared")
+        with Connection(vhost.url) as conn:  # deleted while in use: declared again at the next ask
+            conn.default_channel.queue_delete("rare.limit.limited.rate.20-per-1s")
+        more = {app.limited.delay(f"x{i}").id for i in range(3)}
+        wait_for(lambda: len({e["id"] for e in record.all() if e["kind"] == "served" and e["id"] in more}) == 3,
+                 20, 0.2, "the attempts after the delete")
+        assert wait_for(lambda: vhost.queue_stats().get("rare.limit.limited.rate.20-per-1s") is not None, 10, 0.5,
+                        "the window declared again")
+    finally:
+        worker.stop()
