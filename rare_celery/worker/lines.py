@@ -68,6 +68,8 @@ class Line:
     def look(self, conn: Any, now: float) -> tuple[str, int] | None:
         """Wake what may start; return ``("start", waiting)`` or ``("stop", 0)`` when that changed."""
         depths = {kind: limits_io.depth(conn, line_queue(self.service, kind).name) for kind in self.kinds}
+        if None in depths.values():  # the broker could not say: the next look
+            return None
         waiting = sum(n or 0 for n in depths.values())
         if waiting:
             room = self.room(conn)

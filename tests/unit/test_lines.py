@@ -125,3 +125,12 @@ def test_a_service_stops_limiting_once_its_line_has_been_empty_a_while(monkeypat
     assert line.look(None, 101.0 + lines.STOP_AFTER - 0.5) is None
     assert line.look(None, 101.0 + lines.STOP_AFTER) == ("stop", 0)
     assert line.look(None, 200.0) is None
+
+
+def test_a_line_the_broker_cannot_read_changes_nothing(monkeypatch):
+    line = lines.Line("gw", Settings(concurrency=1), {"classic"})
+    broker = FakeBroker(waiting=3)
+    broker.install(monkeypatch)
+    assert line.look(None, 100.0) == ("start", 3)
+    monkeypatch.setattr(limits_io, "depth", lambda conn, name: None)
+    assert line.look(None, 200.0) is None and line.limiting  # not taken for an empty line
