@@ -61,6 +61,7 @@ ATTEMPT, FIRST_AT, DEADLINE, DUE, QUEUE = (PREFIX + k for k in ("attempt", "firs
 DELIVERIES, RETURNED, REQUEUED = PREFIX + "deliveries", PREFIX + "returned", PREFIX + "requeued"
 COPY = PREFIX + "copy"
 HOPS = PREFIX + "hops"  # the hop history, see rare_celery.hops
+WOKEN = PREFIX + "woken"  # the service line a message was woken from (rare_celery.limits_io.wake)
 EDITS = PREFIX + "edits"  # an operator's edits of the arguments, see rare_celery.tools.records.edited
 EXCEPTION, ERROR, TRACEBACK = PREFIX + "exception", PREFIX + "error", PREFIX + "traceback"
 REASON, ATTEMPTS, FAILED_AT, TASK = (PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))

@@ -17,7 +17,7 @@ no server but RabbitMQ.
 
 * **The line** (:func:`rare_celery.topology.line_queue`): an attempt outside the limits waits there,
   in arrival order (:func:`rare_celery.endings.line`), until it is woken (:func:`wake`): read with
-  ``basic.get`` and rejected, which makes the broker dead-letter it back to its work queue. An
+  ``basic.get``, published again to its work queue (confirmed), then acked. An
   attempt that ends wakes the next one (:func:`wake_after`); each worker's main process wakes as many
   as the service's free slots and window places allow, every second (:class:`rare_celery.worker.lines.
   Waker`), so that none waits for a wake that was lost (a process that died before it woke the next).
@@ -38,7 +38,8 @@ from typing import Any, cast
 import amqp
 from amqp.exceptions import ChannelError, MessageNacked, NotFound, ResourceLocked
 
-from .topology import CLASSIC, QUORUM, free_slots_queue, line_queue, rate_window_queue, slot_lock_name
+from . import headers as hdr
+from .topology import CLASSIC, QUORUM, RETURN_EXCHANGE, free_slots_queue, line_queue, rate_window_queue, slot_lock_name
 
 log = logging.getLogger(__name__)
 TIMEOUT = 5.0  # seconds a window publish or a slot declare may take
@@ -274,18 +275,35 @@ def waiting(conn: Any, service: str) -> int | None:
 
 def wake(conn: Any, service: str, kind: str, count: int = 1, channel: Any = None) -> int:
     """Send up to ``count`` attempts at the head of ``service``'s line (of ``kind``) back to their work
-    queues: each is read (``basic.get``) and rejected, and the broker dead-letters it to ``rare.return``
-    with its work queue as the key. Returns how many went. A waker that dies between the two leaves
-    the message unacked: the broker puts it back in the line. Raises what the broker raises.
-    ``channel``: one to use and keep open (else one is opened and closed)."""
+    queues. Each is read (``basic.get``), published again to ``rare.return`` with its work queue as the
+    key and :data:`rare_celery.headers.WOKEN` (confirmed: a work queue that is gone sends it on to
+    ``rare.unrouted``), then acked. Not rejected to be dead-lettered: RabbitMQ 4 would deliver it
+    *redelivered*, which a worker must take for a delivery whose worker died. A waker that dies
+    before the ack leaves it unacked: back in the line (and, if its copy was confirmed, in its work
+    queue too: at least once). Returns how many went; raises what the broker raises. ``channel``:
+    one in confirm mode to use and keep open (else one is opened and closed)."""
     woken, kept = 0, channel is not None
-    channel = channel if kept else conn.channel()
+    if not kept:
+        channel = conn.channel()
+        channel.confirm_select()
     try:
         for _ in range(count):
             message = channel.basic_get(line_queue(service, kind).name, no_ack=False)
             if message is None:
                 break
-            channel.basic_reject(message.delivery_tag, requeue=False)
+            props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "expiration")}
+            headers = {k: v for k, v in (message.properties.get("application_headers") or {}).items()
+                       if k not in hdr.BROKER_KEYS}
+            headers[hdr.WOKEN] = line_queue(service, kind).name
+            try:
+                channel.basic_publish_confirm(amqp.Message(message.body, application_headers=headers, **props),
+                                              exchange=RETURN_EXCHANGE.name,
+                                              routing_key=message.delivery_info.get("routing_key") or "",
+                                              confirm_timeout=TIMEOUT)
+            except MessageNacked:  # its work queue refused it: back in the line, and no more now
+                channel.basic_reject(message.delivery_tag, requeue=True)
+                break
+            channel.basic_ack(message.delivery_tag)
             woken += 1
     except NotFound:  # no line yet: nobody waits (the broker closed the channel)
         kept = False
@@ -310,12 +328,11 @@ def rate_pause(rate: tuple[int, float], asked: bool = True) -> float:
 
 
 def from_line(headers: Any, service: str) -> bool:
-    """Whether a message came out of one of ``service``'s lines (the broker's ``x-death`` names the queue
-    it was dead-lettered from): an attempt that was woken, and must not join the end of the line again
-    before it has asked for a slot."""
-    deaths = (headers or {}).get("x-death") if hasattr(headers, "get") else None
-    names = {line_queue(service, kind).name for kind in (CLASSIC, QUORUM)}
-    return isinstance(deaths, list) and any(isinstance(d, dict) and d.get("queue") in names for d in deaths)
+    """Whether a message was woken from one of ``service``'s lines (:data:`rare_celery.headers.WOKEN`): it
+    asks for a slot before it would join the end of the line again. (Anyone may write the header; it
+    changes only where in the line an attempt waits.)"""
+    woken = headers.get(hdr.WOKEN) if hasattr(headers, "get") else None
+    return isinstance(woken, str) and woken in {line_queue(service, kind).name for kind in (CLASSIC, QUORUM)}
 
 
 def others_wait(app: Any, service: str, kind: str) -> bool:
@@ -345,7 +362,7 @@ def wake_after(app: Any, service: str, kind: str, rate: tuple[int, float] | None
             # the window exists: this attempt took a place in it (a passive declare on the kept channel)
             if slot is not None or rate is None or channel.queue_declare(
                     rate_window_queue(service, *rate).name, passive=True).message_count < rate[0]:
-                wake(conn, service, kind, channel=channel)
+                wake(conn, service, kind, channel=_holder.confirming(app))
     except Exception as exc:  # noqa: BLE001 - the workers' wakers wake it within a second
         _holder.drop()
         log.info("rare_celery: service %s: could not wake the next attempt in its line: %s", service,

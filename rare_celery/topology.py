@@ -269,11 +269,11 @@ def rate_window_queue(service: str, count: int, window: float) -> Queue:
 def line_queue(service: str, kind: str = CLASSIC) -> Queue:
     """``rare.limit.<service>.line`` (``.line.quorum`` for quorum work queues): the attempts a service's
     limits sent to wait, in arrival order. Reached like a delay queue (through ``rare.delay`` by its
-    ``BCC`` key, the work queue as the routing key) and left like one (dead-lettered to ``rare.return``),
-    but with no TTL: an attempt leaves when it is woken (:func:`rare_celery.limits_io.wake`: read and
-    rejected, so the broker dead-letters it to its work queue) or when its shelf life ends (the copy's
-    own ``expiration``; the broker expires messages from the head, so one behind others that wait
-    longer leaves when it reaches the head)."""
+    ``BCC`` key, the work queue as the routing key), but with no TTL: an attempt leaves when it is woken
+    (:func:`rare_celery.limits_io.wake`: read, published again to its work queue, acked) or, dead-lettered
+    to ``rare.return`` like a delay queue's, when its shelf life ends (the copy's own ``expiration``; the
+    broker expires messages from the head, so one behind others that wait longer leaves when it reaches
+    the head)."""
     name = f"rare.limit.{service}.line" + ("" if kind == CLASSIC else ".quorum")
     args = {**_typed(CLASSIC), "x-dead-letter-exchange": RETURN_EXCHANGE.name}
     if kind == QUORUM:

@@ -66,14 +66,15 @@ def test_a_wait_in_a_line_is_a_task_waiting_event_without_an_eta():
 
 
 @pytest.mark.parametrize(("headers", "woken"), [
-    ({"x-death": [{"queue": "rare.limit.gw.line", "reason": "rejected", "count": 1}]}, True),
-    ({"x-death": [{"queue": "rare.wait.5s"}, {"queue": "rare.limit.gw.line.quorum"}]}, True),
-    ({"x-death": [{"queue": "rare.limit.other.line"}]}, False),
-    ({"x-death": "rare.limit.gw.line"}, False),
+    ({hdr.WOKEN: "rare.limit.gw.line"}, True),
+    ({hdr.WOKEN: "rare.limit.gw.line.quorum"}, True),
+    ({hdr.WOKEN: "rare.limit.other.line"}, False),
+    ({"x-death": [{"queue": "rare.limit.gw.line"}]}, False),  # dead-lettered at its deadline: not woken
+    ({hdr.WOKEN: ["rare.limit.gw.line"]}, False),
     ({}, False),
     (None, False),
 ])
-def test_an_attempt_woken_from_its_line_is_known_by_the_brokers_x_death(headers, woken):
+def test_an_attempt_woken_from_its_line_is_known_by_the_header_its_waker_wrote(headers, woken):
     assert limits_io.from_line(headers, "gw") is woken
 
 
