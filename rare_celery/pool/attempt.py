@@ -265,14 +265,16 @@ def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
 
 def _limited_end(task: Any) -> None:
     """An attempt that started within its service's limits has ended: its slot is let go of, and the
-    next attempt in the line is woken."""
+    next attempt in the line is woken, shielded from the soft time limit (the attempt has ended: a wake
+    cut between its publish and its ack would leave the woken attempt in its line and its work queue)."""
     req = task.request
     slot, req.rare_slot = getattr(req, "rare_slot", None), None
     if not getattr(req, "rare_limited", False):
         return
     req.rare_limited = False
-    limits_io.wake_after(task.app, task.breaker, delay_kind(task.app, Delivery.running(task).queue or ""),
-                         task.rare_breaker.rate, slot)
+    with shielded():
+        limits_io.wake_after(task.app, task.breaker, delay_kind(task.app, Delivery.running(task).queue or ""),
+                             task.rare_breaker.rate, slot)
 
 
 def _not_run(task: Any, slot: limits_io.Slot | None) -> None:
