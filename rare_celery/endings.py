@@ -116,16 +116,18 @@ def wait(d: Delivery, state: hdr.Attempt, due: float, *, breaker: str | None = N
     return Ending(WAIT, d, copy, Ignore(), fields={"due": due, **({"breaker": breaker} if breaker else {})})
 
 
-def line(d: Delivery, state: hdr.Attempt, service: str, limit: str, *, now: float | None = None) -> Ending:
+def line(d: Delivery, state: hdr.Attempt, service: str, limit: str, *, head: bool = False,
+         now: float | None = None) -> Ending:
     """Attempt ``state`` may not start now: ``service``'s ``limit`` (``concurrency``, ``rate``) is reached.
     It waits, unrun, nothing counted, in the service's line until an attempt's end or a worker wakes
-    it (:func:`rare_celery.limits_io.wake`), or until its shelf life ends."""
+    it (:func:`rare_celery.limits_io.wake`), or until its shelf life ends. ``head``: it was woken from the
+    line and lost its place to another: back at the head, not the end."""
     now = time.time() if now is None else now
     body, headers, props = d.copy(hdr.write(replace(state, due=None, queue=d.queue)),
                                   keep=(*hdr.LAST_ERROR, hdr.DELIVERIES, hdr.RETURNED))
     rest = None if state.deadline is None else state.deadline - now
     copy = to_line(d.queue or "", service, delay_kind(d.task.app, d.queue or ""), body, headers, props,
-                   expires_in=rest, own_kind=own_kind(d.task.app))
+                   expires_in=rest, own_kind=own_kind(d.task.app), head=head)
     return Ending(WAIT, d, copy, Ignore(), fields={"line": service, "limit": limit, "breaker": service})
 
 

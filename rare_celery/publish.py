@@ -36,6 +36,7 @@ from .exceptions import ConfirmMissing, PublishRefused
 from .topology import (
     CLASSIC,
     DELAY_EXCHANGE,
+    LINE_HEAD_PRIORITY,
     MAX_DELAY_MS,
     RETURN_EXCHANGE,
     UNROUTED_QUEUE,
@@ -116,10 +117,13 @@ def to_delay(work_queue: str, delay: float, kind: str, body: Any, headers: dict[
 
 
 def to_line(work_queue: str, service: str, kind: str, body: Any, headers: dict[str, Any], properties: dict[str, Any],
-            expires_in: float | None = None, own_kind: str = CLASSIC) -> Copy:
+            expires_in: float | None = None, own_kind: str = CLASSIC, head: bool = False) -> Copy:
     """A copy that waits in ``service``'s line (:func:`rare_celery.topology.line_queue`) until it is woken,
-    then comes back to ``work_queue``; ``expires_in`` seconds at most (its shelf life's rest)."""
+    then comes back to ``work_queue``; ``expires_in`` seconds at most (its shelf life's rest). ``head``: at
+    the head of the line (:data:`~rare_celery.topology.LINE_HEAD_PRIORITY`), not its end."""
     queue = line_queue(service, kind)
+    if head:
+        properties = {**properties, "priority": max(LINE_HEAD_PRIORITY, properties.get("priority") or 0)}
     if expires_in is not None:  # dead-lettered back when its shelf life ends (the worker then ends it)
         properties = {**properties, "expiration": max(int(expires_in * 1000), 1) / 1000}
     return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,

@@ -253,15 +253,16 @@ def rate_window_queue(service: str, count: int, window: float) -> Queue:
     """``rare.limit.<service>.rate.<count>-per-<window>``: a service's rate as a sliding window. Each attempt
     puts one message in it (confirmed) before it runs; the broker refuses one more than ``count``
     (``reject-publish``) and drops each after ``window`` (``x-message-ttl``): at most ``count`` in
-    any window. Its name carries the limit, so a changed limit is a new queue (as was the change of its TTL
-    from window + 1% + 50 ms, whose queues had no ``.rate`` in their names) (the old one, empty
+    any window. Its name carries the limit, so a changed limit is a new queue (the old one, empty
     after a window, stays: ``x-expires`` would count a queue only published to as unused, and drop
     a window in use)."""
     ms = max(1, round(window * 1000))
-    # each place lasts a little longer than the window (0.1% and 20 ms): an attempt starts a moment after
-    # its place is confirmed, and that moment varies; the service must see the limit, not the broker
+    # each place lasts a little longer than the window (1% and 50 ms): an attempt starts a moment after
+    # its place is confirmed, and that moment varies (a pool process the OS does not run for a while);
+    # the service must see the limit, not the broker. 0.1% and 20 ms let 21 of 20/s into one second of
+    # a busy 2-core CI machine's run.
     args = {"x-queue-type": "classic", "x-max-length": count, "x-overflow": "reject-publish",
-            "x-message-ttl": round(ms * 1.001) + 20}
+            "x-message-ttl": round(ms * 1.01) + 50}
     return Queue(f"rare.limit.{service}.rate.{count}-per-{duration_label(ms)}", durable=True, auto_delete=False,
                  queue_arguments=args)
 
@@ -273,15 +274,25 @@ def line_queue(service: str, kind: str = CLASSIC) -> Queue:
     (:func:`rare_celery.limits_io.wake`: read, published again to its work queue, acked) or, dead-lettered
     to ``rare.return`` like a delay queue's, when its shelf life ends (the copy's own ``expiration``; the
     broker expires messages from the head, so one behind others that wait longer leaves when it reaches
-    the head)."""
+    the head).
+
+    An attempt that was woken but lost its slot to another (two wakes for one free slot, or a new attempt
+    that took the slot's hint first) goes back to the head, not the end: its copy has
+    :data:`LINE_HEAD_PRIORITY`, and the classic line has two priorities (``x-max-priority`` 1). A quorum
+    line has them from RabbitMQ 4.0 (a priority above 4 is the high one); on 3.x it is first in, first
+    out, and such an attempt joins the end."""
     name = f"rare.limit.{service}.line" + ("" if kind == CLASSIC else ".quorum")
-    args = {**_typed(CLASSIC), "x-dead-letter-exchange": RETURN_EXCHANGE.name}
+    args = {**_typed(CLASSIC), "x-dead-letter-exchange": RETURN_EXCHANGE.name, "x-max-priority": 1}
     if kind == QUORUM:
+        del args["x-max-priority"]  # refused by a quorum queue; 4.x quorum queues have two priorities anyway
         args.update({"x-queue-type": "quorum", "x-overflow": "reject-publish",
                      "x-dead-letter-strategy": "at-least-once"})
     queue = Queue(name, exchange=DELAY_EXCHANGE, routing_key=delay_key(name), durable=True, queue_arguments=args)
     queue.rare_delay = True  # lazy on RabbitMQ < 3.12 (see for_broker): a long line costs disk, not RAM
     return queue
+
+
+LINE_HEAD_PRIORITY = 9  # a line copy's priority when it goes back to the head (see line_queue)
 
 
 def free_slots_queue(service: str, slots: int) -> Queue:

@@ -236,12 +236,13 @@ def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
     the service's line, unrun, nothing counted, until it is woken. A new attempt (not one woken from
     the line) that finds attempts waiting joins the end of the line, not to go before them, unless a
     slot was let go of a moment ago (its hint): the attempt woken to take it may be behind a backlog
-    in its work queue, and the slot would stand idle until it comes. An attempt that had a slot and
+    in its work queue, and the slot would stand idle until it comes. A woken attempt that finds no slot
+(another took it first) waits again at the head of the line. An attempt that had a slot and
     found the window full was woken by an ending to take its place: it waits a moment in a delay queue
     and asks again, so that the chain of endings waking the next goes on."""
     settings, name = task.rare_breaker, task.breaker
-    behind = not limits_io.from_line(task.request.headers, name) and limits_io.others_wait(
-        task.app, name, delay_kind(task.app, d.queue or ""))
+    woken = limits_io.from_line(task.request.headers, name)  # if it must wait again: at the head of the line
+    behind = not woken and limits_io.others_wait(task.app, name, delay_kind(task.app, d.queue or ""))
     if behind and settings.concurrency is None:
         _not_run(task, None)  # others came first: to the end of the line
         end(task, lambda: endings.line(d, attempt, name, RATE))
@@ -250,12 +251,12 @@ def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
         slot = limits_io.take_slot(task.app, name, settings.concurrency, hinted_only=behind)
         if slot is None:
             _not_run(task, None)
-            end(task, lambda: endings.line(d, attempt, name, CONCURRENCY))
+            end(task, lambda: endings.line(d, attempt, name, CONCURRENCY, head=woken))
     placed = limits_io.take_rate(task.app, name, settings.rate) if settings.rate is not None else True
     if not placed:
         _not_run(task, slot)
         if slot is None:
-            end(task, lambda: endings.line(d, attempt, name, RATE))
+            end(task, lambda: endings.line(d, attempt, name, RATE, head=woken))
         # it had a slot: it is the one an ending woke, and asks again in a moment (not at the end of the line)
         due = time.time() + limits_io.rate_pause(cast("tuple[int, float]", settings.rate), asked=placed is False)
         end(task, lambda: endings.wait(d, attempt, due, breaker=name))

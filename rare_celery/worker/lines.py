@@ -6,8 +6,9 @@ That is not enough alone: a process can die before it wakes the next, and an att
 line just after the last one running ended. So each worker's main process looks at the lines of the
 services its tasks call, every second or so (:data:`EVERY`, jittered), and wakes as many as the
 service's free slots and window places allow, but for the slots an ending woke an attempt for, whose
-hint (:func:`rare_celery.topology.free_slots_queue`) is still there. Two workers may both wake the same free place: the second attempt goes
-back to the end of the line.
+hint (:func:`rare_celery.topology.free_slots_queue`) is still there. Two wakes may be for the same free
+place (two workers' looks, or a look and an ending): the attempt that finds it taken goes back to the
+head of the line.
 
 A service *starts limiting* for a worker when its lines hold attempts, and *stops* once they have been
 empty for :data:`STOP_AFTER` seconds: the signals ``limit_started`` / ``limit_stopped`` and the events

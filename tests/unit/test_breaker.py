@@ -225,7 +225,7 @@ def test_a_note_with_a_bad_why_is_dropped(why):
     assert br.note_problem({**note, "why": why}) == "no valid why"
 
 
-# -- a service's limits: settings (the broker side is tests/integration/test_breakers.py) ----------
+# -- a service's limits: settings (the broker side is tests/integration/test_limits.py) -------------
 
 @pytest.mark.parametrize(("text", "parsed"), [("30/s", (30, 1.0)), ("1000/h", (1000, 3600.0)), (" 5 / 10s ", (5, 10.0)),
                                               ("2/m", (2, 60.0)), ("100000/d", (100_000, 86_400.0))])
@@ -258,5 +258,5 @@ def test_the_window_queue_refuses_one_past_the_limit_and_keeps_each_place_a_litt
     q = rate_window_queue("deepl", 50, 1.0)
     assert q.name == "rare.limit.deepl.rate.50-per-1s" and q.durable
     assert q.queue_arguments == {"x-queue-type": "classic", "x-max-length": 50, "x-overflow": "reject-publish",
-                                 "x-message-ttl": 1021}
+                                 "x-message-ttl": 1060}
     assert rate_window_queue("deepl", 1000, 3600.0).name == "rare.limit.deepl.rate.1000-per-1h"

@@ -1,6 +1,6 @@
 """A service's line (rare_celery.topology.line_queue, endings.line, limits_io.from_line) and how a
 worker wakes it (rare_celery.worker.lines): what is decided, without a broker (the real-broker tests
-are in tests/integration/test_breakers.py)."""
+are in tests/integration/test_limits.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rare_celery import RareTask, endings, events, limits_io
 from rare_celery import headers as hdr
 from rare_celery.breaker import Settings
 from rare_celery.message import Delivery
-from rare_celery.topology import DELAY_EXCHANGE, RETURN_EXCHANGE, free_slots_queue, line_queue
+from rare_celery.topology import DELAY_EXCHANGE, LINE_HEAD_PRIORITY, RETURN_EXCHANGE, free_slots_queue, line_queue
 from rare_celery.worker import lines
 
 app = Celery("lines-unit", broker="memory://", set_as_current=False)
@@ -35,8 +35,10 @@ def test_a_line_is_left_like_a_delay_queue_but_has_no_ttl():
     classic, quorum = line_queue("gw"), line_queue("gw", "quorum")
     assert (classic.name, quorum.name) == ("rare.limit.gw.line", "rare.limit.gw.line.quorum")
     assert classic.exchange.name == DELAY_EXCHANGE.name and classic.routing_key == "amq.rare.limit.gw.line"
-    assert classic.queue_arguments == {"x-queue-type": "classic", "x-dead-letter-exchange": RETURN_EXCHANGE.name}
+    assert classic.queue_arguments == {"x-queue-type": "classic", "x-dead-letter-exchange": RETURN_EXCHANGE.name,
+                                       "x-max-priority": 1}  # two priorities: the head for an attempt sent back
     assert quorum.queue_arguments["x-dead-letter-strategy"] == "at-least-once"
+    assert "x-max-priority" not in quorum.queue_arguments  # refused by quorum queues (4.x have two priorities)
     assert "x-message-ttl" not in quorum.queue_arguments
     hints = free_slots_queue("gw", 3)
     assert hints.name == "rare.limit.gw.free.3" and hints.queue_arguments["x-max-length"] == 3
@@ -55,6 +57,9 @@ def test_an_attempt_sent_to_the_line_waits_unrun_until_woken_or_its_shelf_life_e
     assert ending.fields == {"line": "gw", "limit": "concurrency", "breaker": "gw"}
     no_deadline = endings.line(held(), hdr.Attempt(1, now), "gw", "rate", now=now)
     assert "expiration" not in no_deadline.copy.properties
+    assert "priority" not in copy.properties  # at the end of the line
+    back = endings.line(held({hdr.WOKEN: "rare.limit.gw.line"}), state, "gw", "concurrency", head=True, now=now)
+    assert back.copy.properties["priority"] == LINE_HEAD_PRIORITY  # woken, and the slot was taken: the head
 
 
 def test_a_wait_in_a_line_is_a_task_waiting_event_without_an_eta():
