@@ -15,6 +15,11 @@ no server but RabbitMQ.
   queue after it; if the process or its worker dies, the connection closes and the broker frees the
   slot at once.
 
+* **A pause** the service asked for (``RetryAfter``, :func:`pause`) is the breaker's, held by its note;
+  for a service with limits it is also a message in :func:`rare_celery.topology.pause_queue` for the
+  pause's length, which each attempt's gate reads last (:func:`paused`): an attempt of another worker
+  holds back at once, not only once the note has reached its worker.
+
 * **The line** (:func:`rare_celery.topology.line_queue`): an attempt outside the limits waits there,
   in arrival order (:func:`rare_celery.endings.line`), until it is woken (:func:`wake`): read with
   ``basic.get``, published again to its work queue (confirmed), then acked. An
@@ -39,7 +44,16 @@ import amqp
 from amqp.exceptions import ChannelError, MessageNacked, NotFound, ResourceLocked
 
 from . import headers as hdr
-from .topology import CLASSIC, QUORUM, RETURN_EXCHANGE, free_slots_queue, line_queue, rate_window_queue, slot_lock_name
+from .topology import (
+    CLASSIC,
+    QUORUM,
+    RETURN_EXCHANGE,
+    free_slots_queue,
+    line_queue,
+    pause_queue,
+    rate_window_queue,
+    slot_lock_name,
+)
 
 log = logging.getLogger(__name__)
 TIMEOUT = 5.0  # seconds a window publish or a slot declare may take
@@ -77,6 +91,51 @@ def take_rate(app: Any, service: str, rate: tuple[int, float]) -> bool | None:
         return None
 
 
+def pause(app: Any, service: str, seconds: float) -> None:
+    """``service`` asked for a pause of ``seconds`` (``Retry-After``): a message that lives as long in its
+    pause queue (confirmed, so that it is there before this attempt's ending wakes the next). Best
+    effort: the breaker's note holds the service as well."""
+    queue = pause_queue(service)
+    try:
+        with _holder.lock:
+            channel = _holder.confirming(app)
+            _holder.declare(queue, channel)
+            message = amqp.Message(b"", delivery_mode=2, expiration=str(max(1, round(seconds * 1000))))
+            channel.basic_publish_confirm(message, exchange="", routing_key=queue.name, confirm_timeout=TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - the note holds the service; this only makes it sooner
+        _lost("confirming", queue.name, exc)
+        log.warning("rare_celery: service %s: could not mark its pause on the broker: %s", service,
+                    f"{type(exc).__name__}: {exc}")
+
+
+def paused(app: Any, service: str) -> bool | None:
+    """Whether ``service`` is in a pause it asked for (a message in its pause queue); ``None`` when the
+    broker could not say. A declare, not a passive one: a queue not there yet is no pause, and closes
+    no channel."""
+    queue = pause_queue(service)
+    try:
+        with _holder.lock:
+            ok = _holder.quiet(app).queue_declare(queue.name, durable=True, auto_delete=False,
+                                                  arguments=queue.queue_arguments)
+            return bool(ok.message_count)
+    except Exception as exc:  # noqa: BLE001 - unknown: the attempt waits rather than run through a pause
+        _lost("quiet", queue.name, exc)
+        log.warning("rare_celery: service %s: could not read its pause queue: %s", service,
+                    f"{type(exc).__name__}: {exc}")
+        return None
+
+
+def _lost(channel: str, queue: str, exc: BaseException) -> None:
+    """After ``exc`` on one of the holding connection's channels: a channel the broker closed is opened
+    again at its next use (the connection, and the slots it holds, stay); any other failure drops
+    the connection."""
+    if isinstance(exc, ChannelError):
+        _holder.channels.pop(channel, None)
+        _holder.declared.discard(queue)
+    else:
+        _holder.drop()
+
+
 class Slot:
     """One of a service's slots for attempts in flight, held until :meth:`release` (or until the
     process holding it dies: its connection closes, and the broker deletes the queue)."""
@@ -93,7 +152,7 @@ class Slot:
         try:
             with _holder.lock:
                 channel = _holder.quiet()
-                channel.queue_delete(name)
+                channel.queue_delete(name, nowait=True)  # the hint and the wake go at once, in order on this channel
                 hints = free_slots_queue(self.service, self.slots)
                 _holder.declare(hints)
                 channel.basic_publish(amqp.Message(str(self.number), delivery_mode=1), exchange="",
@@ -315,6 +374,12 @@ def wake(conn: Any, service: str, kind: str, count: int = 1, channel: Any = None
 
 
 UNASKED_PAUSE = (1.0, 2.0)  # seconds an attempt waits when the broker could not be asked (never a hot loop)
+
+
+def paused_wait(asked: bool = True) -> float:
+    """How long an attempt that found its service paused waits before its gates again: 1-1.5 s (by then
+    the breaker's board holds it until the pause ends); 1-2 s when the broker could not say."""
+    return random.uniform(1.0, 1.5) if asked else random.uniform(*UNASKED_PAUSE)
 
 
 def rate_pause(rate: tuple[int, float], asked: bool = True) -> float:

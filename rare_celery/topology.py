@@ -305,6 +305,17 @@ def free_slots_queue(service: str, slots: int) -> Queue:
     return Queue(f"rare.limit.{service}.free.{slots}", durable=True, auto_delete=False, queue_arguments=args)
 
 
+def pause_queue(service: str) -> Queue:
+    """``rare.limit.<service>.pause``: a service with limits that asked for a pause (``RetryAfter``) holds
+    one message here for the pause's length (its ``expiration``). Every attempt's gate reads its count
+    last, so that an attempt of another worker holds back at once, not when the breaker's note reaches
+    its worker (some milliseconds; the note is what holds it after that). Several pauses: several
+    messages, the broker expires them from the head (one behind a longer one stays counted, but the
+    longer one is the pause then)."""
+    args = {"x-queue-type": "classic", "x-max-length": 100, "x-overflow": "drop-head"}
+    return Queue(f"rare.limit.{service}.pause", durable=True, auto_delete=False, queue_arguments=args)
+
+
 def slot_lock_name(service: str, slot: int) -> str:
     """The exclusive queue whose holder runs one of ``service``'s attempts in flight (slot ``slot``)."""
     return f"rare.limit.{service}.slot.{slot}"

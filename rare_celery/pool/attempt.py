@@ -237,9 +237,12 @@ def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
     the line) that finds attempts waiting joins the end of the line, not to go before them, unless a
     slot was let go of a moment ago (its hint): the attempt woken to take it may be behind a backlog
     in its work queue, and the slot would stand idle until it comes. A woken attempt that finds no slot
-(another took it first) waits again at the head of the line. An attempt that had a slot and
+    (another took it first) waits again at the head of the line. An attempt that had a slot and
     found the window full was woken by an ending to take its place: it waits a moment in a delay queue
-    and asks again, so that the chain of endings waking the next goes on."""
+    and asks again, so that the chain of endings waking the next goes on. Last, the service's pause
+    queue: an attempt of another worker asked for a pause a moment ago (its note may not be here yet):
+    it waits a moment (1-1.5 s; 1-2 s when the broker could not say), and the breaker's gate holds it
+    from then on."""
     settings, name = task.rare_breaker, task.breaker
     woken = limits_io.from_line(task.request.headers, name)  # if it must wait again: at the head of the line
     behind = not woken and limits_io.others_wait(task.app, name, delay_kind(task.app, d.queue or ""))
@@ -259,6 +262,11 @@ def _limits_gate(task: Any, d: Delivery, attempt: hdr.Attempt) -> None:
             end(task, lambda: endings.line(d, attempt, name, RATE, head=woken))
         # it had a slot: it is the one an ending woke, and asks again in a moment (not at the end of the line)
         due = time.time() + limits_io.rate_pause(cast("tuple[int, float]", settings.rate), asked=placed is False)
+        end(task, lambda: endings.wait(d, attempt, due, breaker=name))
+    paused = limits_io.paused(task.app, name)  # last: another worker's attempt was told to pause a moment ago
+    if paused is not False:  # by the next round the breaker's board holds it (or the broker can say)
+        _not_run(task, slot)
+        due = time.time() + limits_io.paused_wait(asked=paused is True)
         end(task, lambda: endings.wait(d, attempt, due, breaker=name))
     task.request.rare_limited = True
     task.request.rare_slot = slot
@@ -308,6 +316,8 @@ def breaker_told(task: Any, failed: bool, pause: float | None = None) -> None:
             known = probe[1]
         held = br.paused(known, pause, f"Retry-After {pause:g} s ({task.name})", now)
         try:
+            if task.rare_breaker.concurrency is not None or task.rare_breaker.rate is not None:
+                limits_io.pause(task.app, task.breaker, pause)  # every limited attempt's gate reads it at once
             breaker_io.announce(task.app, held.as_note(by, req.id))
         finally:
             if probe is not None:

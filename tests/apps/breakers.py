@@ -26,7 +26,7 @@ app.conf.update(
     task_default_queue="breakers",
     task_queues=[Queue("breakers"), Queue("breakers.short"), Queue("breakers.hang"), Queue("breakers.slowprobe"),
                  Queue("breakers.gateway"), Queue("breakers.limited"), Queue("breakers.slotted"),
-                 Queue("breakers.single"), Queue("breakers.rated")],
+                 Queue("breakers.single"), Queue("breakers.rated"), Queue("breakers.busy")],
     worker_send_task_events=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
@@ -156,6 +156,23 @@ def single(self, key: str):
     time.sleep(0.25)
     record("served", self.request.id, service="single", began=began, ended=time.time(), attempt=self.attempt,
            key=key)
+    return key
+
+
+@app.task(base=RareTask, bind=True, name="breakers.busy", queue="breakers.busy", breaker="busy",
+          service_concurrency=2, max_attempts=3, expires_in=300, backoff=0.2)
+def busy(self, key: str):
+    """A service with limits whose first request that finds the file ``busy-busy`` gets HTTP 429 with
+    ``Retry-After: 3`` (and takes the file away)."""
+    try:
+        os.remove(busy_file("busy"))
+        answer = 429
+    except FileNotFoundError:
+        answer = 200
+    record("served", self.request.id, service="busy", began=time.time(), ended=time.time(), attempt=self.attempt,
+           key=key, answer=answer)
+    if answer == 429:
+        raise RetryAfter(3)
     return key
 
 

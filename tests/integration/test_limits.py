@@ -276,3 +276,82 @@ def test_a_window_queue_the_broker_refuses_holds_attempts_without_a_hot_loop_and
                         "the window declared again")
     finally:
         worker.stop()
+
+
+def test_a_pause_another_worker_asked_for_holds_attempts_before_its_note_arrives(app, env, workdir, record, vhost):
+    """A request of another worker got ``Retry-After`` a moment ago: its pause is in the service's pause
+    queue (``rare.limit.limited.pause``) before its breaker note reaches anyone. Here only the queue says
+    so (no note at all): attempts are held while it lasts (3 s), a round every 0.5-1 s, not counted,
+    and run once it has passed."""
+    from kombu import Producer
+
+    from rare_celery.topology import pause_queue
+
+    worker = Worker("tests.apps.breakers", ["breakers.limited"], env, workdir, name="paused",
+                    concurrency=2).wait_ready()
+    try:
+        with Connection(vhost.url) as conn:
+            queue = pause_queue("limited")(conn.default_channel)
+            queue.declare()
+            Producer(conn.default_channel).publish(b"", routing_key=queue.name, expiration=3.0)
+        paused = time.time()
+        ids = {app.limited.delay(f"p{i}").id for i in range(3)}
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in ids])
+                          == 3 and s, 30, 0.1, "the three served after the pause")
+    finally:
+        worker.stop()
+    first = min(e["began"] for e in served) - paused
+    print(f"pause queue: the first request {first:.2f} s after a 3 s pause began")
+    assert first >= 3.0, first
+    assert {e["attempt"] for e in served} == {1} and len({e["id"] for e in served}) == len(served) == 3
+
+
+def test_a_retry_after_of_a_limited_service_is_in_its_pause_queue_at_once(app, env, workdir, record, vhost):
+    """A request of a service with limits gets 429 ``Retry-After: 3``: the attempt puts the pause in the
+    service's pause queue (for 3 s) before it lets its slot go, and no request reaches the service until
+    the 3 s have passed; the 429'd task runs again at attempt 2, the others at attempt 1."""
+    from rare_celery import limits_io
+    from rare_celery.topology import pause_queue
+
+    worker = Worker("tests.apps.breakers", ["breakers.busy"], env, workdir, name="busy", concurrency=2).wait_ready()
+    try:
+        Path(app.busy_file("busy")).touch()
+        first = app.busy.delay("first").id
+        with Connection(vhost.url) as conn:
+            wait_for(lambda: limits_io.depth(conn, pause_queue("busy").name) == 1, 20, 0.02, "the pause in its queue")
+        [told] = [e for e in record.all() if e["kind"] == "served" and e["id"] == first]
+        others = {app.busy.delay(f"o{i}").id for i in range(3)}
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served"
+                                            and e["id"] in others | {first}]) == 5 and s, 30, 0.1, "all served")
+    finally:
+        worker.stop()
+    after = [e for e in served if e["answer"] == 200]
+    first_after = min(e["began"] for e in after) - told["began"]
+    print(f"retry-after on a limited service: the next request {first_after:.2f} s after the 429")
+    assert first_after >= 3.0, first_after
+    assert {e["id"]: e["attempt"] for e in after}[first] == 2 and all(
+        e["attempt"] == 1 for e in after if e["id"] != first)
+
+
+def test_a_pause_queue_the_broker_refuses_holds_attempts_until_it_can_be_read(app, env, workdir, record, vhost):
+    """``rare.limit.busy.pause`` exists with other arguments, so the gate cannot read whether the service
+    is paused: attempts wait (1-2 s a round, logged), never run through a pause they cannot see; once
+    it is gone they run, once each, at attempt 1."""
+    from rare_celery.topology import pause_queue
+
+    name = pause_queue("busy").name
+    with Connection(vhost.url) as conn:
+        conn.default_channel.queue_delete(name)  # the other test's
+        conn.default_channel.queue_declare(name, durable=True, auto_delete=False, arguments={"x-max-length": 7})
+    worker = Worker("tests.apps.breakers", ["breakers.busy"], env, workdir, name="unread", concurrency=2).wait_ready()
+    try:
+        ids = {app.busy.delay(f"u{i}").id for i in range(2)}
+        wait_for(lambda: worker.text().count("could not read its pause queue") >= 4, 20, 0.1, "two rounds each")
+        assert not [e for e in record.all() if e["kind"] == "served" and e["id"] in ids]
+        with Connection(vhost.url) as conn:
+            conn.default_channel.queue_delete(name)
+        served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in ids])
+                          == 2 and s, 20, 0.1, "the attempts to run once it can be read")
+    finally:
+        worker.stop()
+    assert {e["attempt"] for e in served} == {1} and len({e["id"] for e in served}) == 2

@@ -14,7 +14,14 @@ from rare_celery import RareTask, endings, events, limits_io
 from rare_celery import headers as hdr
 from rare_celery.breaker import Settings
 from rare_celery.message import Delivery
-from rare_celery.topology import DELAY_EXCHANGE, LINE_HEAD_PRIORITY, RETURN_EXCHANGE, free_slots_queue, line_queue
+from rare_celery.topology import (
+    DELAY_EXCHANGE,
+    LINE_HEAD_PRIORITY,
+    RETURN_EXCHANGE,
+    free_slots_queue,
+    line_queue,
+    pause_queue,
+)
 from rare_celery.worker import lines
 
 app = Celery("lines-unit", broker="memory://", set_as_current=False)
@@ -42,6 +49,8 @@ def test_a_line_is_left_like_a_delay_queue_but_has_no_ttl():
     assert "x-message-ttl" not in quorum.queue_arguments
     hints = free_slots_queue("gw", 3)
     assert hints.name == "rare.limit.gw.free.3" and hints.queue_arguments["x-max-length"] == 3
+    paused = pause_queue("gw")  # a pause's message lives as long as the pause (its expiration); none is lost by TTL
+    assert paused.name == "rare.limit.gw.pause" and "x-message-ttl" not in paused.queue_arguments
 
 
 def test_an_attempt_sent_to_the_line_waits_unrun_until_woken_or_its_shelf_life_ends():
