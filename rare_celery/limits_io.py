@@ -140,9 +140,10 @@ class Slot:
     """One of a service's slots for attempts in flight, held until :meth:`release` (or until the
     process holding it dies: its connection closes, and the broker deletes the queue)."""
 
-    def __init__(self, service: str, slots: int, number: int) -> None:
+    def __init__(self, service: str, slots: int, number: int, connection: int) -> None:
         self.service, self.slots, self.number = service, slots, number
         self.name: str | None = slot_lock_name(service, number)
+        self.connection = connection  # the holding connection's number (_Holder.made) it was taken on
 
     def release(self) -> None:
         """Let go of the slot and leave the hint that it is free (best effort)."""
@@ -152,7 +153,10 @@ class Slot:
         try:
             with _holder.lock:
                 channel = _holder.quiet()
-                channel.queue_delete(name, nowait=True)  # the hint and the wake go at once, in order on this channel
+                if _holder.made == self.connection:  # else it went with the connection it was taken on
+                    # not waited for: the hint and the wake go at once, after it on this channel; the queue
+                    # is this connection's own, so the broker has no reason to refuse the delete
+                    channel.queue_delete(name, nowait=True)
                 hints = free_slots_queue(self.service, self.slots)
                 _holder.declare(hints)
                 channel.basic_publish(amqp.Message(str(self.number), delivery_mode=1), exchange="",
@@ -178,6 +182,7 @@ class _Holder:
         self.declared: set[str] = set()
         self.returned: list[Any] = []  # publishes of the confirming channel that no queue took
         self.lock = threading.RLock()
+        self.made = 0  # connections made so far: a slot taken on an earlier one is gone with it
 
     def connection(self, app: Any = None) -> Any:
         if self.conn is not None and self.pid != os.getpid():  # inherited through a fork: never used here
@@ -189,7 +194,7 @@ class _Holder:
             # connection (freeing the slot) under a long one; a process that dies closes its socket at once
             conn = self.app.connection_for_write(heartbeat=0)
             conn.ensure_connection(max_retries=1, timeout=TIMEOUT)
-            self.conn, self.pid = conn, os.getpid()
+            self.conn, self.pid, self.made = conn, os.getpid(), self.made + 1
         return self.conn
 
     def _channel(self, which: str, app: Any) -> Any:
@@ -265,7 +270,7 @@ def _take(app: Any, service: str, slots: int, hinted_only: bool) -> Slot | None:
         except ResourceLocked:  # held by another attempt: the broker closed the channel (a new one next)
             _holder.refused()
             continue
-        return Slot(service, slots, number)
+        return Slot(service, slots, number, _holder.made)
     return None
 
 

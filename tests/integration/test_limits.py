@@ -355,3 +355,27 @@ def test_a_pause_queue_the_broker_refuses_holds_attempts_until_it_can_be_read(ap
     finally:
         worker.stop()
     assert {e["attempt"] for e in served} == {1} and len({e["id"] for e in served}) == 2
+
+
+def test_a_slot_gone_with_its_connection_is_not_deleted_from_its_new_holder(app, vhost):
+    """A pool process's holding connection is lost while it holds a slot: the broker frees the slot, and
+    another process takes it. When the first attempt ends it lets go of nothing (its slot went with the
+    connection): the other's slot stays held, and the first process's new connection is not broken by
+    a refused delete."""
+    from rare_celery import limits_io
+    from rare_celery.topology import slot_lock_name
+
+    slot = limits_io.take_slot(app.app, "gone", 1)
+    assert slot is not None
+    limits_io._holder.drop()  # the connection is lost: the broker deletes the slot's exclusive queue
+    with Connection(vhost.url) as other:
+        other.default_channel.queue_declare(slot_lock_name("gone", 0), exclusive=True, auto_delete=False,
+                                            arguments={"x-queue-type": "classic"})  # taken by another
+        assert limits_io.take_slot(app.app, "gone", 1) is None  # held by the other (on the first's new connection)
+        slot.release()
+        # the new connection's channel answers the next question (a refused delete, not waited for, would
+        # close it under whatever asks next: the wake of the next attempt, or a gate's read)
+        assert limits_io.paused(app.app, "gone") is False
+        with Connection(vhost.url) as look:
+            assert limits_io.held(look.connection, slot_lock_name("gone", 0)) is True  # still the other's
+    limits_io._holder.drop()
