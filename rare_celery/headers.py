@@ -62,6 +62,9 @@ DELIVERIES, RETURNED, REQUEUED = PREFIX + "deliveries", PREFIX + "returned", PRE
 COPY = PREFIX + "copy"
 HOPS = PREFIX + "hops"  # the hop history, see rare_celery.hops
 WOKEN = PREFIX + "woken"  # the service line a message was woken from (rare_celery.limits_io.wake)
+# a line copy sent to the head of its line (rare_celery.publish.to_line) has a high priority; this keeps its own
+# (0: none), which every copy made of it gets back (rare_celery.message.own_priority)
+OWN_PRIORITY = PREFIX + "own-priority"
 EDITS = PREFIX + "edits"  # an operator's edits of the arguments, see rare_celery.tools.records.edited
 EXCEPTION, ERROR, TRACEBACK = PREFIX + "exception", PREFIX + "error", PREFIX + "traceback"
 REASON, ATTEMPTS, FAILED_AT, TASK = (PREFIX + k for k in ("reason", "attempts", "failed-at", "task"))

@@ -104,9 +104,21 @@ class Delivery:
         return self.body, hdr.fit({**self.headers, **extra}), dict(self.properties or {})
 
 
+def own_priority(priority: Any, headers: Mapping[str, Any] | None) -> Any:
+    """The priority a copy of a message gets: its own, not the one its line copy had at the head of its
+    line (:data:`rare_celery.headers.OWN_PRIORITY`); ``None``: none."""
+    own = (headers or {}).get(hdr.OWN_PRIORITY)
+    if isinstance(own, int) and not isinstance(own, bool) and 0 <= own <= 255:
+        return own or None
+    return priority
+
+
 def properties_of(message: Any) -> dict[str, Any]:
     """The properties of a received message that a copy of it keeps (not ``expiration``)."""
     props = {k: v for k, v in (message.properties or {}).items() if k in KEPT and v is not None}
+    props["priority"] = own_priority(props.get("priority"), message.headers)
+    if props["priority"] is None:
+        del props["priority"]
     props["content_type"] = message.content_type or "application/octet-stream"
     props["content_encoding"] = message.content_encoding or "binary"
     return props
@@ -183,7 +195,7 @@ def rebuild(task: Any, *, name: str | None = None, args: Any = None, kwargs: Any
     )
     headers = hdr.fit({**hdr.carried(req.headers), **msg.headers, **extra})
     props = dict(msg.properties)
-    priority = (req.delivery_info or {}).get("priority")
+    priority = own_priority((req.delivery_info or {}).get("priority"), req.headers)
     if priority is not None:
         props["priority"] = priority
     return msg.body, headers, props

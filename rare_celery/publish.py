@@ -32,6 +32,7 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from . import context, declare
+from . import headers as hdr
 from .exceptions import ConfirmMissing, PublishRefused
 from .topology import (
     CLASSIC,
@@ -122,8 +123,10 @@ def to_line(work_queue: str, service: str, kind: str, body: Any, headers: dict[s
     then comes back to ``work_queue``; ``expires_in`` seconds at most (its shelf life's rest). ``head``: at
     the head of the line (:data:`~rare_celery.topology.LINE_HEAD_PRIORITY`), not its end."""
     queue = line_queue(service, kind)
-    if head:
-        properties = {**properties, "priority": max(LINE_HEAD_PRIORITY, properties.get("priority") or 0)}
+    if head:  # its own priority goes with it, and comes back on every copy made of it (message.own_priority)
+        own = properties.get("priority") or 0
+        properties = {**properties, "priority": max(LINE_HEAD_PRIORITY, own)}
+        headers = {**headers, hdr.OWN_PRIORITY: own}
     if expires_in is not None:  # dead-lettered back when its shelf life ends (the worker then ends it)
         properties = {**properties, "expiration": max(int(expires_in * 1000), 1) / 1000}
     return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,

@@ -32,9 +32,10 @@ def t(self):
     return None
 
 
-def held(headers: dict | None = None) -> Delivery:
+def held(headers: dict | None = None, **properties) -> Delivery:
     message = Message(body=b'[[], {}, {"callbacks": null}]', content_type="application/json",
-                      content_encoding="utf-8", headers={"id": "id-1", "task": t.name, "retries": 0, **(headers or {})})
+                      content_encoding="utf-8", headers={"id": "id-1", "task": t.name, "retries": 0, **(headers or {})},
+                      properties=properties)
     return Delivery.received(app, t, message, "work")
 
 
@@ -69,6 +70,22 @@ def test_an_attempt_sent_to_the_line_waits_unrun_until_woken_or_its_shelf_life_e
     assert "priority" not in copy.properties  # at the end of the line
     back = endings.line(held({hdr.WOKEN: "rare.limit.gw.line"}), state, "gw", "concurrency", head=True, now=now)
     assert back.copy.properties["priority"] == LINE_HEAD_PRIORITY  # woken, and the slot was taken: the head
+
+
+def test_the_head_of_the_line_is_only_the_lines_every_later_copy_has_the_messages_own_priority():
+    """A line copy sent to the head keeps the message's own priority in ``x-rare-own-priority``; a copy made
+    of it (woken and failed: the retry; or expired: the bug queue) has that one again, not the head's."""
+    now = time.time()
+    state = hdr.Attempt(1, now)
+    plain = endings.line(held({hdr.WOKEN: "rare.limit.gw.line"}), state, "gw", "rate", head=True, now=now).copy
+    assert plain.properties["priority"] == LINE_HEAD_PRIORITY and plain.headers[hdr.OWN_PRIORITY] == 0
+    mine = endings.line(held(priority=3), state, "gw", "rate", head=True, now=now).copy
+    assert mine.properties["priority"] == LINE_HEAD_PRIORITY and mine.headers[hdr.OWN_PRIORITY] == 3
+    woken = held({hdr.OWN_PRIORITY: 0}, priority=LINE_HEAD_PRIORITY)  # as a woken head copy arrives
+    retry = endings.wait(woken, state, now + 5).copy
+    assert "priority" not in retry.properties and hdr.OWN_PRIORITY not in retry.headers
+    again = endings.line(held({hdr.OWN_PRIORITY: 3}, priority=LINE_HEAD_PRIORITY), state, "gw", "rate", now=now).copy
+    assert again.properties["priority"] == 3  # at the end of the line, with its own priority
 
 
 def test_a_wait_in_a_line_is_a_task_waiting_event_without_an_eta():
