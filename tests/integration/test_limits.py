@@ -293,8 +293,8 @@ def test_a_pause_another_worker_asked_for_holds_attempts_before_its_note_arrives
         with Connection(vhost.url) as conn:
             queue = pause_queue("limited")(conn.default_channel)
             queue.declare()
+            paused = time.time()  # before the publish: the pause is at least as long as measured from here
             Producer(conn.default_channel).publish(b"", routing_key=queue.name, expiration=3.0)
-        paused = time.time()
         ids = {app.limited.delay(f"p{i}").id for i in range(3)}
         served = wait_for(lambda: len(s := [e for e in record.all() if e["kind"] == "served" and e["id"] in ids])
                           == 3 and s, 30, 0.1, "the three served after the pause")
