@@ -16,8 +16,9 @@ Tasks (all on the queue ``bench``):
 
 Every attempt appends one line to its process's record file, written by the task itself:
 ``<kind> <task id> <retries> <start> <end> <due>`` with ``kind`` = ``ok`` or ``retry`` and ``due``
-= when the retry was asked for + D (``-`` for ``ok``). The worker's main process writes
-``ready <pid> <CPU seconds so far>`` when it can take tasks.
+= when the retry was asked for + D (``-`` for ``ok``); then, from Celery's ``task_postrun``,
+``post <task id> <retries> <time>``: when the process that ran the attempt was done with it. The
+worker's main process writes ``ready <pid> <CPU seconds so far>`` when it can take tasks.
 """
 
 from __future__ import annotations
@@ -141,6 +142,12 @@ def _from_env() -> Celery | None:
         me = psutil.Process()
         cpu = sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)])
         bench.bench_recorder.write(f"ready {os.getpid()} {cpu:.3f}")
+
+    @signals.task_postrun.connect(weak=False)
+    def after(sender=None, task_id=None, task=None, **kwargs):
+        # when the pool process is done with an attempt (Celery's bookkeeping and, before issue 28, the
+        # retry's confirmed publish included): the hold beyond the task's own run is this minus its end
+        bench.bench_recorder.write(f"post {task_id} {task.request.retries or 0} {time.time():.6f}")
 
     return bench
 

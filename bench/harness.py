@@ -231,6 +231,7 @@ class Records:
         self.ready_cpu = 0.0  # the worker's CPU seconds when it became ready
         self.ok: list[tuple[str, int, float, float]] = []  # id, retries, start, end
         self.retry: list[tuple[str, float, float, float]] = []  # id, start, end, due
+        self.post: dict[tuple[str, int], float] = {}  # (id, retries) -> when its process was done with it
 
     def poll(self) -> Records:
         for path in self.directory.glob("rec-*.txt"):
@@ -252,6 +253,15 @@ class Records:
             self.ok.append((parts[1], int(parts[2]), float(parts[3]), float(parts[4])))
         elif kind == "retry":
             self.retry.append((parts[1], float(parts[3]), float(parts[4]), float(parts[5])))
+        elif kind == "post":
+            self.post[(parts[1], int(parts[2]))] = float(parts[3])
+
+    def holds(self) -> tuple[list[float], list[float]]:
+        """Seconds each attempt held its process beyond its own run (task_postrun minus the task's end):
+        of the failed attempts, and of the successful ones."""
+        failed = [self.post[(i, 0)] - end for i, _, end, _ in self.retry if (i, 0) in self.post]
+        ok = [self.post[(i, n)] - end for i, n, _, end in self.ok if (i, n) in self.post]
+        return failed, ok
 
     def starts(self) -> list[float]:
         return sorted([r[2] for r in self.ok] + [r[1] for r in self.retry])

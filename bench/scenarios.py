@@ -212,6 +212,11 @@ def run_throughput(variant: str, pool: str, sizes: Sizes, profiler=None) -> dict
             "publish_s": published,
             "max_pause_s": max_gap(starts),
         })
+        failed, ok = run.records.holds()
+        for label, holds in (("failed", failed), ("ok", ok)):
+            if holds:
+                out[f"hold_{label}_p50_ms"] = 1000 * percentile(holds, 50)
+                out[f"hold_{label}_p99_ms"] = 1000 * percentile(holds, 99)
         return run.annotate(out)
 
 
