@@ -23,6 +23,8 @@ class WorkerContext:
     * ``timer``: the consumer's timer (pauses without blocking the event loop), once the consumer runs;
     * ``board``: the breakers' board the main process writes and pool processes read, or ``None``;
     * ``producer``, ``lock``: the main process's own producer (made on first use) and its lock;
+    * ``pipeline``: the main process's publisher of the endings pool processes hand it
+      (:class:`rare_celery.pipeline.Pipeline`), when the worker runs an event loop;
     * ``refusals``: per (queue, task id, attempt), the put-backs the broker refused in this process;
     * ``waiting``: the requests of the main process handed to the pool and not started yet.
     """
@@ -33,6 +35,7 @@ class WorkerContext:
         self.timer: Any = None
         self.board: Any = None
         self.producer: Any = None
+        self.pipeline: Any = None
         self.lock = threading.Lock()
         self.refusals: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         self.waiting: dict[int, Any] = {}

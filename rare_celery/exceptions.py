@@ -6,7 +6,7 @@ import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from celery.exceptions import Ignore, ImproperlyConfigured, Reject
+from celery.exceptions import Ignore, ImproperlyConfigured, Reject, Retry
 
 from . import reasons
 
@@ -154,6 +154,21 @@ class RoutingFailed(Reject):
 
     def __reduce__(self) -> tuple[type[RoutingFailed], tuple[str]]:  # crosses from the pool process to the main process
         return type(self), (self.why,)
+
+
+class Handed(Retry):
+    """A pool process's retry whose copy is not published yet: it goes with this outcome to the worker's
+    main process, which publishes it (confirms pipelined, :mod:`rare_celery.pipeline`) and acks the
+    original only once the broker confirmed the copy (:class:`rare_celery.worker.request.RareRequest`).
+    ``copy``: the :class:`~rare_celery.publish.Copy`; ``kind`` and ``fields``: what its report says."""
+
+    def __init__(self, message: Any = None, exc: Any = None, when: Any = None, copy: Any = None, kind: str = "",
+                 fields: dict[str, Any] | None = None) -> None:
+        super().__init__(message, exc, when)
+        self.copy, self.kind, self.fields = copy, kind, fields or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses from the pool process to the main process
+        return type(self), (self.message, self.exc, self.when, self.copy, self.kind, self.fields)
 
 
 class Ended(Ignore):

@@ -52,6 +52,20 @@ _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms"
 GRID_SIZE = 1740
 
 
+class DelayQueue(Queue):  # type: ignore[misc]  # kombu ships no types
+    """A queue that never delivers to a worker: a delay queue, a service's line (see :func:`for_broker`).
+    A class, not an attribute set on a Queue: it survives pickling (a copy crossing from a pool process
+    to the worker's main process)."""
+
+    rare_delay = True
+
+
+class ReadQueue(Queue):  # type: ignore[misc]  # kombu ships no types
+    """A queue people read and put back: a bug queue, ``rare.unrouted``, a breaker's state (see :func:`for_broker`)."""
+
+    rare_read_by_people = True
+
+
 def grid_floor(delay_ms: int) -> int:
     """The largest grid value not above ``delay_ms`` (>= 1): 4 h stays 4 h, 1234 ms becomes 1200 ms."""
     best = 0
@@ -89,9 +103,7 @@ def delay_queue(delay_ms: int, kind: str = CLASSIC) -> Queue:
             "x-overflow": "reject-publish",
             "x-dead-letter-strategy": "at-least-once",
         })
-    queue = Queue(name, exchange=DELAY_EXCHANGE, routing_key=delay_key(name), durable=True, queue_arguments=args)
-    queue.rare_delay = True  # see for_broker
-    return queue
+    return DelayQueue(name, exchange=DELAY_EXCHANGE, routing_key=delay_key(name), durable=True, queue_arguments=args)
 
 
 def delay_key(delay_queue_name: str) -> str:
@@ -140,8 +152,8 @@ def unrouted_queue(kind: str = CLASSIC) -> Queue:
 
 
 def _read_by_people(queue: Queue) -> Queue:
-    queue.rare_read_by_people = True  # see for_broker
-    return queue
+    return ReadQueue(queue.name, exchange=queue.exchange, routing_key=queue.routing_key, durable=queue.durable,
+                     queue_arguments=queue.queue_arguments)
 
 
 def _typed(kind: str) -> dict[str, Any]:
@@ -174,10 +186,8 @@ def other_mode(queue: Queue) -> Queue:
 
 
 def _like(queue: Queue, args: dict[str, Any]) -> Queue:
-    out = Queue(queue.name, exchange=queue.exchange, routing_key=queue.routing_key, durable=queue.durable,
-                queue_arguments=args)
-    out.rare_delay = getattr(queue, "rare_delay", False)
-    return out
+    return type(queue)(queue.name, exchange=queue.exchange, routing_key=queue.routing_key, durable=queue.durable,
+                       queue_arguments=args)
 
 
 def for_broker(queue: Queue, version: str) -> Queue:
@@ -287,9 +297,8 @@ def line_queue(service: str, kind: str = CLASSIC) -> Queue:
         del args["x-max-priority"]  # refused by a quorum queue; 4.x quorum queues have two priorities anyway
         args.update({"x-queue-type": "quorum", "x-overflow": "reject-publish",
                      "x-dead-letter-strategy": "at-least-once"})
-    queue = Queue(name, exchange=DELAY_EXCHANGE, routing_key=delay_key(name), durable=True, queue_arguments=args)
-    queue.rare_delay = True  # lazy on RabbitMQ < 3.12 (see for_broker): a long line costs disk, not RAM
-    return queue
+    # lazy on RabbitMQ < 3.12 (see for_broker): a long line costs disk, not RAM
+    return DelayQueue(name, exchange=DELAY_EXCHANGE, routing_key=delay_key(name), durable=True, queue_arguments=args)
 
 
 LINE_HEAD_PRIORITY = 9  # a line copy's priority when it goes back to the head (see line_queue)

@@ -28,11 +28,11 @@ from typing import Any, NamedTuple, NoReturn, cast
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import breaker as br
-from .. import breaker_io, endings, limits_io, signals, spans
+from .. import breaker_io, context, endings, limits_io, signals, spans
 from .. import headers as hdr
 from ..durations import iso
-from ..exceptions import Bug, Exhausted, Expired, Hop, NoHandler, PublishRefused, RetryAfter, RoutingFailed
-from ..message import Delivery, retry_call
+from ..exceptions import Bug, Exhausted, Expired, Handed, Hop, NoHandler, PublishRefused, RetryAfter, RoutingFailed
+from ..message import QUEUE_KEY, Delivery, retry_call
 from ..policy import EARLY_SLEEP, Policy, RetryIn
 from ..publish import PATIENCE, send_patiently, shielded
 from ..reasons import BUG, EXPIRED, REJECTED
@@ -64,6 +64,12 @@ def end(task: Any, build: Callable[[], endings.Ending]) -> NoReturn:
     must come first (best effort), publish its copy (confirmed, mandatory), then raise its outcome,
     which makes Celery ack. Reports (signals, events, logs) come after.
 
+    A retry in a worker is handed over instead (:func:`hands_over`): its outcome carries the copy to
+    the worker's main process, which publishes it, confirms pipelined, and acks the original once
+    the broker confirmed it (:mod:`rare_celery.pipeline`); this process takes its next message at once.
+    Its reports are made here when it is handed (a copy the broker then does not take puts the message
+    back, logged and reported as such: the retry is reported again when it runs again).
+
     A delivery ends once: asked again (a Hop inside autoretry, ``retry(throw=False)``), the first
     ending is raised again and nothing is published twice. Whatever fails before the broker has
     confirmed the copy, of any exception type, raises RoutingFailed: the message stays unacked.
@@ -80,7 +86,11 @@ def end(task: Any, build: Callable[[], endings.Ending]) -> NoReturn:
                     req.rare_retry_stored = True
             except Exception as exc:  # noqa: BLE001 - a result state is a report, the copy is what counts
                 log.warning("rare_celery: %s[%s]: could not store its state first: %r", task.name, req.id, exc)
-            if ending.copy is not None:
+            outcome: BaseException = ending.outcome
+            if ending.copy is not None and hands_over(task, ending):
+                with spans.publishing(ending):  # the copy carries its span's context from here
+                    outcome = handed(ending)
+            elif ending.copy is not None:
                 budget = patience(task)
                 with spans.publishing(ending):
                     send_patiently(task.app, ending.copy, budget=budget, confirm_wait=budget,
@@ -93,9 +103,26 @@ def end(task: Any, build: Callable[[], endings.Ending]) -> NoReturn:
                       "worker puts it back", task.name, req.id, why)
             time.sleep(ROUTING_PAUSE)
             raise RoutingFailed(why) from None
-        ending_of(req).append(ending.outcome)
-    endings.report(ending, reporter)
-    raise ending.outcome
+        ending_of(req).append(outcome)
+    endings.report(ending, reporter)  # a handed ending's when it is handed (its task's process runs the receivers)
+    raise outcome
+
+
+def hands_over(task: Any, ending: endings.Ending) -> bool:
+    """Whether the worker's main process publishes this ending's copy (:mod:`rare_celery.pipeline`): a
+    retry, in a worker, of a delivery a RareRequest holds (it publishes the copy, then acks)."""
+    req = task.request
+    info = req.delivery_info if isinstance(req.delivery_info, dict) else {}
+    return (ending.kind == endings.RETRY and not getattr(req, "is_eager", False) and QUEUE_KEY in info
+            and context.of(task.app) is not None)
+
+
+def handed(ending: endings.Ending) -> Handed:
+    """``ending``'s outcome, carrying its copy to the worker's main process."""
+    retry = cast(Retry, ending.outcome)
+    outcome = Handed(retry.message, ending.exc, retry.when, ending.copy, ending.kind, ending.fields)
+    outcome.rare_traceback = getattr(retry, "rare_traceback", "")  # pool.tracer.RetryInfo
+    return outcome
 
 
 def ended_before(task: Any) -> None:

@@ -20,7 +20,7 @@ from celery.app.trace import TraceInfo
 from celery.exceptions import Reject
 
 from .. import headers as hdr
-from ..exceptions import Ended, RoutingFailed
+from ..exceptions import Ended, Handed, RoutingFailed
 
 log = logging.getLogger(__name__)
 ENDING_KEY = "rare_ending"  # in delivery_info: the outcome of this delivery's ending, once it has one
@@ -88,12 +88,18 @@ def guard_tracer(tracer: Any) -> Callable[..., Any]:
         except Reject:
             raise
         except Exception as exc:  # noqa: BLE001 - the tracer itself failed
+            if ending and isinstance(ending[0], Handed):
+                return _handed(None, ending[0])
             return _report(result_type=None, why=f"{type(exc).__name__}: {exc}", ended=bool(ending))
         info = result.info
         state = getattr(info, "state", None)
         if ending:
             if state in ("RETRY", "FAILURE", "IGNORED") and not (state == "FAILURE" and result.retval.internal):
                 return result
+            if isinstance(ending[0], Handed):  # its copy is not published yet: it must reach the main process
+                log.error("rare_celery: task %s has its next place decided, but Celery's bookkeeping after it failed "
+                          "(%s); the worker publishes it, then acks", uuid, getattr(result.retval, "exception", state))
+                return _handed(type(result), ending[0])
             log.error("rare_celery: task %s already has its next place, but Celery's bookkeeping after it failed "
                       "(%s); the message is acked", uuid, getattr(result.retval, "exception", state))
             return _report(type(result), "", ended=True)
@@ -105,6 +111,14 @@ def guard_tracer(tracer: Any) -> Callable[..., Any]:
                        f"{type(error).__name__}: {error}"[: hdr.MAX_ERROR], ended=False)
 
     return traced
+
+
+def _handed(result_type: Any, outcome: Handed) -> Any:
+    """A tracer result that hands ``outcome`` (a retry whose copy the main process publishes) to the main process."""
+    einfo = ExceptionInfo.__new__(ExceptionInfo)
+    einfo.type, einfo.exception, einfo.tb = type(outcome), outcome, None
+    einfo.traceback = getattr(outcome, "rare_traceback", "") or ""
+    return (result_type or celery_trace.trace_ok_t)(einfo, TraceInfo("RETRY", outcome), 0.0, None)
 
 
 def _report(result_type: Any, why: str, ended: bool) -> Any:

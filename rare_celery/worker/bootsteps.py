@@ -23,6 +23,7 @@ from ..app import check
 from ..declare import declare_queue, declare_worker_topology, learn_types
 from ..exceptions import ConfigurationError, TopologyError
 from ..inventory import breakers, is_rare, rare_tasks
+from ..pipeline import Pipeline
 from ..reasons import REJECTED, UNREGISTERED
 from ..topology import BREAKER_EXCHANGE, breaker_listener, bug_queue_name, name_problem, own_kind
 from .request import RareRequest
@@ -67,6 +68,11 @@ class RareConsumerStep(bootsteps.StartStopStep):
             if is_rare(task) and name in c.strategies:
                 c.strategies[name] = self.screen.strategy(task, c.strategies[name])
         self.context.timer = c.timer
+        hub = getattr(c, "hub", None)
+        if hub is not None:  # the endings pool processes hand over are published from the event loop
+            if self.context.pipeline is None:
+                self.context.pipeline = Pipeline(c.app, hub)
+            self.context.pipeline.attach(hub)
         self.context.waiting.clear()  # what waited on a connection before this one is dropped by Celery
         wanted = rare_queues(c.app)
         self.screen.queues = {q.name for q in c.task_consumer.queues if q.name in wanted}
@@ -92,6 +98,13 @@ class RareConsumerStep(bootsteps.StartStopStep):
         given = [request for request in waiting if request.give_back()]
         if given:
             log.info("rare_celery: gave back %d message(s) this worker received and never started", len(given))
+
+    def shutdown(self, c: Any) -> None:
+        """The worker stops: the confirms of the endings still on their way are waited for (a while),
+        so that their messages are acked; what is not confirmed by then is put back."""
+        pipeline, self.context.pipeline = self.context.pipeline, None
+        if pipeline is not None:
+            pipeline.close()
 
 
 class BreakerStep(bootsteps.ConsumerStep):

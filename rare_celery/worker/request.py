@@ -43,9 +43,9 @@ from kombu.utils.encoding import safe_repr, safe_str
 
 from .. import breaker_io, context, endings, events, spans
 from .. import headers as hdr
-from ..exceptions import PublishRefused, RoutingFailed, WorkerLost
+from ..exceptions import Handed, PublishRefused, RoutingFailed, WorkerLost
 from ..message import QUEUE_KEY, Delivery
-from ..publish import send_patiently
+from ..publish import PATIENCE, send_patiently
 from ..reasons import REJECTED, TIME_LIMIT, WORKER_LOST
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,54 @@ class RareRequest(Request):
 
     def on_retry(self, exc_info: Any) -> None:
         """Celery's: acked (its copy was confirmed) and ``task-retried``, which here also carries the
-        next attempt's due time as ``eta`` (an event consumer's row shows when it runs)."""
+        next attempt's due time as ``eta`` (an event consumer's row shows when it runs). A retry the
+        pool process handed over (:class:`~rare_celery.exceptions.Handed`) is published from here first."""
+        retry = exc_info.exception
+        if isinstance(retry, Handed):
+            return self._publish_handed(retry, exc_info)
         if self.task.acks_late:
             self.acknowledge()
-        retry = exc_info.exception
+        self._retried(retry, exc_info)
+
+    def _retried(self, retry: Any, exc_info: Any) -> None:
         when = getattr(retry, "when", None)
         due = {"eta": events.eta(time.time() + when)} if isinstance(when, (int, float)) else {}
         self.send_event("task-retried", exception=safe_repr(retry.exc), traceback=safe_str(exc_info.traceback),
                         **due)
+
+    def _publish_handed(self, retry: Handed, exc_info: Any) -> None:
+        """The pool process decided a retry and handed its copy here: published (through the worker's
+        pipeline, confirms read as they come; from another thread, waiting for its confirm), then its copy
+        recorded as ended, the original acked and ``task-retried`` sent. A copy the broker does not take
+        puts the message back (:func:`put_back`), never acked without it."""
+        if self.rare_done:
+            return
+        self.rare_done = True
+
+        def done() -> None:
+            if retry.kind in endings.NEW_WORK:  # this copy has ended, whatever becomes of its ack
+                endings.record_ended(self.task, hdr.received(self._message.headers), retry.kind)
+            self.acknowledge()
+            self._retried(retry, exc_info)
+
+        def failed(why: str) -> None:
+            put_back(self._delivery(celerys=False), why[: hdr.MAX_ERROR], ack=self.acknowledge,
+                     requeue=lambda: self.reject(requeue=True), reporter=self._reporter())
+
+        ctx = context.of(self.task.app)
+        pipeline = ctx.pipeline if ctx is not None else None
+        if pipeline is not None and pipeline.here():
+            pipeline.send(retry.copy, done, failed, who=f"{self.name}[{self.id}]")
+            return
+        try:  # a thread of the pool (or a worker without an event loop): it waits, as a pool process would
+            send_patiently(self.task.app, retry.copy, confirm_wait=PATIENCE,
+                           on_refused=lambda exc, pause: log.error(
+                               "rare_celery: %s[%s] kept in its queue (not acked): %s; %s", self.name, self.id, exc,
+                               f"trying again in {pause:g} s" if pause is not None else "giving up on it"))
+        except Exception as exc:  # noqa: BLE001 - never acked without a copy
+            failed(f"{type(exc).__name__}: {exc}")
+            return
+        done()
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         self._not_waiting()

@@ -33,6 +33,7 @@ import rare_celery.policy
 import rare_celery.publish
 from rare_celery import Bug, Hop, RareTask
 from rare_celery import signals as rare_signals
+from rare_celery.worker.request import RareRequest
 from tests.support import AtomicFS
 
 BROKER = os.environ.get("RARE_ENDINGS_BROKER", "amqp://guest:guest@127.0.0.1//")
@@ -195,7 +196,7 @@ def tasks_for(kind: str) -> dict:
 
     @app.task(**common, name=f"{prefix}.racer", max_attempts=MAX_ATTEMPTS["racer"], backoff=0.05)
     def racer(self):
-        """Attempt 1 fails; the retry_scheduled receiver holds it until attempt 2 stored SUCCESS."""
+        """Attempt 1 fails; the states stored when its retry is handed to the main process are recorded."""
         attempt = ran(self)
         if attempt == 1:
             raise ConnectionError("first attempt fails")
@@ -329,17 +330,20 @@ def _hold_after_success(sender=None, result=None, **kw):
             wait_flag(f"release-{tag}")
 
 
-@rare_signals.retry_scheduled.connect
-def _race(sender=None, request=None, attempt=None, **kw):
-    """``racer``: hold attempt 1 after its retry is published until attempt 2 has stored SUCCESS."""
-    if sender is not None and sender.name.endswith(".racer") and attempt == 1:
-        path = os.path.join(DIR, f"states-{request.id}")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if os.path.exists(path) and "SUCCESS" in Path(path).read_text():
-                record("raced", request.id, sender.name)
-                return
-            time.sleep(0.02)
+def _states_when_handed(publish_handed):
+    """``racer``: when the worker's main process is handed attempt 1's retry (its pool process's run,
+    Celery's bookkeeping included, has ended), before the retry's copy is published: the states stored so far."""
+    def wrapped(request, retry, exc_info):
+        if request.name.endswith(".racer"):
+            path = Path(DIR) / f"states-{request.id}"
+            states = [line.split()[1] for line in path.read_text().splitlines() if line] if path.exists() else []
+            record("handed", request.id, request.name, states=states)
+        return publish_handed(request, retry, exc_info)
+
+    return wrapped
+
+
+RareRequest._publish_handed = _states_when_handed(RareRequest._publish_handed)
 
 
 # -- fault injection: this app wraps rare_celery's routing path in the worker -------------------------

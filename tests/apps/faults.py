@@ -18,8 +18,9 @@ number, so every copy of a message decides the same way):
   the work (same task id) and succeeds;
 * ``faults.<k>.hold(tag)`` - attempt 1 records ``hold`` and waits until the file ``release-<tag>``
   exists in the record directory (or its worker is killed); later attempts succeed;
-* ``faults.<k>.pause(tag)`` - attempt 1 fails; the ``retry_scheduled`` receiver then records
-  ``paused`` and waits for ``release-<tag>`` (after the delay publish is confirmed, before the ack);
+* ``faults.<k>.pause(tag)`` - attempt 1 fails, retried after 2.5 s; the worker's main process then records
+  ``paused`` and waits for ``release-<task id>`` (after the delay copy is confirmed and recorded, before
+  the ack; blocked there, its consumer still takes what the broker sends, until its connection is closed);
 * ``faults.<k>.patient(fails)`` - fails on attempts 1..``fails``, retried after 3 s (``rare.wait.3s``);
 * ``faults.<k>.poison(deaths)`` - kills its pool process (``os._exit``) on attempts 1..``deaths``;
 * ``faults.<k>.hop(plan)`` - hops to ``faults.<k>.rescue`` at once (``Hop``, reason ``soak hop``);
@@ -46,7 +47,8 @@ import time
 from celery import Celery
 from kombu import Queue
 
-from rare_celery import Bug, Hop, RareTask, signals
+from rare_celery import Bug, Hop, RareTask
+from rare_celery import endings as rare_endings
 
 BROKER = os.environ.get("RARE_FAULTS_BROKER") or os.environ.get("RARE_TEST_BROKER", "amqp://guest:guest@127.0.0.1//")
 DIR = os.environ.get("RARE_FAULTS_DIR") or os.environ.get("RARE_TEST_DIR") or tempfile.gettempdir()
@@ -109,6 +111,14 @@ class _Recorder:
             "t": time.time(), **extra}) + "\n")
 
 
+    def raw(self, kind: str, task_id: str, name: str) -> None:
+        """A record made outside a task (the worker's main process)."""
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.file = open(os.path.join(DIR, f"rec-{self.pid}.jsonl"), "a", buffering=1)  # noqa: SIM115
+        self.file.write(json.dumps({"k": kind, "id": task_id, "task": name, "pid": self.pid, "t": time.time()}) + "\n")
+
+
 record = _Recorder()
 
 
@@ -159,7 +169,7 @@ def _tasks_for(kind: str) -> dict:
         record("ok", self)
         return "held"
 
-    @app.task(**common, name=f"{prefix}.pause", max_attempts=MAX_ATTEMPTS["pause"], backoff=0.5)
+    @app.task(**common, name=f"{prefix}.pause", max_attempts=MAX_ATTEMPTS["pause"], backoff=2.5)
     def pause(self, tag: str):
         record("run", self)
         if _attempt(self) == 1:
@@ -218,17 +228,27 @@ def _tasks_for(kind: str) -> dict:
 TASKS = {kind: _tasks_for(kind) for kind in KINDS}
 
 
-@signals.retry_scheduled.connect
-def _pause_between_publish_and_ack(sender=None, request=None, attempt=None, **kw):
-    """Test hook: the first scheduled retry of ``pause`` waits here, after its delay copy is
-    confirmed and before its message is acked, until the test releases it."""
-    if not sender.name.endswith(".pause") or attempt != 1 or request.delivery_info.get("redelivered"):
-        return
-    tag = request.args[0]
-    try:
-        os.close(os.open(os.path.join(DIR, f"paused-{tag}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    record("paused", sender)
-    _wait_for_release(tag)
+def _pause_between_publish_and_ack(record_ended):
+    """Test hook, in the worker's main process: the first retry of ``pause`` waits here, after its delay
+    copy is confirmed and recorded as ended and before its message is acked, until the test releases it
+    (``release-<task id>``)."""
+    def wrapped(task, headers, how):
+        record_ended(task, headers, how)
+        if task is None or not task.name.endswith(".pause") or how != rare_endings.RETRY:
+            return
+        task_id = headers.get("id")
+        if headers.get("x-rare-attempt", 1) != 1 or not task_id:
+            return
+        try:
+            os.close(os.open(os.path.join(DIR, f"paused-{task_id}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        record.raw("paused", task_id, task.name)
+        _wait_for_release(task_id)
+
+    wrapped.__wrapped__ = record_ended
+    return wrapped
+
+
+rare_endings.record_ended = _pause_between_publish_and_ack(rare_endings.record_ended)
 

@@ -65,3 +65,33 @@ def test_a_late_confirm_of_a_delayed_start_makes_one_copy(endings, broker, proxy
         wait_for(lambda: "waiting up to" in worker.text(), 5, what="the worker to say it waits for the confirm")
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_a_failed_attempt_does_not_wait_for_its_retrys_confirm(endings, broker, proxy, cdir, pool):
+    """Issue 28: the retry's copy is published by the worker's main process, its confirm read when it
+    comes. While the broker's confirm of attempt 1's retry is held back (6 s), the one pool process (or the
+    solo worker) runs the next task at once; attempt 2 runs too (the broker has its copy), and attempt 1's
+    message stays unacked until the confirm comes, then is acked. Before, the pool process waited for the
+    confirm: the next task waited 6 s."""
+    proxied = broker.url.replace(HOST, f"127.0.0.1:{proxy.port}")
+    worker = Worker("tests.apps.endings", ["endings"], {"RARE_ENDINGS_BROKER": proxied, "RARE_ENDINGS_DIR": str(cdir)},
+                    cdir, name=f"confirms-free-{pool}", pool=pool, concurrency=1).wait_ready()
+    try:
+        records = Records(cdir)
+        work = endings.TASKS["classic"]["work"]
+        proxy.hold(6.0)
+        held_before = proxy.held
+        failing = work.delay("flaky")
+        wait_for(lambda: records.of(failing.id, "run"), 10, what="attempt 1")
+        started = time.monotonic()
+        after = work.delay("ok")
+        assert after.get(timeout=4) == ["ok", 1]  # well within the 6 s the confirm is held
+        assert failing.get(timeout=4) == ["flaky", 2]  # its copy was in its delay queue at once
+        assert time.monotonic() - started < 4.5
+        assert proxy.held == held_before + 1  # attempt 1's retry confirm is the one held back
+        assert broker.queue_stats()["endings"]["unacked"] == 1  # attempt 1: not acked before its copy's confirm
+        wait_for(lambda: broker.queue_stats()["endings"]["unacked"] == 0, 15, 0.2, what="the confirm, then the ack")
+        assert [r["att"] for r in records.of(failing.id, "run")] == [1, 2]
+    finally:
+        worker.stop()

@@ -290,18 +290,18 @@ def test_connection_lost_between_delay_publish_and_ack_runs_once(faults, fleet, 
                                                                              fdir, kind):
     tag = uuid.uuid4().hex
     result = faults.TASKS[kind]["pause"].delay(tag)
-    # the retry_scheduled receiver holds the pool process after the confirmed delay publish, before the ack
+    # the worker's main process holds the retry after its delay copy's confirm, before the ack (a test hook)
     paused = wait_for(lambda: records.of(result.id, "paused"), 20, what="the retry to be published")[0]
     worker = fleet.of(paused["pid"])
+    assert paused["pid"] == worker.proc.pid  # the main process published it (issue 28), not the pool process
     assert close_connections(broker.name, worker.proc.pid, "fault test: connection lost before the ack") >= 1
-    # the delay copy (attempt 2) was confirmed: it runs whatever becomes of the ack
+    # the delay copy (attempt 2) was confirmed: it runs whatever becomes of the ack (on the other worker)
     wait_for(lambda: records.of(result.id, "ok"), 20, what="attempt 2 to run")
-    release(fdir, tag)
+    release(fdir, result.id)
     # the ack of attempt 1 went to a closed channel: the broker gives attempt 1 back (redelivered). Its copy's
     # ending (the retry) was confirmed and recorded before the ack: the copy is acked, not run (issue 23: before,
     # it was put back and either its task id's SUCCESS or a second run ended it)
     assert result.get(timeout=20) == "paused"
-    release(fdir, tag)
     wait_for(lambda: "came back after its retry was published" in worker_lines(fleet, result.id), 20,
              what="the redelivered attempt 1 to be acked unrun")
     assert attempts(records, result.id) == [1, 2] and len(records.of(result.id, "ok")) == 1
@@ -309,13 +309,15 @@ def test_connection_lost_between_delay_publish_and_ack_runs_once(faults, fleet, 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_retry_after_the_broker_closed_the_pool_process_connection_runs_once(faults, fleet, records, broker, kind):
-    """The broker closes the idle connection the pool processes publish retries on (a broker restart, an
-    operator, missed heartbeats): the next failure's retry goes out on a new connection, and attempt 1
-    runs once. Before (found by the soak): the retry was written into the dead connection, its fate
-    unknown; the message was kept and attempt 1 ran again."""
+    """The broker closes the idle connections retries are published on (a broker restart, an operator,
+    missed heartbeats): the worker's main process's own (issue 28: it publishes the retries pool processes
+    hand it) and its pool processes' (they publish the other endings). The next failures' retries go out on
+    new connections, and each attempt 1 runs once. Before (found by the soak): the retry was written into
+    the dead connection, its fate unknown; the message was kept and attempt 1 ran again."""
     warm = [faults.TASKS[kind]["work"].delay("flaky", 1) for _ in range(4)]
     assert [r.get(timeout=30) for r in warm] == [["flaky", 2]] * 4
     pids = {r["pid"] for w in warm for r in records.of(w.id, "run") if r["att"] == 1}
+    pids |= {fleet.of(pid).proc.pid for pid in pids}  # and their workers' main processes (the consumer's too)
     assert sum(close_connections(broker.name, pid, "fault test: an idle connection closed") for pid in pids) >= 1
     results = [faults.TASKS[kind]["work"].delay("flaky", 1) for _ in range(4)]
     assert [r.get(timeout=30) for r in results] == [["flaky", 2]] * 4

@@ -148,3 +148,18 @@ def test_other_queues_are_declared_on_the_callers_channel():
     declare.declare_queue(main, t.bug_queue("sms.bugs"))
     declare.declare_queue(main, t.delay_queue(5000, t.QUORUM))
     assert len(_declared_args(main)) == 2 and not probe.queue_declare.called
+
+
+def test_a_copy_that_crosses_to_the_main_process_keeps_how_its_queues_are_declared():
+    """A retry's copy is pickled from the pool process to the worker's main process (issue 28): its delay
+    queue must still be declared lazy on RabbitMQ 3.10 (else the broker refuses the declaration of a queue
+    that exists lazy), and a quorum bug queue still gets its delivery limit on 4.x."""
+    import pickle
+
+    from rare_celery.publish import to_delay
+    from rare_celery.topology import bug_queue, for_broker
+
+    copy = pickle.loads(pickle.dumps(to_delay("work", 5.0, "classic", b"{}", {}, {})))
+    assert for_broker(copy.target, "3.10.8").queue_arguments["x-queue-mode"] == "lazy"
+    bugs = pickle.loads(pickle.dumps(bug_queue("work.bugs", "quorum")))
+    assert for_broker(bugs, "4.3.6").queue_arguments["x-delivery-limit"] == -1

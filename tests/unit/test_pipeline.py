@@ -1,0 +1,92 @@
+"""The main process's pipeline of handed endings: which answer of the broker settles which copy
+(:mod:`rare_celery.pipeline`). The publishing itself is tested on the real broker
+(tests/integration/test_confirms.py, test_faults.py, test_endings.py)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from rare_celery import pipeline
+from rare_celery.pipeline import Pipeline, _Sent
+from rare_celery.publish import to_delay
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.later: list[tuple[float, object]] = []
+        self.soon: list[object] = []
+
+    def call_soon(self, fn, *args):
+        self.soon.append(fn)
+
+    def call_later(self, seconds, fn, *args):
+        self.later.append((seconds, fn))
+
+
+def waiting(p: Pipeline, n: int) -> list[list[str]]:
+    """``n`` copies published (as far as the pipeline knows): each one's outcomes."""
+    outcomes: list[list[str]] = []
+    for i in range(n):
+        said: list[str] = []
+        copy = to_delay("work", 1.0, "classic", b"{}", {"x-rare-copy": f"copy-{i}"}, {})
+        sent = _Sent(copy, lambda said=said: said.append("done"), lambda why, said=said: said.append(f"failed: {why}"),
+                     who=f"task[{i}]")
+        p._seq += 1
+        p._pending[p._seq] = sent
+        p._copies[f"copy-{i}"] = p._seq
+        outcomes.append(said)
+    return outcomes
+
+
+def test_a_confirm_settles_its_copy_and_a_multiple_one_every_copy_up_to_it():
+    p = Pipeline(SimpleNamespace(), Hub())
+    out = waiting(p, 4)
+    p._acked(2)
+    assert out == [[], ["done"], [], []]
+    p._acked(3, multiple=True)
+    assert out == [["done"], ["done"], ["done"], []]
+    p._acked(3)  # again: nothing waits under that number
+    assert out[2] == ["done"] and p.waiting == 1
+
+
+def test_a_nack_is_published_again_later_never_settled_at_once():
+    hub = Hub()
+    p = Pipeline(SimpleNamespace(), hub)
+    out = waiting(p, 1)
+    p._nacked(1)
+    assert out == [[]] and p.waiting == 0
+    assert [s for s, _ in hub.later] == [pipeline.FIRST_PAUSE]  # tried again in 1 s, the original kept
+
+
+def test_a_nack_after_the_patience_fails_its_copy(monkeypatch):
+    p = Pipeline(SimpleNamespace(), Hub())
+    out = waiting(p, 1)
+    p._pending[1].first = time.monotonic() - pipeline.PATIENCE
+    p._nacked(1)
+    assert len(out[0]) == 1 and out[0][0].startswith("failed: the broker refused (nacked)")
+
+
+def test_a_returned_copy_is_published_again_once_then_fails():
+    hub = Hub()
+    p = Pipeline(SimpleNamespace(), hub)
+    out = waiting(p, 2)
+    p._returned(None, "rare.delay", "work", SimpleNamespace(headers={"x-rare-copy": "copy-1"}))
+    p._acked(2)
+    assert out == [[], []] and len(hub.soon) == 1  # declared and published again from the loop, not acked
+    p._acked(1)
+    assert out[0] == ["done"]
+    sent = _Sent(to_delay("work", 1.0, "classic", b"{}", {"x-rare-copy": "again"}, {}), lambda: out[1].append("done"),
+                 lambda why: out[1].append(f"failed: {why}"), who="task[1]", tries=2)  # its second try
+    p._pending[7], p._copies["again"] = sent, 7
+    p._returned(None, "rare.delay", "work", SimpleNamespace(headers={"x-rare-copy": "again"}))
+    p._acked(7)
+    assert len(out[1]) == 1 and out[1][0].startswith("failed: no queue took the copy")
+
+
+def test_a_return_of_no_waiting_copy_fails_every_waiting_copy():
+    """Its ack would be taken for another copy's: nothing is acked on a confirm that may not be its own."""
+    p = Pipeline(SimpleNamespace(), Hub())
+    out = waiting(p, 2)
+    p._returned(None, "rare.delay", "work", SimpleNamespace(headers={"x-rare-copy": "someone-else"}))
+    assert all(len(o) == 1 and o[0].startswith("failed:") for o in out) and p.waiting == 0
