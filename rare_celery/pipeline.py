@@ -42,7 +42,8 @@ from kombu import Producer
 
 from . import headers as hdr
 from .declare import forget
-from .publish import CONFIRM_TIMEOUT, FIRST_PAUSE, LONGEST_PAUSE, NOT_FOUND, PATIENCE, Copy, prepare
+from .publish import CONFIRM_TIMEOUT, FIRST_PAUSE, LONGEST_PAUSE, NOT_FOUND, PATIENCE, Copy, log_refused, prepare
+from .publish import why as _why
 from .topology import name_problem
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class _Sent:
     done: Callable[[], None]
     failed: Callable[[str], None]
     who: str
+    held: Callable[[], bool]  # whether the original is still this worker's (its channel open)
     at: float = field(default_factory=time.monotonic)  # when this try was written
     first: float = field(default_factory=time.monotonic)  # when the first was
     pause: float = FIRST_PAUSE  # before the next try of a copy the broker did not take
@@ -96,14 +98,18 @@ class Pipeline:
         if self._conn is not None:
             self._watch()
 
-    def send(self, copy: Copy, done: Callable[[], None], failed: Callable[[str], None], who: str = "") -> None:
-        """Publish ``copy``; ``done()`` once the broker confirms it, else ``failed(why)`` (exactly one of
-        them, once; perhaps before this returns). ``who``: the task, for the log. Never raises."""
+    def send(self, copy: Copy, done: Callable[[], None], failed: Callable[[str], None], who: str = "",
+             held: Callable[[], bool] = lambda: True) -> None:
+        """Publish ``copy``; ``done()`` once the broker confirms it, else ``failed(why)`` (at most one of
+        them, once; perhaps before this returns). ``who``: the task, for the log. ``held()``: whether the
+        original is still this worker's; a copy to be published again after a pause whose original is not
+        (its channel closed: the broker gives it back, and its next delivery ends it) is dropped, and
+        neither is called. Never raises."""
         problem = name_problem(copy.routing_key if copy.target is None else copy.target.name)
         if problem:
             _call(failed, f"cannot publish to {copy.where}: {problem}")
             return
-        self._publish(_Sent(copy, done, failed, who))
+        self._publish(_Sent(copy, done, failed, who, held))
 
     @property
     def waiting(self) -> int:
@@ -175,13 +181,27 @@ class Pipeline:
         """The broker did not take ``sent``: published again after a pause while the patience lasts, the
         original unacked meanwhile; else it fails."""
         again = transient and time.monotonic() - sent.first + sent.pause <= PATIENCE and self.hub is not None
-        log.error("rare_celery: %s kept in its queue (not acked): %s; %s", sent.who or "a task", why,
-                  f"trying again in {sent.pause:g} s" if again else "giving up on it for this delivery")
+        log_refused(sent.who or "a task", why, sent.pause if again else None)
         if not again:
             _call(sent.failed, why)
             return
         pause, sent.pause = sent.pause, min(sent.pause * 2, LONGEST_PAUSE)
-        self.hub.call_later(pause, self._publish, sent)
+        self.hub.call_later(pause, self._publish_again, sent)
+
+    def _publish_again(self, sent: _Sent) -> None:
+        """A copy the broker did not take, after its pause: published again, unless its original has gone
+        back to the broker meanwhile (a lost consumer connection): then its next delivery ends it, and a
+        copy published here too would make the next attempt run twice."""
+        try:
+            held = sent.held()
+        except Exception:  # noqa: BLE001 - unknown: published, as before this check
+            held = True
+        if not held:
+            log.warning("rare_celery: %s: its original went back to its queue (the connection it came on was lost) "
+                        "while the broker refused its copy for %s; that copy is not published", sent.who or "a task",
+                        sent.copy.where)
+            return
+        self._publish(sent)
 
     def _ready(self) -> Any:
         """The channel, in confirm mode, on a connection of the pipeline's own (made on first use)."""
@@ -276,7 +296,7 @@ class Pipeline:
         def resend() -> None:
             if self._channel is not None:
                 forget(self._channel)
-            self._publish(sent)
+            self._publish_again(sent)
         if self.hub is not None:
             self.hub.call_soon(resend)
         else:
@@ -343,7 +363,3 @@ def _call(fn: Callable[..., None], *args: Any) -> None:
     except Exception:  # one ending's trouble is not the others'
         log.exception("rare_celery: settling a handed ending failed")
 
-
-def _why(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -165,7 +165,7 @@ def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wa
                 return
             _drop(producer)
             raise ConfirmMissing(f"the connection failed before the broker confirmed the copy for {copy.where} "
-                                 f"({_why(exc)}): it may be there or not") from None
+                                 f"({why(exc)}): it may be there or not") from None
 
     # a lost connection (also while declaring) is renewed and the publish tried again while nothing was written
     ensured = producer.connection.ensure(producer, publish, max_retries=3, interval_start=0, interval_step=0.5,
@@ -182,7 +182,7 @@ def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wa
                 with contextlib.suppress(Exception):  # the returned message is still confirmed: take that ack
                     producer.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=10)
             if code not in (NO_ROUTE, NOT_FOUND) or last_try:
-                raise PublishRefused(f"the broker did not take the message for {copy.where}: {_why(exc)}",
+                raise PublishRefused(f"the broker did not take the message for {copy.where}: {why(exc)}",
                                      transient=code in (NO_ROUTE, NOT_FOUND)) from None
             log.warning("rare_celery: %s was missing; declaring it again", copy.where)
             with contextlib.suppress(Exception):
@@ -195,7 +195,7 @@ def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wa
                 raise PublishRefused(f"the broker refused (nacked) the message for {copy.where}",
                                      transient=True) from None
             transient = isinstance(exc, (OperationalError, TimeoutError, *producer.connection.connection_errors))
-            raise PublishRefused(f"the publish to {copy.where} failed: {_why(exc)}", transient=transient) from None
+            raise PublishRefused(f"the publish to {copy.where} failed: {why(exc)}", transient=transient) from None
 
 
 def _await_confirm(producer: Any, copy: Copy, waited: float, more: float) -> None:
@@ -270,9 +270,17 @@ def prepare(channel: Any, copy: Copy) -> None:
         declare.bind_return_once(channel, copy.returns_to)
 
 
-def _why(exc: BaseException) -> str:
+def why(exc: BaseException) -> str:
+    """An exception on one line, with its type: what the log says a publish failed of."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def log_refused(who: str, reason: object, pause: float | None) -> None:
+    """The one log line of a copy the broker did not take, its original kept: tried again after
+    ``pause`` seconds, or (``None``) given up on for this delivery."""
+    log.error("rare_celery: %s kept in its queue (not acked): %s; %s", who, reason,
+              f"trying again in {pause:g} s" if pause is not None else "giving up on it for this delivery")
 
 
 def send_patiently(app: Any, copy: Copy, *, budget: float = PATIENCE, timeout: float = CONFIRM_TIMEOUT,

@@ -34,7 +34,7 @@ from ..durations import iso
 from ..exceptions import Bug, Exhausted, Expired, Handed, Hop, NoHandler, PublishRefused, RetryAfter, RoutingFailed
 from ..message import QUEUE_KEY, Delivery, retry_call
 from ..policy import EARLY_SLEEP, Policy, RetryIn
-from ..publish import PATIENCE, send_patiently, shielded
+from ..publish import PATIENCE, log_refused, send_patiently, shielded
 from ..reasons import BUG, EXPIRED, REJECTED
 from ..topology import delay_kind
 from .tracer import ending_of
@@ -171,8 +171,7 @@ def patience(task: Any) -> float:
 
 
 def _refused(task: Any, exc: PublishRefused, pause: float | None) -> None:
-    log.error("rare_celery: %s[%s] kept in its queue (not acked): %s; %s", task.name, task.request.id, exc,
-              f"trying again in {pause:g} s" if pause is not None else "giving up on it for this delivery")
+    log_refused(f"{task.name}[{task.request.id}]", exc, pause)
 
 
 # -- admission -----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from .. import breaker_io, context, endings, events, spans
 from .. import headers as hdr
 from ..exceptions import Handed, PublishRefused, RoutingFailed, WorkerLost
 from ..message import QUEUE_KEY, Delivery
-from ..publish import PATIENCE, send_patiently
+from ..publish import PATIENCE, log_refused, send_patiently
 from ..reasons import REJECTED, TIME_LIMIT, WORKER_LOST
 
 log = logging.getLogger(__name__)
@@ -148,13 +148,12 @@ class RareRequest(Request):
         ctx = context.of(self.task.app)
         pipeline = ctx.pipeline if ctx is not None else None
         if pipeline is not None and pipeline.here():
-            pipeline.send(retry.copy, done, failed, who=f"{self.name}[{self.id}]")
+            pipeline.send(retry.copy, done, failed, who=f"{self.name}[{self.id}]",
+                          held=lambda: getattr(self._message.channel, "is_open", True))
             return
         try:  # a thread of the pool (or a worker without an event loop): it waits, as a pool process would
             send_patiently(self.task.app, retry.copy, confirm_wait=PATIENCE,
-                           on_refused=lambda exc, pause: log.error(
-                               "rare_celery: %s[%s] kept in its queue (not acked): %s; %s", self.name, self.id, exc,
-                               f"trying again in {pause:g} s" if pause is not None else "giving up on it"))
+                           on_refused=lambda exc, pause: log_refused(f"{self.name}[{self.id}]", exc, pause))
         except Exception as exc:  # noqa: BLE001 - never acked without a copy
             failed(f"{type(exc).__name__}: {exc}")
             return

@@ -14,14 +14,14 @@ from rare_celery.publish import to_delay
 
 class Hub:
     def __init__(self) -> None:
-        self.later: list[tuple[float, object]] = []
+        self.later: list[tuple[float, object, tuple]] = []
         self.soon: list[object] = []
 
     def call_soon(self, fn, *args):
         self.soon.append(fn)
 
     def call_later(self, seconds, fn, *args):
-        self.later.append((seconds, fn))
+        self.later.append((seconds, fn, args))
 
 
 def waiting(p: Pipeline, n: int) -> list[list[str]]:
@@ -31,7 +31,7 @@ def waiting(p: Pipeline, n: int) -> list[list[str]]:
         said: list[str] = []
         copy = to_delay("work", 1.0, "classic", b"{}", {"x-rare-copy": f"copy-{i}"}, {})
         sent = _Sent(copy, lambda said=said: said.append("done"), lambda why, said=said: said.append(f"failed: {why}"),
-                     who=f"task[{i}]")
+                     who=f"task[{i}]", held=lambda: True)
         p._seq += 1
         p._pending[p._seq] = sent
         p._copies[f"copy-{i}"] = p._seq
@@ -56,7 +56,7 @@ def test_a_nack_is_published_again_later_never_settled_at_once():
     out = waiting(p, 1)
     p._nacked(1)
     assert out == [[]] and p.waiting == 0
-    assert [s for s, _ in hub.later] == [pipeline.FIRST_PAUSE]  # tried again in 1 s, the original kept
+    assert [s for s, _, _ in hub.later] == [pipeline.FIRST_PAUSE]  # tried again in 1 s, the original kept
 
 
 def test_a_nack_after_the_patience_fails_its_copy(monkeypatch):
@@ -77,7 +77,7 @@ def test_a_returned_copy_is_published_again_once_then_fails():
     p._acked(1)
     assert out[0] == ["done"]
     sent = _Sent(to_delay("work", 1.0, "classic", b"{}", {"x-rare-copy": "again"}, {}), lambda: out[1].append("done"),
-                 lambda why: out[1].append(f"failed: {why}"), who="task[1]", tries=2)  # its second try
+                 lambda why: out[1].append(f"failed: {why}"), who="task[1]", held=lambda: True, tries=2)  # 2nd try
     p._pending[7], p._copies["again"] = sent, 7
     p._returned(None, "rare.delay", "work", SimpleNamespace(headers={"x-rare-copy": "again"}))
     p._acked(7)
@@ -90,3 +90,19 @@ def test_a_return_of_no_waiting_copy_fails_every_waiting_copy():
     out = waiting(p, 2)
     p._returned(None, "rare.delay", "work", SimpleNamespace(headers={"x-rare-copy": "someone-else"}))
     assert all(len(o) == 1 and o[0].startswith("failed:") for o in out) and p.waiting == 0
+
+
+def test_a_refused_copy_whose_original_went_back_is_not_published_again():
+    """The consumer's connection was lost while the broker refused the copy: the original is redelivered
+    (its next delivery ends it); publishing the copy too would run the next attempt twice."""
+    for held, expected in ((True, 1), (False, 0)):
+        hub = Hub()
+        p = Pipeline(SimpleNamespace(), hub)
+        out = waiting(p, 1)
+        p._pending[1].held = lambda held=held: held
+        published: list[object] = []
+        p._publish = published.append  # type: ignore[method-assign]
+        p._nacked(1)
+        ((_, again, args),) = hub.later
+        again(*args)
+        assert len(published) == expected and out == [[]]  # neither done nor failed (no put-back copy either)
