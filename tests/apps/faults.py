@@ -18,9 +18,10 @@ number, so every copy of a message decides the same way):
   the work (same task id) and succeeds;
 * ``faults.<k>.hold(tag)`` - attempt 1 records ``hold`` and waits until the file ``release-<tag>``
   exists in the record directory (or its worker is killed); later attempts succeed;
-* ``faults.<k>.pause(tag)`` - attempt 1 fails, retried after 2.5 s; the worker's main process then records
+* ``faults.<k>.pause(tag)`` - attempt 1 fails, retried after 5 s; the worker's main process then records
   ``paused`` and waits for ``release-<task id>`` (after the delay copy is confirmed and recorded, before
-  the ack; blocked there, its consumer still takes what the broker sends, until its connection is closed);
+  the ack; blocked there, its consumer still takes what the broker sends, until its connection is closed:
+  the test closes it within the 5 s, before attempt 2 is due);
 * ``faults.<k>.patient(fails)`` - fails on attempts 1..``fails``, retried after 3 s (``rare.wait.3s``);
 * ``faults.<k>.poison(deaths)`` - kills its pool process (``os._exit``) on attempts 1..``deaths``;
 * ``faults.<k>.hop(plan)`` - hops to ``faults.<k>.rescue`` at once (``Hop``, reason ``soak hop``);
@@ -169,7 +170,7 @@ def _tasks_for(kind: str) -> dict:
         record("ok", self)
         return "held"
 
-    @app.task(**common, name=f"{prefix}.pause", max_attempts=MAX_ATTEMPTS["pause"], backoff=2.5)
+    @app.task(**common, name=f"{prefix}.pause", max_attempts=MAX_ATTEMPTS["pause"], backoff=5)
     def pause(self, tag: str):
         record("run", self)
         if _attempt(self) == 1:

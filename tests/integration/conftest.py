@@ -62,3 +62,21 @@ def bugs(vhost):
     from tests.support import BugQueues
 
     return BugQueues(vhost.url)
+
+
+# Time per module (setup, call and teardown, module-scoped workers included), printed after each run: what CI's
+# 40 minutes are spent on, read from CI's own output when a step is to be cut or moved.
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _MODULE_SECONDS:
+        return
+    terminalreporter.section("seconds per module")
+    for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}  {module}")
