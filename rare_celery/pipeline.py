@@ -17,6 +17,10 @@ What each answer means, and what follows:
   at most), the original unacked meanwhile, as a pool process would (:func:`rare_celery.publish.send_patiently`);
   then, or for a refusal that does not pass (a declaration refused with other arguments), it fails
   (``failed(why)``): its original is put back (:func:`rare_celery.worker.request.put_back`), not acked.
+  After a nack the connection is renewed (once the copies already written on it are settled; what comes
+  meanwhile waits, unwritten): a channel a full quorum queue told to stop publishing stays refused by
+  the broker itself until that queue says go, and RabbitMQ 3.10 never says it once the limit's policy
+  is removed (it says it when the queue falls below the limit). A new channel asks the queue afresh.
 * a write that failed, the connection or its channel lost, or no confirm within
   :data:`CONFIRM_DEADLINE`: the fate of every copy waiting on that connection is unknown; none is
   published again to find out (that could make two copies): each fails at once. At least once: such an
@@ -82,6 +86,8 @@ class Pipeline:
         self._copies: dict[str, int] = {}  # x-rare-copy -> its publish's sequence number (for a return)
         self._timer: Any = None
         self._fd: int | None = None
+        self._renew = False  # a nack came: the next copy goes out on a new connection
+        self._held: list[_Sent] = []  # copies waiting, unwritten, for the connection to be renewed
 
     # -- what the worker calls ----------------------------------------------------------------
 
@@ -113,13 +119,14 @@ class Pipeline:
 
     @property
     def waiting(self) -> int:
-        """Copies published whose confirm has not come."""
-        return len(self._pending)
+        """Copies published whose confirm has not come, and copies waiting to be written."""
+        return len(self._pending) + len(self._held)
 
     def flush(self, timeout: float = FLUSH) -> None:
         """Wait (blocking) up to ``timeout`` s for the confirms still to come (the worker stops); what
         has none then fails."""
         deadline = time.monotonic() + timeout
+        self._release()
         while self._pending and self._conn is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -131,10 +138,14 @@ class Pipeline:
                 continue
             except Exception as exc:  # noqa: BLE001 - the connection is gone: the rest fails
                 self._lost(_why(exc))
+            self._release()
 
     def close(self) -> None:
         """Flush, then close the connection (the worker stops)."""
         self.flush()
+        held, self._held = self._held, []
+        for sent in held:  # not written: the original is put back
+            _call(sent.failed, "the worker stopped before its copy was published")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -143,6 +154,12 @@ class Pipeline:
     # -- publishing ----------------------------------------------------------------------------
 
     def _publish(self, sent: _Sent) -> None:
+        if self._renew:  # after a nack: on a new connection, once those written on this one are settled
+            if self._pending:
+                self._held.append(sent)
+                return
+            self._renew = False
+            self._drop()
         # What the broker sent first: a connection it closed meanwhile (a restart, an operator, missed
         # heartbeats; the event loop's reader may not have been called yet, or was forgotten by a reset hub)
         # is found here, before anything is written into it, and the copy goes out on a new one.
@@ -265,10 +282,12 @@ class Pipeline:
         self._drop()
         if sent.tries > 1:
             self._later(sent, f"the broker did not take the message for {sent.copy.where}: {why}")
+            self._settled()
             return
         log.warning("rare_celery: %s was missing (%s); declaring it again", sent.copy.where, why)
         sent.tries += 1
         self._publish(sent)
+        self._settled()
 
     def _taken(self, tag: int, multiple: bool) -> list[_Sent]:
         seqs = [s for s in self._pending if s <= tag] if multiple else ([tag] if tag in self._pending else [])
@@ -291,6 +310,7 @@ class Pipeline:
                 log.warning("rare_celery: %s was missing; declaring it again", sent.copy.where)
                 sent.tries, sent.returned, sent.at = sent.tries + 1, False, time.monotonic()
                 self._again(sent)
+        self._settled()
 
     def _again(self, sent: _Sent) -> None:
         def resend() -> None:
@@ -303,8 +323,23 @@ class Pipeline:
             resend()
 
     def _nacked(self, delivery_tag: int, multiple: bool = False) -> None:
+        self._renew = True  # see the module documentation: a channel a quorum queue blocked stays blocked
         for sent in self._taken(delivery_tag, multiple):  # not taken: it can be published again
             self._later(sent, f"the broker refused (nacked) the message for {sent.copy.where}")
+        self._settled()
+
+    def _settled(self) -> None:
+        """After confirms: the copies held for a renewed connection go out once nothing else waits."""
+        if self._held and not self._pending and self.hub is not None:
+            self.hub.call_soon(self._release)  # from the loop, not inside the connection's reading
+
+    def _release(self) -> None:
+        """Publish the copies held for a renewed connection, if nothing written waits any more."""
+        if self._pending:
+            return
+        held, self._held = self._held, []
+        for sent in held:
+            self._publish(sent)
 
     def _returned(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         seq = self._copies.get(hdr.copy_id(getattr(message, "headers", None) or {}) or "")
@@ -335,6 +370,8 @@ class Pipeline:
         self._pending.clear()
         self._copies.clear()
         self._drop()
+        self._renew = False  # the next copy goes out on a new connection anyway
+        self._settled()
         if pending:
             log.error("rare_celery: %d ending(s) not confirmed (%s): their messages are put back, not acked",
                       len(pending), why)

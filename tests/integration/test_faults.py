@@ -343,7 +343,10 @@ class Policy:
                     pattern, '{"max-length": 0, "overflow": "reject-publish"}')
 
     def clear(self) -> None:
-        rabbitmqctl("clear_policy", "-p", self.vhost.name, self.name)
+        """Remove the policy (once: a second call does nothing)."""
+        if self.name is not None:
+            rabbitmqctl("clear_policy", "-p", self.vhost.name, self.name)
+            self.name = None
 
 
 def fill(broker, queue: Queue) -> None:
@@ -401,6 +404,39 @@ def test_refused_delay_publish_keeps_the_message_until_the_broker_takes_it(fault
     assert attempts(records, result.id) == [1, 2]
     line = refusals(fleet, result.id)[0]
     assert "ERROR" in line and f"refused (nacked) the message for delay queue '{target.name}'" in line, line
+
+
+@pytest.mark.skipif(not QUORUM_OK, reason="quorum work queues need Celery 5.5+")
+def test_a_retry_refused_by_a_full_quorum_delay_queue_goes_through_once_its_limit_is_removed(faults, fenv, fdir):
+    """A quorum queue over its length limit (reject-publish) tells each channel publishing to it to stop,
+    and the broker then refuses that channel's publishes itself until the queue says go, which RabbitMQ
+    3.10 never says once the limit's policy is gone. The delay queue is full (its filler leaves after
+    3 s), attempt 1's retry is refused, and the policy is removed at once, while the filler is still
+    there. The next try goes out on a new connection and is taken. Found by CI: on the same channel every
+    try was refused until the patience ran out (4 minutes), then the message went back to its queue. (On a
+    machine so slow that the filler leaves before the policy is removed, the queue says go and the old
+    channel would pass too.)"""
+    own = Vhost()  # one worker: its main process publishes every retry
+    env = {**fenv, "RARE_FAULTS_BROKER": own.url}
+    records, worker = Records(fdir), None
+    target = delay_queue(3000, QUORUM)
+    policy = Policy(own, "^" + re.escape(target.name) + "$")
+    try:
+        worker = Worker("tests.apps.faults", faults.queues_of("quorum"), env, fdir, name="blocked-quorum",
+                        concurrency=1).wait_ready()
+        fill(own, target)
+        with Connection(own.url, transport_options={"confirm_publish": True}) as conn:
+            result = faults.TASKS["quorum"]["patient"].apply_async((1,), connection=conn)
+        wait_for(lambda: result.id in worker.text() and "kept in its queue" in worker.text(), 20, 0.05,
+                 "the retry to be refused")
+        policy.clear()
+        wait_for(lambda: records.of(result.id, "ok"), 30, 0.2, "attempt 2 to run")  # the next try is 1 s later
+        assert [r["att"] for r in records.of(result.id, "run")] == [1, 2]
+    finally:
+        policy.clear()
+        if worker is not None:
+            worker.stop()
+        own.delete()
 
 
 @pytest.mark.parametrize("kind", KINDS)

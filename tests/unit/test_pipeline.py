@@ -106,3 +106,54 @@ def test_a_refused_copy_whose_original_went_back_is_not_published_again():
         ((_, again, args),) = hub.later
         again(*args)
         assert len(published) == expected and out == [[]]  # neither done nor failed (no put-back copy either)
+
+
+def test_after_a_nack_the_next_copies_go_out_on_a_new_connection_once_the_written_ones_are_settled(monkeypatch):
+    """A channel a full quorum queue blocked stays blocked on RabbitMQ 3.10 (the broker refuses its
+    publishes itself until the queue says go, which it never says once the limit's policy is removed): the try after a nack, and every copy after it, go out on a new
+    connection. Copies already written on the old one are settled there first (their confirms come on it)."""
+    hub = Hub()
+    p = Pipeline(SimpleNamespace(), hub)
+    connections: list[list[str]] = []
+    monkeypatch.setattr(p, "_readable", lambda: None)
+    monkeypatch.setattr(p, "_drop", lambda: setattr(p, "_channel", None))
+    monkeypatch.setattr(pipeline, "prepare", lambda channel, copy: None)
+
+    def ready():
+        if p._channel is None:
+            connections.append([])
+            p._seq = 0  # delivery tags count from 1 on each channel
+            p._channel = SimpleNamespace(connection=SimpleNamespace(), written=connections[-1])
+        return p._channel
+    monkeypatch.setattr(p, "_ready", ready)
+
+    class Producer:
+        def __init__(self, channel):
+            self.channel = channel
+
+        def publish(self, body, headers, **kwargs):
+            self.channel.written.append(headers["x-rare-copy"])
+    monkeypatch.setattr(pipeline, "Producer", Producer)
+
+    def send(name: str) -> list[str]:
+        said: list[str] = []
+        p.send(to_delay("work", 1.0, "classic", b"{}", {"x-rare-copy": name}, {}), lambda: said.append("done"),
+               lambda why: said.append(f"failed: {why}"), who=name)
+        return said
+
+    a, b = send("a"), send("b")
+    assert connections == [["a", "b"]]
+    p._nacked(1)  # a refused: tried again in 1 s; b still waits for its confirm on this connection
+    c = send("c")
+    ((_, again, args),) = hub.later
+    again(*args)  # a's next try
+    assert connections == [["a", "b"]] and p.waiting == 3  # c and a wait, unwritten, for b's confirm
+    p._acked(2)
+    assert b == ["done"] and len(hub.soon) == 1
+    hub.soon.pop()()
+    assert connections == [["a", "b"], ["c", "a"]]  # on a new connection
+    p._acked(1)
+    p._acked(2)
+    assert (a, c) == (["done"], ["done"]) and p.waiting == 0
+    d = send("d")
+    assert connections[-1] == ["c", "a", "d"] and d == []  # no nack since: the same connection
