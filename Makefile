@@ -43,12 +43,13 @@ test-rabbitmq4: $(TOOLS)/bin/tox
 # The suite on RabbitMQ 4.3 (Debian sid's rabbitmq-server in a debootstrap root, 127.0.0.1:5691), newest
 # Celery: the newest line, which CI runs beside 3.10. All of it but the tests no broker version changes (unit
 # tests, the browser, the demo, Django, Flower and OpenTelemetry, the tools on a silent network, the web
-# console's pages and the fuzzing of message contents), which make test runs on 3.10, to keep CI under 40
-# minutes; RABBITMQ43_TESTS=tests for all of it.
+# console's pages, the fuzzing of message contents, the operator CLI and Celery's own retry behaviours
+# (test_drop_in.py)), which make test runs on 3.10, to keep CI near 40 minutes; RABBITMQ43_TESTS=tests for all of it.
 RABBITMQ43_TESTS ?= tests/integration --ignore=tests/integration/test_web_browser.py \
 	--ignore=tests/integration/test_demo.py --ignore=tests/integration/test_django.py \
 	--ignore=tests/integration/test_hostile.py --ignore=tests/integration/test_observers.py \
-	--ignore=tests/integration/test_web.py --ignore=tests/integration/test_fuzz.py
+	--ignore=tests/integration/test_web.py --ignore=tests/integration/test_fuzz.py \
+	--ignore=tests/integration/test_cli.py --ignore=tests/integration/test_drop_in.py
 test-rabbitmq43: $(TOOLS)/bin/tox
 	scripts/rabbitmq4 start 4.3
 	PATH="$$(scripts/rabbitmq4 bin 4.3):$$PATH" RARE_TEST_HOST=127.0.0.1:5691 $(TOOLS)/bin/tox -e celery57 -- \
