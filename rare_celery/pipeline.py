@@ -334,9 +334,8 @@ class Pipeline:
             self.hub.call_soon(self._release)  # from the loop, not inside the connection's reading
 
     def _release(self) -> None:
-        """Publish the copies held for a renewed connection, if nothing written waits any more."""
-        if self._pending:
-            return
+        """Publish the copies held for a renewed connection (held again while the old one has copies
+        waiting; once renewed, all of them, whatever was published on the new one meanwhile)."""
         held, self._held = self._held, []
         for sent in held:
             self._publish(sent)

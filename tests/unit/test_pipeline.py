@@ -108,39 +108,47 @@ def test_a_refused_copy_whose_original_went_back_is_not_published_again():
         assert len(published) == expected and out == [[]]  # neither done nor failed (no put-back copy either)
 
 
-def test_after_a_nack_the_next_copies_go_out_on_a_new_connection_once_the_written_ones_are_settled(monkeypatch):
-    """A channel a full quorum queue blocked stays blocked on RabbitMQ 3.10 (the broker refuses its
-    publishes itself until the queue says go, which it never says once the limit's policy is removed): the try after a nack, and every copy after it, go out on a new
-    connection. Copies already written on the old one are settled there first (their confirms come on it)."""
-    hub = Hub()
-    p = Pipeline(SimpleNamespace(), hub)
-    connections: list[list[str]] = []
-    monkeypatch.setattr(p, "_readable", lambda: None)
-    monkeypatch.setattr(p, "_drop", lambda: setattr(p, "_channel", None))
-    monkeypatch.setattr(pipeline, "prepare", lambda channel, copy: None)
+class Wire:
+    """A pipeline whose connections are lists of the copies written on each (no broker)."""
 
-    def ready():
-        if p._channel is None:
-            connections.append([])
-            p._seq = 0  # delivery tags count from 1 on each channel
-            p._channel = SimpleNamespace(connection=SimpleNamespace(), written=connections[-1])
-        return p._channel
-    monkeypatch.setattr(p, "_ready", ready)
+    def __init__(self, monkeypatch) -> None:
+        self.hub = Hub()
+        self.p = p = Pipeline(SimpleNamespace(), self.hub)
+        self.connections: list[list[str]] = []
+        monkeypatch.setattr(p, "_readable", lambda: None)
+        monkeypatch.setattr(p, "_drop", lambda: setattr(p, "_channel", None))
+        monkeypatch.setattr(pipeline, "prepare", lambda channel, copy: None)
+        monkeypatch.setattr(p, "_ready", self._ready)
 
-    class Producer:
-        def __init__(self, channel):
-            self.channel = channel
+        class Producer:
+            def __init__(self, channel):
+                self.channel = channel
 
-        def publish(self, body, headers, **kwargs):
-            self.channel.written.append(headers["x-rare-copy"])
-    monkeypatch.setattr(pipeline, "Producer", Producer)
+            def publish(self, body, headers, **kwargs):
+                self.channel.written.append(headers["x-rare-copy"])
+        monkeypatch.setattr(pipeline, "Producer", Producer)
 
-    def send(name: str) -> list[str]:
+    def _ready(self):
+        if self.p._channel is None:
+            self.connections.append([])
+            self.p._seq = 0  # delivery tags count from 1 on each channel
+            self.p._channel = SimpleNamespace(connection=SimpleNamespace(), written=self.connections[-1])
+        return self.p._channel
+
+    def send(self, name: str) -> list[str]:
         said: list[str] = []
-        p.send(to_delay("work", 1.0, "classic", b"{}", {"x-rare-copy": name}, {}), lambda: said.append("done"),
-               lambda why: said.append(f"failed: {why}"), who=name)
+        self.p.send(to_delay("work", 1.0, "classic", b"{}", {"x-rare-copy": name}, {}), lambda: said.append("done"),
+                    lambda why: said.append(f"failed: {why}"), who=name)
         return said
 
+
+def test_after_a_nack_the_next_copies_go_out_on_a_new_connection_once_the_written_ones_are_settled(monkeypatch):
+    """A channel a full quorum queue blocked stays blocked on RabbitMQ 3.10 (the broker refuses its
+    publishes itself until the queue says go, which it never says once the limit's policy is removed):
+    the try after a nack, and every copy after it, go out on a new connection. Copies already written
+    on the old one are settled there first (their confirms come on it)."""
+    w = Wire(monkeypatch)
+    p, hub, connections, send = w.p, w.hub, w.connections, w.send
     a, b = send("a"), send("b")
     assert connections == [["a", "b"]]
     p._nacked(1)  # a refused: tried again in 1 s; b still waits for its confirm on this connection
@@ -157,3 +165,18 @@ def test_after_a_nack_the_next_copies_go_out_on_a_new_connection_once_the_writte
     assert (a, c) == (["done"], ["done"]) and p.waiting == 0
     d = send("d")
     assert connections[-1] == ["c", "a", "d"] and d == []  # no nack since: the same connection
+
+
+def test_copies_held_for_the_renewal_go_out_even_when_a_newer_copy_renewed_first(monkeypatch):
+    """Between the last confirm on the old connection and the held copies' turn, a new copy may come
+    and open the new connection: the held ones follow it there, not left waiting for a quiet moment."""
+    w = Wire(monkeypatch)
+    p, hub, connections, send = w.p, w.hub, w.connections, w.send
+    send("a"), send("b")
+    p._nacked(1)
+    send("c")  # held
+    p._acked(2)  # b settled: the held copies' turn is scheduled
+    send("d")  # comes first: renews, written on the new connection
+    assert connections == [["a", "b"], ["d"]]
+    hub.soon.pop()()
+    assert connections == [["a", "b"], ["d", "c"]] and p.waiting == 2  # a is still in its 1 s pause
