@@ -335,10 +335,11 @@ class Pipeline:
 
     def _release(self) -> None:
         """Publish the copies held for a renewed connection (held again while the old one has copies
-        waiting; once renewed, all of them, whatever was published on the new one meanwhile)."""
+        waiting; once renewed, all of them, whatever was published on the new one meanwhile), but those
+        whose original went back to its queue meanwhile (see :meth:`_publish_again`)."""
         held, self._held = self._held, []
         for sent in held:
-            self._publish(sent)
+            self._publish_again(sent)
 
     def _returned(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         seq = self._copies.get(hdr.copy_id(getattr(message, "headers", None) or {}) or "")

@@ -175,8 +175,10 @@ def test_copies_held_for_the_renewal_go_out_even_when_a_newer_copy_renewed_first
     send("a"), send("b")
     p._nacked(1)
     send("c")  # held
+    send("gone")  # held too; then its original goes back to its queue (the consumer's connection lost)
+    p._held[-1].held = lambda: False
     p._acked(2)  # b settled: the held copies' turn is scheduled
     send("d")  # comes first: renews, written on the new connection
     assert connections == [["a", "b"], ["d"]]
     hub.soon.pop()()
-    assert connections == [["a", "b"], ["d", "c"]] and p.waiting == 2  # a is still in its 1 s pause
+    assert connections == [["a", "b"], ["d", "c"]] and p.waiting == 2  # a is still in its 1 s pause; "gone" dropped
