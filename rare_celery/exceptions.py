@@ -168,7 +168,22 @@ class Handed(Retry):
         self.copy, self.kind, self.fields = copy, kind, fields or {}
 
     def __reduce__(self) -> tuple[Any, ...]:  # crosses from the pool process to the main process
-        return type(self), (self.message, self.exc, self.when, self.copy, self.kind, self.fields)
+        return _handed_again, (type(self), {k: v for k, v in vars(self).items() if k != "args"})
+
+    @classmethod
+    def of(cls, retry: Retry, copy: Any, kind: str, fields: dict[str, Any]) -> Handed:
+        """``retry``, carrying its copy, its attributes as they are (``Retry.__init__`` would test once
+        more that the exception pickles, by pickling it)."""
+        return _handed_again(cls, {**vars(retry), "copy": copy, "kind": kind, "fields": fields})
+
+
+def _handed_again(cls: type[Handed], attributes: dict[str, Any]) -> Handed:
+    """A :class:`Handed` with these attributes, made without ``Retry.__init__`` (in the worker's main
+    process too, where it would pickle the exception once more)."""
+    handed = cls.__new__(cls)
+    handed.__dict__.update(attributes)
+    handed.args = (handed, handed.exc, handed.when)  # as Retry.__init__ makes them
+    return handed
 
 
 class Ended(Ignore):

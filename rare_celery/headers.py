@@ -213,20 +213,26 @@ def _fits(headers: dict[str, Any], budget: int) -> bool:
     upper bound of the size, without encoding the strings (a retry's headers are far below it)."""
     total = 0
     for key, value in headers.items():
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             total += 4 * len(value)  # UTF-8: at most 4 bytes a character
-        elif isinstance(value, (bool, int, float)) or value is None:
+        elif kind in _SCALARS:
             total += 24
+        elif (kind is list or kind is tuple) and all(type(v) in _SCALARS for v in value):
+            total += 24 * len(value) + 8  # Celery's timelimit, for one
+        elif isinstance(value, str):
+            total += 4 * len(value)
         elif isinstance(value, (dict, list, tuple)) and too_deep(value, MAX_DEPTH - 1):
             return False
         else:
             total += _size(value)
-        total += 4 * len(str(key)) + 8
+        total += 4 * len(key if type(key) is str else str(key)) + 8
         if total > budget:
             return _size(headers) <= budget and not too_deep(headers)
     return True
 
 
+_SCALARS = frozenset((bool, int, float, type(None)))  # 24 bytes at most each in a header table
 _TEXT, _COUNT = "text", "count"
 # Celery's protocol 2 headers whose type Celery's worker relies on (a wrong one makes its consumer raise
 # outside any handler: the worker stops): key -> what it must be when present and not null
@@ -245,9 +251,10 @@ def protocol_problem(headers: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(headers.get("id"), str) or not headers["id"]:
         return "header id (the task id) is not a non-empty string"
-    for key, kind in PROTOCOL.items():
+    for key, kind in PROTOCOL.items():  # read for every delivery by the worker's main process: the usual cases first
         value = headers.get(key)
-        if value is None or _protocol_ok(value, kind):
+        if value is None or (kind is _TEXT and type(value) is str) or (
+                kind is _COUNT and type(value) is int and 0 <= value <= MAX_ATTEMPT) or _protocol_ok(value, kind):
             continue
         return f"header {key} is not what Celery's protocol says ({_clip(repr(value), 60)})"
     return None
@@ -283,8 +290,11 @@ def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
             continue
         if depth >= limit:
             return True
-        stack.extend((x, depth + 1) for x in item)
+        stack += [(x, depth + 1) for x in item if isinstance(x, _NESTS)]  # a scalar nests nothing
     return False
+
+
+_NESTS = (dict, list, tuple)
 
 
 def _size(value: object) -> int:

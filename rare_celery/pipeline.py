@@ -42,11 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amqp.exceptions import ChannelError
-from kombu import Producer
 
 from . import headers as hdr
 from .declare import forget
-from .publish import CONFIRM_TIMEOUT, FIRST_PAUSE, LONGEST_PAUSE, NOT_FOUND, PATIENCE, Copy, log_refused, prepare
+from .publish import FIRST_PAUSE, LONGEST_PAUSE, NOT_FOUND, PATIENCE, Copy, log_refused, prepare, write
 from .publish import why as _why
 from .topology import name_problem
 
@@ -182,9 +181,7 @@ class Pipeline:
         wire = channel.connection  # py-amqp counts the bytes it wrote (after each write)
         before = getattr(wire, "bytes_sent", None)
         try:
-            Producer(channel).publish(sent.copy.body, exchange=sent.copy.exchange, routing_key=sent.copy.routing_key,
-                                      headers=sent.copy.headers, mandatory=True, delivery_mode=2, retry=False,
-                                      timeout=CONFIRM_TIMEOUT, **sent.copy.properties)
+            write(channel, sent.copy)
         except Exception as exc:  # noqa: BLE001 - if written, it and every copy before it are unknown
             why = f"the publish to {sent.copy.where} failed: {_why(exc)}"
             if before is not None and getattr(wire, "bytes_sent", before) == before:  # nothing of it written

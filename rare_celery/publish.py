@@ -3,7 +3,8 @@
 Every message rare_celery publishes (a retry, a bug-queue entry, a hop, a delayed start, a copy of a
 bad message, a message put back after a failed ending) is a :class:`Copy` and leaves through
 :func:`send`: the target is declared first (once per connection), the publish is ``mandatory`` and
-waits for the broker's confirm. A message no queue takes comes back; the target is declared again
+waits for the broker's confirm. (The retries a pool process hands to the worker's main process are
+written by :func:`write` instead, their confirms read as they come: :mod:`rare_celery.pipeline`.) A message no queue takes comes back; the target is declared again
 and the publish tried once more. Anything the broker refuses raises :class:`PublishRefused`, so the
 caller keeps (does not ack) the original message.
 
@@ -22,7 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ from amqp import spec
 from amqp.exceptions import ChannelError, MessageNacked
 from kombu import Queue
 from kombu.exceptions import OperationalError
+from kombu.serialization import dumps
 
 from . import context, declare
 from . import headers as hdr
@@ -131,6 +133,37 @@ def to_line(work_queue: str, service: str, kind: str, body: Any, headers: dict[s
         properties = {**properties, "expiration": max(int(expires_in * 1000), 1) / 1000}
     return Copy(body, {**headers, "BCC": [queue.routing_key]}, properties, DELAY_EXCHANGE.name, work_queue, queue,
                 returns_to=work_queue, unrouted=unrouted_queue(own_kind))
+
+
+def encoded(copy: Copy) -> Copy:
+    """``copy`` with its body as bytes, encoded as kombu's producer would (its default serializer, JSON),
+    unless it is already: a pool process hands its retries to the worker's main process encoded, and
+    that process, the busiest of a worker, only writes them (:func:`write`)."""
+    if copy.properties.get("content_type"):
+        return copy
+    content_type, content_encoding, body = dumps(copy.body)
+    return replace(copy, body=body, properties={**copy.properties, "content_type": content_type,
+                                                "content_encoding": content_encoding})
+
+
+def write(channel: Any, copy: Copy) -> None:
+    """Write ``copy`` to ``channel``, persistent and mandatory, without waiting for anything: the message
+    kombu's ``Producer.publish`` makes of it (priority 0 unless it has one, ``expiration`` in whole ms),
+    without a producer per message. Its body is encoded unless it is already (:func:`encoded`)."""
+    copy = encoded(copy)
+    properties = {k: v for k, v in copy.properties.items() if k not in _MADE_HERE}
+    properties["delivery_mode"] = 2
+    expiration = copy.properties.get("expiration")
+    if expiration is not None:
+        properties["expiration"] = str(int(expiration * 1000))
+    body = copy.body.encode(copy.properties.get("content_encoding") or "utf-8") if isinstance(copy.body, str) else copy.body
+    message = channel.prepare_message(body, copy.properties.get("priority") or 0, copy.properties["content_type"],
+                                      copy.properties.get("content_encoding") or "binary", copy.headers, properties)
+    channel.basic_publish(message, exchange=copy.exchange, routing_key=copy.routing_key, mandatory=True,
+                          timeout=CONFIRM_TIMEOUT)  # of the write: a socket that takes nothing for that long is dead
+
+
+_MADE_HERE = ("priority", "content_type", "content_encoding", "expiration")  # by write(), from the copy's own
 
 
 def send(producer: Any, copy: Copy, timeout: float = CONFIRM_TIMEOUT, confirm_wait: float = 0.0) -> None:

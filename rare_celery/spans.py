@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def mark_attempt(number: int) -> None:
     """Put the attempt's number on the current span (the attempt's ``run/<task>``). Never raises."""
-    if trace is None:
+    if not _recording():
         return
     try:
         trace.get_current_span().set_attribute("rare.attempt", number)
@@ -54,7 +54,7 @@ def mark_attempt(number: int) -> None:
 def publishing(ending: Ending) -> Iterator[None]:
     """Publish ``ending``'s copy inside its producer span (see above): the copy's headers carry the
     span's context once this is entered. Exceptions pass through, recorded on the span."""
-    span = _start(ending) if trace is not None and ending.copy is not None and ending.kind in NEW_WORK else None
+    span = _start(ending) if ending.copy is not None and ending.kind in NEW_WORK and _recording() else None
     if span is None:
         yield
         return
@@ -68,6 +68,12 @@ def publishing(ending: Ending) -> Iterator[None]:
     finally:
         with contextlib.suppress(Exception):
             span.end()
+
+
+def _recording() -> bool:
+    """Whether spans are recorded here: an OpenTelemetry SDK (or another tracer provider) is set up. Without
+    one every span is a stand-in and the copy keeps the trace context it carries already: nothing to do."""
+    return trace is not None and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def _start(ending: Ending) -> Any:

@@ -29,7 +29,9 @@ ever exist in a vhost, however many messages, delays or jitter there are.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from kombu import Exchange, Queue
 
@@ -52,7 +54,18 @@ _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms"
 GRID_SIZE = 1740
 
 
-class DelayQueue(Queue):  # type: ignore[misc]  # kombu ships no types
+class _Made(Queue):  # type: ignore[misc]  # kombu ships no types
+    """A queue declaration made by one of this module's factories (:func:`_once`): it crosses to another
+    process (a copy from a pool process to the worker's main process) as that factory's call, found
+    there in its cache, not as kombu's attribute-by-attribute copy rebuilt for every copy."""
+
+    rare_made: tuple[Callable[..., Queue], tuple[Any, ...]] | None = None
+
+    def __reduce__(self) -> Any:
+        return self.rare_made or super().__reduce__()
+
+
+class DelayQueue(_Made):
     """A queue that never delivers to a worker: a delay queue, a service's line (see :func:`for_broker`).
     A class, not an attribute set on a Queue: it survives pickling (a copy crossing from a pool process
     to the worker's main process)."""
@@ -60,10 +73,26 @@ class DelayQueue(Queue):  # type: ignore[misc]  # kombu ships no types
     rare_delay = True
 
 
-class ReadQueue(Queue):  # type: ignore[misc]  # kombu ships no types
+class ReadQueue(_Made):
     """A queue people read and put back: a bug queue, ``rare.unrouted``, a breaker's state (see :func:`for_broker`)."""
 
     rare_read_by_people = True
+
+
+_Factory = TypeVar("_Factory", bound=Callable[..., Queue])
+
+
+def _once(factory: _Factory) -> _Factory:
+    """``factory``'s declarations made once per arguments (positional only) and shared: a retry's delay
+    queue is not a new kombu entity each time. kombu never changes an entity in place (``bind`` binds a
+    copy), and neither does rare_celery."""
+    @functools.lru_cache(maxsize=4096)
+    @functools.wraps(factory)
+    def shared(*args: Any) -> Queue:
+        queue = factory(*args)
+        queue.rare_made = (shared, args)
+        return queue
+    return cast(_Factory, shared)
 
 
 def grid_floor(delay_ms: int) -> int:
@@ -91,7 +120,8 @@ def duration_label(ms: int) -> str:
     raise AssertionError("unreachable: every whole number of ms has a unit")
 
 
-def delay_queue(delay_ms: int, kind: str = CLASSIC) -> Queue:
+@_once
+def delay_queue(delay_ms: int, kind: str = CLASSIC, /) -> Queue:
     """The TTL queue for one grid value; ``delay_ms`` must already be on the grid. Every queue
     rare_celery declares says its type (a vhost's default queue type never decides it)."""
     prefix = "rare.wait" if kind == CLASSIC else "rare.wait.quorum"
@@ -136,7 +166,8 @@ def looks_like_bug_queue(name: str) -> bool:
     return name.endswith(BUG_SUFFIX) or name == UNROUTED
 
 
-def bug_queue(name: str, kind: str = CLASSIC) -> Queue:
+@_once
+def bug_queue(name: str, kind: str = CLASSIC, /) -> Queue:
     """A bug queue, reached through the default exchange. Classic whatever the work queue's kind
     (people read it, and a classic queue keeps its order and bytes when a message is looked at and
     put back; a 3.10 quorum queue reorders it and adds ``x-delivery-count``), unless the app makes
@@ -145,7 +176,8 @@ def bug_queue(name: str, kind: str = CLASSIC) -> Queue:
                                  queue_arguments=_typed(kind)))
 
 
-def unrouted_queue(kind: str = CLASSIC) -> Queue:
+@_once
+def unrouted_queue(kind: str = CLASSIC, /) -> Queue:
     """``rare.unrouted``: where due messages wait whose work queue is gone (see :func:`bug_queue` for its kind)."""
     return _read_by_people(Queue(UNROUTED, exchange=UNROUTED_EXCHANGE, routing_key="", durable=True,
                                  queue_arguments=_typed(kind)))
@@ -277,7 +309,8 @@ def rate_window_queue(service: str, count: int, window: float) -> Queue:
                  queue_arguments=args)
 
 
-def line_queue(service: str, kind: str = CLASSIC) -> Queue:
+@_once
+def line_queue(service: str, kind: str = CLASSIC, /) -> Queue:
     """``rare.limit.<service>.line`` (``.line.quorum`` for quorum work queues): the attempts a service's
     limits sent to wait, in arrival order. Reached like a delay queue (through ``rare.delay`` by its
     ``BCC`` key, the work queue as the routing key), but with no TTL: an attempt leaves when it is woken

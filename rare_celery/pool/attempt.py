@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, NamedTuple, NoReturn, cast
 
@@ -34,7 +34,7 @@ from ..durations import iso
 from ..exceptions import Bug, Exhausted, Expired, Handed, Hop, NoHandler, PublishRefused, RetryAfter, RoutingFailed
 from ..message import QUEUE_KEY, Delivery, retry_call
 from ..policy import EARLY_SLEEP, Policy, RetryIn
-from ..publish import PATIENCE, log_refused, send_patiently, shielded
+from ..publish import PATIENCE, Copy, encoded, log_refused, send_patiently, shielded
 from ..reasons import BUG, EXPIRED, REJECTED
 from ..topology import delay_kind
 from .tracer import ending_of
@@ -120,9 +120,8 @@ def hands_over(task: Any, ending: endings.Ending) -> bool:
 def handed(ending: endings.Ending) -> Handed:
     """``ending``'s outcome, carrying its copy to the worker's main process."""
     retry = cast(Retry, ending.outcome)
-    outcome = Handed(retry.message, ending.exc, retry.when, ending.copy, ending.kind, ending.fields)
-    outcome.rare_traceback = getattr(retry, "rare_traceback", "")  # pool.tracer.RetryInfo
-    return outcome
+    # encoded here: the main process, the busiest, only writes it; with its rare_traceback (pool.tracer.RetryInfo)
+    return Handed.of(retry, encoded(cast(Copy, ending.copy)), ending.kind, ending.fields)
 
 
 def ended_before(task: Any) -> None:
@@ -178,41 +177,45 @@ def _refused(task: Any, exc: PublishRefused, pause: float | None) -> None:
 
 def admit(task: Any, args: Any, kwargs: Any) -> Callable[..., Any]:
     """Check a delivery before it runs; end it elsewhere (raising) when it must not run now. Returns
-    the function that runs it (the task's, or its payload handler's)."""
+    the function that runs it (the task's, or its payload handler's). The :class:`Delivery` is made
+    only for an ending: a delivery that runs reads its state from the headers as they came."""
     req, now = task.request, time.time()
-    d = Delivery.running(task)
+    headers = req.headers if isinstance(req.headers, Mapping) else None
+
+    def d() -> Delivery:
+        return Delivery.running(task)
     try:
-        state = d.state(now)
+        state = hdr.read(headers, now)  # the x-rare-* headers: the broker's own are never among them
     except hdr.HeaderError as exc:
         bad = exc
-        end(task, lambda: endings.bugs(d, hdr.Attempt(1, now), REJECTED, bad))
-    how = endings.copy_ended(task, req.headers) if hdr.deliveries(req.headers) else None
+        end(task, lambda: endings.bugs(d(), hdr.Attempt(1, now), REJECTED, bad))
+    how = endings.copy_ended(task, headers) if hdr.deliveries(headers) else None
     if how is not None:  # a put-back copy of a delivery that ended (its ack was lost)
-        end(task, lambda: endings.done(d, how))
+        end(task, lambda: endings.done(d(), how))
     try:
         policy, fn = dispatch(task, args, kwargs)
     except NoHandler as exc:
         missing = exc
-        end(task, lambda: endings.bugs(d, state, missing.rare_reason, missing))
+        end(task, lambda: endings.bugs(d(), state, missing.rare_reason, missing))
     if state.deadline is None and policy.expires_in is not None:
         state = replace(state, deadline=policy.deadline(state.first_at))
     req.rare_current = Current(state, policy)
     if state.due is not None and state.deadline is not None and state.due > state.deadline:
         never = hdr.HeaderError(f"header {hdr.DUE} is after the end of the shelf life ({iso(state.deadline)}): "
                                 f"the message could never run")
-        end(task, lambda: endings.bugs(d, state, REJECTED, never))
+        end(task, lambda: endings.bugs(d(), state, REJECTED, never))
     if state.due is not None and state.due > now:
         if state.due - now > EARLY_SLEEP:
             due = state.due
-            end(task, lambda: endings.wait(d, state, due))
+            end(task, lambda: endings.wait(d(), state, due))
         time.sleep(state.due - now)
     if state.deadline is not None and time.time() > state.deadline:
         late = Expired(f"shelf life ended at {iso(state.deadline)} before attempt {state.number}")
-        end(task, lambda: endings.next_place(d, state, policy.out_of(EXPIRED), late, keep_error=True))
+        end(task, lambda: endings.next_place(d(), state, policy.out_of(EXPIRED), late, keep_error=True))
     if task.rare_breaker is not None:
-        _breaker_gate(task, d, state)
+        _breaker_gate(task, d(), state)
         if task.rare_breaker.concurrency is not None or task.rare_breaker.rate is not None:
-            _limits_gate(task, d, state)
+            _limits_gate(task, d(), state)
     return fn
 
 
@@ -302,6 +305,8 @@ def _limited_end(task: Any) -> None:
     """An attempt that started within its service's limits has ended: its slot is let go of, and the
     next attempt in the line is woken, shielded from the soft time limit (the attempt has ended: a wake
     cut between its publish and its ack would leave the woken attempt in its line and its work queue)."""
+    if task.rare_breaker is None:  # no limits without a breaker: no slot, no line
+        return
     req = task.request
     slot, req.rare_slot = getattr(req, "rare_slot", None), None
     if not getattr(req, "rare_limited", False):
@@ -328,6 +333,8 @@ def breaker_told(task: Any, failed: bool, pause: float | None = None) -> None:
     and lets its lock go; another attempt sends a failure (or, after failures, a success) note.
     ``pause``: the service asked for a pause of that many seconds (:class:`RetryAfter`): the breaker
     is held open until then, for every worker."""
+    if task.rare_breaker is None:  # no breaker: nothing to tell (nor a probe, nor limits)
+        return
     req = task.request
     gen = getattr(req, "rare_breaker_gen", None)
     if gen is None:

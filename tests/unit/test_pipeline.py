@@ -119,14 +119,7 @@ class Wire:
         monkeypatch.setattr(p, "_drop", lambda: setattr(p, "_channel", None))
         monkeypatch.setattr(pipeline, "prepare", lambda channel, copy: None)
         monkeypatch.setattr(p, "_ready", self._ready)
-
-        class Producer:
-            def __init__(self, channel):
-                self.channel = channel
-
-            def publish(self, body, headers, **kwargs):
-                self.channel.written.append(headers["x-rare-copy"])
-        monkeypatch.setattr(pipeline, "Producer", Producer)
+        monkeypatch.setattr(pipeline, "write", lambda channel, copy: channel.written.append(copy.headers["x-rare-copy"]))
 
     def _ready(self):
         if self.p._channel is None:

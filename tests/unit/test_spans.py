@@ -25,6 +25,7 @@ def exported(monkeypatch):
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(spans.trace, "get_tracer", lambda name, *a, **k: provider.get_tracer(name))
+    monkeypatch.setattr(spans.trace, "get_tracer_provider", lambda: provider)  # spans are recorded (an SDK is set up)
     yield exporter, provider.get_tracer("test")
     provider.shutdown()
 
@@ -81,3 +82,17 @@ def test_a_put_back_is_the_same_message_and_keeps_its_context(exported):
         pass
     assert exporter.get_finished_spans() == ()
     assert ending.copy.headers["traceparent"].startswith("00-" + "a" * 32 + "-" + "b" * 16)
+
+
+def test_without_a_tracer_provider_no_span_is_made_and_the_copy_keeps_its_trace_context(monkeypatch):
+    """No OpenTelemetry SDK set up (the API's stand-in provider): nothing is done for a span, and the copy
+    carries the trace context its original had (a retry costs its pool process nothing for spans)."""
+    started = []
+    monkeypatch.setattr(spans.trace, "get_tracer", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(spans.trace, "get_tracer_provider", lambda: trace.ProxyTracerProvider())
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    d = held({hdr.ATTEMPT: 1, "traceparent": traceparent})
+    ending = endings.retry(d, hdr.read(d.headers), 7.0, ConnectionError("down"))
+    with spans.publishing(ending):
+        pass
+    assert started == [] and ending.copy.headers["traceparent"] == traceparent

@@ -163,3 +163,21 @@ def test_a_copy_that_crosses_to_the_main_process_keeps_how_its_queues_are_declar
     assert for_broker(copy.target, "3.10.8").queue_arguments["x-queue-mode"] == "lazy"
     bugs = pickle.loads(pickle.dumps(bug_queue("work.bugs", "quorum")))
     assert for_broker(bugs, "4.3.6").queue_arguments["x-delivery-limit"] == -1
+
+
+def test_a_declaration_is_made_once_and_crosses_to_another_process_as_its_factorys_call():
+    """A retry's delay queue is one kombu entity per grid value, not one per retry; pickled (a copy handed
+    from a pool process to the worker's main process) it is rebuilt there from its factory, and equal to
+    what kombu's own pickling would make."""
+    import pickle
+
+    for make, args in ((t.delay_queue, (5000, t.QUORUM)), (t.line_queue, ("sms", t.CLASSIC)),
+                       (t.bug_queue, ("sms.bugs",)), (t.unrouted_queue, (t.QUORUM,))):
+        queue = make(*args)
+        assert make(*args) is queue
+        again = pickle.loads(pickle.dumps(queue))
+        assert again is queue  # found in the factory's cache, as it is in another process that made it before
+        assert pickle.loads(pickle.dumps(queue, protocol=0)) == queue
+        assert type(again) is type(queue) and again.queue_arguments == queue.queue_arguments
+    assert t.delay_queue(5000) is not t.delay_queue(5000, t.QUORUM)
+    assert t.delay_queue(5000).bind(MagicMock()) is not t.delay_queue(5000)  # binding binds a copy

@@ -75,3 +75,22 @@ def test_a_tracer_that_raises_goes_back_as_routing_failed():
         raise RuntimeError("the tracer itself")
     state, exc = run(broken)
     assert state == "REJECTED" and isinstance(exc, RoutingFailed)
+
+
+def test_a_handed_retry_crosses_to_the_main_process_whole():
+    """A pool process's handed retry reaches the worker's main process with everything Celery and
+    rare_celery read of it (the failure, when, its copy, the traceback text), made there without
+    Celery's Retry.__init__ (which would pickle the failure once more)."""
+    import pickle
+
+    from rare_celery.exceptions import Handed
+
+    retry = Retry(exc=ConnectionError("down"), when=2.5)
+    retry.rare_traceback = "Traceback ...\nConnectionError: down\n"
+    handed = Handed.of(retry, {"copy": 1}, "retry", {"attempt": 1})
+    again = pickle.loads(pickle.dumps(handed))
+    for h in (handed, again):
+        assert isinstance(h, Handed) and isinstance(h, Retry)
+        assert type(h.exc) is ConnectionError and str(h.exc) == "down" and h.excs == "ConnectionError('down')"
+        assert (h.when, h.copy, h.kind, h.fields) == (2.5, {"copy": 1}, "retry", {"attempt": 1})
+        assert h.rare_traceback == retry.rare_traceback and h.args[0] is h and str(h) == str(retry)
