@@ -160,12 +160,12 @@ class Handed(Retry):
     """A pool process's retry whose copy is not published yet: it goes with this outcome to the worker's
     main process, which publishes it (confirms pipelined, :mod:`rare_celery.pipeline`) and acks the
     original only once the broker confirmed the copy (:class:`rare_celery.worker.request.RareRequest`).
-    ``copy``: the :class:`~rare_celery.publish.Copy`; ``kind`` and ``fields``: what its report says."""
+    ``copy``: the :class:`~rare_celery.publish.Copy`; ``kind`` and ``fields``: what its report says. Made
+    from the pool process's ``Retry`` by :meth:`of`."""
 
-    def __init__(self, message: Any = None, exc: Any = None, when: Any = None, copy: Any = None, kind: str = "",
-                 fields: dict[str, Any] | None = None) -> None:
-        super().__init__(message, exc, when)
-        self.copy, self.kind, self.fields = copy, kind, fields or {}
+    copy: Any
+    kind: str
+    fields: dict[str, Any]
 
     def __reduce__(self) -> tuple[Any, ...]:  # crosses from the pool process to the main process
         return _handed_again, (type(self), {k: v for k, v in vars(self).items() if k != "args"})
