@@ -25,8 +25,10 @@ state. The pool process (:mod:`rare_celery.pool`), the worker's main process
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -264,9 +266,11 @@ def stores_results(task: Any) -> bool:
 
 def record_ended(task: Any, headers: Any, how: str) -> None:
     """A delivery's copy (``x-rare-copy``) has ended (``how``: ``success``, or the ending whose copy the
-    broker confirmed): recorded in the result backend, so that the same copy coming back because its
-    ack was lost is acked unrun (:func:`copy_ended`). Only key-value result backends (redis,
-    memcached, file, ...) can keep it; best effort (without it, such a copy counts as a failed attempt)."""
+    broker confirmed): kept by this process (:func:`ended_here`) and recorded in the result backend, so
+    that the same copy coming back because its ack was lost is acked unrun (:func:`copy_ended`). Only
+    key-value result backends (redis, memcached, file, ...) can keep it; best effort (without it, such a
+    copy that another worker receives counts as a failed attempt)."""
+    ended_here(headers, how)
     backend, copy = _records(task), hdr.copy_id(headers)
     if backend is None or copy is None:
         return
@@ -276,11 +280,36 @@ def record_ended(task: Any, headers: Any, how: str) -> None:
         log.warning("rare_celery: could not record the end of copy %s: %r", copy, exc)
 
 
+def ended_here(headers: Any, how: str) -> None:
+    """This process saw the copy (``x-rare-copy``) of a delivery end (``how``). Its last
+    :data:`KEPT_HERE` such copies are kept in memory: the same copy coming back to this worker because
+    its ack was lost (its connection was lost: the broker delivers it again, often to the same worker)
+    is acked unrun, with any result backend or none."""
+    copy = hdr.copy_id(headers)
+    if copy is None:
+        return
+    _ENDED_HERE[copy] = how
+    if len(_ENDED_HERE) > KEPT_HERE:
+        with contextlib.suppress(KeyError):  # (another thread of the pool took the last one)
+            _ENDED_HERE.popitem(last=False)
+
+
+KEPT_HERE = 10_000  # copies whose end a process keeps in memory (~1.5 MB): more than its unacked messages
+_ENDED_HERE: OrderedDict[str, str] = OrderedDict()  # copy id -> how it ended, oldest first
+
+
 def copy_ended(task: Any, headers: Any) -> str | None:
-    """How this copy of a message (its ``x-rare-copy``) ended before, if it did: certain when given. A
-    task id is not a message (new work may reuse one): nothing is decided from it."""
-    backend, copy = _records(task), hdr.copy_id(headers)
-    if backend is None or copy is None:
+    """How this copy of a message (its ``x-rare-copy``) ended before, if it did: certain when given (this
+    process saw it end, or the result backend recorded it). A task id is not a message (new work may
+    reuse one): nothing is decided from it."""
+    copy = hdr.copy_id(headers)
+    if copy is None:
+        return None
+    how = _ENDED_HERE.get(copy)
+    if how is not None:
+        return how
+    backend = _records(task)
+    if backend is None:
         return None
     try:
         how = backend.get(backend.get_key_for_task(ENDED + copy))

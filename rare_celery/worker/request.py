@@ -54,6 +54,18 @@ MAIN_CONFIRM_WAIT = 25.0  # then this much more, once written (never publishing 
 LONGEST_REQUEUE_PAUSE = 60.0  # seconds before a message whose put-back the broker refused is rejected back
 
 
+def _kept_here(on_success: Callable[..., Any]) -> Callable[..., Any]:
+    """``on_success`` that keeps a success in this process before its ack
+    (:func:`rare_celery.endings.ended_here`): the message coming back because its ack was lost (this
+    worker's connection was lost) is acked unrun, with any result backend or none."""
+    def kept(self: Any, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        if not failed__retval__runtime[0]:
+            endings.ended_here(self._message.headers, endings.SUCCESS)
+        return on_success(self, failed__retval__runtime, **kwargs)
+    kept.__wrapped__ = on_success  # type: ignore[attr-defined]
+    return kept
+
+
 class RareRequest(Request):
     """Celery's worker request for a RareTask: passes the delivering queue to the pool process and
     ends the deliveries the pool process cannot (see the module documentation)."""
@@ -67,6 +79,16 @@ class RareRequest(Request):
         ctx = context.of(self.task.app)
         if ctx is not None:  # until a pool process starts it, or it ends otherwise: see give_back
             ctx.waiting[id(self)] = self
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Celery makes a subclass of this class per task (``create_request_cls``) with its own
+        ``on_success``, which does not call this one: it is wrapped the same way."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("on_success")
+        if own is not None:
+            cls.on_success = _kept_here(own)
+
+    on_success = _kept_here(Request.on_success)
 
     def info(self, safe: bool = False) -> dict[str, Any]:
         """Celery's view of the request (``celery inspect active``/``query_task``), without the

@@ -22,6 +22,8 @@ number, so every copy of a message decides the same way):
   ``paused`` and waits for ``release-<task id>`` (after the delay copy is confirmed and recorded, before
   the ack; blocked there, its consumer still takes what the broker sends, until its connection is closed:
   the test closes it within the 5 s, before attempt 2 is due);
+* ``faults.<k>.calm(tag)`` - succeeds; the worker's main process then records ``paused`` and waits for
+  ``release-<task id>`` (after the success is kept by the process, before the ack);
 * ``faults.<k>.patient(fails)`` - fails on attempts 1..``fails``, retried after 3 s (``rare.wait.3s``);
 * ``faults.<k>.poison(deaths)`` - kills its pool process (``os._exit``) on attempts 1..``deaths``;
 * ``faults.<k>.hop(plan)`` - hops to ``faults.<k>.rescue`` at once (``Hop``, reason ``soak hop``);
@@ -35,7 +37,7 @@ worker's node name).
 
 Environment: ``RARE_FAULTS_BROKER`` (else ``RARE_TEST_BROKER``), ``RARE_FAULTS_DIR`` (else
 ``RARE_TEST_DIR``), ``RARE_FAULTS_CONFIG`` = ``confirm_off`` | ``pickle`` | ``pickle_type`` (a deliberately broken
-configuration the worker must refuse).
+configuration the worker must refuse) | ``no_backend`` (no result backend: nothing is recorded in one).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import os
 import tempfile
 import time
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from rare_celery import Bug, Hop, RareTask
@@ -56,7 +58,7 @@ DIR = os.environ.get("RARE_FAULTS_DIR") or os.environ.get("RARE_TEST_DIR") or te
 os.makedirs(os.path.join(DIR, "results"), exist_ok=True)
 QUORUM_ARGS = {"x-queue-type": "quorum"}
 KINDS = {"classic": "faults", "quorum": "faults.q"}  # kind -> work queue
-MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3, "hold": 3, "pause": 3, "patient": 3, "poison": 3, "hop": 3,
+MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3, "hold": 3, "pause": 3, "calm": 3, "patient": 3, "poison": 3, "hop": 3,
                 "brittle": 10, "call": 8, "limited": 4}
 SHELF_LIFE = 2.5  # brittle's expires_in
 BREAKER = {"breaker": "faults-svc", "breaker_failures": 5, "breaker_within": 60, "breaker_open": 2,
@@ -74,7 +76,9 @@ def _queue(name: str, kind: str) -> Queue:
     return Queue(name, queue_arguments=dict(QUORUM_ARGS) if kind == "quorum" else None)
 
 
-app = Celery("faults", broker=BROKER, backend=f"tests.support:AtomicFS+file://{DIR}/results")
+_CONFIG = os.environ.get("RARE_FAULTS_CONFIG")
+app = Celery("faults", broker=BROKER,
+             backend=None if _CONFIG == "no_backend" else f"tests.support:AtomicFS+file://{DIR}/results")
 app.conf.update(
     task_default_queue="faults",
     task_queues=[_queue(q, kind) for kind in KINDS for q in queues_of(kind)],
@@ -84,7 +88,6 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
-_CONFIG = os.environ.get("RARE_FAULTS_CONFIG")
 if _CONFIG == "confirm_off":
     app.conf.broker_transport_options = {"confirm_publish": False}
 elif _CONFIG == "pickle":
@@ -178,6 +181,12 @@ def _tasks_for(kind: str) -> dict:
         record("ok", self)
         return "paused"
 
+    @app.task(**common, name=f"{prefix}.calm", max_attempts=MAX_ATTEMPTS["calm"])
+    def calm(self, tag: str):
+        record("run", self)
+        record("ok", self)
+        return "calm"
+
     @app.task(**common, name=f"{prefix}.patient", max_attempts=MAX_ATTEMPTS["patient"], backoff=3)
     def patient(self, fails: int):
         record("run", self)
@@ -222,11 +231,23 @@ def _tasks_for(kind: str) -> dict:
         record("ok", self)
         return "limited"
 
-    return {"work": work, "rescue": rescue, "doomed": doomed, "hold": hold, "pause": pause, "patient": patient,
+    return {"work": work, "rescue": rescue, "doomed": doomed, "hold": hold, "pause": pause, "calm": calm, "patient": patient,
             "poison": poison, "hop": hop, "brittle": brittle, "call": call, "limited": limited}
 
 
 TASKS = {kind: _tasks_for(kind) for kind in KINDS}
+
+
+def _hold_once(task_id: str | None, name: str) -> None:
+    """The worker's main process records ``paused`` for ``task_id`` and waits for its release, once."""
+    if not task_id:
+        return
+    try:
+        os.close(os.open(os.path.join(DIR, f"paused-{task_id}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    record.raw("paused", task_id, name)
+    _wait_for_release(task_id)
 
 
 def _pause_between_publish_and_ack(record_ended):
@@ -237,19 +258,34 @@ def _pause_between_publish_and_ack(record_ended):
         record_ended(task, headers, how)
         if task is None or not task.name.endswith(".pause") or how != rare_endings.RETRY:
             return
-        task_id = headers.get("id")
-        if headers.get("x-rare-attempt", 1) != 1 or not task_id:
-            return
-        try:
-            os.close(os.open(os.path.join(DIR, f"paused-{task_id}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        record.raw("paused", task_id, task.name)
-        _wait_for_release(task_id)
+        if headers.get("x-rare-attempt", 1) == 1:
+            _hold_once(headers.get("id"), task.name)
 
     wrapped.__wrapped__ = record_ended
     return wrapped
 
 
-rare_endings.record_ended = _pause_between_publish_and_ack(rare_endings.record_ended)
+def _pause_between_success_and_ack(ended_here):
+    """Test hook, in the worker's main process: a success of ``calm`` waits here, after the process kept
+    it and before its message is acked, until the test releases it (``release-<task id>``)."""
+    def wrapped(headers, how):
+        ended_here(headers, how)
+        name = str((headers or {}).get("task", ""))
+        if how == rare_endings.SUCCESS and name.endswith(".calm") and not _IN_POOL:
+            _hold_once(headers.get("id"), name)
 
+    wrapped.__wrapped__ = ended_here
+    return wrapped
+
+
+_IN_POOL = False
+
+
+@signals.worker_process_init.connect(weak=False)
+def _in_pool(**kwargs) -> None:
+    global _IN_POOL
+    _IN_POOL = True
+
+
+rare_endings.record_ended = _pause_between_publish_and_ack(rare_endings.record_ended)
+rare_endings.ended_here = _pause_between_success_and_ack(rare_endings.ended_here)

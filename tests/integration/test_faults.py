@@ -312,6 +312,40 @@ def test_connection_lost_between_delay_publish_and_ack_runs_once(faults, fleet, 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_without_a_result_backend_a_lost_ack_runs_nothing_twice(faults, fleet, records, broker, fenv, fdir, kind):
+    """The same, for a worker with no result backend to record endings in: the worker's main process
+    keeps the copies it saw end (a retry's confirmed copy, a success), and the message that comes back
+    to it because its ack was lost is acked unrun. Before, the redelivered attempt 1 of ``pause``
+    counted as a failed attempt (attempt 2 ran twice), and ``calm`` ran twice. One worker: the message
+    comes back to the worker that kept its end (another worker would count it, at least once)."""
+    for w in list(fleet.workers):  # the fleet's workers have a backend: this test's one worker has none
+        fleet.kill(w)
+    worker = Worker("tests.apps.faults", fleet.queues, {**fenv, "RARE_FAULTS_CONFIG": "no_backend"}, fdir,
+                    name="nobackend", concurrency=1)
+
+    def ack_lost(result) -> None:
+        """Held after its end was kept, before its ack: the worker's connections closed, then released."""
+        paused = wait_for(lambda: records.of(result.id, "paused"), 20, what=f"{result.id} to be held")[0]
+        assert close_connections(broker.name, worker.proc.pid, "fault test: connection lost before the ack") >= 1
+        assert time.time() - paused["t"] < 5, "too slow a machine: attempt 2 of pause was due before the close"
+        release(fdir, result.id)
+        wait_for(lambda: "came back after" in worker_lines(worker, result.id), 30,
+                 what=f"the redelivered {result.id} to be acked unrun")
+
+    try:
+        worker.wait_ready()
+        retried = faults.TASKS[kind]["pause"].delay(uuid.uuid4().hex)
+        ack_lost(retried)
+        wait_for(lambda: records.of(retried.id, "ok"), 30, what="attempt 2 of pause to run")
+        succeeded = faults.TASKS[kind]["calm"].delay(uuid.uuid4().hex)
+        ack_lost(succeeded)  # acked unrun: nothing of either is left to run
+        assert attempts(records, retried.id) == [1, 2] and len(records.of(retried.id, "ok")) == 1
+        assert attempts(records, succeeded.id) == [1]
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_retry_after_the_broker_closed_the_pool_process_connection_runs_once(faults, fleet, records, broker, kind):
     """The broker closes the idle connections retries are published on (a broker restart, an operator,
     missed heartbeats): the worker's main process's own (issue 28: it publishes the retries pool processes

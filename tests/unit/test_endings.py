@@ -4,6 +4,7 @@ Delivery.received): what each copy is, without a broker (the real-broker tests a
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 from celery import Celery
 from kombu import Message
@@ -98,3 +99,20 @@ def test_a_copy_for_new_work_has_a_new_copy_id_and_a_put_back_keeps_it():
     assert len(ids) == 3 and "c-1" not in ids
     assert endings.put_back(d, "why", count=1).copy.headers[hdr.COPY] == "c-1"
     assert endings.requeue(d).copy.headers[hdr.COPY] == "c-1"
+
+
+def test_a_copy_seen_ending_here_is_known_without_a_result_backend(monkeypatch):
+    """A copy this process saw end is known by its copy id (app has no result backend); only the last
+    KEPT_HERE are kept, and a message without a copy id is never taken for another."""
+    monkeypatch.setattr(endings, "_ENDED_HERE", OrderedDict())
+    monkeypatch.setattr(endings, "KEPT_HERE", 2)
+    assert endings.copy_ended(t, {hdr.COPY: "c-1"}) is None
+    endings.record_ended(t, {hdr.COPY: "c-1"}, endings.RETRY)
+    endings.ended_here({hdr.COPY: "c-2"}, endings.SUCCESS)
+    endings.ended_here({"id": "id-1"}, endings.SUCCESS)  # no copy id: nothing kept
+    assert endings.copy_ended(t, {hdr.COPY: "c-1"}) == endings.RETRY
+    assert endings.copy_ended(t, {hdr.COPY: "c-2"}) == endings.SUCCESS
+    assert endings.copy_ended(t, {"id": "id-1"}) is None
+    endings.ended_here({hdr.COPY: "c-3"}, endings.SUCCESS)  # the oldest goes
+    assert endings.copy_ended(t, {hdr.COPY: "c-1"}) is None
+    assert endings.copy_ended(t, {hdr.COPY: "c-3"}) == endings.SUCCESS

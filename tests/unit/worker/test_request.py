@@ -49,3 +49,43 @@ def test_a_refused_put_back_leaves_the_message_and_its_later_reject_never_raises
     assert secs >= 1
     fun(*args)  # what the timer does later: must not raise
     assert rejects == [1]
+
+
+def test_a_success_is_kept_before_its_ack_by_the_request_class_celery_makes(monkeypatch):
+    """Celery's worker makes a subclass of the task's request class with its own ``on_success`` (it
+    does not call ours): a success is still kept by the process (endings.ended_here) before the ack,
+    and a failure is not."""
+    from celery import Celery
+    from celery.worker.request import create_request_cls
+    from kombu import Message
+
+    from rare_celery import RareTask, endings
+    from rare_celery import headers as hdr
+    from rare_celery.worker.request import RareRequest
+
+    app = Celery("kept-here", broker="memory://", set_as_current=False)
+
+    def t(self):
+        return None
+
+    task = app.task(base=RareTask, name="kept-here.t", bind=True, acks_late=True)(t)
+    done = []
+    monkeypatch.setattr(endings, "ended_here", lambda headers, how: done.append(("kept", headers[hdr.COPY], how)))
+    pool = type("Pool", (), {"apply_async": None})()
+    cls = create_request_cls(RareRequest, task, pool=pool, hostname="w@h", eventer=None, app=app)
+    assert cls.on_success is not RareRequest.on_success
+
+    def request(copy: str) -> RareRequest:
+        message = Message(body=b"[[], {}, {}]", headers={"id": copy, "task": task.name, hdr.COPY: copy},
+                          content_type="application/json", content_encoding="utf-8")
+        req = cls(message, on_ack=lambda *a: done.append(("acked", copy)), app=app, task=task, hostname="w@h")
+        monkeypatch.setattr(req, "acknowledge", lambda: done.append(("acked", copy)))
+        return req
+
+    request("c-ok").on_success((0, "result", 0.01))
+    assert done == [("kept", "c-ok", endings.SUCCESS), ("acked", "c-ok")]
+    done.clear()
+    failed = request("c-failed")
+    monkeypatch.setattr(failed, "on_failure", lambda *a, **k: done.append(("failed", "c-failed")))
+    failed.on_success((1, type("Info", (), {"exception": ValueError("x")})(), 0.01))
+    assert done == [("failed", "c-failed")]
