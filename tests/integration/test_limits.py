@@ -171,8 +171,9 @@ def test_an_attempt_woken_for_a_slot_another_took_goes_back_to_the_head_of_the_l
             for i in range(3):  # one at a time: the line's order is the order sent
                 sent.append(app.single.delay(f"h{i}").id)
                 wait_for(lambda: limits_io.depth(conn, line) == len(sent), 20, 0.05, f"task {i} in the line")
-            assert limits_io.wake(conn, "single", "classic") == 1  # the head, woken while the slot is held
-            assert limits_io.depth(conn, line) == 2
+            # the head, woken while the slot is held (the line's depth is not read here: the woken copy is
+            # published before the line's is acked, and the worker may have put it back already; found by CI)
+            assert limits_io.wake(conn, "single", "classic") == 1
             wait_for(lambda: limits_io.depth(conn, line) == 3, 20, 0.05, "the woken attempt back in the line")
         assert not [e for e in record.all() if e["kind"] == "served" and e["id"] in sent]
         holder.release()  # the slot is free: the worker's look at the line wakes the head
