@@ -95,6 +95,22 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
+def take_exclusive(conn: Connection, name: str, timeout: float = 10) -> None:
+    """Declare the exclusive queue ``name`` (a lock) on ``conn`` once its last holder's is gone: the
+    broker deletes an exclusive queue when it sees its connection gone, a moment after that
+    connection's close-ok, and refuses a declare in that moment (RESOURCE_LOCKED)."""
+    from amqp.exceptions import ResourceLocked
+
+    def taken() -> bool:
+        try:
+            conn.channel().queue_declare(name, exclusive=True, auto_delete=False,
+                                         arguments={"x-queue-type": "classic"})
+        except ResourceLocked:
+            return False
+        return True
+    wait_for(taken, timeout, 0.05, f"the lock {name} free")
+
+
 class Worker:
     """``celery -A <app> worker`` in a subprocess, with its log in a file."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from tests.support import Events, Worker, wait_for
+from tests.support import Events, Worker, take_exclusive, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -370,8 +370,7 @@ def test_a_slot_gone_with_its_connection_is_not_deleted_from_its_new_holder(app,
     assert slot is not None
     limits_io._holder.drop()  # the connection is lost: the broker deletes the slot's exclusive queue
     with Connection(vhost.url) as other:
-        other.default_channel.queue_declare(slot_lock_name("gone", 0), exclusive=True, auto_delete=False,
-                                            arguments={"x-queue-type": "classic"})  # taken by another
+        take_exclusive(other, slot_lock_name("gone", 0))  # taken by another
         assert limits_io.take_slot(app.app, "gone", 1) is None  # held by the other (on the first's new connection)
         slot.release()
         # the new connection's channel answers the next question (a refused delete, not waited for, would
