@@ -298,18 +298,21 @@ KEPT_HERE = 10_000  # copies whose end a process keeps in memory (~1.5 MB): more
 _ENDED_HERE: OrderedDict[str, str] = OrderedDict()  # copy id -> how it ended, oldest first
 
 
+def end_seen_here(headers: Any) -> str | None:
+    """How this copy of a message (its ``x-rare-copy``) ended, if this process saw it end (:func:`ended_here`)."""
+    copy = hdr.copy_id(headers)
+    return _ENDED_HERE.get(copy) if copy is not None else None
+
+
 def copy_ended(task: Any, headers: Any) -> str | None:
     """How this copy of a message (its ``x-rare-copy``) ended before, if it did: certain when given (this
     process saw it end, or the result backend recorded it). A task id is not a message (new work may
     reuse one): nothing is decided from it."""
-    copy = hdr.copy_id(headers)
-    if copy is None:
-        return None
-    how = _ENDED_HERE.get(copy)
+    how = end_seen_here(headers)
     if how is not None:
         return how
-    backend = _records(task)
-    if backend is None:
+    copy, backend = hdr.copy_id(headers), _records(task)
+    if copy is None or backend is None:
         return None
     try:
         how = backend.get(backend.get_key_for_task(ENDED + copy))

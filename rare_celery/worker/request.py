@@ -45,7 +45,8 @@ from .. import breaker_io, context, endings, events, spans
 from .. import headers as hdr
 from ..exceptions import Handed, PublishRefused, RoutingFailed, WorkerLost
 from ..message import QUEUE_KEY, Delivery
-from ..publish import PATIENCE, log_refused, send_patiently
+from ..pipeline import CONFIRM_DEADLINE
+from ..publish import LONGEST_PAUSE, PATIENCE, log_refused, send_patiently
 from ..reasons import REJECTED, TIME_LIMIT, WORKER_LOST
 
 log = logging.getLogger(__name__)
@@ -156,22 +157,30 @@ class RareRequest(Request):
         if self.rare_done:
             return
         self.rare_done = True
+        over = _handing(hdr.copy_id(self._message.headers))  # the same copy put back meanwhile waits for it
 
         def done() -> None:
+            over()
             if retry.kind in endings.NEW_WORK:  # this copy has ended, whatever becomes of its ack
                 endings.record_ended(self.task, hdr.received(self._message.headers), retry.kind)
             self.acknowledge()
             self._retried(retry, exc_info)
 
         def failed(why: str) -> None:
+            over()
             put_back(self._delivery(celerys=False), why[: hdr.MAX_ERROR], ack=self.acknowledge,
                      requeue=lambda: self.reject(requeue=True), reporter=self._reporter())
+
+        def held() -> bool:
+            if getattr(self._message.channel, "is_open", True):
+                return True
+            over()  # dropped: the broker has the original back
+            return False
 
         ctx = context.of(self.task.app)
         pipeline = ctx.pipeline if ctx is not None else None
         if pipeline is not None and pipeline.here():
-            pipeline.send(retry.copy, done, failed, who=f"{self.name}[{self.id}]",
-                          held=lambda: getattr(self._message.channel, "is_open", True))
+            pipeline.send(retry.copy, done, failed, who=f"{self.name}[{self.id}]", held=held)
             return
         try:  # a thread of the pool (or a worker without an event loop): it waits, as a pool process would
             send_patiently(self.task.app, retry.copy, confirm_wait=PATIENCE,
@@ -298,7 +307,7 @@ def came_back(d: Delivery, *, ack: Callable[[], None], requeue: Callable[[], Non
     unless its copy had ended before (a lost ack), or this very worker still has it (its connection was
     lost, not the worker): then it is put back, counting nothing, and the attempt that runs here ends it.
     Never raises."""
-    if _held_here(d):
+    if held_here(d):
         return put_back(d, "redelivered while this worker still has it (its connection was lost)", ack=ack,
                         requeue=requeue, reporter=reporter)
     exc = WorkerLost("the attempt came back unacked: its worker died or lost its connection")
@@ -359,14 +368,37 @@ def put_back(d: Delivery, why: str, *, ack: Callable[[], None], requeue: Callabl
             _requeue(requeue, d.task_id)
 
 
-def _held_here(d: Delivery) -> bool:
-    """Whether this worker runs (or holds) a delivery of the same copy of the message."""
+def held_here(d: Delivery) -> bool:
+    """Whether this worker runs (or holds) a delivery of the same copy of the message, or is publishing
+    the ending of one (a handed retry whose confirm has not come)."""
     from celery.worker.state import active_requests, reserved_requests
 
     copy = hdr.copy_id(d.headers)
-    return copy is not None and any(
-        hdr.copy_id(getattr(getattr(r, "_message", None), "headers", None)) == copy
-        for r in [*active_requests, *reserved_requests])
+    if copy is None:
+        return False
+    until = _HANDED.get(copy)
+    if until is not None:
+        if time.monotonic() < until:
+            return True
+        _HANDED.pop(copy, None)
+    return any(hdr.copy_id(getattr(getattr(r, "_message", None), "headers", None)) == copy
+               for r in [*active_requests, *reserved_requests])
+
+
+HANDING_LIMIT = CONFIRM_DEADLINE + PATIENCE + LONGEST_PAUSE  # seconds a handed ending takes to settle, at most
+_HANDED: dict[str, float] = {}  # copy id of a delivery whose handed ending is on its way -> until (monotonic)
+
+
+def _handing(copy: str | None) -> Callable[[], None]:
+    """The ending of the delivery of ``copy`` is on its way (:func:`held_here` says so until it settles,
+    or for :data:`HANDING_LIMIT` s at most); returns what says it settled."""
+    if copy is None:
+        return lambda: None
+    _HANDED[copy] = time.monotonic() + HANDING_LIMIT
+
+    def over() -> None:
+        _HANDED.pop(copy, None)
+    return over
 
 
 def _requeue(requeue: Callable[[], None], task_id: str | None) -> None:

@@ -3,6 +3,9 @@
 * which queue it came from (for the pool process and every ending);
 * a **redelivered** message (its worker died or lost its connection) counts as a failed attempt, unless
   its copy had ended (:func:`rare_celery.worker.request.came_back`), before anything runs;
+* a **put-back copy** (``x-rare-deliveries``) of a delivery this worker saw end is acked unrun; one of
+  a delivery this worker still runs (its connection was lost under it) waits here, unacked, until
+  that attempt has ended, then is screened again;
 * headers nested too deep for the pool process (billiard pickles them: a list nested ~500 deep
   fails, and the worker with it) -> the bug queue, ``rejected``;
 * Celery's ``expires`` folded into the deadline;
@@ -18,6 +21,7 @@ Every ending is built by :mod:`rare_celery.endings` and settled by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -34,9 +38,10 @@ from ..app import fold_expires
 from ..message import QUEUE_KEY, Delivery
 from ..policy import EARLY_SLEEP
 from ..reasons import REJECTED
-from .request import came_back, settle
+from .request import came_back, held_here, settle
 
 log = logging.getLogger(__name__)
+HELD_LOOK = 1.0  # seconds between looks at a put-back copy whose attempt this worker still runs
 
 
 class Screen:
@@ -70,6 +75,9 @@ class Screen:
                           requeue=lambda: message.reject(requeue=True), reporter=self.reporter(celery_reports=True),
                           args=args, kwargs=kwargs)
                 return None
+            if hdr.deliveries(headers) and self._seen_here(task, message, queue,
+                                                           lambda: screened(message, *args, **kwargs)):
+                return None
             if isinstance(headers, dict) and headers.get(hdr.REQUEUED) is True and isinstance(message.delivery_info, dict):
                 message.delivery_info["redelivered"] = True  # Reject(requeue=True): as Celery shows it
             if isinstance(headers, dict) and headers.get("expires") is not None:
@@ -86,6 +94,30 @@ class Screen:
             except Exception as exc:  # Celery cannot make a request of it (a body not [args, kwargs, embed]):
                 raise InvalidTaskError(f"{type(exc).__name__}: {exc}") from exc  # to the bug queue, not a crash
         return screened
+
+    def _seen_here(self, task: Any, message: Any, queue: str | None, again: Callable[[], Any]) -> bool:
+        """A put-back copy (``x-rare-deliveries``; a redelivery this worker put back, see
+        :func:`~rare_celery.worker.request.came_back`) of a delivery this worker saw end: acked unrun;
+        or of a delivery this worker still runs (its connection was lost under it) or whose ending it
+        is still publishing: kept here, unacked, and screened ``again`` every :data:`HELD_LOOK` s until
+        that ends (the attempt running here ends it; run beside it, it would run twice). False: it goes on."""
+        how = endings.end_seen_here(message.headers)
+        d = Delivery.received(self.c.app, task, message, queue)
+        if how is not None:
+            try:
+                settle(endings.done(d, how), message.ack, self.reporter(celery_reports=True))
+            except Exception as exc:  # noqa: BLE001 - unacked: the broker gives it back (redelivered), it ends then
+                log.warning("rare_celery: %s[%s] could not be acked (%s)", d.task_name, d.task_id, exc)
+            return True
+        timer = getattr(self.c, "timer", None)
+        if timer is None or not held_here(d):
+            return False
+        if not getattr(message, "rare_waits", False):
+            log.info("rare_celery: %s[%s] was put back while this worker still runs it (or publishes its "
+                     "ending): it waits, unacked, for that to end", d.task_name, d.task_id)
+            message.rare_waits = True
+        timer.call_after(HELD_LOOK, _look_again, (message, again))
+        return True
 
     def _too_deep(self, task: Any, message: Any, queue: str | None, problem: str | None = None) -> None:
         """A message the pool process must not see (headers nested too deep, or ``problem``): the bug
@@ -190,6 +222,20 @@ class Screen:
                       "it stays unacked", queue, err)
             return False
         return True
+
+
+def _look_again(message: Any, again: Callable[[], Any]) -> None:
+    """A put-back copy kept while the same copy's attempt ran here, screened again (from the consumer's
+    timer); unless its channel closed meanwhile: then the broker has it back and gives it again."""
+    if message.acknowledged or not getattr(message.channel, "is_open", True):
+        return
+    try:
+        again()
+    except Exception as exc:  # noqa: BLE001 - never into the timer: back to the broker (redelivered), not lost
+        log.error("rare_celery: a put-back message could not be screened again (%r); it is rejected back to "
+                  "its queue", exc)
+        with contextlib.suppress(Exception):
+            message.reject(requeue=True)
 
 
 def _arguments(message: Any) -> tuple[Any, Any]:

@@ -16,8 +16,9 @@ number, so every copy of a message decides the same way):
   1..``fails``, then succeeds; ``always``: always fails (bug queue, ``exhausted``); ``bug``: raises Bug;
 * ``faults.<k>.doomed(plan)`` - always fails; after 2 attempts its fallback ``faults.<k>.rescue`` takes
   the work (same task id) and succeeds;
-* ``faults.<k>.hold(tag)`` - attempt 1 records ``hold`` and waits until the file ``release-<tag>``
-  exists in the record directory (or its worker is killed); later attempts succeed;
+* ``faults.<k>.hold(tag, then="ok")`` - attempt 1 records ``hold`` and waits until the file ``release-<tag>``
+  exists in the record directory (or its worker is killed), then fails if ``then`` is ``fail``; later
+  attempts succeed;
 * ``faults.<k>.pause(tag)`` - attempt 1 fails, retried after 5 s; the worker's main process then records
   ``paused`` and waits for ``release-<task id>`` (after the delay copy is confirmed and recorded, before
   the ack; blocked there, its consumer still takes what the broker sends, until its connection is closed:
@@ -165,11 +166,13 @@ def _tasks_for(kind: str) -> dict:
         raise ConnectionError("the primary channel is down for good")
 
     @app.task(**common, name=f"{prefix}.hold", max_attempts=MAX_ATTEMPTS["hold"], backoff=0.5)
-    def hold(self, tag: str):
+    def hold(self, tag: str, then: str = "ok"):
         record("run", self)
         if _attempt(self) == 1:
             record("hold", self)
             _wait_for_release(tag)
+            if then == "fail":
+                raise ConnectionError("attempt 1 fails once released")
         record("ok", self)
         return "held"
 

@@ -345,6 +345,37 @@ def test_without_a_result_backend_a_lost_ack_runs_nothing_twice(faults, fleet, r
         worker.stop()
 
 
+@pytest.mark.parametrize(("kind", "then"), [*((k, "ok") for k in KINDS), ("classic", "fail")])
+def test_a_copy_put_back_while_its_attempt_still_runs_here_runs_nothing_twice(faults, fleet, records, broker, fenv,
+                                                                               fdir, kind, then):
+    """The worker's connection is lost while an attempt runs (the attempt goes on): the broker gives its
+    message back (redelivered) and the worker, which still runs it, puts it back as a copy. That copy must
+    not run beside the attempt: it waits in the worker's main process, unacked, and once the attempt has
+    ended (a success, or a retry whose copy the broker confirmed) it is acked unrun. Two pool processes
+    and no result backend: before, the idle pool process ran the copy at once (attempt 1 twice)."""
+    for w in list(fleet.workers):  # one worker, so that the message comes back to it
+        fleet.kill(w)
+    worker = Worker("tests.apps.faults", fleet.queues, {**fenv, "RARE_FAULTS_CONFIG": "no_backend"}, fdir,
+                    name="held", concurrency=2)
+    try:
+        worker.wait_ready()
+        result = faults.TASKS[kind]["hold"].delay(tag := uuid.uuid4().hex, then)
+        wait_for(lambda: records.of(result.id, "hold"), 20, what="attempt 1 to start")
+        connected = worker.text().count("Connected to amqp://")
+        assert close_connections(broker.name, worker.proc.pid, "fault test: connection lost under an attempt") >= 1
+        wait_for(lambda: worker.text().count("Connected to amqp://") > connected, 30, what="the worker to reconnect")
+        wait_for(lambda: "put back in" in worker_lines(worker, result.id), 30, what="the redelivery put back")
+        wait_for(lambda: ready_counts(broker.url, [work_queue(kind)])[work_queue(kind)] == 0, 20, what="the copy in the worker's hands")
+        release(fdir, tag)
+        wait_for(lambda: "came back after" in worker_lines(worker, result.id), 30, what="the copy acked unrun")
+        if then == "fail":
+            wait_for(lambda: records.of(result.id, "ok"), 30, what="attempt 2 to run")
+        assert attempts(records, result.id) == ([1] if then == "ok" else [1, 2])
+        assert len(records.of(result.id, "ok")) == 1
+    finally:
+        worker.stop()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_retry_after_the_broker_closed_the_pool_process_connection_runs_once(faults, fleet, records, broker, kind):
     """The broker closes the idle connections retries are published on (a broker restart, an operator,

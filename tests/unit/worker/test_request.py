@@ -89,3 +89,32 @@ def test_a_success_is_kept_before_its_ack_by_the_request_class_celery_makes(monk
     monkeypatch.setattr(failed, "on_failure", lambda *a, **k: done.append(("failed", "c-failed")))
     failed.on_success((1, type("Info", (), {"exception": ValueError("x")})(), 0.01))
     assert done == [("failed", "c-failed")]
+
+
+def test_a_delivery_whose_handed_ending_is_on_its_way_is_held_here_until_it_settles(monkeypatch):
+    """A retry handed to the main process is no longer Celery's active request while its copy waits for
+    the broker's confirm: the same copy put back meanwhile must wait too (held_here), until the ending
+    settles, and never longer than HANDING_LIMIT (a settling that never comes leaves nothing stuck)."""
+    import time
+
+    from celery import Celery
+    from kombu import Message
+
+    from rare_celery import headers as hdr
+    from rare_celery.worker import request
+
+    app = Celery("held", set_as_current=False)
+    message = Message(body=b"[[], {}, {}]", headers={"id": "t-1", "task": "held.t", hdr.COPY: "copy-1"},
+                      content_type="application/json", content_encoding="utf-8")
+    d = Delivery.received(app, None, message, "q")
+    assert not request.held_here(d)
+    over = request._handing("copy-1")
+    assert request.held_here(d)
+    over()
+    assert not request.held_here(d)
+    request._handing("copy-1")
+    later = time.monotonic() + request.HANDING_LIMIT + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert not request.held_here(d)
+    monkeypatch.undo()
+    assert "copy-1" not in request._HANDED
