@@ -60,7 +60,8 @@ class Vhost:
 
 # the type an untyped work queue gets in the test vhosts (make test-quorum-vhost makes them quorum)
 UNTYPED_KIND = "quorum" if os.environ.get("RARE_TEST_DEFAULT_QUEUE_TYPE") == "quorum" else "classic"
-QUORUM_OK = tuple(int(p) for p in __import__("celery").__version__.split(".")[:2]) >= (5, 5)
+CELERY = tuple(int(p) for p in __import__("celery").__version__.split(".")[:2])
+QUORUM_OK = CELERY >= (5, 5)
 KINDS = ["classic", "quorum"] if QUORUM_OK else ["classic"]  # Celery 5.4 cannot consume quorum queues
 
 

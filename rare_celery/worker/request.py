@@ -307,7 +307,7 @@ def came_back(d: Delivery, *, ack: Callable[[], None], requeue: Callable[[], Non
     unless its copy had ended before (a lost ack), or this very worker still has it (its connection was
     lost, not the worker): then it is put back, counting nothing, and the attempt that runs here ends it.
     Never raises."""
-    if held_here(d):
+    if _held_here(d):
         return put_back(d, "redelivered while this worker still has it (its connection was lost)", ack=ack,
                         requeue=requeue, reporter=reporter)
     exc = WorkerLost("the attempt came back unacked: its worker died or lost its connection")
@@ -368,10 +368,20 @@ def put_back(d: Delivery, why: str, *, ack: Callable[[], None], requeue: Callabl
             _requeue(requeue, d.task_id)
 
 
-def held_here(d: Delivery) -> bool:
-    """Whether this worker runs (or holds) a delivery of the same copy of the message, or is publishing
-    the ending of one (a handed retry whose confirm has not come)."""
+def _held_here(d: Delivery) -> bool:
+    """Whether this worker runs (or holds) a delivery of the same copy of the message."""
     from celery.worker.state import active_requests, reserved_requests
+
+    copy = hdr.copy_id(d.headers)
+    return copy is not None and any(_copy_of(r) == copy for r in [*active_requests, *reserved_requests])
+
+
+def ends_here(d: Delivery) -> bool:
+    """Whether this worker will see a delivery of the same copy of the message end: an attempt its
+    pool still runs, or a handed retry whose confirm has not come. Not an attempt the pool forgot:
+    Celery 5.4's prefork pool drops the attempts that were running when the consumer's connection was
+    lost (their requests stay active, and their ends never reach this process)."""
+    from celery.worker.state import active_requests
 
     copy = hdr.copy_id(d.headers)
     if copy is None:
@@ -381,8 +391,17 @@ def held_here(d: Delivery) -> bool:
         if time.monotonic() < until:
             return True
         _HANDED.pop(copy, None)
-    return any(hdr.copy_id(getattr(getattr(r, "_message", None), "headers", None)) == copy
-               for r in [*active_requests, *reserved_requests])
+    return any(_copy_of(r) == copy and _tracked(r) for r in active_requests)
+
+
+def _copy_of(request: Any) -> str | None:
+    return hdr.copy_id(getattr(getattr(request, "_message", None), "headers", None))
+
+
+def _tracked(request: Any) -> bool:
+    """Whether the pool still tracks a request's job (Celery keeps a weak reference to it)."""
+    ref = getattr(request, "_apply_result", None)
+    return ref is not None and ref() is not None
 
 
 HANDING_LIMIT = CONFIRM_DEADLINE + PATIENCE + LONGEST_PAUSE  # seconds a handed ending takes to settle, at most
@@ -390,7 +409,7 @@ _HANDED: dict[str, float] = {}  # copy id of a delivery whose handed ending is o
 
 
 def _handing(copy: str | None) -> Callable[[], None]:
-    """The ending of the delivery of ``copy`` is on its way (:func:`held_here` says so until it settles,
+    """The ending of the delivery of ``copy`` is on its way (:func:`ends_here` says so until it settles,
     or for :data:`HANDING_LIMIT` s at most); returns what says it settled."""
     if copy is None:
         return lambda: None

@@ -38,7 +38,7 @@ from ..app import fold_expires
 from ..message import QUEUE_KEY, Delivery
 from ..policy import EARLY_SLEEP
 from ..reasons import REJECTED
-from .request import came_back, held_here, settle
+from .request import came_back, ends_here, settle
 
 log = logging.getLogger(__name__)
 HELD_LOOK = 1.0  # seconds between looks at a put-back copy whose attempt this worker still runs
@@ -110,7 +110,7 @@ class Screen:
                 log.warning("rare_celery: %s[%s] could not be acked (%s)", d.task_name, d.task_id, exc)
             return True
         timer = getattr(self.c, "timer", None)
-        if timer is None or not held_here(d):
+        if timer is None or not ends_here(d):
             return False
         if not getattr(message, "rare_waits", False):
             log.info("rare_celery: %s[%s] was put back while this worker still runs it (or publishes its "

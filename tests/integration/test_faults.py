@@ -32,6 +32,7 @@ from rare_celery.topology import (
     queue_kind,
 )
 from tests.support import (
+    CELERY,
     HOST,
     KINDS,
     QUORUM_OK,
@@ -345,6 +346,8 @@ def test_without_a_result_backend_a_lost_ack_runs_nothing_twice(faults, fleet, r
         worker.stop()
 
 
+@pytest.mark.skipif(CELERY < (5, 7), reason="Celery 5.4's prefork pool forgets the attempts running when the "
+                    "connection is lost (celery/celery#8541): the worker never sees them end, and the copy goes on")
 @pytest.mark.parametrize(("kind", "then"), [*((k, "ok") for k in KINDS), ("classic", "fail")])
 def test_a_copy_put_back_while_its_attempt_still_runs_here_runs_nothing_twice(faults, fleet, records, broker, fenv,
                                                                                fdir, kind, then):

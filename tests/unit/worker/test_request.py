@@ -91,9 +91,9 @@ def test_a_success_is_kept_before_its_ack_by_the_request_class_celery_makes(monk
     assert done == [("failed", "c-failed")]
 
 
-def test_a_delivery_whose_handed_ending_is_on_its_way_is_held_here_until_it_settles(monkeypatch):
+def test_a_delivery_whose_handed_ending_is_on_its_way_ends_here_until_it_settles(monkeypatch):
     """A retry handed to the main process is no longer Celery's active request while its copy waits for
-    the broker's confirm: the same copy put back meanwhile must wait too (held_here), until the ending
+    the broker's confirm: the same copy put back meanwhile must wait too (ends_here), until the ending
     settles, and never longer than HANDING_LIMIT (a settling that never comes leaves nothing stuck)."""
     import time
 
@@ -107,14 +107,14 @@ def test_a_delivery_whose_handed_ending_is_on_its_way_is_held_here_until_it_sett
     message = Message(body=b"[[], {}, {}]", headers={"id": "t-1", "task": "held.t", hdr.COPY: "copy-1"},
                       content_type="application/json", content_encoding="utf-8")
     d = Delivery.received(app, None, message, "q")
-    assert not request.held_here(d)
+    assert not request.ends_here(d)
     over = request._handing("copy-1")
-    assert request.held_here(d)
+    assert request.ends_here(d)
     over()
-    assert not request.held_here(d)
+    assert not request.ends_here(d)
     request._handing("copy-1")
     later = time.monotonic() + request.HANDING_LIMIT + 1
     monkeypatch.setattr(time, "monotonic", lambda: later)
-    assert not request.held_here(d)
+    assert not request.ends_here(d)
     monkeypatch.undo()
     assert "copy-1" not in request._HANDED
