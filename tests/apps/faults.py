@@ -61,6 +61,7 @@ QUORUM_ARGS = {"x-queue-type": "quorum"}
 KINDS = {"classic": "faults", "quorum": "faults.q"}  # kind -> work queue
 MAX_ATTEMPTS = {"work": 4, "doomed": 2, "rescue": 3, "hold": 3, "pause": 3, "calm": 3, "patient": 3, "poison": 3, "hop": 3,
                 "brittle": 10, "call": 8, "limited": 4}
+WORK_BACKOFF = [0.5, 1.25, 2]  # work's delays after attempts 1, 2, 3
 SHELF_LIFE = 2.5  # brittle's expires_in
 BREAKER = {"breaker": "faults-svc", "breaker_failures": 5, "breaker_within": 60, "breaker_open": 2,
            "breaker_max_open": 8}
@@ -142,7 +143,7 @@ def _tasks_for(kind: str) -> dict:
     prefix = f"faults.{kind}"
     common = {"base": RareTask, "bind": True}  # queues: task_routes
 
-    @app.task(**common, name=f"{prefix}.work", max_attempts=MAX_ATTEMPTS["work"], backoff=[0.5, 1.25, 2])
+    @app.task(**common, name=f"{prefix}.work", max_attempts=MAX_ATTEMPTS["work"], backoff=WORK_BACKOFF)
     def work(self, plan: str, fails: int = 0):
         record("run", self)
         if plan == "bug":
